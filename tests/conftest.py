@@ -1,0 +1,33 @@
+"""Shared test set-up: offline tokenizer files, the fixtures folder, and small models."""
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(ROOT))
+
+# GPT-2's BPE files ship in ../shared for offline machines; elsewhere tiktoken downloads them as usual.
+if (SHARED / "tiktoken_cache").is_dir():
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
+
+torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def shared_data():
+    """../shared/data, the small real datasets; tests that need it fail loudly when it is absent."""
+    path = SHARED / "data"
+    assert path.is_dir(), f"fixtures folder {path} is missing (see the README's Tests section)"
+    return path
+
+
+@pytest.fixture
+def tiny_model():
+    """A 2-layer, 4-head GPT-2 with the real vocabulary, random weights, fp32."""
+    from gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).eval()

@@ -1,0 +1,94 @@
+"""gpt.download against a real HTTP server on 127.0.0.1: complete, resumed after a cut, and a bad checksum."""
+import hashlib
+import http.server
+import threading
+
+import pytest
+
+from gpt import download
+
+PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
+SHA = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+class Server:
+    """Serves PAYLOAD at /file, honours Range requests, and can cut the first response short."""
+
+    def __init__(self):
+        self.cut_at = None  # send only this many bytes of the next response, then drop the connection
+        self.ranges = []  # the Range header of every request, for the assertions
+        self.etag = SHA
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self):
+                rng = self.headers.get("Range")
+                outer.ranges.append(rng)
+                start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
+                body = PAYLOAD[start:]
+                self.send_response(206 if rng else 200)
+                if rng:
+                    self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+                self.send_header("Content-Length", str(len(body)))
+                self.send_header("X-Linked-Etag", f'"{outer.etag}"')
+                self.end_headers()
+                if outer.cut_at is not None:
+                    self.wfile.write(body[:outer.cut_at])
+                    self.wfile.flush()
+                    outer.cut_at = None
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/file"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def server():
+    s = Server()
+    yield s
+    s.httpd.shutdown()
+
+
+def test_complete_download_is_verified_and_cached(server, tmp_path):
+    dest = download(server.url, tmp_path / "m.safetensors")
+    assert dest.read_bytes() == PAYLOAD
+    assert not (tmp_path / "m.safetensors.part").exists()
+    download(server.url, tmp_path / "m.safetensors")  # already there: no second request
+    assert server.ranges == [None]
+
+
+def test_cut_connection_resumes_with_range_request(server, tmp_path):
+    server.cut_at = 300_000
+    with pytest.raises(IOError, match="run again to resume"):
+        download(server.url, tmp_path / "m.safetensors")
+    part = tmp_path / "m.safetensors.part"
+    assert not (tmp_path / "m.safetensors").exists()  # never the final name while incomplete
+    kept = part.stat().st_size
+    assert 0 < kept <= 300_000  # what arrived before the cut (less what was still in the read buffer)
+    dest = download(server.url, tmp_path / "m.safetensors")
+    assert server.ranges == [None, f"bytes={kept}-"]
+    assert dest.read_bytes() == PAYLOAD  # and the checksum over the whole file held
+
+
+def test_checksum_mismatch_is_an_error_and_deletes_the_file(server, tmp_path):
+    server.etag = "0" * 64
+    with pytest.raises(IOError, match="checksum mismatch"):
+        download(server.url, tmp_path / "m.safetensors")
+    assert not (tmp_path / "m.safetensors").exists()
+    assert not (tmp_path / "m.safetensors.part").exists()
+
+
+def test_explicit_sha256_is_checked(server, tmp_path):
+    server.etag = ""
+    with pytest.raises(IOError, match="checksum mismatch"):
+        download(server.url, tmp_path / "x", sha256="f" * 64)
+    assert download(server.url, tmp_path / "y", sha256=SHA).read_bytes() == PAYLOAD

@@ -1,0 +1,214 @@
+"""gpt.py: the model matches Hugging Face's GPT-2 on hub-layout weights, and checkpoints round-trip."""
+import json
+import struct
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig, CheckpointError, encode, get_tokenizer, read_safetensors_header, write_safetensors
+
+transformers = pytest.importorskip("transformers")  # a dev requirement: the suite installs it, so this never skips in CI
+
+
+def hub_layout_file(tmp_path, hf_model, with_config=True):
+    """Save a transformers GPT2LMHeadModel exactly as the hub's model.safetensors is laid out: no
+    `transformer.` prefix, Conv1D [in, out] weights, the `attn.bias` causal-mask buffers present,
+    no lm_head (tied)."""
+    cfg = hf_model.config
+    state = {k.removeprefix("transformer."): v for k, v in hf_model.state_dict().items() if k != "lm_head.weight"}
+    n = cfg.n_positions
+    for i in range(cfg.n_layer):
+        state[f"h.{i}.attn.bias"] = torch.tril(torch.ones(n, n)).view(1, 1, n, n)
+    assert state["h.0.attn.c_attn.weight"].shape == (cfg.n_embd, 3 * cfg.n_embd)  # Conv1D: [in, out]
+    write_safetensors(tmp_path / "model.safetensors", state, metadata={"format": "pt"})
+    if with_config:
+        (tmp_path / "config.json").write_text(cfg.to_json_string())
+    return tmp_path
+
+
+def random_hf(n_layer, n_head, n_embd, n_positions=1024):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
+                                  attn_implementation="eager")
+    hf = transformers.GPT2LMHeadModel(cfg).eval()
+    # HF's init leaves biases and LayerNorms at 0/1; randomize everything so no mapping mistake hides
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return hf
+
+
+def greedy(step_logits, ids, n):
+    ids = list(ids)
+    for _ in range(n):
+        ids.append(int(step_logits(torch.tensor([ids]))[0, -1].argmax()))
+    return ids
+
+
+@pytest.mark.parametrize("n_layer,n_head,n_embd", [
+    (12, 12, 768),  # gpt2 (124M), the full config
+    (2, 16, 1024),  # gpt2-medium's width and heads
+    (2, 20, 1280),  # gpt2-large's
+    (1, 25, 1600),  # gpt2-xl's
+])
+def test_hub_layout_weights_give_hf_logits_and_greedy_tokens(tmp_path, n_layer, n_head, n_embd):
+    hf = random_hf(n_layer, n_head, n_embd)
+    ours = GPT.from_pretrained(hub_layout_file(tmp_path, hf))
+    assert (ours.config.n_layer, ours.config.n_head, ours.config.n_embd) == (n_layer, n_head, n_embd)
+    idx = torch.tensor([encode("Hello, my name is GPT-2 and I load OpenAI's weights exactly.")])
+    with torch.no_grad():
+        ref = hf(idx).logits
+        got = ours(idx)
+        assert (got - ref).abs().max().item() < 1e-4
+        a = greedy(lambda x: ours(x), idx[0].tolist(), 30)
+        b = greedy(lambda x: hf(x).logits, idx[0].tolist(), 30)
+    assert a == b
+
+
+def test_transformer_prefix_and_no_config_json(tmp_path):
+    """A file with `transformer.` prefixed keys and no config.json beside it loads; the head count comes
+    from the released size of that width."""
+    hf = random_hf(2, 12, 768, n_positions=64)
+    state = {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    write_safetensors(tmp_path / "w.safetensors", state)
+    ours = GPT.from_pretrained(tmp_path / "w.safetensors")
+    assert ours.config.block_size == 64 and ours.config.n_head == 12
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        assert (ours(idx) - hf(idx).logits).abs().max().item() < 1e-4
+
+
+def test_load_in_bfloat16_keeps_weight_tying(tmp_path):
+    hf = random_hf(1, 12, 768, n_positions=32)
+    ours = GPT.from_pretrained(hub_layout_file(tmp_path, hf), dtype=torch.bfloat16)
+    assert ours.wte.weight.dtype == torch.bfloat16
+    assert ours.lm_head.weight is ours.wte.weight
+    want = hf.transformer.wte.weight.to(torch.bfloat16)
+    assert torch.equal(ours.wte.weight, want)
+
+
+def test_checkpoint_round_trip_is_bit_exact(tmp_path):
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32))
+    model.save_checkpoint(tmp_path / "ckpt", template="chat", note="hello")
+    loaded = GPT.from_pretrained(tmp_path / "ckpt")
+    a, b = model.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert loaded.checkpoint_info["template"] == "chat"
+    assert loaded.config == GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=32)
+    # saving the loaded model again writes the identical bytes
+    loaded.save_checkpoint(tmp_path / "again", template="chat", note="hello")
+    assert (tmp_path / "ckpt/model.safetensors").read_bytes() == (tmp_path / "again/model.safetensors").read_bytes()
+
+
+def test_bf16_checkpoint_round_trip(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).to(torch.bfloat16)
+    model.save_checkpoint(tmp_path)
+    loaded = GPT.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+
+
+def test_tokenizer_is_gpt2():
+    enc = get_tokenizer()
+    assert enc.n_vocab == 50257
+    assert enc.encode("<|endoftext|>", allowed_special="all") == [50256]
+    assert encode("Hello world") == [15496, 995]  # GPT-2's well-known ids for these two words
+    assert 50256 not in encode("user text with <|endoftext|> in it")  # never the special token from user text
+
+
+# ----------------------------------------------------------------------------- malformed files
+
+def tensor_file(path, header, data=b""):
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+    return path
+
+
+def small_valid(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    model.save_checkpoint(tmp_path / "ok")
+    return tmp_path / "ok" / "model.safetensors"
+
+
+def test_truncated_file(tmp_path):
+    good = small_valid(tmp_path)
+    bad = tmp_path / "ok" / "model.safetensors"
+    bad.write_bytes(good.read_bytes()[:-100])
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor .* outside"):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_file_shorter_than_length_prefix(tmp_path):
+    (tmp_path / "x.safetensors").write_bytes(b"\x01\x02")
+    with pytest.raises(CheckpointError, match=r"x.safetensors: truncated file"):
+        GPT.from_pretrained(tmp_path / "x.safetensors")
+
+
+def test_header_length_past_end(tmp_path):
+    p = tmp_path / "x.safetensors"
+    p.write_bytes(struct.pack("<Q", 10_000) + b"{}")
+    with pytest.raises(CheckpointError, match=r"x.safetensors: header length 10000 runs past the end"):
+        read_safetensors_header(p)
+
+
+def test_offsets_out_of_range(tmp_path):
+    p = tensor_file(tmp_path / "x.safetensors", {"wte.weight": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, b"1234")
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'wte.weight' offsets \[0, 8\] lie outside"):
+        read_safetensors_header(p)
+
+
+def test_overlapping_tensors(tmp_path):
+    p = tensor_file(tmp_path / "x.safetensors", {
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}, bytes(12))
+    with pytest.raises(CheckpointError, match=r"tensors 'a' and 'b' overlap"):
+        read_safetensors_header(p)
+
+
+def test_unknown_dtype(tmp_path):
+    p = tensor_file(tmp_path / "x.safetensors", {"wpe.weight": {"dtype": "F8_E9", "shape": [1], "data_offsets": [0, 1]}}, bytes(1))
+    with pytest.raises(CheckpointError, match=r"x.safetensors: tensor 'wpe.weight' has unknown dtype 'F8_E9'"):
+        read_safetensors_header(p)
+
+
+def test_size_disagrees_with_shape(tmp_path):
+    p = tensor_file(tmp_path / "x.safetensors", {"a": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}, bytes(8))
+    with pytest.raises(CheckpointError, match=r"tensor 'a' spans 8 bytes but F32\[3\] needs 12"):
+        read_safetensors_header(p)
+
+
+def test_missing_tensor(tmp_path):
+    hf = random_hf(1, 12, 768, n_positions=16)
+    d = hub_layout_file(tmp_path, hf)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items()
+             if k not in ("lm_head.weight", "transformer.h.0.mlp.c_fc.bias")}
+    write_safetensors(d / "model.safetensors", state)
+    with pytest.raises(CheckpointError, match=r"model.safetensors: missing tensor 'h.0.mlp.c_fc.bias'"):
+        GPT.from_pretrained(d)
+
+
+def test_misshapen_tensor(tmp_path):
+    hf = random_hf(1, 12, 768, n_positions=16)
+    d = hub_layout_file(tmp_path, hf)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["h.0.ln_2.weight"] = torch.ones(767)
+    write_safetensors(d / "model.safetensors", state)
+    with pytest.raises(CheckpointError, match=r"tensor 'h.0.ln_2.weight' has shape \[767\], the model expects \[768\]"):
+        GPT.from_pretrained(d)
+
+
+def test_not_a_path_or_name(tmp_path):
+    with pytest.raises(CheckpointError, match=r"no such file or directory, and not one of gpt2"):
+        GPT.from_pretrained(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match=r"directory has no model.safetensors"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_corrupt_checkpoint_config(tmp_path):
+    small_valid(tmp_path)
+    (tmp_path / "ok" / "config.json").write_text('{"format": "x", "config": {"n_layers": 3}}')
+    with pytest.raises(CheckpointError, match=r"config.json: not a valid checkpoint config"):
+        GPT.from_pretrained(tmp_path / "ok")
