@@ -194,8 +194,8 @@ class GPT(nn.Module):
         # Build on the meta device (no memory, no random init), then materialize directly in the
         # target dtype/device and fill each tensor from the memory-mapped file: never two full copies.
         with torch.device("meta"):
-            model = cls(config)
-        model.to_empty(device=device).to(dtype)
+            model = cls(config).to(dtype)
+        model.to_empty(device=device)
         model.lm_head.weight = model.wte.weight  # to_empty breaks the tie; tie again
         load_state_from_file(model, path, transposed=not info)
         model.checkpoint_info = info  # metadata from config.json (template, ...), {} for hub weights

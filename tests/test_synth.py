@@ -1,0 +1,113 @@
+"""synth.py: each rule that keeps, cleans or drops a generated conversation, and the resumable output."""
+import json
+
+import pytest
+
+from synth import DEFAULTS, build, clean_conversation, load_config
+
+CFG = {**DEFAULTS, "name": "t", "model": "x", "prompt_lines": ["Talk about {word}.", "STUDENT:"],
+       "words": ["black hole"], "exclude": ["as an AI"]}
+
+
+def clean(text, word="black hole", **over):
+    return clean_conversation("STUDENT:" + text, word, {**CFG, **over})
+
+
+def test_a_well_formed_dialogue_is_kept_as_chat_messages():
+    msgs, reason = clean(" What is a black hole?\nTEACHER: A region where gravity wins.\n")
+    assert reason is None
+    assert msgs == [{"role": "user", "content": "What is a black hole?"},
+                    {"role": "assistant", "content": "A region where gravity wins."}]
+
+
+def test_first_turn_must_mention_the_word_case_insensitively_multi_word_too():
+    assert clean(" What is a BLACK   hole?\nTEACHER: Gravity.")[1] is None  # spacing and case do not matter
+    assert clean(" What is a star?\nTEACHER: A black hole is not a star.")[1] == "first turn does not mention the word"
+
+
+def test_every_line_must_be_a_known_role():
+    assert clean(" Black hole?\nTEACHER: Yes.\nNARRATOR: Then...")[1] == "a line that is not 'ROLE: text'"
+    assert clean(" Black hole?\njust some text")[1] == "a line that is not 'ROLE: text'"
+
+
+def test_exclude_terms_are_literal_case_insensitive_substrings():
+    assert clean(" Black hole?\nTEACHER: As an AI, I know.")[1] == "an excluded term"
+    # regex characters in a term are matched literally, not as a pattern
+    assert clean(" Black hole?\nTEACHER: Yes.", exclude=["h.le"])[1] is None
+    assert clean(" Black hole?\nTEACHER: Ah (sigh).", exclude=["(sigh)"])[1] == "an excluded term"
+    # an empty list, or an empty term, excludes nothing
+    assert clean(" Black hole?\nTEACHER: Yes.", exclude=[])[1] is None
+    assert clean(" Black hole?\nTEACHER: Yes.", exclude=[""])[1] is None
+
+
+def test_leading_form_of_address_is_stripped():
+    msgs, _ = clean(" Teacher, what is a black hole?\nTEACHER: Student: it is dense.")
+    assert msgs[0]["content"] == "What is a black hole?"
+    assert msgs[1]["content"] == "It is dense."
+
+
+def test_fully_quoted_utterances_are_unwrapped_but_inner_quotes_kept():
+    msgs, _ = clean(' "What is a black hole?"\nTEACHER: “Very dense.”')
+    assert [m["content"] for m in msgs] == ["What is a black hole?", "Very dense."]
+    msgs, _ = clean(' "Black hole" and "star" differ how?\nTEACHER: Mass.')
+    assert msgs[0]["content"] == '"Black hole" and "star" differ how?'
+
+
+def test_trailing_unanswered_user_turn_is_dropped():
+    msgs, _ = clean(" Black hole?\nTEACHER: Dense.\nSTUDENT: And then?")
+    assert [m["role"] for m in msgs] == ["user", "assistant"]
+    assert clean(" Black hole?")[1] == "no user turn answered by the assistant"
+
+
+def test_a_truncated_generation_loses_its_cut_last_line():
+    msgs, _ = clean_conversation("STUDENT: Black hole?\nTEACHER: Dense.\nSTUDENT: And\nTEACHER: It is ver",
+                                 "black hole", CFG, truncated=True)
+    assert msgs[-1] == {"role": "assistant", "content": "Dense."}
+
+
+def test_same_speaker_twice_is_dropped():
+    assert clean(" Black hole?\nSTUDENT: Hello?\nTEACHER: Yes.")[1] == "two turns in a row by one speaker"
+
+
+def fake_generate(replies):
+    calls = []
+
+    def generate(prompts, cfg):
+        calls.append(prompts)
+        return [(replies[i % len(replies)], False) for i in range(len(prompts))]
+    return generate, calls
+
+
+def test_build_appends_resumes_and_deduplicates(tmp_path):
+    out = tmp_path / "c.jsonl"
+    cfg = {**CFG, "words": ["cat", "dog"], "conversations_per_word": 2, "output": str(out),
+           "text_output": str(tmp_path / "c.txt"), "prompt_lines": ["About {word}:", "STUDENT:"]}
+    gen, calls = fake_generate([" What is a cat?\nTEACHER: A pet.", " What is a dog?\nTEACHER: A pet too."])
+    kept, dropped = build(cfg, gen)
+    assert calls[0] == ["About cat:\nSTUDENT:"] * 2 + ["About dog:\nSTUDENT:"] * 2
+    # cat prompts got replies 0 and 1 (the dog reply doesn't mention cat); dog got 0 (no dog) and 1
+    assert kept == 2 and dropped == {"first turn does not mention the word": 2}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["word"] for r in records] == ["cat", "dog"]
+    assert (tmp_path / "c.txt").read_text().startswith("TERM: cat\nSTUDENT: What is a cat?\nTEACHER: A pet.\n\n")
+    # a second run with one new word only generates for that word, and a repeat of a kept
+    # conversation is not written again
+    cfg["words"] = ["cat", "dog", "cat and dog"]
+    gen, calls = fake_generate([" What is a cat and dog?\nTEACHER: Pets."] * 1)
+    kept, dropped = build(cfg, gen)
+    assert calls[0] == ["About cat and dog:\nSTUDENT:"] * 2
+    assert kept == 1 and dropped == {"a duplicate": 1}
+    assert len(out.read_text().splitlines()) == 3
+
+
+def test_config_errors_are_clear(tmp_path):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({"name": "x", "model": "gpt2", "words": []}))
+    with pytest.raises(ValueError, match="missing prompt_lines"):
+        load_config(p)
+    p.write_text(json.dumps({"name": "x", "model": "gpt2", "words": [], "prompt_lines": ["Hi {word}"]}))
+    with pytest.raises(ValueError, match="last prompt line must open a turn"):
+        load_config(p)
+    p.write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read config"):
+        load_config(p)
