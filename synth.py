@@ -28,6 +28,8 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import torch
+
 from gpt import die
 
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
@@ -141,7 +143,7 @@ def read_existing(path):
     return words, seen
 
 
-def build(cfg, generate, progress=True):
+def build(cfg, generate):
     """Generate, filter and append conversations. `generate(prompts, cfg) -> [(text, truncated)]`
     (the engine, or a stand-in in tests). Returns (kept, Counter of drop reasons)."""
     out = Path(cfg["output"])
@@ -180,10 +182,13 @@ def build(cfg, generate, progress=True):
 
 def engine_generate(model, device=None):
     """generate() for `build`, backed by serve.py's Engine: every prompt in one batched call."""
-    from serve import Engine
     from generate import SamplingParams
+    from gpt import GPT, pick_device
+    from serve import Engine
 
-    engine = Engine.from_model_name(model, device=device)
+    device = pick_device(device)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    engine = Engine(GPT.from_pretrained(model, device=device, dtype=dtype))
 
     def generate(prompts, cfg):
         rng = random.Random(cfg["seed"])

@@ -111,3 +111,44 @@ def test_config_errors_are_clear(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read config"):
         load_config(p)
+
+
+def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):
+    """A tiny model that has memorized one dialogue, run through serve.py's batched engine with greedy
+    sampling: the plumbing (prompts in, counts, resumable output) works and the file is sft.py data."""
+    import torch
+
+    from data import load_conversations
+    from gpt import GPT, GPTConfig, get_tokenizer
+    from synth import engine_generate
+    from train import make_optimizer, train_step
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64))
+    ids = get_tokenizer().encode("About cat:\nSTUDENT: What is a cat?\nTEACHER: A small pet.<|endoftext|>",
+                                 allowed_special="all")
+    batch = [(torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))]
+    opt = make_optimizer(model, lr=1e-2, weight_decay=0.0, verbose=False)
+    for _ in range(60):
+        loss = train_step(model, opt, batch, lr=1e-2)
+    assert loss < 0.05, "the tiny model should have memorized its one dialogue"
+    model.save_checkpoint(tmp_path / "m")
+
+    out = tmp_path / "conv.jsonl"
+    cfg = {**DEFAULTS, "name": "e2e", "model": str(tmp_path / "m"), "prompt_lines": ["About {word}:", "STUDENT:"],
+           "words": ["cat", "dog"], "conversations_per_word": 3, "temperature": 0.0, "max_tokens": 30,
+           "output": str(out)}
+    generate = engine_generate(cfg["model"], device="cpu")
+    kept, dropped = build(cfg, generate)
+    # greedy: the three cat prompts give the same dialogue (kept once, then duplicates); the dog
+    # prompts cannot mention "dog" (the model only knows the cat dialogue)
+    assert kept == 1
+    assert dropped["a duplicate"] == 2 and sum(dropped.values()) == 5
+    assert [json.loads(line)["messages"] for line in out.read_text().splitlines()] == [
+        [{"role": "user", "content": "What is a cat?"}, {"role": "assistant", "content": "A small pet."}]]
+    # resuming: cat is done, only dog is generated again, and nothing new is kept
+    kept, dropped = build(cfg, generate)
+    assert kept == 0 and sum(dropped.values()) == 3
+    # sft.py's loader reads the file as it is
+    assert load_conversations(out, log=lambda *_: None) == [
+        [{"role": "user", "content": "What is a cat?"}, {"role": "assistant", "content": "A small pet."}]]
