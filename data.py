@@ -9,15 +9,21 @@ Three parts, one per kind of training:
      and the masked-label batches sft.py trains on.
 """
 
+import argparse
 import itertools
 import json
+import multiprocessing
+import os
 import random
 import re
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
-from gpt import EOT, cache_dir, download, encode, get_tokenizer
+from gpt import EOT, cache_dir, die, download, encode, get_tokenizer, write_json_atomic
 
 IGNORE = -100  # the label of a token the loss skips (prompt, user turns, padding)
 
@@ -99,6 +105,248 @@ def format_prompt(messages, template):
 
 
 # ----------------------------------------------------------------------------- 2. pretraining data
+# Pretraining reads one long stream of tokens: every document's tokens, each document preceded by
+# <|endoftext|>, so the model learns where a text begins and that what came before is unrelated.
+# The stream is stored as raw uint16 (GPT-2's 50257 ids fit in 16 bits) in train.bin and val.bin,
+# read back with np.memmap: a 10 GB corpus costs no RAM, and any batch is one slice away.
+#
+# Documents. Inside a text file, a line that reads exactly "<|endoftext|>" separates documents (the
+# format TinyStories ships in). A file without such lines is ONE document (a book, a play): its
+# blank lines separate paragraphs, not texts. Each document is stripped of surrounding whitespace.
+#
+# Splits. TinyStories has its own validation file; any other source keeps the last `val_fraction`
+# of its tokens for validation.
+#
+# Command line (argparse subcommands, so the other parts of this file can add their own):
+#   python data.py pretrain tinystories [--out DIR]    # or shakespeare, tinystories-small, a file, a URL
+#   python data.py tinystories                         # short for the same
+# Output goes to data_cache/<name>/ beside this file: train.bin, val.bin and meta.json. meta.json is
+# written last and records the source, so a finished preparation is skipped when run again.
+
+TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
+PRETRAIN_DATASETS = {  # name -> (train text URL, validation text URL or None to split the train text)
+    "tinystories": (TINYSTORIES_URL.format("train"), TINYSTORIES_URL.format("valid")),  # 2.2 GB, ~0.5B tokens
+    "tinystories-small": (TINYSTORIES_URL.format("valid"), None),  # its 22 MB validation file alone: a quick start
+    "shakespeare": ("https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt", None),
+}
+DATA_CACHE = Path(__file__).resolve().parent / "data_cache"
+DOC_SEPARATOR = "<|endoftext|>"
+
+
+def read_text_batches(path, batch_chars=1 << 20):
+    """Stream a text file as batches (lists) of (text, starts_document) pieces, ~batch_chars each.
+
+    A long document is cut into pieces only just before a newline that follows a non-space
+    character: GPT-2's pre-tokenizer never joins a non-space to the whitespace after it, so the
+    pieces tokenize to exactly the tokens of the whole document (a cut after the newline would
+    not: "a\\n" + "\\nb" encodes differently from "a\\n\\nb")."""
+    batch, batch_len = [], 0
+    doc, doc_len, new_doc = [], 0, True  # lines of the current document not yet in a batch
+    with open(path, encoding="utf-8") as f:
+        for line in itertools.chain(f, [DOC_SEPARATOR]):  # a final separator closes the last document
+            if line.strip() == DOC_SEPARATOR:
+                text = "".join(doc).rstrip()
+                if text:
+                    batch.append((text, new_doc))
+                    batch_len += len(text)
+                doc, doc_len, new_doc = [], 0, True
+            else:
+                if new_doc and not doc:
+                    line = line.lstrip()  # a document starts at its first non-space character
+                    if not line:
+                        continue
+                doc.append(line)
+                doc_len += len(line)
+                if doc_len >= batch_chars and line.endswith("\n") and len(line) > 1 and not line[-2].isspace():
+                    batch.append(("".join(doc)[:-1], new_doc))  # cut just before this line's newline
+                    batch_len += doc_len - 1
+                    doc, doc_len, new_doc = ["\n"], 1, False
+            if batch_len >= batch_chars:
+                yield batch
+                batch, batch_len = [], 0
+    if batch:
+        yield batch
+
+
+_worker_enc = None
+
+
+def _encode_batch(batch):
+    """Worker: one batch of pieces -> (uint16 tokens, EOT before every document's first piece;
+    characters read, for the progress bar)."""
+    global _worker_enc
+    _worker_enc = _worker_enc or get_tokenizer()
+    ids = []
+    for text, starts_document in batch:
+        if starts_document:
+            ids.append(EOT)
+        ids += encode(text, _worker_enc)
+    return np.array(ids, dtype=np.uint16), sum(len(text) for text, _ in batch)
+
+
+def tokenize_file(src, dest, workers=None, batch_chars=1 << 20, desc=None):
+    """Tokenize the text file `src` into the uint16 token file `dest` (written to dest.tmp, then
+    renamed), in parallel worker processes. Returns the number of tokens."""
+    src, dest = Path(src), Path(dest)
+    if not src.is_file():
+        raise ValueError(f"{src}: " + ("not a regular file" if src.exists() else "no such file"))
+    size = src.stat().st_size
+    if size == 0:
+        raise ValueError(f"{src}: the file is empty")
+    workers = workers or min(os.cpu_count() or 1, 16)
+    workers = max(1, min(workers, size // batch_chars))  # small files: no worker processes at all
+    tmp = dest.with_name(dest.name + ".tmp")
+    n = 0
+    try:
+        with open(tmp, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc=desc or src.name,
+                                          disable=None) as bar:
+            batches = read_text_batches(src, batch_chars)
+            pool = multiprocessing.Pool(workers) if workers > 1 else None
+            try:
+                # imap keeps the order of the batches, so the token stream follows the file
+                results = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
+                for ids, chars in results:
+                    out.write(ids.tobytes())
+                    n += len(ids)
+                    bar.update(min(chars, bar.total - bar.n))  # characters ~ bytes (exact for ASCII)
+            finally:
+                if pool:
+                    pool.terminate()
+            bar.update(bar.total - bar.n)
+    except UnicodeDecodeError as e:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if n == 0:
+        tmp.unlink(missing_ok=True)
+        raise ValueError(f"{src}: no text in the file (only whitespace and separators)")
+    os.replace(tmp, dest)
+    return n
+
+
+def _split_tail(train_path, val_path, val_fraction):
+    """Move the last val_fraction of the tokens in train_path into val_path (for single-file sources)."""
+    tokens = np.memmap(train_path, dtype=np.uint16, mode="r")
+    n_val = int(len(tokens) * val_fraction)
+    if n_val < 2 or len(tokens) - n_val < 2:
+        raise ValueError(f"{len(tokens)} tokens are too few to split into train and validation parts")
+    tmp = val_path.with_name(val_path.name + ".tmp")
+    tokens[len(tokens) - n_val:].tofile(tmp)
+    keep = (len(tokens) - n_val) * tokens.itemsize
+    del tokens  # close the map before truncating the file under it
+    os.truncate(train_path, keep)
+    os.replace(tmp, val_path)
+
+
+def resolve_pretrain_source(source):
+    """A dataset name, a URL or a local text file -> (name, [train text path or URL, val or None])."""
+    source = str(source)
+    if source in PRETRAIN_DATASETS:
+        return source, list(PRETRAIN_DATASETS[source])
+    if source.startswith(("http://", "https://")):
+        return Path(source.split("?")[0].rstrip("/")).stem or "download", [source, None]
+    path = Path(source)
+    if not path.exists():
+        raise ValueError(f"{source}: no such file, and not a URL or one of {', '.join(PRETRAIN_DATASETS)}")
+    return path.stem, [str(path.resolve()), None]
+
+
+def prepare_pretrain_data(source, out_dir=None, val_fraction=0.1, workers=None):
+    """Download (when a name or URL) and tokenize a pretraining source into out_dir (default
+    data_cache/<name>/): train.bin, val.bin, meta.json. Skipped when meta.json says it is done."""
+    name, (train_src, val_src) = resolve_pretrain_source(source)
+    out = Path(out_dir) if out_dir else DATA_CACHE / name
+    out.mkdir(parents=True, exist_ok=True)
+    texts = []
+    for src in (train_src, val_src):
+        if src is None or not src.startswith(("http://", "https://")):
+            texts.append(src)
+            continue
+        try:
+            texts.append(str(download(src, out / Path(src.split("?")[0]).name)))
+        except Exception as e:  # requests' errors, a bad checksum, a full disk: one line, not a traceback
+            raise ValueError(f"could not download {src}: {e}") from None
+    stamp = {"source": str(source), "files": [
+        {"path": t, "bytes": os.path.getsize(t), "mtime": os.path.getmtime(t)} for t in texts if t]}
+    meta_path = out / "meta.json"
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError:
+            meta = {}
+        if meta.get("stamp") == stamp and all((out / f"{s}.bin").exists() for s in ("train", "val")):
+            return out  # done before, from the same files
+    meta_path.unlink(missing_ok=True)
+    n_train = tokenize_file(texts[0], out / "train.bin", workers, desc=f"{name} train")
+    if texts[1]:
+        n_val = tokenize_file(texts[1], out / "val.bin", workers, desc=f"{name} val")
+    else:
+        _split_tail(out / "train.bin", out / "val.bin", val_fraction)
+        n_train, n_val = n_train - int(n_train * val_fraction), int(n_train * val_fraction)
+    write_json_atomic(meta_path, {"tokenizer": "gpt2", "dtype": "uint16", "eot": EOT, "train_tokens": n_train,
+                                  "val_tokens": n_val, "val_fraction": None if texts[1] else val_fraction,
+                                  "stamp": stamp})
+    return out
+
+
+def load_tokens(directory, split):
+    """The token stream of a prepared split ("train" or "val") as a read-only np.memmap of uint16."""
+    path = Path(directory) / f"{split}.bin"
+    if not path.is_file() or path.stat().st_size < 4:
+        raise ValueError(f"{path}: missing or empty; prepare it with: python data.py pretrain <source> --out {directory}")
+    return np.memmap(path, dtype=np.uint16, mode="r")
+
+
+def get_batch(tokens, position, batch_size, seq_len):
+    """Inputs x and targets y (x shifted by one), both (batch_size, seq_len) int64, from the
+    batch_size * seq_len + 1 tokens starting at `position`: consecutive rows of one slice."""
+    n = batch_size * seq_len
+    if position + n + 1 > len(tokens):
+        raise ValueError(f"a batch at position {position} needs {n + 1} tokens; the stream has {len(tokens)}")
+    buf = torch.from_numpy(tokens[position:position + n + 1].astype(np.int64))
+    return buf[:-1].view(batch_size, seq_len), buf[1:].view(batch_size, seq_len)
+
+
+def _add_pretrain_command(subparsers):
+    p = subparsers.add_parser("pretrain", help="tokenize text into train.bin / val.bin for train.py",
+                              description="Download and tokenize a pretraining source into uint16 token files.")
+    p.add_argument("source", help=f"{' | '.join(PRETRAIN_DATASETS)} | a text file | an http(s) URL")
+    p.add_argument("--out", default=None, help="output directory (default: data_cache/<name>/)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the tokens kept for validation when the source has no validation file")
+    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
+    p.set_defaults(run=_run_pretrain_command)
+
+
+def _run_pretrain_command(args):
+    if not 0 < args.val_fraction < 1:
+        die(f"--val-fraction must be between 0 and 1, not {args.val_fraction}")
+    try:
+        out = prepare_pretrain_data(args.source, args.out, args.val_fraction, args.workers)
+    except (ValueError, OSError) as e:
+        die(str(e))
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"{out}: {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} validation tokens")
+
+
+COMMANDS = [_add_pretrain_command]  # each adds one subcommand: f(subparsers), with set_defaults(run=...)
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="`python data.py SOURCE` is short for `python data.py pretrain SOURCE`.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    if argv and not argv[0].startswith("-") and argv[0] not in subparsers.choices:
+        argv = ["pretrain"] + argv  # the short form
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.error("name a command (or a pretraining source)")
+    args.run(args)
 
 
 # ----------------------------------------------------------------------------- 3. conversation data
@@ -111,6 +359,7 @@ def format_prompt(messages, template):
 #   oasst     {"message_tree_id", "prompt": {"text", "role", "replies": [...]}}   JSONL trees, multi-turn
 #   chat      {"messages": [{"role", "content"}, ...]}                  JSONL (OpenAI / UltraChat style)
 #   sharegpt  {"conversations": [{"from", "value"}, ...]}               JSONL
+#   ultrachat {"id", "data": ["user text", "assistant text", ...]}       JSONL (the raw UltraChat files)
 #
 # A record that fits none of them stops loading with an error naming the file and line: training on
 # a silently half-read file is worse than not training at all.
@@ -132,7 +381,7 @@ def read_records(path):
     is where each record starts, so an error can still point into the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is skipped, not an error
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     if not text.lstrip().startswith("["):  # JSONL: one record per line, blank lines allowed
@@ -233,6 +482,8 @@ def to_conversation(record):
     if "conversations" in record:
         return _from_turns(record["conversations"], "from", "value",
                            {"system": "system", "human": "user", "gpt": "assistant"})
+    if isinstance(record.get("data"), list) and all(isinstance(t, str) for t in record["data"]):
+        return [{"role": ("user", "assistant")[i % 2], "content": t.strip()} for i, t in enumerate(record["data"])]
     if isinstance(record.get("prompt"), dict) and "replies" in record["prompt"]:
         return _from_oasst(record)
     if "instruction" in record and "output" in record:
@@ -242,7 +493,7 @@ def to_conversation(record):
     if isinstance(record.get("text"), str) and GUANACO_TURN.search(record["text"]):
         return _from_guanaco(record["text"])
     raise ValueError(f"fits no known format (keys: {', '.join(sorted(record)) or 'none'}); expected "
-                     f"alpaca, dolly, guanaco, oasst, chat 'messages' or sharegpt 'conversations'")
+                     f"alpaca, dolly, guanaco, oasst, chat 'messages', sharegpt or ultrachat")
 
 
 def _trainable(conversation):
@@ -319,7 +570,7 @@ def encode_examples(conversations, template, max_len, enc=None, log=print):
     and printed, never silent. Returns (examples, stats)."""
     enc = enc or get_tokenizer()
     examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens_cut": 0, "learned_tokens": 0}
-    for conversation in conversations:
+    for conversation in tqdm(conversations, desc="tokenizing", unit="conv", disable=None, leave=False):
         ids, labels = encode_conversation(conversation, template, enc)
         if len(ids) > max_len + 1:
             stats["truncated"] += 1
@@ -366,3 +617,7 @@ def eval_batches(examples, batch_size):
     each batch pads little; the loss per learned token does not depend on the grouping."""
     ordered = sorted(examples, key=lambda e: len(e[0]))
     return [collate(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""Instruction fine-tuning (SFT): turn a pretrained GPT-2 into a model that answers instructions.
+
+    python sft.py                                   # gpt2 on the 52k Stanford Alpaca set
+    python sft.py --quick --model out/tiny --data ../shared/data/instruction-data.json
+    python sft.py --model gpt2-medium --data dolly --data guanaco --lora-rank 8
+
+Pretraining taught the model to continue text. Fine-tuning shows it conversations rendered with a
+chat template (data.py) and trains it on the *answers* only: every prompt and user token has label
+-100, so the loss asks "given this request, what is the answer?" and never "predict the request".
+Each answer ends with one learned <|endoftext|>, which is how the model learns to stop. The loss is
+normalized by the number of learned tokens in the whole accumulated batch (train.train_step), so a
+long answer counts as many tokens, not as one example.
+
+The data is split train/val/test with --seed; val loss is measured every --eval-interval steps and
+the best model so far is the checkpoint in --out (with its template recorded, so generate.py and
+serve.py format prompts the same way). After training, the best checkpoint answers the test
+prompts greedily and the answers are written next to the references for reading.
+
+LoRA (--lora-rank > 0) freezes the model and learns a low-rank update W + (alpha/r) B A for chosen
+linear layers: a few hundred thousand trainable numbers instead of 124M. Adapters are folded into
+the weights when saving, so the output is a plain checkpoint.
+
+Template default: alpaca when every conversation is single-turn, chat when any is multi-turn.
+"""
+
+import argparse
+import contextlib
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from data import (TEMPLATES, DataError, default_template, encode_examples, eval_batches, format_prompt,
+                  iterate_batches, load_conversations, split_dataset)
+from generate import PromptTooLong, SamplingParams, fit_conversation, generate_tokens
+from gpt import GPT, SIZES, CheckpointError, die, get_tokenizer, pick_device, write_json_atomic
+from train import evaluate, lr_at, make_optimizer, train_step
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + (alpha/r) * x A^T B^T.
+    B starts at zero, so training starts from exactly the base model; A starts random so the
+    gradient of B is not zero."""
+
+    def __init__(self, base, rank, alpha):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.scale = alpha / rank
+        w = base.weight
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
+
+    def forward(self, x):
+        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
+
+    def delta(self):
+        """The update to the base weight, (out, in), the same layout as nn.Linear.weight."""
+        return (self.lora_B @ self.lora_A) * self.scale
+
+
+def add_lora(model, rank, alpha, targets):
+    """Freeze every parameter, then wrap the linear layers whose name ends with one of `targets`
+    ("c_attn", "c_proj" = both attn.c_proj and mlp.c_proj, "mlp.c_proj", "c_fc", ...) in LoRALinear.
+    Returns the wrapped layers' names."""
+    model.requires_grad_(False)
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoRALinear(module, rank, alpha))
+            wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"--lora-targets {','.join(targets)} match no linear layer "
+                         f"(try c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj)")
+    return wrapped
+
+
+def _lora_layers(model):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold every adapter into its base weight and put the plain nn.Linear back: a plain GPT."""
+    for name, m in _lora_layers(model):
+        m.base.weight += m.delta()
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, m.base)
+    return model
+
+
+@contextlib.contextmanager
+def lora_merged(model):
+    """Temporarily a plain GPT (adapters folded in), e.g. to save a checkpoint in the middle of
+    training; afterwards the adapters and the exact original base weights are back."""
+    layers = _lora_layers(model)
+    saved = [m.base.weight.detach().clone() for _, m in layers]
+    merge_lora(model)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for (name, m), w in zip(layers, saved):
+                m.base.weight.copy_(w)
+                parent, _, child = name.rpartition(".")
+                setattr(model.get_submodule(parent), child, m)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="gpt2", help=f"{' | '.join(SIZES)} or a checkpoint directory")
+    p.add_argument("--data", action="append", default=None,
+                   help="alpaca | dolly | guanaco (downloaded) or a JSON/JSONL file; repeat to mix (default: alpaca)")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="chat template (default: alpaca for single-turn data, chat if any conversation is multi-turn)")
+    p.add_argument("--out", default="out/sft", help="output checkpoint directory")
+    p.add_argument("--epochs", type=float, default=2.0, help="passes over the training split")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: 8; --quick: 4)")
+    p.add_argument("--grad-accum", type=int, default=None, help="micro-batches per optimizer step (default: 4; --quick: 1)")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 3e-5, or 3e-4 with LoRA)")
+    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="final learning rate as a fraction of --lr")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 5%% of the steps")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--dropout", type=float, default=0.0)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="tokens per example (default: the model's context; --quick: at most 256)")
+    p.add_argument("--val-frac", type=float, default=0.05)
+    p.add_argument("--test-frac", type=float, default=0.05)
+    p.add_argument("--eval-interval", type=int, default=None, help="steps between val evaluations (default: ~10 per run)")
+    p.add_argument("--max-test", type=int, default=100, help="test prompts to answer into test_responses.json")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="longest test answer")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--lora-targets", default="c_attn,c_proj",
+                   help="comma-separated linear layers to adapt: c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
+    p.add_argument("--quick", action="store_true",
+                   help="prove the pipeline in a minute: 120 conversations (100 train), 20 steps of 4 examples")
+    args = p.parse_args(argv)
+    args.data = args.data or ["alpaca"]
+    args.lr = args.lr if args.lr is not None else (3e-4 if args.lora_rank > 0 else 3e-5)
+    if args.batch_size is None:
+        args.batch_size = 4 if args.quick else 8
+    if args.grad_accum is None:
+        args.grad_accum = 1 if args.quick else 4
+    for flag in ("batch_size", "grad_accum", "max_new_tokens"):
+        if getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.lora_rank < 0 or args.max_test < 0 or args.epochs <= 0 or (args.max_steps is not None and args.max_steps < 1):
+        die("--lora-rank and --max-test must be >= 0, --epochs and --max-steps > 0")
+    if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1) or args.val_frac == 0:
+        die("--val-frac must be in (0, 1) and --test-frac in [0, 1)")
+    if args.quick:
+        args.max_steps = args.max_steps or 20
+        args.max_test = min(args.max_test, 10)
+        args.max_new_tokens = min(args.max_new_tokens, 64)
+    return args
+
+
+def autocast_for(device):
+    """bf16 autocast on CUDA (the weights stay fp32 for the optimizer); fp32 elsewhere."""
+    if torch.device(device).type == "cuda":
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def answer_test_prompts(model, conversations, template, max_new_tokens, enc):
+    """Greedy answers to each test conversation's last question. The prompt is the conversation up
+    to its last answer (oldest turns dropped if it does not fit); the reference is that answer."""
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
+    results, too_long = [], 0
+    # a prompt must end with a question: keep the conversations whose last answer follows a user turn
+    usable = [c for c in conversations if len(c) >= 2 and c[-2]["role"] == "user"]
+    if len(usable) < len(conversations):
+        print(f"{len(conversations) - len(usable)} test conversations have no user turn before their last answer")
+    for conv in tqdm(usable, desc="test answers", disable=None):
+        messages, reference = conv[:-1], conv[-1]["content"]
+        try:
+            ids, kept = fit_conversation(messages, template, model.config.block_size, max_new_tokens, enc)
+        except PromptTooLong:
+            too_long += 1
+            continue
+        response = enc.decode(list(generate_tokens(model, ids, params)))
+        results.append({"prompt": format_prompt(kept, template), "reference": reference, "response": response})
+    if too_long:
+        print(f"{too_long} test prompts are longer than the context and were not answered")
+    return results
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    torch.manual_seed(args.seed)
+    device = pick_device(args.device)
+    enc = get_tokenizer()
+
+    # Everything that can fail on bad input (model, data, flags) happens before anything is written.
+    try:
+        model = GPT.from_pretrained(args.model, device=device, dropout=args.dropout)
+    except (CheckpointError, OSError) as e:  # OSError covers a failed download too
+        die(f"cannot load model {args.model}: {e}")
+    conversations = []
+    try:
+        for name in args.data:
+            conversations += load_conversations(name)
+    except DataError as e:
+        die(str(e))
+    if args.quick:  # a seeded handful: 100 to train on, 10 to validate, 10 to test
+        if len(conversations) > 120:
+            conversations = random.Random(args.seed).sample(conversations, 120)
+        args.val_frac = args.test_frac = 1 / 12
+    template = args.template or default_template(conversations)
+    block_size = model.config.block_size
+    max_len = args.max_len or (min(256, block_size) if args.quick else block_size)
+    if not 2 <= max_len <= block_size:
+        die(f"--max-len {max_len} must be between 2 and the model's context, {block_size}")
+    try:
+        train_conv, val_conv, test_conv = split_dataset(conversations, args.val_frac, args.test_frac, args.seed)
+    except DataError as e:
+        die(str(e))
+    train_ex, train_stats = encode_examples(train_conv, template, max_len, enc)
+    val_ex, val_stats = encode_examples(val_conv, template, max_len, enc)
+    if not train_ex or not val_ex:
+        die(f"no training or validation example fits in --max-len {max_len}")
+    lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if args.lora_rank > 0:
+        try:
+            add_lora(model, args.lora_rank, args.lora_alpha, lora_targets)
+        except ValueError as e:
+            die(str(e))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)"
+          + (f", LoRA rank {args.lora_rank} on {','.join(lora_targets)}" if args.lora_rank else ""))
+
+    micro_per_epoch = math.ceil(len(train_ex) / args.batch_size)
+    max_steps = args.max_steps or max(1, math.ceil(args.epochs * micro_per_epoch / args.grad_accum))
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
+    eval_interval = args.eval_interval or max(1, max_steps // 10)
+    if args.quick:
+        eval_interval = args.eval_interval or 5
+    print(f"data {', '.join(args.data)}: {len(train_ex)} train / {len(val_ex)} val / {len(test_conv)} test "
+          f"examples, template {template!r}, max_len {max_len}; {max_steps} steps of "
+          f"{args.batch_size} x {args.grad_accum} examples on {device}")
+
+    device_type = torch.device(device).type
+    optimizer = make_optimizer(model, args.lr, weight_decay=args.weight_decay, device_type=device_type)
+    autocast = autocast_for(device)
+    batches = iterate_batches(train_ex, args.batch_size, seed=args.seed)
+    val_batches = [(x.to(device), y.to(device)) for x, y in eval_batches(val_ex, args.batch_size)]
+    out = Path(args.out)
+
+    def save(step, val_loss):
+        meta = dict(template=template, base_model=str(args.model), data=args.data, step=step, val_loss=val_loss)
+        with lora_merged(model):
+            model.save_checkpoint(out, **meta)
+
+    t_train = time.time()
+    history, best, best_step, train_loss = [], float("inf"), None, float("nan")
+    first_val = evaluate(model, val_batches, autocast=autocast)
+    history.append({"step": 0, "val_loss": first_val})
+    print(f"step 0: val loss {first_val:.4f}")
+    model.train()
+    bar = tqdm(range(1, max_steps + 1), desc="sft", disable=None)
+    for step in bar:
+        lr = lr_at(step - 1, args.lr, warmup, max_steps, args.lr * args.min_lr_ratio)
+        micro = [(x.to(device), y.to(device)) for x, y in (next(batches) for _ in range(args.grad_accum))]
+        train_loss = train_step(model, optimizer, micro, lr, grad_clip=args.grad_clip, autocast=autocast)
+        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
+        if step % eval_interval == 0 or step == max_steps:
+            val_loss = evaluate(model, val_batches, autocast=autocast)
+            model.train()
+            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+            improved = val_loss < best
+            if improved:  # keep the best model so far as the output checkpoint
+                best, best_step = val_loss, step
+                save(step, val_loss)
+            tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
+                       + (" (best, saved)" if improved else ""))
+    train_time = time.time() - t_train
+    del model, optimizer  # free the device for the best model (and its KV cache) below
+    if device_type == "cuda":
+        torch.cuda.empty_cache()
+
+    # The best checkpoint, loaded back as generate.py and serve.py will load it, answers the test set.
+    best_model = GPT.from_pretrained(out, device=device)
+    results = answer_test_prompts(best_model, test_conv[:args.max_test], template, args.max_new_tokens, enc)
+    write_json_atomic(out / "test_responses.json", results)
+    metadata = {
+        "base_model": str(args.model), "data": args.data, "template": template, "device": device,
+        "sizes": {"conversations": len(conversations), "train": len(train_conv), "val": len(val_conv),
+                  "test": len(test_conv), "train_examples": train_stats, "val_examples": val_stats},
+        "hyperparameters": {**{k: v for k, v in vars(args).items() if k not in ("data", "model", "out", "template", "device")},
+                            "max_len": max_len, "max_steps": max_steps, "warmup_steps": warmup,
+                            "eval_interval": eval_interval, "lora_targets": lora_targets if args.lora_rank else None},
+        "losses": {"initial_val": first_val, "final_train": train_loss, "final_val": history[-1]["val_loss"],
+                   "best_val": best, "best_step": best_step, "history": history},
+        "parameters": {"total": total, "trainable": trainable},
+        "time_s": {"train": round(train_time, 1), "total": round(time.time() - t_start, 1)},
+        "outputs": {"checkpoint": str(out), "test_responses": str(out / "test_responses.json")},
+    }
+    write_json_atomic(out / "training_metadata.json", metadata)
+    print(f"best val loss {best:.4f} at step {best_step} (from {first_val:.4f}); checkpoint, "
+          f"test_responses.json ({len(results)} answers) and training_metadata.json in {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Conversation data (data.py section 3): every format -> conversations -> masked-label batches.
+
+The label-mask tests spell out the expected text of each template literally and check the ids and
+labels token by token: prompt and user tokens -100, answer tokens learned, exactly one learned
+<|endoftext|> closing each answer, padding -100, and y = labels shifted left by one.
+"""
+import json
+
+import pytest
+import torch
+
+from data import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, IGNORE, DataError, collate, default_template,
+                  encode_conversation, encode_examples, eval_batches, iterate_batches, load_conversations,
+                  read_records, split_dataset)
+from gpt import EOT, encode
+
+FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+
+
+def expected(pieces):
+    """(literal text or EOT, learned) pieces -> the ids and labels a template must produce."""
+    ids, labels = [], []
+    for text, learned in pieces:
+        toks = [EOT] if text == EOT else encode(text)
+        ids += toks
+        labels += toks if learned else [IGNORE] * len(toks)
+    return ids, labels
+
+
+def check_example(conversation, template, pieces):
+    ids, labels = encode_conversation(conversation, template)
+    want_ids, want_labels = expected(pieces)
+    assert ids == want_ids
+    assert labels == want_labels
+    # exactly one learned EOT per assistant turn, and it is the token right after each answer
+    n_answers = sum(t["role"] == "assistant" for t in conversation)
+    assert sum(1 for i, l in zip(ids, labels) if i == EOT and l == EOT) == n_answers
+    assert labels[-1] == EOT
+    # batched beside a longer example: x = ids[:-1], y = labels[1:], then right padding that is never learned
+    n = len(ids) - 1
+    x, y = collate([(ids, labels), (ids + [11] * 5, labels + [IGNORE] * 5)])
+    assert x[0, :n].tolist() == ids[:-1] and y[0, :n].tolist() == labels[1:]
+    assert x[0, n:].tolist() == [EOT] * 5 and y[0, n:].tolist() == [IGNORE] * 5
+    return ids, labels
+
+
+def write_json(path, obj):
+    path.write_text(json.dumps(obj, indent=2))
+    return path
+
+
+# ----------------------------------------------------------------------------- formats and masks
+
+def test_alpaca_json_list_with_input_mask(tmp_path):
+    path = write_json(tmp_path / "a.json", [
+        {"instruction": "Fix the spelling.", "input": "freind", "output": "friend"},
+        {"instruction": "Name a fruit.", "input": "", "output": "Apple."}])
+    conv = load_conversations(path)
+    assert conv[0] == [{"role": "user", "content": "Fix the spelling.", "input": "freind"},
+                       {"role": "assistant", "content": "friend"}]
+    check_example(conv[0], "alpaca", [
+        (ALPACA_PREAMBLE_INPUT, False),
+        ("### Instruction:\nFix the spelling.\n\n### Input:\nfreind\n\n### Response:\n", False),
+        ("friend", True), (EOT, True)])
+    # no input: the shorter preamble and no Input section
+    check_example(conv[1], "alpaca", [
+        (ALPACA_PREAMBLE, False), ("### Instruction:\nName a fruit.\n\n### Response:\n", False),
+        ("Apple.", True), (EOT, True)])
+
+
+def test_dolly_jsonl_context_becomes_input_mask():
+    conv = load_conversations(FIXTURES / "dolly_sample.jsonl")  # a blank line in the file is allowed
+    assert len(conv) == 3
+    assert conv[0][0]["input"].startswith("Virgin Australia commenced")
+    assert "input" not in conv[1][0]  # empty context: no Input section
+    check_example(conv[1], "alpaca", [
+        (ALPACA_PREAMBLE, False),
+        ("### Instruction:\nWhich is a species of fish? Tope or Rope\n\n### Response:\n", False),
+        ("Tope", True), (EOT, True)])
+    check_example(conv[1], "chat", [
+        ("User: Which is a species of fish? Tope or Rope\nAssistant:", False), (" Tope", True), (EOT, True)])
+
+
+def test_guanaco_multi_turn_mask():
+    conv = load_conversations(FIXTURES / "guanaco_sample.jsonl")
+    assert conv[1] == [{"role": "user", "content": "Can you name a prime number?"},
+                       {"role": "assistant", "content": "7 is a prime number."},
+                       {"role": "user", "content": "And an even one?"},
+                       {"role": "assistant", "content": "2 is the only even prime."}]
+    check_example(conv[1], "chat", [
+        ("User: Can you name a prime number?\nAssistant:", False), (" 7 is a prime number.", True), (EOT, True),
+        ("\n", False), ("User: And an even one?\nAssistant:", False), (" 2 is the only even prime.", True),
+        (EOT, True)])
+    # the same conversation in the alpaca layout: each user turn is an Instruction, each answer learned
+    check_example(conv[1], "alpaca", [
+        (ALPACA_PREAMBLE, False), ("### Instruction:\nCan you name a prime number?\n\n### Response:\n", False),
+        ("7 is a prime number.", True), (EOT, True), ("\n\n", False),
+        ("### Instruction:\nAnd an even one?\n\n### Response:\n", False),
+        ("2 is the only even prime.", True), (EOT, True)])
+
+
+def test_oasst_tree_takes_best_ranked_path_mask():
+    conv = load_conversations(FIXTURES / "oasst_tree.jsonl")
+    # rank 0 beats rank 1; a deleted reply is never taken even at rank 0; ranked beats unranked
+    assert conv == [[{"role": "user", "content": "Tell me a fact."},
+                     {"role": "assistant", "content": "Honey never spoils."},
+                     {"role": "user", "content": "Why?"},
+                     {"role": "assistant", "content": "It is too acidic for microbes."}]]
+    check_example(conv[0], "chat", [
+        ("User: Tell me a fact.\nAssistant:", False), (" Honey never spoils.", True), (EOT, True), ("\n", False),
+        ("User: Why?\nAssistant:", False), (" It is too acidic for microbes.", True), (EOT, True)])
+
+
+def test_chat_messages_sharegpt_and_ultrachat_mask():
+    conv = load_conversations(FIXTURES / "chat_messages.jsonl")
+    check_example(conv[0], "chat", [
+        ("You are terse.\n\n", False), ("User: Hi\nAssistant:", False), (" Hello.", True), (EOT, True),
+        ("\n", False), ("User: Bye\nAssistant:", False), (" Goodbye.", True), (EOT, True)])
+    assert conv[2] == [{"role": "user", "content": "Name a color."}, {"role": "assistant", "content": "Blue."}]
+    check_example(conv[2], "chat", [("User: Name a color.\nAssistant:", False), (" Blue.", True), (EOT, True)])
+    # raw UltraChat: "data" alternates user and assistant
+    check_example(conv[3], "chat", [
+        ("User: Is water wet?\nAssistant:", False), (" It makes things wet.", True), (EOT, True), ("\n", False),
+        ("User: Is ice?\nAssistant:", False), (" Only when it melts.", True), (EOT, True)])
+
+
+def test_shared_samples_load_and_pick_templates(shared_data):
+    alpaca = load_conversations(shared_data / "instruction-data.json")
+    assert len(alpaca) == 1100 and default_template(alpaca) == "alpaca"
+    oasst = load_conversations(shared_data / "oasst_sample_trees.jsonl")
+    assert len(oasst) == 100 and default_template(oasst) == "chat"
+    assert any(len(c) >= 4 for c in oasst)  # multi-turn paths are kept whole
+    assert all(c[-1]["role"] == "assistant" for c in oasst)  # a trailing unanswered question is dropped
+    assert default_template(load_conversations(FIXTURES / "dolly_sample.jsonl")) == "alpaca"
+
+
+# ----------------------------------------------------------------------------- batches
+
+def test_collate_shifts_and_pads_token_by_token():
+    short = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    long = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there, how are you today?"}]
+    (ids_s, lab_s), (ids_l, lab_l) = (encode_conversation(c, "chat") for c in (short, long))
+    x, y = collate([(ids_s, lab_s), (ids_l, lab_l)])
+    T = len(ids_l) - 1
+    assert x.shape == y.shape == (2, T) and x.dtype == y.dtype == torch.long
+    prompt = encode("User: Hi\nAssistant:")
+    answer = encode(" Yo")
+    for t in range(T):
+        if t < len(prompt) - 1:  # positions inside the prompt predict prompt tokens: not learned
+            assert y[0, t] == IGNORE and x[0, t] == prompt[t]
+        elif t < len(prompt) - 1 + len(answer):  # the prompt's last token predicts the answer's first
+            assert x[0, t] == (prompt + answer)[t] and y[0, t] == answer[t - len(prompt) + 1]
+        elif t == len(prompt) - 1 + len(answer):  # the answer's last token predicts the one EOT
+            assert x[0, t] == answer[-1] and y[0, t] == EOT
+        else:  # right padding: pad id EOT in x, but never learned (masking is by label, not by token)
+            assert x[0, t] == EOT and y[0, t] == IGNORE
+    # the longer row has no padding: x = ids[:-1], y = labels[1:], its last target the learned EOT
+    assert x[1].tolist() == ids_l[:-1] and y[1].tolist() == lab_l[1:] and y[1, -1] == EOT
+    assert (y[0] == EOT).sum() == 1 and (y[1] == EOT).sum() == 1
+
+
+def test_truncation_is_counted_and_prompt_only_examples_dropped():
+    logs = []
+    convs = [[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "word " * 50}],
+             [{"role": "user", "content": "long question " * 40}, {"role": "assistant", "content": "ok"}],
+             [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "ok"}]]
+    full = [len(encode_conversation(c, "chat")[0]) for c in convs]
+    examples, stats = encode_examples(convs, "chat", max_len=20, log=logs.append)
+    assert stats["truncated"] == 2 and stats["dropped"] == 1 and stats["examples"] == 2
+    assert stats["tokens_cut"] == (full[0] - 21) + (full[1] - 21)
+    assert len(examples[0][0]) == 21 and examples[0][1][-1] != EOT  # cut inside the answer
+    assert examples[1][0] == encode_conversation(convs[2], "chat")[0]  # short one untouched
+    assert len(logs) == 1 and "truncated 2" in logs[0] and "dropped 1" in logs[0]
+
+
+def test_iterate_batches_reproducible_and_covers_every_example():
+    examples = [([1, 2, i + 3], [IGNORE, 2, i + 3]) for i in range(7)]
+    a = [b for _, b in zip(range(4), iterate_batches(examples, 3, seed=1))]
+    b = [b for _, b in zip(range(4), iterate_batches(examples, 3, seed=1))]
+    assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
+    assert [x.shape[0] for x, _ in a] == [3, 3, 1, 3]  # the epoch's last batch is the remainder
+    # one epoch = the first three batches: every example exactly once (its last token is its label)
+    assert sorted(int(y[i, 1]) for _, y in a[:3] for i in range(y.shape[0])) == list(range(3, 10))
+    ev = eval_batches(examples, 3)
+    assert sum(x.shape[0] for x, _ in ev) == 7
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    items = list(range(100))
+    train, val, test = split_dataset(items, 0.1, 0.05, seed=3)
+    assert (len(train), len(val), len(test)) == (85, 10, 5)
+    assert sorted(train + val + test) == items
+    assert split_dataset(items, 0.1, 0.05, seed=3) == (train, val, test)
+    assert split_dataset(items, 0.1, 0.05, seed=4) != (train, val, test)
+    with pytest.raises(DataError, match="too few"):
+        split_dataset([1, 2], 0.1, 0.1, seed=0)
+
+
+# ----------------------------------------------------------------------------- errors
+
+@pytest.mark.parametrize("name, text, where, what", [
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n\n{"foo": 1}\n', ":3:", "fits no known format"),
+    ("bad.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": \n', ":2:", "invalid JSON"),
+    ("bad.jsonl", '{"messages": [{"role": "robot", "content": "x"}]}\n', ":1:", "'role' must be one of"),
+    ("bad.jsonl", '{"instruction": "a", "output": 7}\n', ":1:", "'output' is a int"),
+    ("bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"question": "c"}\n]\n', ":3:", "fits no known"),
+    ("bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", \n]\n', ":4:", "invalid JSON"),
+    ("bad.json", '[\n  {"instruction": "a", "output": "b"}\n', "", "never closed"),
+    ("bad.jsonl", '{"text": "no markers here"}\n', ":1:", "fits no known format"),
+])
+def test_malformed_record_names_file_and_line(tmp_path, name, text, where, what):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_conversations(path)
+    assert str(path) + where in str(e.value) and what in str(e.value)
+
+
+def test_unknown_name_and_empty_file(tmp_path):
+    with pytest.raises(DataError, match="not one of alpaca, dolly, guanaco"):
+        load_conversations(tmp_path / "nope.json")
+    (tmp_path / "empty.json").write_text("[]")
+    assert list(read_records(tmp_path / "empty.json")) == []
+    with pytest.raises(DataError, match="no usable conversations"):
+        load_conversations(tmp_path / "empty.json")
+
+
+def test_records_without_an_answer_are_skipped_loudly(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text('{"instruction": "a", "output": ""}\n{"instruction": "b", "output": "c"}\n')
+    logs = []
+    assert len(load_conversations(path, log=logs.append)) == 1
+    assert logs and "skipped 1" in logs[0]
