@@ -1,0 +1,129 @@
+"""Benchmark the paged decode attention kernel against PyTorch's SDPA on contiguous K/V.
+
+Decoding reads every cached key and value once per new token and does little arithmetic with
+them, so the figure of merit is memory bandwidth: bytes of K and V read / time. SDPA on contiguous
+(B, n_head, T, head_dim) tensors is the bar to reach: it needs no block table, so a paged kernel
+close to it pays little for paging. (Not exactly the same work: SDPA gets one length for the whole
+batch, the paged kernel a length per sequence.)
+
+On CUDA: triton.testing.do_bench on both, for each batch size, context length and dtype.
+On CPU there is no Triton kernel to time: the script times the PyTorch reference at tiny sizes, so
+that it runs everywhere and the reference's cost is visible; those numbers say nothing about GPUs.
+
+    python bench_kernels.py                         # batch 64 and 128, context 512 and 1024, fp16 and bf16
+    python bench_kernels.py --batch 1 8 --context 4096
+"""
+import argparse
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+from gpt import die
+
+BLOCK_SIZE = 16
+
+
+def make_case(batch, context, n_head, head_dim, dtype, device):
+    """A paged cache holding `batch` sequences of `context` tokens in scattered blocks, and the same
+    keys and values laid out contiguously for SDPA."""
+    blocks_per_seq = context // BLOCK_SIZE
+    num_blocks = batch * blocks_per_seq
+    k_cache = torch.randn(num_blocks, BLOCK_SIZE, n_head, head_dim, device=device, dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    # a random permutation: sequences' blocks are scattered over the pool, as after hours of serving
+    tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
+    context_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
+    q = torch.randn(batch, n_head, head_dim, device=device, dtype=dtype)
+    # contiguous copies: (B, blocks, block_size, H, D) -> (B, H, T, D)
+    k = k_cache[tables.long()].view(batch, context, n_head, head_dim).transpose(1, 2).contiguous()
+    v = v_cache[tables.long()].view(batch, context, n_head, head_dim).transpose(1, 2).contiguous()
+    return q, k_cache, v_cache, tables, context_lens, k, v
+
+
+def bench_cuda(args):
+    import triton.testing
+    name = torch.cuda.get_device_name()
+    print(f"device: {name}; n_head {args.n_head}, head_dim {args.head_dim}, block_size {BLOCK_SIZE}")
+    print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'splits':>6} {'paged us':>9} {'GB/s':>7} "
+          f"{'sdpa us':>8} {'GB/s':>7} {'paged/sdpa':>10} {'max err':>8}")
+    for dtype in args.dtype:
+        dt = getattr(torch, dtype)
+        for batch in args.batch:
+            for context in args.context:
+                q, k_cache, v_cache, tables, lens, k, v = make_case(batch, context, args.n_head, args.head_dim, dt, "cuda")
+                scale = args.head_dim ** -0.5
+                splits = args.num_splits or kernels.default_num_splits(batch, args.n_head, context, q.device)
+
+                def paged():
+                    return kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)
+
+                def sdpa():
+                    return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)
+
+                err = (paged().float() - sdpa()[:, :, 0].float()).abs().max().item()
+                t_paged = triton.testing.do_bench(paged, warmup=25, rep=200) * 1e-3  # ms -> s
+                t_sdpa = triton.testing.do_bench(sdpa, warmup=25, rep=200) * 1e-3
+                nbytes = 2 * k.numel() * k.element_size()  # K and V, each read once
+                print(f"{dtype:>8} {batch:>6} {context:>8} {splits:>6} {t_paged * 1e6:>9.1f} {nbytes / t_paged / 1e9:>7.0f} "
+                      f"{t_sdpa * 1e6:>8.1f} {nbytes / t_sdpa / 1e9:>7.0f} {t_sdpa / t_paged:>10.2f} {err:>8.1e}")
+                del q, k_cache, v_cache, k, v
+                torch.cuda.empty_cache()
+    print("paged/sdpa > 1 means the paged kernel is faster than SDPA on contiguous K/V")
+
+
+def bench_cpu(args):
+    print("no CUDA device: timing the PyTorch REFERENCE path on the CPU at tiny sizes "
+          "(not the Triton kernel; says nothing about GPU speed)")
+    print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'reference ms':>13} {'sdpa ms':>8} {'max err':>8}")
+    for batch in args.batch:
+        for context in args.context:
+            q, k_cache, v_cache, tables, lens, k, v = make_case(batch, context, args.n_head, args.head_dim,
+                                                                torch.float32, "cpu")
+            scale = args.head_dim ** -0.5
+            ts = {}
+            for name, fn in (("ref", lambda: kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)),
+                             ("sdpa", lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)[:, :, 0])):
+                fn()
+                t0 = time.perf_counter()
+                for _ in range(args.cpu_reps):
+                    out = fn()
+                ts[name] = (time.perf_counter() - t0) / args.cpu_reps
+                ts[name + "_out"] = out
+            err = (ts["ref_out"] - ts["sdpa_out"]).abs().max().item()
+            print(f"{'float32':>8} {batch:>6} {context:>8} {ts['ref'] * 1e3:>13.2f} {ts['sdpa'] * 1e3:>8.2f} {err:>8.1e}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 64 128 on CUDA, 4 on CPU)")
+    p.add_argument("--context", type=int, nargs="+", help="context lengths (default: 512 1024 on CUDA, 128 512 on CPU)")
+    p.add_argument("--n-head", type=int, default=12)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--dtype", nargs="+", default=["float16", "bfloat16"], choices=["float16", "bfloat16", "float32"],
+                   help="CUDA only; the CPU reference runs in float32")
+    p.add_argument("--num-splits", type=int, default=None, help="override the automatic split count")
+    p.add_argument("--cpu-reps", type=int, default=5, help="timing repetitions on the CPU")
+    p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
+    args = p.parse_args()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        die("--device cuda but no CUDA device is available")
+    if device == "cuda" and not kernels.HAVE_TRITON:
+        die("triton is not installed; the CUDA benchmark times the Triton kernel (pip install triton)")
+    cuda = device == "cuda"
+    args.batch = args.batch or ([64, 128] if cuda else [4])
+    args.context = args.context or ([512, 1024] if cuda else [128, 512])
+    for n in args.batch + args.context + [args.n_head, args.head_dim, args.cpu_reps]:
+        if n < 1:
+            die(f"sizes must be positive, got {n}")
+    if any(c % BLOCK_SIZE for c in args.context):
+        die(f"context lengths must be multiples of the block size {BLOCK_SIZE}, got {args.context}")
+    if args.num_splits is not None and not 1 <= args.num_splits <= 64:
+        die(f"--num-splits must be between 1 and 64, got {args.num_splits}")
+    (bench_cuda if cuda else bench_cpu)(args)
+
+
+if __name__ == "__main__":
+    main()
