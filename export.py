@@ -1,0 +1,345 @@
+"""Export a checkpoint for other runtimes: a Hugging Face directory, or one GGUF file for llama.cpp.
+
+    python export.py CHECKPOINT --to hf DIR   [--dtype f32|f16]   # transformers, vLLM, TGI, ...
+    python export.py CHECKPOINT --to gguf FILE [--dtype f32|f16]  # llama.cpp, ollama, LM Studio, ...
+
+CHECKPOINT is anything GPT.from_pretrained takes: one of our checkpoint directories, gpt2 ... gpt2-xl,
+a Hugging Face directory or a .safetensors file.
+
+Nothing about the model changes on the way out; only the packaging does.
+
+* Hugging Face's GPT2LMHeadModel has our parameter names under a `transformer.` prefix, but stores its
+  four "Conv1D" weights as [in, out] (OpenAI's layout) where we store nn.Linear's [out, in]: those four
+  are transposed. Beside the weights go a config.json in transformers' GPT-2 schema and the tokenizer
+  files (vocab.json, merges.txt) that every GPT-2 runtime reads.
+* GGUF is llama.cpp's single-file format: a header of typed key-value metadata (hyper-parameters and
+  the whole tokenizer), a table of tensor descriptions, then the raw tensor bytes, each aligned to 32
+  bytes. llama.cpp's gpt2 architecture wants nn.Linear's [out, in] layout, which we already have; it
+  only renames the tensors (blk.N.attn_qkv, ...). Written here with struct and numpy, no library.
+
+The tokenizer files are derived from tiktoken's GPT-2 encoding, so no download is needed. tiktoken
+knows each token's bytes and rank (= token id); GPT-2's files spell tokens as printable strings
+(`bytes_to_unicode`) and list the merges, rank by rank, that build each multi-byte token from two
+shorter ones. We recover each merge by running BPE on the token's own bytes with only the
+lower-ranked merges allowed: it stops exactly at the two halves the token was made from.
+
+A model trained without biases (GPTConfig.bias=False) is exported with zero biases, which compute
+the same thing: neither format has a bias-free GPT-2.
+"""
+
+import argparse
+import functools
+import json
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from gpt import CONV1D, EOT, GPT, CheckpointError, die, get_tokenizer, write_json_atomic, write_safetensors
+
+EOT_TEXT = "<|endoftext|>"
+
+
+# ----------------------------------------------------------------------------- the tokenizer, spelled out
+
+def bytes_to_unicode():
+    """GPT-2's reversible byte -> character map. Vocab and merge files are text, and BPE tokens are raw
+    bytes (often pieces of a UTF-8 character), so every byte gets a printable character: bytes that
+    already print as themselves keep it, the others (space, control bytes, ...) borrow characters from
+    256 upward, in byte order. A space becomes "Ġ" (256 + 32), a newline "Ċ" (256 + 10)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, borrowed = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + borrowed)
+            borrowed += 1
+    return table
+
+
+@functools.lru_cache(maxsize=1)
+def gpt2_vocab():
+    """GPT-2's vocabulary as the files spell it: (tokens, merges). tokens[i] is token i's string
+    (bytes_to_unicode form; the last one is <|endoftext|>); merges are "left right" strings in rank
+    order, merge r creating token 256 + r. Derived from tiktoken's ranks in about a second."""
+    enc = get_tokenizer()
+    ranks = enc._mergeable_ranks  # bytes -> rank; a token's rank is its id
+    spell = bytes_to_unicode()
+
+    def text(b):
+        return "".join(spell[x] for x in b)
+
+    def halves(token, rank):
+        # BPE on the token's bytes with merges below `rank` only: always merge the adjacent pair that
+        # forms the lowest-ranked token. The token itself is the next merge, so two parts remain.
+        parts = [bytes([b]) for b in token]
+        while True:
+            pairs = [(ranks.get(a + b, rank), i) for i, (a, b) in enumerate(zip(parts, parts[1:]))]
+            best, i = min(pairs, default=(rank, -1))
+            if best >= rank:
+                return parts
+            parts[i:i + 2] = [parts[i] + parts[i + 1]]
+
+    by_rank = sorted(ranks.items(), key=lambda kv: kv[1])
+    assert [r for _, r in by_rank] == list(range(len(by_rank))), "tiktoken ranks are not 0..n-1"
+    tokens = [text(t) for t, _ in by_rank] + [EOT_TEXT]
+    assert len(tokens) == EOT + 1 and enc.encode(EOT_TEXT, allowed_special="all") == [EOT]
+    merges = []
+    for token, rank in by_rank:
+        if len(token) > 1:
+            left, right = halves(token, rank)  # exactly two, or tiktoken's table is not a BPE merge list
+            merges.append(f"{text(left)} {text(right)}")
+    return tokens, merges
+
+
+# ----------------------------------------------------------------------------- the weights
+
+def named_weights(model):
+    """Our parameters by name (lm_head left out: it is wte), with zeros standing in for biases a
+    bias=False model does not have, since both formats expect every GPT-2 bias."""
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    C = model.config.n_embd
+    widths = {"ln_1": C, "attn.c_attn": 3 * C, "attn.c_proj": C, "ln_2": C, "mlp.c_fc": 4 * C, "mlp.c_proj": C}
+    for i in range(model.config.n_layer):
+        for part, width in widths.items():
+            state.setdefault(f"h.{i}.{part}.bias", torch.zeros(width))
+    state.setdefault("ln_f.bias", torch.zeros(C))
+    return {k: v.detach().float().cpu() for k, v in state.items()}
+
+
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16}
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def hf_config(config, dtype="f32"):
+    """config.json in transformers' GPT-2 schema (what GPT2Config, vLLM and TGI read)."""
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.block_size,
+        "n_ctx": config.block_size,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,  # None: 4 * n_embd
+        "activation_function": "gelu_new",  # the tanh approximation of GELU, as OpenAI trained with
+        "layer_norm_epsilon": 1e-5,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "use_cache": True,
+        "bos_token_id": EOT,
+        "eos_token_id": EOT,
+        "tie_word_embeddings": True,
+        "torch_dtype": {"f32": "float32", "f16": "float16"}[dtype],
+    }
+
+
+def export_hf(model, directory, dtype="f32"):
+    """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer (and vLLM) load."""
+    check_vocab(model.config)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {}
+    for name, t in named_weights(model).items():
+        if name.endswith(CONV1D):
+            t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
+        state["transformer." + name] = t.to(TORCH_DTYPES[dtype])
+    tmp = directory / "model.safetensors.tmp"
+    write_safetensors(tmp, state, metadata={"format": "pt"})  # "pt": transformers checks for it
+    os.replace(tmp, directory / "model.safetensors")
+    write_json_atomic(directory / "config.json", hf_config(model.config, dtype))
+    write_json_atomic(directory / "generation_config.json", {"bos_token_id": EOT, "eos_token_id": EOT})
+
+    tokens, merges = gpt2_vocab()
+    write_json_atomic(directory / "vocab.json", {t: i for i, t in enumerate(tokens)})
+    tmp = directory / "merges.txt.tmp"
+    tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    os.replace(tmp, directory / "merges.txt")
+    special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
+    write_json_atomic(directory / "special_tokens_map.json", special)
+    write_json_atomic(directory / "tokenizer_config.json", {
+        "tokenizer_class": "GPT2Tokenizer",
+        "model_max_length": model.config.block_size,
+        "add_prefix_space": False,
+        "add_bos_token": False,  # GPT-2 never starts a text with <|endoftext|> by itself
+        "added_tokens_decoder": {str(EOT): {"content": EOT_TEXT, "special": True, "lstrip": False,
+                                            "rstrip": False, "normalized": True, "single_word": False}},
+        **special,
+    })
+    return directory
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+GGUF_VERSION = 3
+ALIGNMENT = 32
+# types of metadata values (gguf_type in ggml)
+UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
+# types of tensors (ggml_type), and general.file_type (llama_ftype) for a file of them
+GGML_TYPE = {"f32": 0, "f16": 1}
+FILE_TYPE = {"f32": 0, "f16": 1}  # ALL_F32, MOSTLY_F16
+# token types (llama_token_type)
+NORMAL, CONTROL, UNUSED = 1, 3, 5
+
+
+def gguf_string(s):
+    b = s.encode("utf-8")
+    return struct.pack("<Q", len(b)) + b
+
+
+def gguf_value(v):
+    """(type, bytes) of a metadata value. Python's types pick GGUF's: bool, int -> uint32 (counts and
+    ids), float -> float32, str, and lists: of str, or of int -> int32 (token types)."""
+    if isinstance(v, bool):
+        return BOOL, struct.pack("<?", v)
+    if isinstance(v, int):
+        return UINT32, struct.pack("<I", v)
+    if isinstance(v, float):
+        return FLOAT32, struct.pack("<f", v)
+    if isinstance(v, str):
+        return STRING, gguf_string(v)
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return ARRAY, struct.pack("<IQ", STRING, len(v)) + b"".join(gguf_string(x) for x in v)
+    if isinstance(v, list) and all(isinstance(x, int) for x in v):
+        return ARRAY, struct.pack("<IQ", INT32, len(v)) + np.asarray(v, dtype="<i4").tobytes()
+    raise TypeError(f"no GGUF type for {v!r:.40}")
+
+
+def write_gguf(path, metadata, tensors):
+    """Write a GGUF v3 file. metadata: {key: value} (see gguf_value); tensors: {name: numpy array} in
+    the order to store them, float32 or float16, in torch's dimension order.
+
+    Layout (little-endian): "GGUF", version u32, tensor count u64, metadata count u64; the metadata,
+    each a string key, a u32 type, the value; the tensor infos, each a name, n_dims u32, the dims
+    (ggml lists the fastest-varying first: torch's shape reversed), ggml type u32 and the offset u64 of
+    its bytes from the start of the data section; padding to ALIGNMENT; the data, each tensor padded."""
+    from tqdm import tqdm
+
+    header = [b"GGUF", struct.pack("<IQQ", GGUF_VERSION, len(tensors), len(metadata))]
+    for key, value in metadata.items():
+        kind, payload = gguf_value(value)
+        header += [gguf_string(key), struct.pack("<I", kind), payload]
+    offset = 0
+    for name, a in tensors.items():
+        kind = {np.dtype(np.float32): GGML_TYPE["f32"], np.dtype(np.float16): GGML_TYPE["f16"]}[a.dtype]
+        header += [gguf_string(name), struct.pack("<I", a.ndim), struct.pack(f"<{a.ndim}Q", *reversed(a.shape)),
+                   struct.pack("<IQ", kind, offset)]
+        offset += a.nbytes + (-a.nbytes % ALIGNMENT)
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        head = b"".join(header)
+        f.write(head + bytes(-len(head) % ALIGNMENT))
+        for a in tqdm(tensors.values(), desc=path.name, unit="tensor", disable=None):
+            data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+            f.write(data + bytes(-len(data) % ALIGNMENT))
+    os.replace(tmp, path)
+    return path
+
+
+def gguf_tensors(model, dtype="f32"):
+    """Our weights under llama.cpp's gpt2 names. In f16 mode the matrices are halved while the 1-D
+    tensors (norms, biases) stay float32, as llama.cpp's own converter does: they are tiny, and its
+    kernels add and normalize in float32."""
+    w = named_weights(model)
+    names = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
+             "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}
+    parts = {"ln_1": "attn_norm", "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output",
+             "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+    out = {}
+    for name in names:
+        out[names[name]] = w[name]
+    for i in range(model.config.n_layer):
+        for ours, theirs in parts.items():
+            for kind in ("weight", "bias"):
+                out[f"blk.{i}.{theirs}.{kind}"] = w[f"h.{i}.{ours}.{kind}"]  # [out, in], as llama.cpp wants
+    # no output.weight: llama.cpp's gpt2 falls back to token_embd when the head is tied
+    half = dtype == "f16"
+    return {k: v.numpy().astype(np.float16 if half and v.ndim > 1 else np.float32, copy=False) for k, v in out.items()}
+
+
+def gguf_metadata(model, name, dtype="f32"):
+    """The key-value header llama.cpp's gpt2 loader reads: hyper-parameters and the tokenizer."""
+    c = model.config
+    tokens, merges = gpt2_vocab()
+    types = [NORMAL] * EOT + [CONTROL]
+    # a vocabulary padded beyond GPT-2's (e.g. 50304, a multiple of 64) gets placeholder tokens:
+    # llama.cpp sizes the embedding from the token list
+    pad = c.vocab_size - len(tokens)
+    tokens = tokens + [f"[PAD{i}]" for i in range(pad)]
+    types = types + [UNUSED] * pad
+    return {
+        "general.architecture": "gpt2",
+        "general.name": name,
+        "general.file_type": FILE_TYPE[dtype],
+        "general.alignment": ALIGNMENT,
+        "gpt2.context_length": c.block_size,
+        "gpt2.embedding_length": c.n_embd,
+        "gpt2.feed_forward_length": 4 * c.n_embd,
+        "gpt2.block_count": c.n_layer,
+        "gpt2.attention.head_count": c.n_head,
+        "gpt2.attention.layer_norm_epsilon": 1e-5,
+        "tokenizer.ggml.model": "gpt2",  # byte-level BPE with a merge list
+        "tokenizer.ggml.pre": "gpt-2",  # GPT-2's pre-tokenizing regex
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": merges,
+        "tokenizer.ggml.bos_token_id": EOT,
+        "tokenizer.ggml.eos_token_id": EOT,
+        "tokenizer.ggml.unknown_token_id": EOT,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+
+
+def export_gguf(model, path, dtype="f32", name="gpt2"):
+    """Write one GGUF file that llama.cpp runs as its gpt2 architecture."""
+    check_vocab(model.config)
+    return write_gguf(path, gguf_metadata(model, name, dtype), gguf_tensors(model, dtype))
+
+
+def check_vocab(config):
+    if config.vocab_size < EOT + 1:
+        raise CheckpointError(f"vocab_size {config.vocab_size} is smaller than GPT-2's tokenizer "
+                              f"({EOT + 1} tokens); the exported tokenizer would not fit the model")
+
+
+# ----------------------------------------------------------------------------- command line
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face directory or a GGUF file.",
+                                epilog="examples:  python export.py out/sft --to hf exported/\n"
+                                       "           python export.py gpt2 --to gguf gpt2.gguf --dtype f16",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="checkpoint directory, .safetensors file, or gpt2 / gpt2-medium / ...")
+    p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"),
+                   help="hf DIR (transformers, vLLM) or gguf FILE (llama.cpp)")
+    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="f32",
+                   help="f16 halves the size (GGUF keeps norms and biases in f32); default f32")
+    args = p.parse_args(argv)
+    fmt, out = args.to
+    if fmt not in ("hf", "gguf"):
+        die(f"--to: unknown format {fmt!r}; choose hf or gguf")
+
+    try:
+        model = GPT.from_pretrained(args.checkpoint)
+        if fmt == "hf":
+            export_hf(model, out, args.dtype)
+        else:
+            export_gguf(model, out, args.dtype, name=Path(str(args.checkpoint).rstrip("/\\")).name or "gpt2")
+    except CheckpointError as e:
+        die(str(e))
+    except OSError as e:  # an unwritable path, a full disk, a failed download ...
+        die(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    print(f"wrote {out} ({fmt}, {args.dtype})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,289 @@
+"""export.py: the Hugging Face directory loads in transformers and computes our logits; the GGUF file
+holds every key and tensor llama.cpp's gpt2 loader reads; both tokenizers encode exactly like tiktoken."""
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import regex
+import torch
+
+import export
+from gpt import EOT, GPT, GPTConfig, get_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SAMPLES = [
+    "Hello world! It's a test, isn't it? We'll see: they've done 1234 things.",
+    "  leading spaces,\ttabs,\n\nnew lines   and trailing spaces   ",
+    "naïve café, Ünïcödé: 日本語のテキスト, Ελληνικά, русский, emoji 🤖🚀 and 👩‍👩‍👧",
+    "def f(x):\n    return x**2  # code {with} [brackets] <tags> & symbols $%^",
+    "GPT-2's BPE merges 'Ġthe' and ĠĊ-style bytes: \x00\x01\x7f",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tiny, tmp_path_factory):
+    return export.export_hf(tiny, tmp_path_factory.mktemp("hf"))
+
+
+def hf_logits(directory, idx):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(idx).logits
+
+
+# ----------------------------------------------------------------------------- the tokenizer derivation
+
+def test_derived_merges_equal_openai_vocab_bpe():
+    """The merges derived from tiktoken's ranks are OpenAI's vocab.bpe line for line, and the tokens
+    are encoder.json's (tiktoken keeps both files in its cache after loading gpt2)."""
+    get_tokenizer()
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR") or \
+        os.path.join(tempfile.gettempdir(), "data-gym-cache")
+    base = "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/"
+    files = {name: Path(cache) / hashlib.sha1((base + name).encode()).hexdigest()
+             for name in ("vocab.bpe", "encoder.json")}
+    tokens, merges = export.gpt2_vocab()
+    lines = files["vocab.bpe"].read_text(encoding="utf-8").split("\n")
+    assert lines[0].startswith("#version")
+    assert merges == [line for line in lines[1:] if line]
+    encoder = json.loads(files["encoder.json"].read_text(encoding="utf-8"))
+    assert {t: i for i, t in enumerate(tokens)} == encoder
+
+
+def test_bytes_to_unicode_is_a_printable_bijection():
+    table = export.bytes_to_unicode()
+    assert sorted(table) == list(range(256)) and len(set(table.values())) == 256
+    assert table[ord(" ")] == "Ġ" and table[ord("\n")] == "Ċ" and table[ord("a")] == "a"
+    assert all(c.isprintable() and not c.isspace() for c in table.values())
+
+
+# ----------------------------------------------------------------------------- Hugging Face
+
+def test_hf_config_describes_the_model(hf_dir, tiny):
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    assert cfg["architectures"] == ["GPT2LMHeadModel"] and cfg["model_type"] == "gpt2"
+    assert (cfg["n_layer"], cfg["n_head"], cfg["n_embd"], cfg["n_ctx"], cfg["n_positions"], cfg["vocab_size"]) == \
+        (2, 4, 64, 128, 128, 50257)
+    assert cfg["activation_function"] == "gelu_new" and cfg["layer_norm_epsilon"] == 1e-5
+    assert cfg["tie_word_embeddings"] is True and cfg["bos_token_id"] == cfg["eos_token_id"] == EOT
+    from gpt import read_safetensors_header
+    header, _ = read_safetensors_header(hf_dir / "model.safetensors")
+    assert header["__metadata__"] == {"format": "pt"}
+    # transformers' layout: prefixed names, Conv1D [in, out] weights
+    assert header["transformer.h.0.attn.c_attn.weight"]["shape"] == [64, 192]
+    assert header["transformer.h.0.mlp.c_proj.weight"]["shape"] == [256, 64]
+    assert header["transformer.wte.weight"]["shape"] == [50257, 64]
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_hf_model_logits_equal_ours(tmp_path, bias):
+    torch.manual_seed(1)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, bias=bias)).eval()
+    with torch.no_grad():  # non-zero biases and norms, so a missed transpose or tensor shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or ".ln_" in name or name.startswith("ln_f"):
+                p.add_(torch.randn_like(p) * 0.1)
+    export.export_hf(model, tmp_path)
+    idx = torch.randint(0, 50257, (2, 40))
+    with torch.no_grad():
+        ours = model(idx)
+    torch.testing.assert_close(hf_logits(tmp_path, idx), ours, atol=1e-4, rtol=0)
+
+
+def test_hf_model_logits_equal_ours_124m(tmp_path):
+    """The full GPT-2 124M shape (random weights): every tensor in the right place at full width."""
+    torch.manual_seed(2)
+    model = GPT(GPTConfig()).eval()
+    export.export_hf(model, tmp_path)
+    idx = torch.randint(0, 50257, (1, 24))
+    with torch.no_grad():
+        ours = model(idx)
+    torch.testing.assert_close(hf_logits(tmp_path, idx), ours, atol=1e-4, rtol=0)
+
+
+def test_hf_export_loads_back_into_our_model(hf_dir, tiny):
+    back = GPT.from_pretrained(hf_dir)
+    assert back.config == tiny.config
+    for (name, a), b in zip(tiny.state_dict().items(), back.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_hf_f16_export(tmp_path, tiny):
+    export.export_hf(tiny, tmp_path, dtype="f16")
+    from gpt import read_safetensors_header
+    header, _ = read_safetensors_header(tmp_path / "model.safetensors")
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float16"
+    idx = torch.randint(0, 50257, (1, 16))
+    with torch.no_grad():
+        ours = tiny(idx)
+    torch.testing.assert_close(hf_logits(tmp_path, idx), ours, atol=2e-2, rtol=0)
+
+
+def test_hf_tokenizer_encodes_like_tiktoken(hf_dir):
+    from transformers import AutoTokenizer
+    enc = get_tokenizer()
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    for text in SAMPLES:
+        ids = enc.encode(text, disallowed_special=())
+        assert tok.encode(text) == ids, text
+        assert tok.decode(ids) == text
+    # the special token is one id, and the ids tiktoken gives it with special tokens allowed
+    text = "first document<|endoftext|>second"
+    assert tok.encode(text) == enc.encode(text, allowed_special="all")
+    assert tok.eos_token_id == tok.bos_token_id == EOT
+    assert len(tok) == EOT + 1
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+def field(reader, key):
+    return reader.fields[key].contents()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16"])
+def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
+    import gguf
+    path = export.export_gguf(tiny, tmp_path / "m.gguf", dtype=dtype, name="tiny")
+    raw = path.read_bytes()
+    assert raw[:4] == b"GGUF" and struct.unpack_from("<IQQ", raw, 4)[:2] == (3, 2 + 2 + 12 * 2)
+
+    r = gguf.GGUFReader(path)
+    expected = {
+        "general.architecture": "gpt2", "general.name": "tiny", "general.alignment": 32,
+        "general.file_type": {"f32": 0, "f16": 1}[dtype],
+        "gpt2.context_length": 128, "gpt2.embedding_length": 64, "gpt2.feed_forward_length": 256,
+        "gpt2.block_count": 2, "gpt2.attention.head_count": 4,
+        "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+        "tokenizer.ggml.bos_token_id": EOT, "tokenizer.ggml.eos_token_id": EOT,
+    }
+    for key, value in expected.items():
+        assert field(r, key) == value, key
+    assert r.fields["gpt2.context_length"].types == [gguf.GGUFValueType.UINT32]
+    assert field(r, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    types = field(r, "tokenizer.ggml.token_type")
+    assert len(types) == 50257 and types[EOT] == 3 and set(types[:EOT]) == {1}
+    tokens = field(r, "tokenizer.ggml.tokens")
+    assert tokens[EOT] == "<|endoftext|>" and tokens[220] == "Ġ" and len(field(r, "tokenizer.ggml.merges")) == 50000
+
+    ours = dict(tiny.state_dict())
+    mapping = {"token_embd.weight": "wte.weight", "position_embd.weight": "wpe.weight",
+               "output_norm.weight": "ln_f.weight", "output_norm.bias": "ln_f.bias"}
+    parts = {"attn_norm": "ln_1", "attn_qkv": "attn.c_attn", "attn_output": "attn.c_proj",
+             "ffn_norm": "ln_2", "ffn_up": "mlp.c_fc", "ffn_down": "mlp.c_proj"}
+    for i in range(2):
+        for theirs, mine in parts.items():
+            for kind in ("weight", "bias"):
+                mapping[f"blk.{i}.{theirs}.{kind}"] = f"h.{i}.{mine}.{kind}"
+    tensors = {t.name: t for t in r.tensors}
+    assert set(tensors) == set(mapping)  # output.weight left out: tied to token_embd
+    for name, t in tensors.items():
+        w = ours[mapping[name]]
+        assert list(t.shape) == list(reversed(w.shape)), name  # ggml order: fastest dimension first
+        half = dtype == "f16" and w.ndim == 2
+        assert t.tensor_type == (gguf.GGMLQuantizationType.F16 if half else gguf.GGMLQuantizationType.F32), name
+        assert t.data_offset % 32 == 0
+        want = w.numpy().astype(np.float16 if half else np.float32)
+        assert np.array_equal(np.asarray(t.data).reshape(w.shape), want), name
+    # llama.cpp's shapes: attn_qkv {n_embd, 3 n_embd}, ffn_up {n_embd, n_ff}, ffn_down {n_ff, n_embd}
+    assert list(tensors["blk.0.attn_qkv.weight"].shape) == [64, 192]
+    assert list(tensors["blk.0.ffn_up.weight"].shape) == [64, 256]
+    assert list(tensors["blk.0.ffn_down.weight"].shape) == [256, 64]
+
+
+def gguf_bpe_encode(text, tokens, merges):
+    """A small GPT-2 BPE run from the GGUF's own token and merge lists: split with GPT-2's regex,
+    spell each piece's bytes as characters, merge the lowest-ranked pair until none is left."""
+    table = export.bytes_to_unicode()
+    rank = {tuple(m.split(" ")): i for i, m in enumerate(merges)}
+    ids = {t: i for i, t in enumerate(tokens)}
+    out = []
+    for piece in regex.findall(get_tokenizer()._pat_str, text):
+        word = [table[b] for b in piece.encode("utf-8")]
+        while len(word) > 1:
+            pairs = [(rank.get(p, len(rank)), i) for i, p in enumerate(zip(word, word[1:]))]
+            best, i = min(pairs)
+            if best == len(rank):
+                break
+            word[i:i + 2] = [word[i] + word[i + 1]]
+        out += [ids[w] for w in word]
+    return out
+
+
+def test_gguf_tokenizer_reproduces_tiktoken(tmp_path, tiny):
+    import gguf
+    r = gguf.GGUFReader(export.export_gguf(tiny, tmp_path / "m.gguf"))
+    tokens, merges = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.merges")
+    enc = get_tokenizer()
+    for text in SAMPLES:
+        assert gguf_bpe_encode(text, tokens, merges) == enc.encode(text, disallowed_special=()), text
+
+
+def test_gguf_padded_vocab_gets_unused_tokens(tmp_path):
+    """A vocabulary padded past GPT-2's 50257 (a multiple of 64 trains faster) gets placeholder
+    tokens, since llama.cpp sizes the embedding from the token list."""
+    import gguf
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=50304))
+    r = gguf.GGUFReader(export.export_gguf(model, tmp_path / "m.gguf"))
+    tokens, types = field(r, "tokenizer.ggml.tokens"), field(r, "tokenizer.ggml.token_type")
+    assert len(tokens) == len(types) == 50304 == len(set(tokens))
+    assert set(types[EOT + 1:]) == {5} and types[EOT] == 3
+    assert list(r.tensors[0].shape) == [32, 50304]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def test_cli_exports_a_checkpoint_both_ways(tmp_path, tiny, capsys):
+    import gguf
+    tiny.save_checkpoint(tmp_path / "ckpt", template="chat")
+    export.main([str(tmp_path / "ckpt"), "--to", "gguf", str(tmp_path / "m.gguf"), "--dtype", "f16"])
+    r = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert field(r, "general.name") == "ckpt" and field(r, "general.file_type") == 1
+    export.main([str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")])
+    assert GPT.from_pretrained(tmp_path / "hf").config == tiny.config
+    assert "wrote" in capsys.readouterr().out
+
+
+def run_cli_error(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        export.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code != 0 and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_cli_bad_input_is_one_line_error(tmp_path, tiny, capsys):
+    junk = tmp_path / "notes.txt"
+    junk.write_text("not a checkpoint at all")
+    assert "error:" in run_cli_error(capsys, junk, "--to", "hf", tmp_path / "out")
+    assert "no such file" in run_cli_error(capsys, tmp_path / "missing", "--to", "gguf", tmp_path / "m.gguf")
+    assert "unknown format" in run_cli_error(capsys, junk, "--to", "onnx", tmp_path / "x")
+    tiny.save_checkpoint(tmp_path / "ckpt")
+    # unwritable destinations: a path beneath a regular file cannot be created
+    for fmt, dest in (("hf", junk / "dir"), ("gguf", junk / "sub" / "m.gguf")):
+        err = run_cli_error(capsys, tmp_path / "ckpt", "--to", fmt, dest)
+        assert err.startswith("error:") and str(junk) in err
+
+
+def test_cli_help_and_no_traceback_in_a_real_process(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, str(ROOT / "export.py"), *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, cwd=ROOT)
+    assert "--to" in run("--help").stdout
+    p = run(tmp_path, "--to", "gguf", tmp_path / "m.gguf")  # a directory without model.safetensors
+    assert p.returncode != 0 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
