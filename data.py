@@ -250,6 +250,8 @@ def resolve_pretrain_source(source):
     path = Path(source)
     if not path.exists():
         raise ValueError(f"{source}: no such file, and not a URL or one of {', '.join(PRETRAIN_DATASETS)}")
+    if not path.is_file():
+        raise ValueError(f"{source}: not a regular file (a text file, or a directory holding train.bin and val.bin)")
     return path.stem, [str(path.resolve()), None]
 
 

@@ -1,0 +1,254 @@
+"""Pretraining: data preparation (data.py section 2) and train.py's loop, schedule, accumulation,
+exact resumption and DDP."""
+import copy
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import data
+import train
+from gpt import EOT, GPT, GPTConfig, encode, get_tokenizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "64", "--batch-size", "4",
+        "--seq-len", "32", "--warmup", "2", "--lr", "3e-3", "--eval-iters", "4", "--sample-tokens", "8",
+        "--log-every", "1000"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small gain nothing from intra-op threads, and on a busy machine threads that wait
+    for each other make a step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def story_data(tmp_path_factory):
+    """tinystories_sample.txt tokenized once for the whole module."""
+    path = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinystories_sample.txt")
+    assert os.path.exists(path), f"{path} is missing (see ../shared/README.md)"
+    return data.prepare_pretrain_data(path, tmp_path_factory.mktemp("data") / "stories")
+
+
+def read_log(run):
+    records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    train_losses = {r["step"]: r["loss"] for r in records if "loss" in r}
+    val_losses = {r["step"]: r["val_loss"] for r in records if "val_loss" in r}
+    return train_losses, val_losses
+
+
+# ----------------------------------------------------------------------------- data.py, section 2
+
+def test_chunked_tokenization_equals_whole_document(tmp_path, shared_data):
+    text = (shared_data / "tinyshakespeare.txt").read_text()[:60000]
+    src = tmp_path / "play.txt"
+    src.write_text(text)
+    n = data.tokenize_file(src, tmp_path / "out.bin", workers=2, batch_chars=2000)  # ~30 pieces, 2 processes
+    tokens = np.fromfile(tmp_path / "out.bin", dtype=np.uint16)
+    assert n == len(tokens)
+    # a file without separator lines is one document: one EOT, then the stripped text's exact tokens
+    assert tokens.tolist() == [EOT] + encode(text.strip())
+
+
+def test_separator_lines_split_documents(tmp_path):
+    src = tmp_path / "stories.txt"
+    src.write_text("\n  First story.\n\n<|endoftext|>\n\n<|endoftext|>\nSecond one, with <|endoftext|> inline.\n")
+    data.tokenize_file(src, tmp_path / "out.bin")
+    tokens = np.fromfile(tmp_path / "out.bin", dtype=np.uint16).tolist()
+    # the empty document between two separators is dropped; the inline marker is plain text
+    assert tokens == [EOT] + encode("First story.") + [EOT] + encode("Second one, with <|endoftext|> inline.")
+
+
+def test_prepare_splits_and_skips_when_done(tmp_path, shared_data):
+    out = tmp_path / "prep"
+    data.prepare_pretrain_data(shared_data / "tinystories_sample.txt", out, val_fraction=0.1)
+    meta = json.loads((out / "meta.json").read_text())
+    train_tokens, val_tokens = data.load_tokens(out, "train"), data.load_tokens(out, "val")
+    assert len(train_tokens) == meta["train_tokens"] and len(val_tokens) == meta["val_tokens"]
+    total = len(train_tokens) + len(val_tokens)
+    assert len(val_tokens) == int(total * 0.1)
+    whole = [EOT] + encode((shared_data / "tinystories_sample.txt").read_text().strip())
+    assert np.concatenate([train_tokens, val_tokens]).tolist() == whole
+    stamp = (out / "train.bin").stat().st_mtime_ns
+    data.prepare_pretrain_data(shared_data / "tinystories_sample.txt", out)
+    assert (out / "train.bin").stat().st_mtime_ns == stamp  # done already: not redone
+
+
+@pytest.mark.parametrize("content, message", [(b"", "empty"), (b"\n  \n<|endoftext|>\n", "no text"),
+                                              (b"caf\xe9 latin-1", "not UTF-8")])
+def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, message):
+    src = tmp_path / "bad.txt"
+    src.write_bytes(content)
+    with pytest.raises(SystemExit):
+        data.main([str(src), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o" / "train.bin").exists()
+
+
+def test_get_batch_targets_are_inputs_shifted():
+    tokens = np.arange(100, dtype=np.uint16)
+    x, y = data.get_batch(tokens, 10, 2, 5)
+    assert x.tolist() == [[10, 11, 12, 13, 14], [15, 16, 17, 18, 19]]
+    assert y.tolist() == [[11, 12, 13, 14, 15], [16, 17, 18, 19, 20]]
+
+
+# ----------------------------------------------------------------------------- the shared API
+
+def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
+    kw = dict(max_lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1)
+    assert train.lr_at(0, **kw) == pytest.approx(0.1)  # 1/10 of the way up
+    assert train.lr_at(4, **kw) == pytest.approx(0.5)
+    assert train.lr_at(9, **kw) == pytest.approx(1.0)
+    assert train.lr_at(10, **kw) == pytest.approx(1.0)  # the cosine starts at the top
+    assert train.lr_at(60, **kw) == pytest.approx(0.55)  # halfway: min + (max - min) / 2
+    assert train.lr_at(35, **kw) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    assert train.lr_at(110, **kw) == pytest.approx(0.1)
+    assert train.lr_at(500, **kw) == pytest.approx(0.1)
+
+
+def test_weight_decay_applies_to_matrices_only_and_skips_frozen(tiny_model):
+    tiny_model.h[0].attn.c_attn.weight.requires_grad_(False)  # frozen, as under LoRA
+    opt = train.make_optimizer(tiny_model, lr=1e-3, weight_decay=0.1, verbose=False)
+    names = {id(p): n for n, p in tiny_model.named_parameters()}
+    decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
+    plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    assert decayed == {"wte.weight", "wpe.weight", "h.0.attn.c_proj.weight", "h.0.mlp.c_fc.weight",
+                       "h.0.mlp.c_proj.weight", "h.1.attn.c_attn.weight", "h.1.attn.c_proj.weight",
+                       "h.1.mlp.c_fc.weight", "h.1.mlp.c_proj.weight"}
+    assert plain and all(n.endswith(".bias") or ".ln_" in n or n.startswith("ln_f") for n in plain)
+    assert len(decayed) + len(plain) == sum(1 for p in tiny_model.parameters()) - 1  # all but the frozen one
+
+
+def test_flops_and_mfu_of_gpt2_124m():
+    with torch.device("meta"):
+        model = GPT(GPTConfig())
+    # GPT-2 small by hand: token embedding (the head is tied) + 12 blocks + final LayerNorm; no wpe
+    d, V = 768, 50257
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    n = V * d + 12 * block + 2 * d
+    assert model.num_params() == n == 123_653_376
+    expected = 6 * n + 12 * 12 * 12 * 64 * 1024  # 6N + 12 * layers * heads * head_dim * T
+    assert train.flops_per_token(model.config, model.num_params(), 1024) == expected == 855_166_464
+    # 100k tokens/s on an H100 (989 TFLOP/s bf16)
+    assert train.mfu(expected, 100_000, 989e12) == pytest.approx(expected * 1e5 / 989e12)
+    assert train.mfu(expected, 100_000, None) is None  # unknown peak: no MFU, not a made-up one
+
+
+def test_accumulating_4_by_2_equals_one_batch_of_8(tiny_model):
+    torch.manual_seed(1)
+    x = torch.randint(0, 50257, (8, 16))
+    y = torch.randint(0, 50257, (8, 16))
+    y[0, :15] = -100  # micro-batch 0 learns 1 + 16 tokens, the others many more
+    y[2:4, ::2] = -100
+    y[5] = -100
+    results = []
+    for micro in ([(x, y)], [(x[i:i + 2], y[i:i + 2]) for i in range(0, 8, 2)]):
+        model = copy.deepcopy(tiny_model).train()
+        before = [p.detach().clone() for p in model.parameters()]
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update IS the gradient
+        loss = train.train_step(model, opt, micro, lr=1.0, grad_clip=0)
+        results.append((loss, [b - p.detach() for b, p in zip(before, model.parameters())]))
+        assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
+    (loss8, grads8), (loss42, grads42) = results
+    with torch.no_grad():
+        _, reference = tiny_model(x, y)  # the plain mean over all learned tokens
+    assert loss8 == pytest.approx(reference.item(), rel=1e-6)
+    assert loss42 == pytest.approx(loss8, rel=1e-6)
+    for a, b in zip(grads8, grads42):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_training_state_round_trip(tmp_path, tiny_model):
+    opt = train.make_optimizer(tiny_model, lr=1e-3, verbose=False)
+    x = torch.randint(0, 50257, (2, 8))
+    train.train_step(tiny_model.train(), opt, [(x, x)], lr=1e-3)
+    train.save_training_state(tmp_path / "ck", tiny_model, opt, 7, {"data_position": 123}, template="chat")
+    assert json.loads((tmp_path / "ck" / "config.json").read_text())["template"] == "chat"
+    assert not (tmp_path / "ck.tmp").exists() and not (tmp_path / "ck.old").exists()
+    torch.manual_seed(5)
+    other = GPT(tiny_model.config)
+    opt2 = train.make_optimizer(other, lr=1e-3, verbose=False)
+    step, extra = train.load_training_state(tmp_path / "ck", other, opt2)
+    assert (step, extra) == (7, {"data_position": 123})
+    for a, b in zip(tiny_model.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+
+
+# ----------------------------------------------------------------------------- train.py end to end
+
+def test_training_lowers_validation_loss(tmp_path, story_data):
+    run = tmp_path / "run"
+    train.main(["--data", str(story_data), "--out", str(run), "--max-steps", "40", "--eval-every", "40", *TINY])
+    _, val = read_log(run)
+    assert sorted(val) == [0, 40]
+    assert val[40] < val[0] - 2.0, val  # from ~10.8 (uniform over 50257) to well below
+    model = GPT.from_pretrained(run / "checkpoint")  # the checkpoint is a loadable model
+    assert model.checkpoint_info["step"] == 40
+
+
+def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, story_data):
+    common = ["--data", str(story_data), "--max-steps", "8", "--eval-every", "3", "--dropout", "0.1",
+              "--batch-tokens", "256", *TINY]  # 2 micro-batches of 4 x 32 per step, dropout on
+    train.main([*common, "--out", str(tmp_path / "whole")])
+    train.main([*common, "--out", str(tmp_path / "parts"), "--stop-at-step", "5"])
+    stopped, _ = read_log(tmp_path / "parts")
+    assert sorted(stopped) == [0, 1, 2, 3, 4]
+    train.main(["--resume", str(tmp_path / "parts")])  # everything else comes from the saved run
+    whole, whole_val = read_log(tmp_path / "whole")
+    parts, parts_val = read_log(tmp_path / "parts")
+    assert sorted(whole) == list(range(8))
+    assert parts == whole  # bit for bit, every step before and after the stop
+    assert parts_val == whole_val
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, story_data):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(story_data), "--out",
+                             str(run), "--max-steps", "100000", "--eval-every", "100000", *TINY],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 60
+    while not ((run / "log.jsonl").exists() and '"loss"' in (run / "log.jsonl").read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert "continue with --resume" in output and "Traceback" not in output
+    steps, _ = read_log(run)
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == len(steps) >= 1
+
+
+def test_ddp_two_processes_match_one(tmp_path, story_data):
+    # global batch 2 x 4 x 32 tokens: two processes with one micro-batch each, or one with two
+    common = ["--data", str(story_data), "--max-steps", "4", "--eval-every", "2", "--batch-tokens", "256",
+              "--device", "cpu", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             os.path.join(ROOT, "train.py"), *common, "--out", str(tmp_path / "ddp")],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes" in result.stdout
+    train.main([*common, "--out", str(tmp_path / "one")])
+    ddp_losses, ddp_val = read_log(tmp_path / "ddp")
+    one_losses, one_val = read_log(tmp_path / "one")
+    assert sorted(ddp_losses) == sorted(one_losses) == [0, 1, 2, 3]
+    for step in one_losses:
+        assert ddp_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5)
+    assert sorted(ddp_val) == [0, 2, 4]
+    for step in one_val:
+        assert ddp_val[step] == pytest.approx(one_val[step], rel=1e-5, abs=1e-5)

@@ -1,0 +1,557 @@
+"""Pretraining: teach a GPT-2 to continue text, from scratch or from OpenAI's weights.
+
+The loop is nanoGPT's: AdamW (weight decay on matrices only), linear warmup then cosine decay of
+the learning rate, gradient accumulation up to a batch counted in tokens, gradient clipping, bf16
+autocast and torch.compile on CUDA (fp32 on CPU). The same script runs on one device or under
+torchrun (DDP): each process reads its own slice of every batch, and only rank 0 logs and saves.
+
+    python train.py                                  # CPU: a small model on TinyStories, text in minutes
+    python train.py --data ../shared/data/tinystories_sample.txt --max-steps 200
+    python train.py --preset gpt2-124m               # the real GPU recipe (GPT-2 small, ~10B tokens)
+    torchrun --nproc_per_node=8 train.py --preset gpt2-124m
+    python train.py --resume runs/tinystories-small  # continue a run exactly where it stopped
+
+A run writes into --out (default runs/<data name>/): `checkpoint/` (a model checkpoint in the
+project's format, loadable with GPT.from_pretrained, plus the optimizer state), `log.jsonl` (one
+record per step and per evaluation) and `loss.png` when matplotlib is installed.
+
+Exact resumption. The checkpoint holds the weights, the AdamW moments, the step and the position
+in the token stream; the learning rate is a function of the step; the random state (dropout) is
+reseeded every step from (seed, step, rank). So a run stopped at step k (Ctrl-C, or --stop-at-step
+k) and resumed computes the very same steps as one that never stopped.
+
+The optimizer, schedule, training step and checkpoint code below the imports is shared: sft.py
+imports it rather than having its own.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data import IGNORE, get_batch, load_tokens, prepare_pretrain_data
+from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, die, get_tokenizer, load_state_from_file, pick_device,
+                 read_checkpoint_json)
+
+
+# ----------------------------------------------------------------------------- the shared training API
+
+def unwrap(model):
+    """The GPT inside a DDP wrapper and/or a torch.compile wrapper."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
+
+
+def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", verbose=True):
+    """AdamW with two groups: matrices (linear weights, embeddings) decay, vectors (biases, LayerNorm
+    gains) do not; shrinking a gain or a bias toward zero is no regularization, only damage. Only
+    parameters with requires_grad are included, so frozen weights (LoRA) are left alone."""
+    params = [p for p in model.parameters() if p.requires_grad]  # parameters() lists a tied weight once
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    if verbose:
+        print(f"optimizer: {len(decay)} tensors with weight decay ({sum(p.numel() for p in decay):,} parameters), "
+              f"{len(no_decay)} without ({sum(p.numel() for p in no_decay):,} parameters)")
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    # the fused CUDA kernel updates all parameters in one launch instead of a loop of small ones
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device_type == "cuda")
+
+
+def lr_at(step, max_lr, warmup_steps, max_steps, min_lr):
+    """Learning rate at `step` (0-based): linear warmup from max_lr/warmup_steps to max_lr, then a
+    cosine from max_lr down to min_lr at max_steps, then min_lr."""
+    if step < warmup_steps:
+        return max_lr * (step + 1) / warmup_steps
+    if step >= max_steps:
+        return min_lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
+
+
+def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=contextlib.nullcontext, stats=None):
+    """One optimizer step over a list of (x, y) micro-batches; returns the loss (a float).
+
+    The loss is the sum of the token cross-entropies over ALL micro-batches divided by the number
+    of learned tokens (y != -100) in all of them, so accumulating 4 micro-batches of 2 equals one
+    batch of 8 exactly, however unevenly the learned tokens fall. Under DDP (`model` a DDP
+    wrapper) the count is summed over every process and gradients are all-reduced only once, on
+    the last micro-batch, so N processes compute what one process would on the whole batch.
+    `stats`, when a dict, receives the gradient norm before clipping."""
+    ddp = isinstance(model, DDP)
+    world = dist.get_world_size() if ddp else 1
+    device = next(model.parameters()).device
+    counts = [int((y != IGNORE).sum()) for _, y in micro_batches]
+    n_total = torch.tensor(sum(counts), device=device)
+    if ddp:
+        dist.all_reduce(n_total)
+    n_total = int(n_total)
+    if n_total == 0:
+        raise ValueError("no learned tokens (labels other than -100) in this batch")
+    loss_sum = torch.zeros((), device=device)
+    for i, ((x, y), n) in enumerate(zip(micro_batches, counts)):
+        last = i == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
+        with sync:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast():
+                logits, loss = model(x, y)  # mean over this micro-batch's learned tokens
+            # back to a sum (a micro-batch with nothing to learn still runs backward: DDP needs every rank's)
+            part = loss * n if n else logits.sum() * 0.0
+            # DDP averages gradients over processes; scaling by world undoes that, leaving sum / n_total
+            (part * (world / n_total)).backward()
+        loss_sum += part.detach()
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip else float("inf"))
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ddp:
+        dist.all_reduce(loss_sum)
+    if stats is not None:
+        stats["grad_norm"] = float(norm)
+    return float(loss_sum) / n_total
+
+
+@torch.no_grad()
+def evaluate(model, batches, autocast=contextlib.nullcontext):
+    """Mean loss per learned token over (x, y) batches, in eval mode (no dropout). Given a DDP
+    wrapper, each process passes its own batches and all get the mean over everyone's."""
+    ddp = isinstance(model, DDP)
+    net = model.module if ddp else model  # the forward without DDP's gradient bookkeeping
+    device = next(net.parameters()).device
+    was_training = net.training
+    net.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of losses, learned tokens)
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        n = (y != IGNORE).sum()
+        if n:
+            with autocast():
+                _, loss = net(x, y)
+            total += torch.stack([loss.double() * n, n.double()])
+    if ddp:
+        dist.all_reduce(total)
+    net.train(was_training)
+    if total[1] == 0:
+        raise ValueError("no learned tokens in the evaluation batches")
+    return float(total[0] / total[1])
+
+
+STATE_FILE = "training_state.pt"  # optimizer state, step and extras, beside the model checkpoint
+
+
+def save_training_state(directory, model, optimizer, step, extra=None, **metadata):
+    """Write a resumable checkpoint: the model in the project's format (model.save_checkpoint, with
+    `step` and **metadata in config.json) plus STATE_FILE (optimizer state, step, `extra`).
+
+    Atomic: everything goes into DIR.tmp, then DIR.tmp is renamed to DIR (the previous DIR is set
+    aside as DIR.old for that moment). A crash at any point leaves a complete checkpoint in DIR or,
+    in the instant between the two renames, in DIR.old, where load_training_state looks too."""
+    directory = Path(directory)
+    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    shutil.rmtree(tmp, ignore_errors=True)
+    unwrap(model).save_checkpoint(tmp, step=step, **metadata)
+    torch.save({"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}}, tmp / STATE_FILE)
+    if directory.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoint_dir(directory):
+    """The directory holding a training state: DIR, or DIR.old if a save was cut between renames."""
+    directory = Path(directory)
+    old = directory.with_name(directory.name + ".old")
+    if not (directory / STATE_FILE).exists() and (old / STATE_FILE).exists():
+        return old
+    return directory
+
+
+def load_training_state(directory, model, optimizer):
+    """Restore the weights and the optimizer state saved by save_training_state; returns (step, extra).
+    Nothing is unpickled: weights come from safetensors, the rest via torch.load(weights_only=True)."""
+    directory = checkpoint_dir(directory)
+    if not (directory / STATE_FILE).exists():
+        raise CheckpointError(f"{directory}: no {STATE_FILE} here, not a training checkpoint")
+    raw = unwrap(model)
+    saved = read_checkpoint_json(directory)["config"]
+    mine = {k: v for k, v in vars(raw.config).items() if k in saved}
+    if saved != mine:
+        raise CheckpointError(f"{directory}: the checkpoint's model {saved} differs from this one {mine}")
+    load_state_from_file(raw, directory / "model.safetensors", transposed=False)
+    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
+    return state["step"], state["extra"]
+
+
+def setup_distributed(device=None):
+    """-> (ddp, rank, local_rank, world_size, device). Under torchrun (RANK etc. in the environment)
+    join the process group: NCCL with one GPU per process on CUDA, gloo on CPU."""
+    if "RANK" not in os.environ:
+        return False, 0, 0, 1, pick_device(device)
+    rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl")
+    else:
+        device = "cpu"
+        dist.init_process_group("gloo")
+    return True, rank, local_rank, world, device
+
+
+# ----------------------------------------------------------------------------- measuring
+
+def flops_per_token(config, n_params, seq_len):
+    """Training FLOPs per token (forward + backward), PaLM appendix B: 6 per parameter (2 forward,
+    4 backward; n_params without the position embedding, a lookup) plus attention's QK^T and AV
+    matmuls, 12 * layers * heads * head_dim * sequence length."""
+    head_dim = config.n_embd // config.n_head
+    return 6 * n_params + 12 * config.n_layer * config.n_head * head_dim * seq_len
+
+
+# Dense bf16 tensor-core peaks (vendor data sheets, no sparsity). MFU is measured against these, so
+# an fp32 run reports a lower MFU than the same speed in bf16 would. --peak-flops overrides.
+PEAK_FLOPS = [("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12),
+              ("B200", 2250e12), ("A100", 312e12), ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12),
+              ("L4", 121e12), ("4090", 165e12), ("3090", 71e12), ("V100", 125e12)]
+
+
+def device_peak_flops(device):
+    """Peak FLOP/s of a CUDA device from PEAK_FLOPS by name, or None (CPU, unknown GPU)."""
+    if not str(device).startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name(torch.device(device))
+    return next((peak for key, peak in PEAK_FLOPS if key in name), None)
+
+
+def mfu(flops_per_tok, tokens_per_sec, peak_flops):
+    """Model FLOPs utilization: the fraction of the hardware's peak the model's arithmetic uses."""
+    return flops_per_tok * tokens_per_sec / peak_flops if peak_flops else None
+
+
+@torch.no_grad()
+def sample_text(model, prompt_ids, max_new_tokens=64, top_k=50, seed=1337, autocast=contextlib.nullcontext):
+    """A short continuation by top-k sampling: a glimpse of what the model learned, nothing more
+    (generate.py is the real generator). No KV cache: the whole window is re-read every token. A
+    private generator keeps the training's random state untouched."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    idx = torch.tensor([prompt_ids], device=device)
+    for _ in range(max_new_tokens):
+        with autocast():
+            logits = model(idx[:, -model.config.block_size:])[:, -1, :].float()
+        top, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits[logits < top[:, -1:]] = -float("inf")
+        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
+        if nxt.item() == EOT:
+            break
+        idx = torch.cat([idx, nxt], dim=1)
+    model.train(was_training)
+    return get_tokenizer().decode(idx[0, len(prompt_ids):].tolist())
+
+
+def plot_losses(log_path, png_path):
+    """Train and validation loss curves from log.jsonl, if matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no loss plot (pip install matplotlib)")
+        return
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=str(Path(log_path).parent.name))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(png_path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- command line
+
+SMALL_MODEL = dict(n_layer=4, n_head=4, n_embd=128, block_size=256)  # the CPU default: ~7M parameters, most in wte
+
+PRESETS = {
+    # GPT-2 124M as in nanoGPT / build-nanogpt. A step is 2**19 = 524,288 tokens (~0.5M, GPT-3 small's
+    # batch): 64 sequences x 1024 tokens x 8 accumulation steps on one GPU, or x 1 on 8 GPUs.
+    # 10B tokens / 524,288 = 19,073 steps; warmup 375M tokens / 524,288 = 715 steps (GPT-3's schedule).
+    # max lr 6e-4 (GPT-3 small), decayed to 10% of it. Tuned for 10B tokens of FineWeb-Edu: point --data
+    # at a large corpus (a file or URL); TinyStories (~0.5B tokens) would be seen ~20 times.
+    "gpt2-124m": dict(model="gpt2", data="tinystories", batch_size=64, seq_len=1024, batch_tokens=524288,
+                      lr=6e-4, min_lr=6e-5, warmup=715, max_steps=19073, weight_decay=0.1,
+                      eval_every=250, eval_iters=20, save_every=1000, log_every=10),
+}
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), help="a recipe: sets the defaults of the flags below")
+    p.add_argument("--data", default="tinystories-small",
+                   help="a prepared data directory (train.bin, val.bin), a text file, a URL, or one of the "
+                        "names of data.py (tinystories, tinystories-small, shakespeare)")
+    p.add_argument("--out", default=None, help="run directory (default: runs/<data name>)")
+    p.add_argument("--resume", default=None, help="continue the run in this directory (flags given now override its saved ones)")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=sorted(SIZES), help="a GPT-2 size, from scratch (default: a small model)")
+    g.add_argument("--init", default=None, help="start from weights: gpt2, gpt2-medium, ... or a checkpoint directory")
+    g.add_argument("--n-layer", type=int, help=f"override (small model: {SMALL_MODEL['n_layer']})")
+    g.add_argument("--n-head", type=int, help=f"override (small model: {SMALL_MODEL['n_head']})")
+    g.add_argument("--n-embd", type=int, help=f"override (small model: {SMALL_MODEL['n_embd']})")
+    g.add_argument("--block-size", type=int, help=f"context length (small model: {SMALL_MODEL['block_size']})")
+    g.add_argument("--dropout", type=float, default=0.0)
+    g = p.add_argument_group("optimization")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per process")
+    g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the context length)")
+    g.add_argument("--batch-tokens", type=int, default=None,
+                   help="tokens per optimizer step, reached by gradient accumulation (default: one micro-batch per process)")
+    g.add_argument("--max-steps", type=int, default=2000)
+    g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
+    g.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    g.add_argument("--seed", type=int, default=1337)
+    g = p.add_argument_group("running")
+    g.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
+    g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="autocast dtype (default: bfloat16 on CUDA, float32 elsewhere)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA)")
+    g.add_argument("--eval-every", type=int, default=100, help="validate and print a sample every N steps")
+    g.add_argument("--eval-iters", type=int, default=20, help="validation micro-batches")
+    g.add_argument("--log-every", type=int, default=10, help="print a log line every N steps")
+    g.add_argument("--save-every", type=int, default=500, help="save a checkpoint every N steps")
+    g.add_argument("--sample-tokens", type=int, default=64, help="length of the sample printed at each evaluation")
+    g.add_argument("--stop-at-step", type=int, default=None, help="save and stop before this step (as Ctrl-C would)")
+    g.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: from a table)")
+    return p
+
+
+NOT_RESUMED = {"resume", "stop_at_step", "preset"}  # flags that belong to one invocation, not to the run
+
+
+def parse_args(argv):
+    """Flags, over the preset's defaults, over (with --resume) the run's saved flags."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.preset:
+        parser.set_defaults(**PRESETS[args.preset])
+    if args.resume:
+        run = Path(args.resume)
+        if (run / STATE_FILE).exists() and not (run / "checkpoint").exists():
+            run = run.parent  # given the checkpoint directory itself
+        try:
+            saved = read_checkpoint_json(checkpoint_dir(run / "checkpoint")).get("train_args")
+        except CheckpointError as e:
+            die(f"--resume {args.resume}: {e}")
+        if not isinstance(saved, dict):
+            die(f"--resume {args.resume}: no training run saved there")
+        parser.set_defaults(**{**{k: v for k, v in saved.items() if k not in NOT_RESUMED}, "out": str(run)})
+    args = parser.parse_args(argv)
+    for name in ("batch_size", "max_steps", "eval_every", "eval_iters", "log_every", "save_every"):
+        if getattr(args, name) < 1:
+            die(f"--{name.replace('_', '-')} must be at least 1")
+    if args.init and args.model:
+        die("give --model (from scratch) or --init (from weights), not both")
+    return args
+
+
+def resolve_data(source):
+    """A prepared directory as is; anything else through data.py (downloaded and tokenized once)."""
+    if (Path(source) / "train.bin").exists():
+        return Path(source)
+    return prepare_pretrain_data(source)
+
+
+# ----------------------------------------------------------------------------- training
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    ddp, rank, local_rank, world, device = setup_distributed(args.device)
+    master = rank == 0  # only rank 0 prints and writes
+    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    if device_type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = args.dtype or ("bfloat16" if device_type == "cuda" else "float32")
+    # weights and optimizer stay fp32; autocast runs the matmuls in bf16
+    autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if dtype == "bfloat16" else contextlib.nullcontext
+
+    # data: rank 0 prepares it (download, tokenize) while the others wait, then all map the same files
+    try:
+        if master:
+            data_dir = resolve_data(args.data)
+        if ddp:
+            dist.barrier()
+        if not master:
+            data_dir = resolve_data(args.data)
+        train_tokens, val_tokens = load_tokens(data_dir, "train"), load_tokens(data_dir, "val")
+    except (ValueError, OSError) as e:
+        die(f"--data {args.data}: {e}")
+    out = Path(args.out or Path("runs") / Path(data_dir).name).resolve()
+    args.data, args.out = str(Path(data_dir).resolve()), str(out)  # saved with the run: --resume works from anywhere
+    ckpt = out / "checkpoint"
+
+    # model
+    try:
+        if args.resume:  # the architecture from the checkpoint; the weights are loaded with the optimizer below
+            model = GPT.from_pretrained(checkpoint_dir(ckpt), device=device, dropout=args.dropout)
+        elif args.init:
+            model = GPT.from_pretrained(args.init, device=device, dropout=args.dropout)
+        else:
+            shape = dict(SIZES[args.model]) if args.model else dict(SMALL_MODEL)
+            overrides = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=args.block_size)
+            shape.update({k: v for k, v in overrides.items() if v is not None})
+            torch.manual_seed(args.seed)  # the same initial weights on every rank
+            model = GPT(GPTConfig(**shape, dropout=args.dropout)).to(device)
+    except (CheckpointError, OSError, AssertionError, TypeError) as e:
+        die(f"cannot build the model: {e}")
+    model.train()
+    config = model.config
+    B, T = args.batch_size, args.seq_len or config.block_size
+    if T > config.block_size:
+        die(f"--seq-len {T} is longer than the model's context of {config.block_size}")
+    tokens_per_micro = B * T * world  # one micro-batch on every process
+    batch_tokens = args.batch_tokens or tokens_per_micro
+    if batch_tokens % tokens_per_micro:
+        die(f"--batch-tokens {batch_tokens} is not a multiple of batch-size x seq-len x processes = {tokens_per_micro}")
+    grad_accum = batch_tokens // tokens_per_micro
+    if len(train_tokens) < batch_tokens + 1:
+        die(f"the training data has {len(train_tokens):,} tokens, fewer than one step's {batch_tokens:,}")
+    n_val_batches = min(args.eval_iters, (len(val_tokens) - 1) // (B * T))
+    if n_val_batches < 1:
+        die(f"the validation data ({len(val_tokens):,} tokens) is smaller than one batch of {B} x {T}")
+    min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+
+    optimizer = make_optimizer(model, args.lr, args.weight_decay, device_type=device_type, verbose=master)
+    step, position = 0, 0  # optimizer steps done; where in train_tokens the next step starts
+    if args.resume:
+        try:
+            step, extra = load_training_state(ckpt, model, optimizer)
+        except CheckpointError as e:
+            die(str(e))
+        position = extra["data_position"]
+    if master:
+        print(f"model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}: "
+              f"{model.num_params():,} parameters | device {device} x {world}, {dtype}")
+        print(f"data: {data_dir} ({len(train_tokens):,} train / {len(val_tokens):,} val tokens) | "
+              f"{batch_tokens:,} tokens per step = {B} x {T} x {grad_accum} accumulation x {world} processes")
+
+    raw = model  # the plain GPT, for sampling, measuring and saving
+    if args.compile if args.compile is not None else device_type == "cuda":
+        model = torch.compile(model)
+    if ddp:
+        model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
+
+    # the log: one JSON record per line. On resume, records from steps the checkpoint had not reached are dropped.
+    log_path = out / "log.jsonl"
+    if master:
+        out.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in (log_path.read_text().splitlines() if args.resume and log_path.exists() else [])
+                if json.loads(line)["step"] < step]
+        log_path.write_text("".join(line + "\n" for line in kept))
+
+    def log(record):
+        if master:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def save(step):
+        if master:
+            save_training_state(ckpt, model, optimizer, step, {"data_position": position}, train_args=vars(args))
+        if ddp:
+            dist.barrier()  # nobody runs ahead while rank 0 writes
+
+    # Ctrl-C: finish the current step, save, stop. (A second Ctrl-C stops at once, without saving.)
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        if master:
+            print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to quit without saving)", flush=True)
+
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    flops_tok = flops_per_token(config, raw.num_params(), T)
+    peak = args.peak_flops or device_peak_flops(device)
+    val_batches = [get_batch(val_tokens, i * B * T, B, T) for i in range(rank, n_val_batches, world)]
+    stats, saved_at = {}, None
+    try:
+        while True:
+            last = step == args.max_steps
+            if step % args.eval_every == 0 or last:
+                val_loss = evaluate(model, val_batches, autocast)
+                log({"step": step, "val_loss": val_loss})
+                if master:
+                    text = sample_text(raw, [EOT], args.sample_tokens, autocast=autocast)
+                    print(f"step {step:6d} | val loss {val_loss:.4f} | sample: {text!r}", flush=True)
+            stop_now = stop["requested"] or step == args.stop_at_step
+            if ddp:  # every process must stop at the same step, or the others wait forever
+                flag = torch.tensor(int(stop_now), device=device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = bool(flag)
+            if last or stop_now:
+                break
+
+            t0 = time.time()
+            torch.manual_seed(args.seed + step * world + rank)  # dropout masks depend on (seed, step, rank) only
+            if position + batch_tokens + 1 > len(train_tokens):
+                position = 0  # an epoch is done: start the stream over
+            # micro-batch m of process r is the (m * world + r)-th slice of this step's tokens
+            micro_batches = [get_batch(train_tokens, position + (m * world + rank) * B * T, B, T) for m in range(grad_accum)]
+            position += batch_tokens
+            lr = lr_at(step, args.lr, args.warmup, args.max_steps, min_lr)
+            loss = train_step(model, optimizer, micro_batches, lr, args.grad_clip, autocast, stats)
+            step += 1
+            dt = time.time() - t0
+            tok_per_sec = batch_tokens / dt
+            util = mfu(flops_tok, tok_per_sec / world, peak)
+            log({"step": step - 1, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_sec": tok_per_sec,
+                 "mfu": util, "ms": dt * 1000})
+            if master and (step % args.log_every == 0 or step == 1):
+                mfu_text = f"{100 * util:.1f}%" if util is not None else "n/a"
+                print(f"step {step - 1:6d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {stats['grad_norm']:.2f} | "
+                      f"{tok_per_sec:,.0f} tok/s | mfu {mfu_text} | {dt * 1000:.0f} ms", flush=True)
+            if step % args.save_every == 0:
+                save(step)
+                saved_at = step
+        if saved_at != step:
+            save(step)
+        if master:
+            print(f"saved {ckpt} at step {step}" + (" (stopped early; continue with --resume "
+                                                    f"{out})" if step < args.max_steps else ""))
+            plot_losses(log_path, out / "loss.png")
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+        if ddp:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # the second Ctrl-C: quit now, no traceback
+        sys.exit(130)
