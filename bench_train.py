@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, die, pick_device
+from gpt import GPT, GPTConfig, HelpFormatter, die, pick_device
 from train import device_peak_flops, flops_per_token, make_optimizer, mfu
 
 
@@ -76,7 +76,7 @@ def run(steppers, args, device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: the best available)")
     p.add_argument("--batch", type=int, default=None, help="sequences per step (default: 16 on CUDA, 2 elsewhere)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: 1024 on CUDA, 128 elsewhere)")

@@ -32,6 +32,7 @@ names gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded once into a cache). 
 unpickles anything: safetensors is a JSON header and raw bytes, parsed here by hand.
 """
 
+import argparse
 import hashlib
 import json
 import math
@@ -492,6 +493,13 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
                           f"the bad file was deleted")
     os.replace(part, dest)
     return dest
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
 
 
 def die(message):

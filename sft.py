@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data import (TEMPLATES, DataError, default_template, encode_examples, eval_batches, format_prompt,
                   iterate_batches, load_conversations, split_dataset)
 from generate import PromptTooLong, SamplingParams, fit_conversation, generate_tokens
-from gpt import GPT, SIZES, CheckpointError, die, get_tokenizer, pick_device, write_json_atomic
+from gpt import GPT, SIZES, CheckpointError, HelpFormatter, die, get_tokenizer, pick_device, write_json_atomic
 from train import evaluate, lr_at, make_optimizer, train_step
 
 # ----------------------------------------------------------------------------- LoRA
@@ -118,7 +118,7 @@ def lora_merged(model):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", help=f"{' | '.join(SIZES)} or a checkpoint directory")
     p.add_argument("--data", action="append", default=None,
                    help="alpaca | dolly | guanaco (downloaded) or a JSON/JSONL file; repeat to mix (default: alpaca)")

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import IGNORE, get_batch, load_tokens, prepare_pretrain_data
-from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, die, get_tokenizer, load_state_from_file, pick_device,
+from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, HelpFormatter, die, get_tokenizer, load_state_from_file, pick_device,
                  read_checkpoint_json)
 
 
@@ -306,7 +306,7 @@ PRESETS = {
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--preset", choices=sorted(PRESETS), help="a recipe: sets the defaults of the flags below")
     p.add_argument("--data", default="tinystories-small",
                    help="a prepared data directory (train.bin, val.bin), a text file, a URL, or one of the "
