@@ -1,0 +1,220 @@
+"""Benchmark serve.py's engine against Hugging Face transformers on the same requests, in one run.
+
+    python bench_serve.py --device cuda --num-requests 512 --dtype bfloat16
+    python bench_serve.py --device cpu --random-init --model gpt2 --num-requests 16 --max-len 64 --max-out 32
+
+Many requests of mixed prompt and output lengths (uniform in --min-len..--max-len and
+--min-out..--max-out, seeded) go through Engine.generate and through transformers with the same
+weights: its continuous-batching manager (`init_continuous_batching`, as `generate_batch` uses) when
+the installed version has one and the device is CUDA, else padded static batches of --hf-batch-size
+(--hf-mode picks).
+Every request generates exactly its output length (<|endoftext|> is ignored on both sides), so both
+produce the same number of tokens. Reported: output tokens/s over the whole run, mean and p50/p90
+time to first token (from submission, so queueing counts), and the ratio of throughputs.
+transformers is a test-only dependency of this project: this script is a developer's tool.
+"""
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+
+from gpt import GPT, SIZES, CheckpointError, GPTConfig, die, pick_device
+from generate import SamplingParams
+from serve import Engine
+
+
+def make_requests(n, min_len, max_len, min_out, max_out, vocab, seed):
+    rng = random.Random(seed)
+    return [([rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))], rng.randint(min_out, max_out))
+            for _ in range(n)]
+
+
+def summary(name, tokens, seconds, ttfts):
+    ttfts = sorted(ttfts)
+    q = lambda f: ttfts[min(len(ttfts) - 1, int(f * len(ttfts)))]  # noqa: E731
+    print(f"{name:<28} {tokens / seconds:10.1f} tok/s   {seconds:8.2f} s   TTFT mean {statistics.mean(ttfts) * 1e3:8.1f} ms"
+          f"   p50 {q(0.5) * 1e3:8.1f} ms   p90 {q(0.9) * 1e3:8.1f} ms")
+    return tokens / seconds
+
+
+def bench_engine(model, requests, args):
+    engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                    kv_cache_memory=args.kv_cache_memory,
+                    cuda_graph=not args.no_cuda_graph)
+    engine.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
+    sync(model)
+    start = time.perf_counter()
+    seqs = [engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0), ignore_eos=True) for ids, n in requests]
+    pending = len(seqs)
+    while pending:
+        pending -= sum(1 for out in engine.step() if out.finish_reason)
+    sync(model)
+    seconds = time.perf_counter() - start
+    assert all(len(s.output_ids) == n for s, (_, n) in zip(seqs, requests))
+    ttfts = [s.first_token_time - start for s in seqs]
+    return sum(n for _, n in requests), seconds, ttfts, engine
+
+
+def hf_model(model):
+    """The same weights in transformers' GPT2LMHeadModel (its Conv1D layers want [in, out])."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    c = model.config
+    hf = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
+                                    vocab_size=c.vocab_size, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight":
+            continue
+        if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight")):
+            v = v.t()
+        state["transformer." + k] = v
+    hf.load_state_dict(state, strict=False)
+    hf.tie_weights()
+    dev, dtype = model.wte.weight.device, model.wte.weight.dtype
+    return hf.to(device=dev, dtype=dtype).eval()
+
+
+def bench_hf_continuous(hf, requests, args):
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+    gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None, pad_token_id=0)
+    # transformers sizes its own batch and cache from the free memory; these two flags override it
+    opts = {"max_batch_tokens": args.hf_max_batch_tokens, "num_blocks": args.hf_num_blocks,
+            "max_requests_per_batch": args.max_num_seqs}
+    cb = ContinuousBatchingConfig(**{k: v for k, v in opts.items() if v})
+    manager = hf.init_continuous_batching(generation_config=gc, continuous_batching_config=cb)
+    manager.start()
+    try:
+        sync(hf)
+        start = time.perf_counter()
+        for ids, n in requests:
+            manager.add_request(ids, max_new_tokens=n, record_timestamps=True)
+        ttfts, tokens = [], 0
+        for _ in requests:
+            r = manager.get_result(timeout=3600)
+            if r is None or r.error:
+                raise RuntimeError(f"transformers request failed: {getattr(r, 'error', 'timeout')}")
+            tokens += len(r.generated_tokens)
+            ttfts.append(r.timestamps[0] - r.created_time)  # its clock, from submission
+        sync(hf)
+        seconds = time.perf_counter() - start
+    finally:
+        manager.stop(block=True)
+    return tokens, seconds, ttfts
+
+
+@torch.inference_mode()
+def bench_hf_static(hf, requests, args):
+    """Padded static batches (left padding), in arrival order: the classic way to batch generate()."""
+    dev = hf.device
+    start = time.perf_counter()
+    ttfts, tokens = [], 0
+    for i in range(0, len(requests), args.hf_batch_size):
+        chunk = requests[i:i + args.hf_batch_size]
+        width = max(len(ids) for ids, _ in chunk)
+        idx = torch.tensor([[0] * (width - len(ids)) + ids for ids, _ in chunk], device=dev)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk], device=dev)
+        first = []
+
+        class FirstToken:  # a streamer that notes when the batch's first token arrives
+            def put(self, value):  # called with the prompt (2-D), then each new token (1-D)
+                if value.dim() == 1 and not first:
+                    first.append(time.perf_counter())
+
+            def end(self):
+                pass
+
+        out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=max(n for _, n in chunk),
+                          min_new_tokens=max(n for _, n in chunk), do_sample=False, pad_token_id=0,
+                          streamer=FirstToken())
+        sync(hf)
+        t_first = first[0] if first else time.perf_counter()
+        ttfts += [t_first - start] * len(chunk)
+        tokens += sum(n for _, n in chunk)  # only what each request asked for counts
+        assert out.shape[1] - width >= max(n for _, n in chunk)
+    return tokens, time.perf_counter() - start, ttfts
+
+
+def sync(model):
+    dev = next(model.parameters()).device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | ... | checkpoint dir")
+    p.add_argument("--random-init", action="store_true", help="random weights of --model's size (no download)")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--num-requests", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=16, help="shortest prompt, tokens")
+    p.add_argument("--max-len", type=int, default=512, help="longest prompt, tokens")
+    p.add_argument("--min-out", type=int, default=16, help="shortest output, tokens")
+    p.add_argument("--max-out", type=int, default=256, help="longest output, tokens")
+    p.add_argument("--max-num-seqs", type=int, default=128, help="the engine's batch cap (and transformers')")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (both sides)")
+    p.add_argument("--kv-cache-memory", default=None, help="the engine's KV cache (see serve.py)")
+    p.add_argument("--no-cuda-graph", action="store_true")
+    p.add_argument("--hf-mode", choices=["auto", "continuous", "static", "none"], default="auto",
+                   help="transformers' side: continuous batching, padded static batches, or skip it")
+    p.add_argument("--hf-batch-size", type=int, default=32, help="static batches' size")
+    p.add_argument("--hf-num-blocks", type=int, default=None, help="transformers' KV blocks (default: its own sizing)")
+    p.add_argument("--hf-max-batch-tokens", type=int, default=None, help="transformers' tokens per step (default: its own)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
+        die("need 1 <= --min-len <= --max-len, 1 <= --min-out <= --max-out and --num-requests >= 1")
+    device = torch.device(pick_device(args.device))
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if args.random_init:
+        if args.model not in SIZES:
+            die(f"--random-init needs a size name: {', '.join(SIZES)}")
+        torch.manual_seed(args.seed)
+        model = GPT(GPTConfig(**SIZES[args.model])).to(device=device, dtype=dtype).eval()
+    else:
+        try:
+            model = GPT.from_pretrained(args.model, device=device, dtype=dtype)
+        except (CheckpointError, OSError) as e:
+            die(f"cannot load {args.model!r}: {e} (offline? try --random-init)")
+    n_ctx = model.config.block_size
+    if args.max_len + args.max_out > n_ctx:
+        die(f"--max-len + --max-out = {args.max_len + args.max_out} exceeds the context ({n_ctx})")
+    requests = make_requests(args.num_requests, args.min_len, args.max_len, args.min_out, args.max_out,
+                             model.config.vocab_size - 1, args.seed)
+    print(f"{args.num_requests} requests, prompts {args.min_len}..{args.max_len}, outputs {args.min_out}..{args.max_out} "
+          f"tokens; {args.model} on {device} ({dtype})", flush=True)
+
+    tokens, seconds, ttfts, engine = bench_engine(model, requests, args)
+    ours = summary("serve.Engine", tokens, seconds, ttfts)
+    print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
+    del engine
+    if args.hf_mode == "none":
+        return
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        die("transformers is not installed (pip install -r requirements-dev.txt), or pass --hf-mode none")
+    hf = hf_model(model)
+    mode = args.hf_mode
+    if mode == "auto":
+        # transformers' continuous batching sizes its cache from free memory, which on a CPU it
+        # often gets wrong (a MemoryError at start-up): there, padded static batches
+        mode = "continuous" if hasattr(hf, "init_continuous_batching") and device.type == "cuda" else "static"
+    if mode == "continuous":
+        try:
+            tokens, seconds, ttfts = bench_hf_continuous(hf, requests, args)
+        except (RuntimeError, MemoryError) as e:
+            die(f"transformers' continuous batching failed ({e}); try --hf-num-blocks or --hf-mode static")
+    else:
+        tokens, seconds, ttfts = bench_hf_static(hf, requests, args)
+    theirs = summary(f"transformers ({mode})", tokens, seconds, ttfts)
+    print(f"ratio (serve / transformers): {ours / theirs:.2f}x output tokens/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""The serving engine (serve.py) without HTTP: paged KV cache, prefix cache, preemption, continuous
+batching. The yardstick is generate.py: a batch through the engine must give, token for token, what
+generating each prompt alone gives."""
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import serve
+from generate import SamplingParams, generate_tokens
+from gpt import GPT, GPTConfig
+from serve import BLOCK, Engine, parse_memory
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    # a small vocabulary keeps the output layer cheap; ids below it are real GPT-2 tokens all the same
+    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=VOCAB)).eval()
+
+
+VOCAB = 1024
+
+
+def random_prompts(n, seed, lo=1, hi=60):
+    rng = random.Random(seed)
+    return [[rng.randrange(VOCAB) for _ in range(rng.randint(lo, hi))] for _ in range(n)]
+
+
+def one_at_a_time(model, prompts, params):
+    return [list(generate_tokens(model, p, sp, static=False)) for p, sp in zip(prompts, params)]
+
+
+def greedy(max_tokens):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def test_greedy_batch_matches_one_at_a_time(model):
+    prompts = random_prompts(10, seed=1)
+    params = [greedy(n) for n in (1, 5, 30, 17, 40, 2, 25, 9, 33, 12)]
+    engine = Engine(model, max_num_seqs=6)  # fewer slots than prompts: some join the batch later
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
+    assert all(o.finish_reason == "length" and len(o.token_ids) == p.max_tokens for o, p in zip(outs, params))
+
+
+def test_preemption_keeps_outputs_identical(model):
+    prompts = random_prompts(8, seed=2, lo=20, hi=50)
+    params = [greedy(40)] * len(prompts)
+    engine = Engine(model, num_blocks=128 // BLOCK)  # room for exactly one full context
+    free = engine.blocks.num_free
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert engine.scheduler.num_preemptions > 0
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
+    assert engine.blocks.num_free == free
+
+
+def test_shared_prefix_hits_the_prefix_cache_and_matches(model):
+    system = random_prompts(1, seed=3, lo=50, hi=50)[0]  # three full blocks and a bit
+    prompts = [system + tail for tail in random_prompts(6, seed=4, lo=1, hi=20)]
+    params = [greedy(20)] * len(prompts)
+    engine = Engine(model, max_num_seqs=8)
+    first = engine.generate(prompts[:1], params[:1], use_tqdm=False)  # computes and caches the prefix
+    rest = engine.generate(prompts[1:], params[1:], use_tqdm=False)  # reuses it
+    assert engine.blocks.hits >= 5 * (50 // BLOCK)
+    assert [o.token_ids for o in first + rest] == one_at_a_time(model, prompts, params)
+
+
+def test_whole_prompt_cached_still_computes_one_token(model):
+    prompt = random_prompts(1, seed=5, lo=64, hi=64)[0]  # exactly four blocks
+    engine = Engine(model)
+    a = engine.generate([prompt], greedy(8), use_tqdm=False)[0]
+    b = engine.generate([prompt], greedy(8), use_tqdm=False)[0]
+    assert engine.blocks.hits == 3  # the block holding the last prompt token is always recomputed
+    assert a.token_ids == b.token_ids == one_at_a_time(model, [prompt], [greedy(8)])[0]
+
+
+def test_hash_collision_never_returns_wrong_kv(model, monkeypatch):
+    monkeypatch.setattr(serve, "block_hash", lambda parent, ids: 0)  # every block collides
+    prompts = random_prompts(6, seed=6, lo=33, hi=60)
+    prompts.append(prompts[0][:40] + [7, 8])  # a genuine shared prefix too
+    params = [greedy(10)] * len(prompts)
+    engine = Engine(model)
+    outs = engine.generate(prompts[:3], params[:3], use_tqdm=False)
+    outs += engine.generate(prompts[3:], params[3:], use_tqdm=False)
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
+
+
+def test_block_accounting_with_random_arrivals_aborts_and_preemptions(model):
+    rng = random.Random(7)
+    engine = Engine(model, num_blocks=12, max_num_seqs=5)
+    free = engine.blocks.num_free
+    prompts = random_prompts(40, seed=8, lo=1, hi=70)
+    prompts += [prompts[0][:32] + p for p in random_prompts(10, seed=9, lo=1, hi=20)]  # shared prefixes
+    rng.shuffle(prompts)
+    live, steps = [], 0
+    while prompts or engine.has_work():
+        if prompts and rng.random() < 0.4:
+            p = prompts.pop()
+            sp = SamplingParams(max_tokens=rng.randint(1, 50), temperature=rng.choice([0.0, 1.0]), seed=rng.randrange(99))
+            live.append(engine.add_request(p, sp))
+        if live and rng.random() < 0.08:
+            engine.abort(live.pop(rng.randrange(len(live))).seq_id)
+        for out in engine.step():
+            if out.finish_reason and out.seq in live:
+                live.remove(out.seq)
+        steps += 1
+        used = sum(b.ref > 0 for b in engine.blocks.blocks)
+        assert used + engine.blocks.num_free == len(engine.blocks.blocks)
+        assert steps < 5000
+    assert engine.scheduler.num_preemptions > 0 and engine.num_aborted > 0 and engine.blocks.hits > 0
+    assert engine.blocks.num_free == free
+    assert all(b.ref == 0 for b in engine.blocks.blocks)
+    assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.seqs
+
+
+def test_abort_takes_effect_at_next_step(model):
+    engine = Engine(model)
+    free = engine.blocks.num_free
+    seq = engine.add_request([1, 2, 3], greedy(50))
+    engine.step()
+    assert engine.blocks.num_free < free
+    engine.abort(seq.seq_id)
+    outs = engine.step()
+    assert [(o.seq, o.finish_reason) for o in outs] == [(seq, "abort")]
+    assert engine.blocks.num_free == free and not engine.has_work()
+
+
+def test_stop_string_ends_the_text(model):
+    prompt = random_prompts(1, seed=10, lo=10, hi=10)[0]
+    full = Engine(model).generate([prompt], greedy(30), use_tqdm=False)[0]
+    assert len(full.text) > 10
+    stop = full.text[8:11]
+    start = full.text.find(stop)
+    out = Engine(model).generate([prompt], SamplingParams(max_tokens=30, temperature=0, stop=[stop]), use_tqdm=False)[0]
+    assert out.finish_reason == "stop"
+    assert out.text == full.text[:start]
+    assert len(out.token_ids) < 30
+
+
+def test_seeded_sampling_matches_generate(model):
+    prompts = random_prompts(4, seed=11)
+    params = [SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=100 + i) for i in range(4)]
+    outs = Engine(model).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
+    again = Engine(model).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in again]
+
+
+def test_logprobs_are_the_models(model):
+    prompt = random_prompts(1, seed=12, lo=12, hi=12)[0]
+    engine = Engine(model)
+    engine.add_request(prompt, greedy(4), logprobs=3)
+    outs = []
+    while engine.has_work():
+        outs += engine.step()
+    ids = prompt + [o.token for o in outs[:-1]]
+    with torch.no_grad():
+        lp = F.log_softmax(model(torch.tensor([ids]))[0, len(prompt) - 1:].float(), -1)
+    for i, o in enumerate(outs):
+        assert o.logprob == pytest.approx(float(lp[i, o.token]), abs=1e-4)
+        assert [t for t, _ in o.top_logprobs] == lp[i].topk(3).indices.tolist()
+        assert o.top_logprobs[0][0] == o.token  # greedy picks the most likely
+
+
+def test_kv_cache_sizing():
+    assert parse_memory("256MB") == 256 * 10**6
+    assert parse_memory("2GiB") == 2 * 2**30
+    assert parse_memory("1.5") == int(1.5 * 2**30)
+    with pytest.raises(ValueError, match="memory size"):
+        parse_memory("lots")
+    torch.manual_seed(0)
+    m = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=VOCAB)).eval()
+    per_block = 2 * 2 * BLOCK * 64 * 4
+    assert len(Engine(m, kv_cache_memory=f"{per_block * 20}B").blocks.blocks) == 20
+    with pytest.raises(ValueError, match="one full-context sequence needs 8"):
+        Engine(m, kv_cache_memory="64KB")

@@ -1,0 +1,392 @@
+"""serve.py's HTTP API over real sockets on 127.0.0.1: OpenAI-style completions and chat, streaming,
+errors, client disconnects, metrics, the chat page in headless Chromium, and the command line."""
+import http.client
+import json
+import os
+import re
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt import GPT, GPTConfig
+from serve import Engine, make_server
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=256)).eval()
+    engine = Engine(model, max_num_seqs=64)
+    srv = make_server(engine, port=0, model_name="tiny", max_waiting=64)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv
+    srv.shutdown()
+    srv.api.loop.stop()
+
+
+def call(srv, method, path, body=None, headers=None, raw=None):
+    conn = http.client.HTTPConnection(*srv.server_address[:2], timeout=60)
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    r = conn.getresponse()
+    payload = r.read()
+    conn.close()
+    ctype = r.getheader("Content-Type", "")
+    return r.status, (json.loads(payload) if "json" in ctype else payload.decode())
+
+
+def sse_events(text):
+    """The JSON payloads of an SSE body; asserts it is well formed and ends with [DONE]."""
+    events = [e for e in text.split("\n\n") if e]
+    assert all(e.startswith("data: ") for e in events), events
+    assert events[-1] == "data: [DONE]"
+    return [json.loads(e[len("data: "):]) for e in events[:-1]]
+
+
+def wait_until(cond, timeout=30):
+    end = time.time() + timeout
+    while time.time() < end:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def idle(srv):
+    e = srv.api.loop.engine
+    return not e.has_work() and e.blocks.num_free == len(e.blocks.blocks)
+
+
+def test_completion_schema_usage_and_logprobs(server):
+    status, r = call(server, "POST", "/v1/completions",
+                     {"model": "tiny", "prompt": "Once upon a time", "max_tokens": 5, "temperature": 0, "logprobs": 2})
+    assert status == 200, r
+    assert r["object"] == "text_completion" and r["model"] == "tiny" and r["id"].startswith("cmpl-")
+    c = r["choices"][0]
+    assert c["index"] == 0 and c["finish_reason"] in ("stop", "length")
+    n = r["usage"]["completion_tokens"]
+    assert r["usage"]["prompt_tokens"] == 4 and r["usage"]["total_tokens"] == 4 + n
+    lp = c["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == n
+    assert "".join(lp["tokens"]) == c["text"]
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(n)]
+    for tok, chosen, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert chosen <= 0 and top[tok] == chosen and chosen == max(top.values())  # greedy: the best
+
+
+def test_stream_equals_non_stream_and_n_choices(server):
+    body = {"prompt": [[464, 2068, 7586], "Hello"], "max_tokens": 12, "temperature": 0, "n": 2}
+    status, full = call(server, "POST", "/v1/completions", body)
+    assert status == 200 and len(full["choices"]) == 4
+    assert full["choices"][0]["text"] == full["choices"][1]["text"]  # greedy: both samples agree
+    status, text = call(server, "POST", "/v1/completions",
+                        {**body, "stream": True, "stream_options": {"include_usage": True}})
+    events = sse_events(text)
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == full["usage"]
+    texts, reasons = ["", "", "", ""], [None] * 4
+    for ev in events[:-1]:
+        for c in ev["choices"]:
+            texts[c["index"]] += c["text"]
+            if c["finish_reason"]:
+                assert reasons[c["index"]] is None
+                reasons[c["index"]] = c["finish_reason"]
+    assert texts == [c["text"] for c in full["choices"]]
+    assert reasons == [c["finish_reason"] for c in full["choices"]]
+
+
+def test_chat_completion_stream_and_non_stream(server):
+    body = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+            "max_tokens": 10, "temperature": 0}
+    status, r = call(server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and r["object"] == "chat.completion"
+    msg = r["choices"][0]["message"]
+    assert msg["role"] == "assistant" and isinstance(msg["content"], str)
+    status, text = call(server, "POST", "/v1/chat/completions", {**body, "stream": True})
+    events = sse_events(text)
+    assert all(e["object"] == "chat.completion.chunk" for e in events)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events) == msg["content"]
+    assert events[-1]["choices"][0]["finish_reason"] == r["choices"][0]["finish_reason"]
+
+
+def test_64_concurrent_streaming_clients(server):
+    prompts = [f"Story number {i}:" for i in range(64)]
+    expected = {}
+    for p in prompts[:4]:  # what each prompt gives alone, for a few of them
+        expected[p] = call(server, "POST", "/v1/completions", {"prompt": p, "max_tokens": 16, "temperature": 0})[1]
+
+    def client(p):
+        status, text = call(server, "POST", "/v1/completions",
+                            {"prompt": p, "max_tokens": 16, "temperature": 0, "stream": True,
+                             "stream_options": {"include_usage": True}})
+        assert status == 200
+        events = sse_events(text)
+        reasons = [c["finish_reason"] for e in events for c in e["choices"] if c["finish_reason"]]
+        assert len(reasons) == 1 and reasons[0] in ("stop", "length")
+        usage = events[-1]["usage"]
+        assert reasons[0] == "stop" or usage["completion_tokens"] == 16
+        return "".join(c["text"] for e in events for c in e["choices"])
+
+    with ThreadPoolExecutor(64) as pool:
+        texts = list(pool.map(client, prompts))
+    for p, t in zip(prompts, texts):
+        if p in expected:
+            assert t == expected[p]["choices"][0]["text"]  # batched with 63 others, same tokens
+    assert wait_until(lambda: idle(server))
+
+
+def slow_engine(server, monkeypatch, delay=0.02):
+    """Slow each engine step down, so a long request is surely still running when its client leaves."""
+    runner = server.api.loop.engine.runner
+    run = runner.run
+    monkeypatch.setattr(runner, "run", lambda batch: (time.sleep(delay), run(batch))[1])
+
+
+def open_request(server, body):
+    sock = socket.create_connection(server.server_address[:2])
+    data = json.dumps(body).encode()
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n" % len(data) + data)
+    return sock
+
+
+def test_client_disconnect_mid_stream_frees_blocks(server, monkeypatch):
+    slow_engine(server, monkeypatch)
+    engine = server.api.loop.engine
+    aborted = engine.num_aborted
+    socks = [open_request(server, {"prompt": f"A long tale {i}", "max_tokens": 200, "stream": True}) for i in range(4)]
+    for s in socks:
+        got = b""
+        while got.count(b"data: ") < 2:  # the stream has started
+            got += s.recv(4096)
+        s.close()
+    assert wait_until(lambda: idle(server))
+    assert engine.num_aborted == aborted + 4
+
+
+def test_client_disconnect_while_waiting_non_stream_frees_blocks(server, monkeypatch):
+    slow_engine(server, monkeypatch)
+    engine = server.api.loop.engine
+    aborted = engine.num_aborted
+    s = open_request(server, {"prompt": "A long tale", "max_tokens": 200})
+    assert wait_until(lambda: engine.num_running == 1)
+    s.close()
+    assert wait_until(lambda: idle(server))
+    assert engine.num_aborted == aborted + 1
+
+
+def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatch):
+    cases = [
+        ("POST", "/v1/completions", {"prompt": "x", "temperature": "hot"}, 400, "temperature"),
+        ("POST", "/v1/completions", {"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+        ("POST", "/v1/completions", {"prompt": "x", "n": True}, 400, "n"),
+        ("POST", "/v1/completions", {"prompt": "x", "stop": [1]}, 400, "stop"),
+        ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt"),
+        ("POST", "/v1/completions", {"prompt": [99999999]}, 400, "prompt"),
+        ("POST", "/v1/completions", [1, 2], 400, None),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
+        ("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+        ("GET", "/v1/nothing", None, 404, None),
+        ("GET", "/v1/completions", None, 405, None),
+        ("DELETE", "/v1/models", None, 405, None),
+        ("POST", "/v1/completions", {"prompt": "x", "n": 65}, 400, "n"),
+    ]
+    for method, path, body, code, param in cases:
+        status, r = call(server, method, path, body)
+        assert status == code, (path, body, r)
+        assert set(r["error"]) == {"message", "type", "param", "code"} and r["error"]["message"]
+        assert r["error"]["param"] == param
+    # the prompt plus max_tokens beyond the context
+    status, r = call(server, "POST", "/v1/completions", {"prompt": [1] * 200, "max_tokens": 100})
+    assert status == 400 and "maximum context length is 256 tokens; you requested 300" in r["error"]["message"]
+    # invalid JSON, and a body over the limit (announced, never sent)
+    status, r = call(server, "POST", "/v1/completions", raw=b"{not json")
+    assert status == 400 and "JSON" in r["error"]["message"]
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Content-Length", str(2 << 20))
+    conn.endheaders()
+    r = conn.getresponse()
+    assert r.status == 413 and "limit" in json.loads(r.read())["error"]["message"]
+    conn.close()
+    # garbage instead of HTTP
+    with socket.create_connection(server.server_address[:2]) as s:
+        s.sendall(b"\x00\x01garbage\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.0 400")
+    # authentication
+    monkeypatch.setattr(server, "api_key", "sesame")
+    assert call(server, "GET", "/v1/models")[0] == 401
+    status, r = call(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert status == 401 and r["error"]["type"] == "authentication_error"
+    assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer sesame"})[0] == 200
+    monkeypatch.setattr(server, "api_key", None)
+    # a full queue: hold the engine so requests pile up, then one more is refused
+    loop = server.api.loop
+    slow_engine(server, monkeypatch, delay=0.05)
+    monkeypatch.setattr(loop, "max_waiting", 2)
+    monkeypatch.setattr(loop.engine.scheduler, "max_num_seqs", 1)
+    socks = [open_request(server, {"prompt": f"busy {i}", "max_tokens": 100, "stream": True}) for i in range(3)]
+    assert wait_until(lambda: loop.engine.num_running == 1 and loop.engine.num_waiting == 2)
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "one more", "max_tokens": 2})
+    assert status == 503 and r["error"]["code"] == "queue_full"
+    for s in socks:
+        s.close()
+    assert wait_until(lambda: idle(server))
+    # and after all that, the server still answers
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "still there?", "max_tokens": 3})
+    assert status == 200 and r["usage"]["completion_tokens"] >= 1
+
+
+def test_models_health_and_metrics(server):
+    status, r = call(server, "GET", "/v1/models")
+    assert status == 200 and r["data"][0]["id"] == "tiny"
+    assert call(server, "GET", "/health")[0] == 200
+    call(server, "POST", "/v1/completions", {"prompt": "count me", "max_tokens": 3})
+    status, text = call(server, "GET", "/metrics")
+    assert status == 200
+    values = dict(re.findall(r"^(serve_[a-z_]+(?:\{[^}]*\})?) (\S+)$", text, re.M))
+    for name in ("serve_requests_running", "serve_requests_waiting", "serve_kv_blocks_used", "serve_kv_blocks_total",
+                 "serve_preemptions_total", "serve_prefix_cache_hits_total", "serve_prompt_tokens_total",
+                 "serve_generation_tokens_total", "serve_time_to_first_token_seconds_count"):
+        assert name in values, name
+    assert float(values["serve_generation_tokens_total"]) >= 3
+    assert float(values["serve_time_to_first_token_seconds_count"]) >= 1
+    assert float(values['serve_time_to_first_token_seconds_bucket{le="+Inf"}']) == \
+        float(values["serve_time_to_first_token_seconds_count"])
+
+
+def test_health_is_503_until_the_model_is_attached():
+    srv = make_server(port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        assert call(srv, "GET", "/health")[0] == 503
+        assert call(srv, "POST", "/v1/completions", {"prompt": "x"})[0] == 503
+        assert call(srv, "GET", "/")[0] == 200  # the page can load meanwhile
+    finally:
+        srv.shutdown()
+
+
+class Chromium:
+    """Headless Chromium driven over its DevTools pipe (fd 3: commands in, fd 4: replies out, each a
+    JSON message ended by a NUL byte): standard library only, no websockets."""
+
+    FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+             "--disable-component-update", "--disable-sync", "--no-first-run", "--remote-debugging-pipe"]
+
+    def __init__(self, browser, url, profile):
+        cmd_r, self.cmd_w = os.pipe()
+        self.out_r, out_w = os.pipe()
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" 3<&{cmd_r} 4>&{out_w}', browser, *self.FLAGS,
+             f"--user-data-dir={profile}", url],
+            pass_fds=(cmd_r, out_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(cmd_r)
+        os.close(out_w)
+        self.buf, self.last_id = b"", 0
+
+    def send(self, method, session=None, timeout=30, **params):
+        self.last_id += 1
+        msg = {"id": self.last_id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        os.write(self.cmd_w, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + timeout
+        while True:
+            while b"\0" not in self.buf:
+                ready, _, _ = select.select([self.out_r], [], [], max(0.0, deadline - time.time()))
+                chunk = os.read(self.out_r, 1 << 16) if ready else b""
+                assert chunk, f"no answer from Chromium to {method}"
+                self.buf += chunk
+            raw, self.buf = self.buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self.last_id:  # (events in between are skipped)
+                assert "error" not in reply, reply
+                return reply["result"]
+
+    def page_session(self):
+        assert wait_until(lambda: any(t["type"] == "page" for t in self.send("Target.getTargets")["targetInfos"]))
+        page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
+        return self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
+
+    def evaluate(self, session, expression):
+        return self.send("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"].get("value")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+        os.close(self.cmd_w)
+        os.close(self.out_r)
+
+
+def test_chat_page_streams_an_answer_in_headless_chromium(server):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert browser, "headless Chromium is needed for this test: apt-get update && apt-get install -y chromium"
+    status, r = call(server, "POST", "/v1/chat/completions",
+                     {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0})
+    expected = r["choices"][0]["message"]["content"]
+    expected = expected[1:] if expected.startswith(" ") else expected  # the page drops the template's space
+    host, port = server.server_address[:2]
+    with tempfile.TemporaryDirectory() as profile:
+        chrome = Chromium(browser, f"http://{host}:{port}/?q=hello&temperature=0&max_tokens=12", profile)
+        try:
+            session = chrome.page_session()
+            status = lambda: chrome.evaluate(session, "document.getElementById('status')?.textContent")  # noqa: E731
+            assert wait_until(lambda: (status() or "").startswith("done"), timeout=60), status()
+            answers = chrome.evaluate(session, "[...document.querySelectorAll('.msg')].map(d => d.className + ':' + d.textContent)")
+        finally:
+            chrome.close()
+    assert answers == ["msg user:hello", "msg assistant:" + expected]
+
+
+def test_command_line_serves_a_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(tmp_path, template="alpaca")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    bad = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path), "--port", "0",
+                          "--kv-cache-memory", "64KB"], capture_output=True, text=True, env=env, timeout=120)
+    assert bad.returncode == 2 and "one full-context sequence needs" in bad.stderr and "Traceback" not in bad.stderr
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path), "--port", "0",
+                             "--api-key", "k"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        line = proc.stdout.readline()
+        port = int(re.search(r":(\d+)/", line).group(1))
+        conn = lambda: http.client.HTTPConnection("127.0.0.1", port, timeout=30)  # noqa: E731
+
+        def get(path, body=None):
+            c = conn()
+            c.request("POST" if body else "GET", path, body=json.dumps(body) if body else None,
+                      headers={"Authorization": "Bearer k"})
+            r = c.getresponse()
+            return r.status, r.read()
+
+        assert wait_until(lambda: get("/health")[0] == 200, timeout=60)
+        status, data = get("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+        assert status == 200 and json.loads(data)["model"] == str(tmp_path)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_engine_failure_answers_500_and_the_server_recovers(server, monkeypatch):
+    runner = server.api.loop.engine.runner
+    monkeypatch.setattr(runner, "run", lambda batch: 1 / 0)
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "boom", "max_tokens": 3})
+    assert status == 500 and r["error"]["type"] == "server_error"
+    status, text = call(server, "POST", "/v1/completions", {"prompt": "boom", "max_tokens": 3, "stream": True})
+    assert status == 200 and "the engine failed" in text and text.endswith("data: [DONE]\n\n")
+    monkeypatch.undo()
+    assert wait_until(lambda: idle(server))
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "fine again", "max_tokens": 3})
+    assert status == 200
