@@ -1,0 +1,454 @@
+"""Generate text with GPT-2: sampling, a KV cache, streaming output, a chat REPL.
+
+    python generate.py --prompt "The meaning of life is" --temperature 0.8 --top-p 0.95
+    python generate.py --model out/sft --chat
+    python generate.py --compare gpt2 out/sft --prompt "Name three colors."
+
+Generating one token at a time would recompute attention over the whole prefix at every step. The
+KV cache keeps each layer's keys and values, so after the prompt ("prefill") every step feeds only
+the newest token ("decode"). Our cache is one contiguous tensor per k and v, preallocated at the
+full length, written in place: no allocation or concatenation per step. It plugs into the model
+through gpt.py's seam, `cache.attend(layer, q, k, v)`.
+
+The decode step has two forms. The eager step attends over the cache slice filled so far. The
+static step never changes shape (it attends over the whole buffer with a mask and takes its
+position from a tensor), which is what a CUDA graph needs: on CUDA the step is recorded once and
+replayed, so a token costs one graph launch instead of hundreds of kernel launches. The static step
+runs on CPU too, which is how its correctness is tested on a machine without a GPU.
+
+Sampling (temperature, top-k, top-p) and TextStream (bytes -> text that is safe to print, and stop
+strings) live here once; serve.py imports them.
+
+Prompts longer than the context are an error (we never silently drop the start of what you wrote);
+in --chat the oldest turns are dropped to make room, and only a single message too long to fit is
+refused. Generation stops at <|endoftext|>, at a --stop string, at --max-new-tokens, or when the
+context is full.
+"""
+
+import argparse
+import codecs
+import shutil
+import sys
+import textwrap
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from data import encode_prompt
+from gpt import EOT, GPT, CheckpointError, die, encode, get_tokenizer, pick_device
+
+
+# ----------------------------------------------------------------------------- sampling
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_k: int = 0  # keep only the k most likely tokens; 0 = all
+    top_p: float = 1.0  # keep the smallest set of tokens whose probability reaches p; 1 = all
+    stop: list[str] = field(default_factory=list)  # stop strings: never emitted, end the text
+    seed: int | None = None
+
+
+def top_k_filter(logits, k):
+    """All but the k largest logits (per row) set to -inf; exactly k survive, even with ties."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    top = torch.topk(logits, k, dim=-1)
+    return torch.full_like(logits, float("-inf")).scatter(-1, top.indices, top.values)
+
+
+def top_p_filter(logits, p):
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass is >= p."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = F.softmax(sorted_logits.float(), dim=-1)
+    mass_before = probs.cumsum(-1) - probs  # the mass of the more likely tokens
+    drop = mass_before >= p  # the set had already reached p without this token
+    drop[..., 0] = False  # the most likely token always stays
+    return logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+
+
+def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
+    """Logits (B, V) -> next token ids (B,). Temperature 0 picks the argmax."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+class TextStream:
+    """Token ids in, printable text out. Two things make this more than enc.decode:
+
+    - GPT-2's BPE works on bytes, so one character (an emoji, a CJK ideograph) can span tokens; an
+      incremental UTF-8 decoder holds back an unfinished character until its last byte arrives.
+    - A stop string may arrive split across tokens ("\\nUs" + "er:"), so any tail of the text that
+      could be the start of a stop string is held back until it either completes (stop: it and
+      everything after it are dropped) or cannot anymore (it is released).
+    """
+
+    def __init__(self, enc, stop=()):
+        self.enc = enc
+        self.stop = [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded, not yet emitted
+        self.text = ""  # everything emitted so far
+        self.stopped = False
+
+    def push(self, token_id):
+        """Add one token; return the new text that is safe to emit now (may be "")."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(min(hits))
+        hold = max((n for s in self.stop for n in range(1, len(s))
+                    if self.pending.endswith(s[:n])), default=0)
+        return self._emit(len(self.pending) - hold)
+
+    def finish(self):
+        """Flush what is left (an unfinished character becomes U+FFFD) unless a stop string ended it."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._emit(len(self.pending))
+
+    def _emit(self, n):
+        out, self.pending = self.pending[:n], ("" if self.stopped else self.pending[n:])
+        self.text += out
+        return out
+
+
+# ----------------------------------------------------------------------------- the KV cache
+
+class KVCache:
+    """Keys and values of every layer for B sequences of equal length, preallocated as two contiguous
+    (n_layer, B, n_head, max_len, head_dim) tensors and written in place."""
+
+    def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.n_layer, self.max_len = config.n_layer, max_len
+        self.length = 0  # tokens cached so far
+        self.positions = torch.arange(max_len, device=device)
+        self.static_pos = self.static_mask = None  # set by StaticStep: the fixed-shape path
+
+    def attend(self, layer, q, k, v):
+        if self.static_mask is not None:
+            return self._attend_static(layer, q, k, v)
+        start, end = self.length, self.length + q.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} tokens)")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if q.size(2) == 1:  # one new token may see everything cached: no mask to build
+            y = F.scaled_dot_product_attention(q, keys, values)
+        elif start == 0:  # a fresh prompt: plain causal attention
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:  # new tokens after a cached prefix: query i sees keys 0..start+i
+            mask = torch.ones(q.size(2), end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if layer == self.n_layer - 1:  # the last layer has stored its k, v: these tokens are cached
+            self.length = end
+        return y
+
+    def _attend_static(self, layer, q, k, v):
+        # Fixed shapes and no Python ints: the write position is a tensor, the mask hides the
+        # unwritten part of the buffer. StaticStep moves self.length forward.
+        pos = self.static_pos
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=self.static_mask)
+
+
+class StaticStep:
+    """The one-token decode step with static shapes: logits = step(token ids (B,)). With graph=True
+    (CUDA only) the step is captured once as a CUDA graph and then replayed: its inputs are copied
+    into fixed buffers, and its output is always the same tensor (read it before the next call).
+    The tests run the static step on CPU; the graph capture itself needs a GPU to be exercised."""
+
+    def __init__(self, model, cache, graph=False):
+        self.model, self.cache, self.graph = model, cache, None
+        device = cache.k.device
+        B = cache.k.size(1)
+        self.idx = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        cache.static_pos = self.pos
+        if graph:
+            # Warm up on a side stream (as CUDA graphs require), then record. Both only write k, v at
+            # position cache.length, which the first real step overwrites: the cache is unharmed.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+
+    def _forward(self):
+        self.cache.static_mask = self.cache.positions[None] <= self.pos  # keys 0..pos, (1, max_len)
+        h = self.model.hidden(self.idx, pos=self.pos, cache=self.cache)
+        return self.model.lm_head(h[:, -1])
+
+    def __call__(self, tokens):
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache is full ({self.cache.max_len} tokens)")
+        self.idx.copy_(tokens.view(-1, 1))
+        self.pos.fill_(self.cache.length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._forward()
+            self.cache.static_mask = None  # leave the cache usable by the eager path
+        self.cache.length += 1
+        return logits
+
+
+# ----------------------------------------------------------------------------- generation
+
+def use_decoding_layout(model):
+    """Store weight matrices transposed in memory ([in, out], like OpenAI's Conv1D), keeping their
+    shapes and values. A decode step multiplies one row by each matrix, so it is bound by reading
+    the weights, and a CPU BLAS streams them fastest in long contiguous runs: we transpose the
+    matrices whose output side is the longer one (c_attn, c_fc, and the 50257-row head, which
+    reads ~1.7x faster). Inference only: the model computes the same thing, but training expects
+    nn.Linear's usual layout. Returns the model."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear):
+                w = m.weight
+                if w.size(0) >= w.size(1) and w.stride(1) == 1:  # (a tied weight is seen twice: once)
+                    w.data = w.data.t().contiguous().t()
+    return model
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids, params, device=None, static=None):
+    """Yield new token ids one at a time, starting from `prompt_ids` (list of ints). Stops after
+    params.max_tokens tokens, when the context is full, or at <|endoftext|> (which is not yielded).
+    Stop strings are text, not tokens: see TextStream and `generate`. `static`: use StaticStep for
+    decoding (default: on CUDA, as a CUDA graph). On CPU, use_decoding_layout(model) first is faster."""
+    device = torch.device(device or model_device(model))
+    n_ctx = model.config.block_size
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) >= n_ctx:
+        raise PromptTooLong(f"the prompt is {len(prompt_ids)} tokens; the model's context holds {n_ctx} "
+                            f"(prompt plus new tokens)")
+    budget = min(params.max_tokens, n_ctx - len(prompt_ids))
+    if budget <= 0:
+        return
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    dtype = model.wte.weight.dtype
+    cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, dtype)
+    # prefill: the whole prompt in one forward pass, logits for the last position only
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+    logits = model.lm_head(model.hidden(idx, pos=cache.positions[:len(prompt_ids)], cache=cache)[:, -1])
+    step = None
+    if (device.type == "cuda") if static is None else static:
+        step = StaticStep(model, cache, graph=device.type == "cuda" and budget > 1)
+    for i in range(budget):
+        token = sample(logits, params.temperature, params.top_k, params.top_p, generator)
+        t = int(token[0])
+        if t == EOT:
+            return
+        yield t
+        if i == budget - 1:
+            return
+        if step is not None:
+            logits = step(token)
+        else:  # eager decode: attend over the filled part of the cache
+            pos = cache.positions[cache.length:cache.length + 1]
+            logits = model.lm_head(model.hidden(token.view(1, 1), pos=pos, cache=cache)[:, -1])
+
+
+def generate(model, prompt_ids, params, enc=None, **kwargs):
+    """Yield the generated text in printable pieces (whole characters, stop strings removed)."""
+    stream = TextStream(enc or get_tokenizer(), params.stop)
+    for t in generate_tokens(model, prompt_ids, params, **kwargs):
+        piece = stream.push(t)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    piece = stream.finish()
+    if piece:
+        yield piece
+
+
+# ----------------------------------------------------------------------------- chat
+
+def fit_conversation(messages, template, n_ctx, reserve, enc):
+    """Prompt ids for the next answer, dropping the oldest turns (system prompts stay) until the
+    prompt leaves `reserve` tokens for the answer. Returns (ids, messages kept)."""
+    system = [m for m in messages if m["role"] == "system"]
+    turns = [m for m in messages if m["role"] != "system"]
+    while True:
+        ids = encode_prompt(system + turns, template, enc)
+        if len(ids) + reserve <= n_ctx or len(turns) == 1:
+            break
+        turns = turns[1:]
+        while turns[0]["role"] != "user":  # a conversation restarts at a user turn
+            turns = turns[1:]
+    if len(ids) >= n_ctx:
+        raise PromptTooLong(f"that message makes a prompt of {len(ids)} tokens; the context holds {n_ctx}")
+    return ids, system + turns
+
+
+def chat(model, enc, params, system=None):
+    """A multi-turn conversation on stdin/stdout in the checkpoint's template; works piped too.
+    Returns the conversation (the turns still within the context)."""
+    template = getattr(model, "checkpoint_info", {}).get("template") or "chat"
+    n_ctx = model.config.block_size
+    reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns
+    messages = [{"role": "system", "content": system}] if system else []
+    tty = sys.stdin.isatty()
+    if tty:
+        print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, Ctrl-D to quit")
+    while True:
+        if tty:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        if not line:
+            continue
+        try:
+            ids, messages = fit_conversation(messages + [{"role": "user", "content": line}],
+                                             template, n_ctx, reserve, enc)
+        except PromptTooLong as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        answer, started = "", False
+        for piece in generate(model, ids, params, enc):
+            if not started:  # templates cue the answer after "Assistant:"; skip the leading space
+                piece = piece.lstrip()
+                started = bool(piece)
+            answer += piece
+            print(piece, end="", flush=True)
+        print(flush=True)
+        messages.append({"role": "assistant", "content": answer.strip()})
+    return messages
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+def load_model(name, device, dtype):
+    try:
+        model = GPT.from_pretrained(name, device=device, dtype=dtype)
+        return use_decoding_layout(model) if device.type == "cpu" else model
+    except CheckpointError as e:
+        die(str(e))
+    except OSError as e:  # a failed download, an unreadable file
+        die(f"cannot load model {name!r}: {e}")
+
+
+def answer_ids(model, prompt, enc):
+    """A fine-tuned checkpoint is asked in its chat template; a base model continues the text."""
+    template = getattr(model, "checkpoint_info", {}).get("template")
+    if template:
+        return encode_prompt([{"role": "user", "content": prompt}], template, enc)
+    return encode(prompt, enc)
+
+
+def side_by_side(left, right, titles):
+    """Two texts in two columns, wrapped to the terminal's width."""
+    width = max(20, (shutil.get_terminal_size().columns - 3) // 2)
+    cols = [[t[:width], "-" * width] for t in titles]
+    for col, text in zip(cols, (left, right)):
+        for para in text.strip().split("\n"):
+            col += textwrap.wrap(para, width) or [""]
+    n = max(map(len, cols))
+    return "\n".join(f"{a:<{width}} | {b}" for a, b in zip(*(c + [""] * (n - len(c)) for c in cols)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+        "A prompt longer than the model's context is an error (never truncated); in --chat, the oldest "
+        "turns are dropped to keep the conversation within the context."))
+    p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir")
+    p.add_argument("--prompt", action="append", help="text to continue (repeatable)")
+    p.add_argument("--chat", action="store_true", help="interactive conversation in the checkpoint's template")
+    p.add_argument("--system", help="system prompt for --chat")
+    p.add_argument("--compare", nargs=2, metavar=("BASE", "OTHER"), help="answer the prompts with two models, side by side (a checkpoint with a chat template "
+                        "is asked in it; a base model continues the text)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), never printed")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 elsewhere")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1 or args.num_samples < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        die("--max-new-tokens and --num-samples must be >= 1, --top-k >= 0, and 0 < --top-p <= 1")
+    if not args.chat and not args.prompt:
+        die("give --prompt TEXT (or --chat)")
+    try:
+        device = torch.device(pick_device(args.device))
+    except RuntimeError as e:
+        die(f"bad --device {args.device!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die("--device cuda, but no CUDA GPU is available")
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
+    enc = get_tokenizer()
+
+    try:
+        if args.compare:
+            models = [load_model(name, device, dtype) for name in args.compare]
+            for prompt in args.prompt:
+                answers = ["".join(generate(m, answer_ids(m, prompt, enc), params, enc)) for m in models]
+                print(f"\n=== {prompt}\n" + side_by_side(*answers, args.compare), flush=True)
+            return
+        model = load_model(args.model, device, dtype)
+        if args.chat:
+            chat(model, enc, params, args.system)
+            return
+        for prompt in args.prompt:
+            ids = encode(prompt, enc)
+            for i in range(args.num_samples):
+                if args.num_samples > 1:
+                    print(f"\n---------- sample {i + 1}", flush=True)
+                seed = None if args.seed is None else args.seed + i
+                print(prompt, end="", flush=True)
+                for piece in generate(model, ids, replace(params, seed=seed), enc):
+                    print(piece, end="", flush=True)
+                print(flush=True)
+    except PromptTooLong as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

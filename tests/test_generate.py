@@ -1,0 +1,278 @@
+"""generate.py: KV-cache correctness, sampling filters, stop strings, UTF-8-safe streaming, the CLI."""
+import io
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+from data import encode_prompt
+from gpt import EOT, GPT, GPTConfig, encode, get_tokenizer
+from generate import (KVCache, PromptTooLong, SamplingParams, StaticStep, TextStream, chat, fit_conversation,
+                      generate, generate_tokens, sample, top_k_filter, top_p_filter)
+
+GREEDY = dict(temperature=0.0)
+
+
+@pytest.fixture(scope="module")
+def enc():
+    return get_tokenizer()
+
+
+def greedy_without_cache(model, ids, n):
+    """The reference: recompute the whole sequence for every new token."""
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            t = int(model.lm_head(model.hidden(torch.tensor([ids]))[0, -1]).argmax())
+            if t == EOT:
+                break
+            out.append(t)
+            ids.append(t)
+    return out
+
+
+def eot_model():
+    """A tiny model that always says <|endoftext|>: ln_f outputs a constant vector b, and the (tied)
+    EOT embedding points along b, so EOT's logit dwarfs every other."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
+    with torch.no_grad():
+        b = torch.randn(32)
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(b)
+        model.wte.weight[EOT] = 10 * b
+    return model
+
+
+# ----------------------------------------------------------------------------- the KV cache
+
+def test_cached_greedy_equals_uncached_greedy_for_100_tokens(tiny_model, enc):
+    prompt = encode("The quick brown fox jumps over", enc)
+    expected = greedy_without_cache(tiny_model, prompt, 100)
+    assert len(expected) == 100  # the random model never says EOT here: all 100 tokens are compared
+    for static in (False, True):  # the eager step, and the fixed-shape step a CUDA graph records
+        params = SamplingParams(max_tokens=100, **GREEDY)
+        assert list(generate_tokens(tiny_model, prompt, params, static=static)) == expected, f"static={static}"
+
+
+def test_prefill_in_two_chunks_equals_one_chunk(tiny_model):
+    # new tokens after a cached prefix need the offset causal mask
+    idx = torch.randint(0, 50257, (1, 20))
+    with torch.no_grad():
+        full = tiny_model(idx)
+        cache = KVCache(tiny_model.config, 1, 32)
+        a = tiny_model(idx[:, :12], pos=torch.arange(12), cache=cache)
+        b = tiny_model(idx[:, 12:], pos=torch.arange(12, 20), cache=cache)
+    assert cache.length == 20
+    torch.testing.assert_close(torch.cat([a, b], 1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_static_step_matches_full_forward_with_batch_of_two(tiny_model):
+    # the fixed-shape step (the one a CUDA graph records) attends over the whole buffer with a mask
+    idx = torch.randint(0, 50257, (2, 9))
+    with torch.no_grad():
+        full = tiny_model(idx)[:, -1]
+        cache = KVCache(tiny_model.config, 2, 16)
+        tiny_model(idx[:, :8], cache=cache)
+        logits = StaticStep(tiny_model, cache)(idx[:, 8])
+    assert cache.length == 9
+    torch.testing.assert_close(logits, full, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_stops_at_the_context_limit_and_rejects_overlong_prompts(tiny_model):
+    n_ctx = tiny_model.config.block_size
+    prompt = list(range(1000, 1000 + n_ctx - 8))
+    assert len(list(generate_tokens(tiny_model, prompt, SamplingParams(max_tokens=100, **GREEDY)))) == 8
+    with pytest.raises(PromptTooLong, match=f"holds {n_ctx}"):
+        next(generate_tokens(tiny_model, list(range(n_ctx)), SamplingParams()))
+
+
+def test_generation_stops_at_endoftext_without_yielding_it():
+    assert list(generate_tokens(eot_model(), [1, 2, 3], SamplingParams(max_tokens=10, **GREEDY))) == []
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def test_top_k_keeps_exactly_the_k_largest():
+    logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, -1.0, 7.0, 7.0, 7.0]])
+    kept = top_k_filter(logits, 2).isfinite()
+    assert kept[0].tolist() == [False, True, False, True, False]
+    assert kept[1].sum() == 2 and kept[1, :2].sum() == 0  # ties: still exactly k, from the tied best
+    assert torch.equal(top_k_filter(logits, 2)[0, [1, 3]], logits[0, [1, 3]])  # survivors unchanged
+    assert torch.equal(top_k_filter(logits, 0), logits)
+
+
+@pytest.mark.parametrize("p, keep", [(0.3, {1}), (0.6, {1, 3}), (0.8, {0, 1, 3}), (0.9, {0, 1, 2, 3}),
+                                     (1e-9, {1})])
+def test_top_p_keeps_the_smallest_set_reaching_p(p, keep):
+    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])  # sorted: 0.5 (1), 0.25 (3), then 0.125 twice
+    kept = top_p_filter(probs.log(), p).isfinite()[0]
+    assert {i for i in range(4) if kept[i]} == keep
+
+
+def test_top_p_filters_each_row_on_its_own():
+    logits = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.05, 0.05, 0.1, 0.8]]).log()
+    assert top_p_filter(logits, 0.7).isfinite().tolist() == [[True, True, False, False], [False, False, False, True]]
+
+
+def test_sample_greedy_seeded_and_filtered():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]] * 3)
+    assert sample(logits, 0.0).tolist() == [1, 1, 1]
+    draws = lambda seed: sample(logits.repeat(100, 1), 1.0, generator=torch.Generator().manual_seed(seed))
+    assert torch.equal(draws(7), draws(7))
+    assert set(draws(7).tolist()) == {0, 1, 2, 3}  # unfiltered: every token gets drawn
+    filtered = sample(logits.repeat(100, 1), 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
+    assert set(filtered.tolist()) == {1, 3}
+
+
+# ----------------------------------------------------------------------------- streaming text
+
+def stream_all(enc, ids, stop=()):
+    s = TextStream(enc, stop)
+    pieces = [s.push(t) for t in ids]
+    pieces.append(s.finish())
+    return s, pieces
+
+
+def test_stop_string_split_across_tokens_is_detected_and_not_emitted(enc):
+    ids = encode("Hello world\nUser: bye", enc)
+    stop = "\nUser:"
+    assert not any(stop in enc.decode([t]) for t in ids)  # no single token holds the stop string
+    s, pieces = stream_all(enc, ids, [stop])
+    assert s.stopped and "".join(pieces) == s.text == "Hello world"
+
+
+def test_a_held_back_prefix_of_a_stop_string_is_released_when_it_cannot_complete(enc):
+    s = TextStream(enc, ["\nUser:"])
+    assert s.push(encode("Hi", enc)[0]) == "Hi"
+    assert s.push(encode("\n", enc)[0]) == ""  # might be the start of "\nUser:"
+    rest = "".join(s.push(t) for t in encode("Users are", enc)) + s.finish()
+    assert not s.stopped and s.text == "Hi\nUsers are" and rest == "\nUsers are"
+
+
+def test_the_earliest_of_several_stop_strings_wins(enc):
+    s, pieces = stream_all(enc, encode("one. two! three", enc), ["!", "."])
+    assert s.stopped and "".join(pieces) == "one"
+
+
+def test_streaming_never_emits_half_a_character(enc):
+    text = "Emoji 🙂🎉👍🏽 and 漢字の文章 ünïcödé 🧑‍🚀!"
+    ids = encode(text, enc)
+    broken = [t for t in ids if b"\xef\xbf\xbd" in enc.decode([t]).encode()]
+    assert broken  # the test is meaningful: some characters really span tokens
+    s, pieces = stream_all(enc, ids)
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == s.text == text
+
+
+def test_generate_stops_at_a_stop_string_taken_from_its_own_output(tiny_model, enc):
+    prompt = encode("Once upon a time", enc)
+    ids = list(generate_tokens(tiny_model, prompt, SamplingParams(max_tokens=30, **GREEDY)))
+    text = enc.decode(ids)
+    # a stop string that straddles the boundary between the 10th and 11th generated tokens
+    cut = len(enc.decode(ids[:10]))
+    stop = text[cut - 2:cut + 2]
+    got = "".join(generate(tiny_model, prompt, SamplingParams(max_tokens=30, stop=[stop], **GREEDY), enc))
+    assert got == text[:text.index(stop)]
+
+
+# ----------------------------------------------------------------------------- chat
+
+def test_fit_conversation_drops_oldest_turns_and_keeps_the_system_prompt(enc):
+    messages = [{"role": "system", "content": "Be brief."}]
+    for i in range(10):
+        messages += [{"role": "user", "content": f"question {i} " * 5},
+                     {"role": "assistant", "content": f"answer {i} " * 5}]
+    messages.append({"role": "user", "content": "last question"})
+    ids, kept = fit_conversation(messages, "chat", n_ctx=100, reserve=20, enc=enc)
+    assert len(ids) + 20 <= 100 and ids == encode_prompt(kept, "chat", enc)
+    assert kept[0] == messages[0] and kept[1]["role"] == "user" and kept[-1] == messages[-1]
+    assert len(kept) < len(messages)
+    with pytest.raises(PromptTooLong):
+        fit_conversation([{"role": "user", "content": "word " * 200}], "chat", n_ctx=100, reserve=20, enc=enc)
+
+
+def test_chat_answers_each_piped_line_and_stops_at_endoftext(monkeypatch, capsys, enc):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhow are you?\n"))
+    messages = chat(eot_model(), enc, SamplingParams(max_tokens=20, **GREEDY))
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert [m["content"] for m in messages] == ["hello", "", "how are you?", ""]  # EOT at once: empty answers
+
+
+# ----------------------------------------------------------------------------- the command line
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).eval()
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_checkpoint(path, template="chat")
+    return path, model
+
+
+def run_cli(*args, stdin=None):
+    return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin,
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_cli_prints_the_greedy_continuation(ckpt, enc):
+    path, model = ckpt
+    r = run_cli("--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    expected = "".join(generate(model, encode("Hello there", enc), SamplingParams(max_tokens=12, **GREEDY), enc))
+    assert r.stdout == "Hello there" + expected + "\n"
+
+
+def test_cli_chat_with_piped_stdin(ckpt, enc):
+    path, model = ckpt
+    r = run_cli("--model", str(path), "--chat", "--temperature", "0", "--max-new-tokens", "8",
+                stdin="Hi!\nWhat is 2+2?\n")
+    assert r.returncode == 0, r.stderr
+    first = encode_prompt([{"role": "user", "content": "Hi!"}], "chat", enc)
+    answer = "".join(generate(model, first, SamplingParams(max_tokens=8, **GREEDY), enc)).strip()
+    assert r.stdout.startswith(answer)
+
+
+@pytest.mark.parametrize("case", ["missing", "corrupt", "long-prompt"])
+def test_cli_bad_input_is_a_one_line_error(ckpt, tmp_path, case):
+    model = {"missing": str(tmp_path / "nope"), "corrupt": str(tmp_path), "long-prompt": str(ckpt[0])}[case]
+    (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    r = run_cli("--model", model, "--prompt", "word " * 200, "--max-new-tokens", "4")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+
+
+def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, monkeypatch):
+    from generate import main
+    monkeypatch.setenv("COLUMNS", "240")  # wide enough for the checkpoint paths as column titles
+    path = str(ckpt[0])
+    main(["--compare", path, path, "--prompt", "Name three colors.", "--temperature", "0", "--max-new-tokens", "12"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == "=== Name three colors." and [c.strip() for c in lines[1].split(" | ")] == [path, path]
+    rows = [line.split(" | ") for line in lines[3:]]
+    assert rows and all(len(r) == 2 and r[0].rstrip() == r[1].rstrip() for r in rows)  # same model, same answer
+    args = ["--model", path, "--prompt", "Hi", "--num-samples", "2", "--seed", "3", "--max-new-tokens", "10"]
+    main(args)
+    first = capsys.readouterr().out
+    main(args)
+    assert capsys.readouterr().out == first  # --seed makes sampling repeatable
+    samples = first.split("---------- sample ")[1:]
+    assert len(samples) == 2 and samples[0][1:] != samples[1][1:]
+
+
+def test_decoding_layout_changes_memory_order_only(tiny_model):
+    from generate import use_decoding_layout
+    idx = torch.randint(0, 50257, (1, 10))
+    with torch.no_grad():
+        before = tiny_model(idx)
+        use_decoding_layout(tiny_model)
+        after = tiny_model(idx)
+    linears = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)]
+    assert [m.weight.stride(0) == 1 for m in linears] == [m.out_features >= m.in_features for m in linears]
+    assert tiny_model.lm_head.weight is tiny_model.wte.weight  # still tied
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
