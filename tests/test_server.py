@@ -6,6 +6,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -293,7 +294,8 @@ class Chromium:
         self.proc = subprocess.Popen(
             ["bash", "-c", f'exec "$0" "$@" 3<&{cmd_r} 4>&{out_w}', browser, *self.FLAGS,
              f"--user-data-dir={profile}", url],
-            pass_fds=(cmd_r, out_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            pass_fds=(cmd_r, out_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True)  # its own process group, so close() ends its helper processes too
         os.close(cmd_r)
         os.close(out_w)
         self.buf, self.last_id = b"", 0
@@ -324,7 +326,7 @@ class Chromium:
         return self.send("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"].get("value")
 
     def close(self):
-        self.proc.kill()
+        os.killpg(self.proc.pid, signal.SIGKILL)  # Chromium's zygote and renderers, not only the browser
         self.proc.wait()
         os.close(self.cmd_w)
         os.close(self.out_r)
@@ -338,7 +340,7 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server):
     expected = r["choices"][0]["message"]["content"]
     expected = expected[1:] if expected.startswith(" ") else expected  # the page drops the template's space
     host, port = server.server_address[:2]
-    with tempfile.TemporaryDirectory() as profile:
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         chrome = Chromium(browser, f"http://{host}:{port}/?q=hello&temperature=0&max_tokens=12", profile)
         try:
             session = chrome.page_session()
