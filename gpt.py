@@ -157,7 +157,8 @@ class GPT(nn.Module):
 
     def hidden(self, idx, pos=None, cache=None):
         """The final hidden states (after ln_f), (B, T, n_embd). Callers that need logits for a few
-        positions only (generation, serving) apply lm_head to those rows and skip the rest."""
+        positions only (generation, serving) apply lm_head to those rows and skip the rest. Callers
+        that pass `pos` keep every position below block_size (the caches check their own lengths)."""
         B, T = idx.shape
         if pos is None:
             if T > self.config.block_size:
@@ -240,6 +241,12 @@ def pick_device(requested=None):
     return "cpu"
 
 
+def default_dtype(device):
+    """bfloat16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere: CPUs without
+    bf16 matrix units run it slower, and MPS's bf16 support is partial."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 # ----------------------------------------------------------------------------- safetensors, by hand
 # Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
 # [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes, offsets relative to there.
@@ -272,6 +279,9 @@ def read_safetensors_header(path):
             raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
     data_start, data_len = 8 + n, size - 8 - n
     spans = []
     for name, info in header.items():
@@ -283,7 +293,8 @@ def read_safetensors_header(path):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
         if dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not all(isinstance(d, int) and d >= 0 for d in shape) or not all(isinstance(o, int) for o in (begin, end)):
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or not all(isinstance(o, int) for o in (begin, end)):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
         nbytes = math.prod(shape) * DTYPES[dtype].itemsize
         if not 0 <= begin <= end <= data_len:
@@ -305,8 +316,6 @@ def iter_safetensors(path):
     so the file's pages are read lazily and never held twice; copy what you keep."""
     header, data_start = read_safetensors_header(path)
     with open(path, "rb") as f:
-        if os.path.getsize(path) == 0:
-            return
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
     for name, info in header.items():
         if name == "__metadata__":
@@ -405,8 +414,14 @@ def infer_hub_config(path, header, name):
     for key in ("wte.weight", "wpe.weight"):
         if key not in shapes:
             raise CheckpointError(f"{path}: missing tensor {key!r}")
+        if len(shapes[key]) != 2:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
     vocab, n_embd = shapes["wte.weight"]
-    n_layer = 1 + max((int(k.split(".")[1]) for k in shapes if k.startswith("h.")), default=-1)
+    layers = [k.split(".")[1] for k in shapes if k.startswith("h.")]
+    bad = next((k for k in layers if not k.isdigit()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor names 'h.{bad}...' do not number their layer")
+    n_layer = 1 + max(map(int, layers), default=-1)
     heads = {s["n_embd"]: s["n_head"] for s in SIZES.values()}
     if n_embd not in heads:
         raise CheckpointError(f"{path}: width {n_embd} is not a released GPT-2 size; put a config.json with n_head beside it")

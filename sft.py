@@ -209,16 +209,17 @@ def main(argv=None):
     enc = get_tokenizer()
 
     # Everything that can fail on bad input (model, data, flags) happens before anything is written.
-    try:
-        model = GPT.from_pretrained(args.model, device=device, dropout=args.dropout)
-    except (CheckpointError, OSError) as e:  # OSError covers a failed download too
-        die(f"cannot load model {args.model}: {e}")
+    # The data first: a typo in a data file should not cost a model download.
     conversations = []
     try:
         for name in args.data:
             conversations += load_conversations(name)
     except DataError as e:
         die(str(e))
+    try:
+        model = GPT.from_pretrained(args.model, device=device, dropout=args.dropout)
+    except (CheckpointError, OSError) as e:  # OSError covers a failed download too
+        die(f"cannot load model {args.model}: {e}")
     if args.quick:  # a seeded handful: 100 to train on, 10 to validate, 10 to test
         if len(conversations) > 120:
             conversations = random.Random(args.seed).sample(conversations, 120)
@@ -283,6 +284,9 @@ def main(argv=None):
         bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
         if step % eval_interval == 0 or step == max_steps:
             val_loss = evaluate(model, val_batches, autocast=autocast)
+            if not math.isfinite(val_loss):
+                die(f"validation loss is {val_loss} at step {step}: training diverged (try a lower --lr)"
+                    + (f"; the best checkpoint so far (step {best_step}) is in {out}" if best_step else ""))
             model.train()
             history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
             improved = val_loss < best

@@ -30,12 +30,22 @@ from pathlib import Path
 
 import torch
 
-from gpt import die
+from gpt import default_dtype, die, pick_device
 
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
             "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 256, "seed": 0,
             "output": "conversations.jsonl", "text_output": None}
 REQUIRED = ("name", "model", "prompt_lines", "words")
+CHECKS = [  # (key, type, test, what the error says it must be)
+    ("words", list, lambda v: all(isinstance(w, str) and w.strip() for w in v), "a list of non-empty strings"),
+    ("exclude", list, lambda v: all(isinstance(w, str) for w in v), "a list of strings"),
+    ("conversations_per_word", int, lambda v: v >= 1, "an integer >= 1"),
+    ("max_tokens", int, lambda v: v >= 1, "an integer >= 1"),
+    ("top_k", int, lambda v: v >= 0, "an integer >= 0"),
+    ("seed", int, lambda v: True, "an integer"),
+    ("temperature", (int, float), lambda v: v >= 0, "a number >= 0"),
+    ("top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+]
 QUOTES = [('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’")]
 
 
@@ -50,14 +60,20 @@ def load_config(path):
     if missing:
         raise ValueError(f"{path}: config is missing {', '.join(missing)}")
     cfg = {**DEFAULTS, **cfg}
-    if not cfg["prompt_lines"] or not isinstance(cfg["prompt_lines"], list):
+    if not isinstance(cfg["prompt_lines"], list) or not cfg["prompt_lines"] \
+            or not all(isinstance(line, str) for line in cfg["prompt_lines"]):
         raise ValueError(f"{path}: prompt_lines must be a non-empty list of strings")
+    if not isinstance(cfg["roles"], dict) or not all(isinstance(r, str) for r in cfg["roles"]):
+        raise ValueError(f"{path}: roles must be an object like {{\"STUDENT\": \"user\", \"TEACHER\": \"assistant\"}}")
     first = speaker_of(cfg["prompt_lines"][-1], cfg["roles"])
     if first is None:
         raise ValueError(f"{path}: the last prompt line must open a turn of one of the roles "
                          f"{', '.join(cfg['roles'])} (e.g. '{next(iter(cfg['roles']))}:')")
     if set(cfg["roles"].values()) != {"user", "assistant"}:
         raise ValueError(f"{path}: roles must map one speaker to 'user' and one to 'assistant'")
+    for key, kind, ok, rule in CHECKS:
+        if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool) or not ok(cfg[key]):
+            raise ValueError(f"{path}: {key} must be {rule}, not {cfg[key]!r}")
     return cfg
 
 
@@ -182,13 +198,11 @@ def build(cfg, generate):
 
 def engine_generate(model, device=None):
     """generate() for `build`, backed by serve.py's Engine: every prompt in one batched call."""
-    from generate import SamplingParams
-    from gpt import GPT, pick_device
+    from generate import SamplingParams, load_model
     from serve import Engine
 
-    device = pick_device(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    engine = Engine(GPT.from_pretrained(model, device=device, dtype=dtype))
+    device = torch.device(pick_device(device))
+    engine = Engine(load_model(model, device, default_dtype(device)))  # a bad checkpoint: one-line error
 
     def generate(prompts, cfg):
         rng = random.Random(cfg["seed"])
@@ -213,7 +227,7 @@ def main(argv=None):
         if args.model:
             cfg["model"] = args.model
         kept, dropped = build(cfg, engine_generate(cfg["model"], args.device))
-    except ValueError as e:  # CheckpointError is a ValueError too
+    except (ValueError, OSError) as e:  # a bad config or output file; CheckpointError is a ValueError too
         die(str(e))
     total = kept + sum(dropped.values())
     print(f"kept {kept} of {total} conversations -> {cfg['output']}")

@@ -212,3 +212,24 @@ def test_corrupt_checkpoint_config(tmp_path):
     (tmp_path / "ok" / "config.json").write_text('{"format": "x", "config": {"n_layers": 3}}')
     with pytest.raises(CheckpointError, match=r"config.json: not a valid checkpoint config"):
         GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_shape_that_is_not_a_list(tmp_path):
+    p = tensor_file(tmp_path / "x.safetensors", {"a": {"dtype": "F32", "shape": 5, "data_offsets": [0, 20]}}, bytes(20))
+    with pytest.raises(CheckpointError, match=r"tensor 'a' has a malformed shape"):
+        read_safetensors_header(p)
+
+
+def test_metadata_that_is_not_an_object_of_strings(tmp_path):
+    p = tensor_file(tmp_path / "x.safetensors", {"__metadata__": [1]})
+    with pytest.raises(CheckpointError, match=r"x.safetensors: __metadata__ must be an object of strings"):
+        GPT.from_pretrained(p)
+
+
+def test_hub_file_with_unnumbered_layers(tmp_path):
+    hf = random_hf(1, 12, 768, n_positions=16)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state = {k.replace("h.0.", "h.x."): v for k, v in state.items()}
+    write_safetensors(tmp_path / "w.safetensors", state)
+    with pytest.raises(CheckpointError, match=r"'h.x...' do not number their layer"):
+        GPT.from_pretrained(tmp_path / "w.safetensors")

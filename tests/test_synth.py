@@ -1,5 +1,6 @@
 """synth.py: each rule that keeps, cleans or drops a generated conversation, and the resumable output."""
 import json
+from pathlib import Path
 
 import pytest
 
@@ -152,3 +153,29 @@ def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):
     # sft.py's loader reads the file as it is
     assert load_conversations(out, log=lambda *_: None) == [
         [{"role": "user", "content": "What is a cat?"}, {"role": "assistant", "content": "A small pet."}]]
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("max_tokens", "lots", "max_tokens must be an integer >= 1"),
+    ("temperature", -1, "temperature must be a number >= 0"),
+    ("top_p", 0, r"top_p must be a number in \(0, 1\]"),
+    ("words", ["cat", 3], "words must be a list of non-empty strings"),
+    ("conversations_per_word", True, "conversations_per_word must be an integer >= 1"),
+])
+def test_config_values_are_type_and_range_checked(tmp_path, key, value, message):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({"name": "x", "model": "gpt2", "words": ["cat"], "prompt_lines": ["STUDENT:"], key: value}))
+    with pytest.raises(ValueError, match=message):
+        load_config(p)
+
+
+def test_cli_bad_config_is_one_line_error(tmp_path):
+    import subprocess
+    import sys
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({"name": "x", "model": str(tmp_path / "missing"), "words": ["cat"],
+                             "prompt_lines": ["STUDENT:"], "output": str(tmp_path / "o.jsonl")}))
+    r = subprocess.run([sys.executable, "synth.py", str(p)], capture_output=True, text=True,
+                       cwd=Path(__file__).resolve().parent.parent)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "missing" in r.stderr
