@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import TEMPLATES, encode_prompt
-from generate import SamplingParams, TextStream, sample
-from gpt import EOT, GPT, CheckpointError, die, encode, get_tokenizer, pick_device
+from generate import SamplingParams, TextStream, load_model, sample, strip_answer_start
+from gpt import EOT, HelpFormatter, default_dtype, die, encode, get_tokenizer, pick_device
 from kernels import paged_decode_attention, paged_prefill_attention, write_kv
 
 BLOCK = 16  # tokens per KV block
+MAX_SEED = 2**63 - 1  # seeds are non-negative signed 64-bit integers
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, for /metrics
 
 
@@ -485,8 +486,20 @@ class Engine:
     def add_request(self, prompt, params=None, logprobs=None, ignore_eos=False, sink=None):
         """Queue a prompt (str or token ids); returns its Sequence. `logprobs`: report the chosen
         token's log-probability and the top-`logprobs` alternatives. `ignore_eos`: keep going past
-        <|endoftext|> (benchmarks that want an exact length)."""
-        params = params or SamplingParams()
+        <|endoftext|> (benchmarks that want an exact length). A bad request raises ValueError."""
+        return self.add_requests([(prompt, params, logprobs)], ignore_eos, sink)[0]
+
+    def add_requests(self, requests, ignore_eos=False, sink=None):
+        """Queue [(prompt, params, logprobs)] all together, or none of them: every request is checked
+        (ValueError) before any is queued, so a bad one never leaves the others behind."""
+        seqs = [self._new_sequence(prompt, params or SamplingParams(), logprobs, ignore_eos, sink)
+                for prompt, params, logprobs in requests]
+        with self.lock:
+            self.inbox += seqs
+            self.seqs.update((seq.seq_id, seq) for seq in seqs)
+        return seqs
+
+    def _new_sequence(self, prompt, params, logprobs, ignore_eos, sink):
         ids = encode(prompt, self.enc) if isinstance(prompt, str) else [int(t) for t in prompt]
         if not ids:
             raise ValueError("the prompt is empty")
@@ -497,11 +510,9 @@ class Engine:
             raise ValueError(f"a token id is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
         if params.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
-        seq = Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device)
-        with self.lock:
-            self.inbox.append(seq)
-            self.seqs[seq.seq_id] = seq
-        return seq
+        if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+            raise ValueError(f"the seed must be in 0..{MAX_SEED}, not {params.seed}")
+        return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device)
 
     def abort(self, seq_id):
         """Cancel a sequence; it leaves the engine (and frees its blocks) at the next step."""
@@ -620,12 +631,14 @@ class Engine:
             sampling_params = [sampling_params or SamplingParams()] * len(prompts)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
-        seqs = [self.add_request(p, sp, ignore_eos=ignore_eos) for p, sp in zip(prompts, sampling_params)]
+        seqs = self.add_requests([(p, sp, None) for p, sp in zip(prompts, sampling_params)], ignore_eos)
         texts = {s.seq_id: [] for s in seqs}
         with tqdm(total=len(seqs), desc="generating", unit="req", disable=not use_tqdm) as bar:
             done = 0
             while done < len(seqs):
                 for out in self.step():
+                    if out.seq.seq_id not in texts:  # someone else's request in the same engine
+                        continue
                     texts[out.seq.seq_id].append(out.text)
                     if out.finish_reason:
                         done += 1
@@ -660,11 +673,12 @@ class EngineLoop:
         self.thread.join(timeout=10)
 
     def submit(self, requests, sink):
-        """requests: [(prompt ids, SamplingParams, logprobs)], all admitted or none (QueueFull)."""
+        """requests: [(prompt ids, SamplingParams, logprobs)], all admitted or none (QueueFull when
+        the queue is full, ValueError when a request is bad)."""
         with self.submit_lock:
             if self.engine.num_waiting + len(requests) > self.max_waiting:
                 raise QueueFull(f"the server is busy ({self.engine.num_waiting} requests waiting); try again later")
-            seqs = [self.engine.add_request(ids, p, logprobs=lp, sink=sink) for ids, p, lp in requests]
+            seqs = self.engine.add_requests(requests, sink=sink)
         self.wake.set()
         return seqs
 
@@ -740,6 +754,11 @@ class Api:
             prompts = self._prompts(body.get("prompt"))
             logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer 0..20")
         longest = max(len(p) for p in prompts)
+        if longest >= self.n_ctx:  # no room for even one token, whatever max_tokens says
+            what = "messages" if chat else "prompt"
+            raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens; you requested "
+                                f"{longest} tokens in the {what} alone, which leaves no room for an answer. "
+                                f"Please shorten the {what}.", param=what, code="context_length_exceeded")
         default_max = (self.n_ctx - longest) if chat else 16
         max_tokens = _field(body, "max_completion_tokens" if chat and "max_tokens" not in body else "max_tokens",
                             (int,), default_max, lambda v: v >= 1, "at least 1")
@@ -751,12 +770,13 @@ class Api:
         temperature = float(_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "0 to 2"))
         top_p = float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "greater than 0, at most 1"))
         top_k = _field(body, "top_k", (int,), 0, lambda v: v >= -1, "-1 or 0 for all, else at least 1")
-        seed = _field(body, "seed", (int,), None)
+        n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "1 to 16")
+        seed = _field(body, "seed", (int,), None, lambda v: 0 <= v <= MAX_SEED - (n - 1),
+                      f"an integer 0..{MAX_SEED - (n - 1)}: choice i samples with seed + i")
         stop = _field(body, "stop", (str, list), [])
         stop = [stop] if isinstance(stop, str) else stop
         if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise ApiError(400, "'stop' must be a string or a list of at most 4 non-empty strings", param="stop")
-        n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "1 to 16")
         stream = _field(body, "stream", (bool,), False)
         opts = _field(body, "stream_options", (dict,), {})
         include_usage = bool(opts.get("include_usage")) if stream else False
@@ -846,19 +866,25 @@ class Handler(BaseHTTPRequestHandler):
 
     server_version = "gpt2-serve/1.0"
     default_request_version = "HTTP/1.0"  # answer even garbage with a status line (never HTTP/0.9)
+    # Seconds a read or write on the socket may wait: a client that announces a body and never
+    # sends it (or stops reading a stream) must not hold a thread forever. Generating does not
+    # touch the socket, so a long answer is not cut short by this.
+    timeout = 60
 
     def log_message(self, format, *args):  # quiet unless asked
         if self.server.verbose:
             super().log_message(format, *args)
 
     # ------------------------------------------------------------ plumbing
-    def send_json(self, status, obj):
-        data = json.dumps(obj).encode()
+    def send_bytes(self, status, content_type, data):
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+
+    def send_json(self, status, obj):
+        self.send_bytes(status, "application/json", json.dumps(obj).encode())
 
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unsupported method): JSON too."""
@@ -903,25 +929,13 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(405, f"{path} accepts {self.ROUTES[path]} only, not {method}", code="method_not_allowed")
             api = self.server.api
             if path == "/":
-                data = STATIC.read_bytes()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/html; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
+                return self.send_bytes(200, "text/html; charset=utf-8", STATIC.read_bytes())
             if path == "/health":
                 return self.send_json(200 if api else 503, {"status": "ok" if api else "loading"})
             if api is None:
                 raise ApiError(503, "the model is still loading", type="server_error", code="not_ready")
             if path == "/metrics":
-                data = metrics_text(api.loop).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-                return
+                return self.send_bytes(200, "text/plain; version=0.0.4", metrics_text(api.loop).encode())
             key = self.server.api_key
             if key and self.headers.get("Authorization", "") != f"Bearer {key}":
                 raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
@@ -933,8 +947,8 @@ class Handler(BaseHTTPRequestHandler):
             self._generate(api, chat=path == "/v1/chat/completions")
         except ApiError as e:
             self.send_error_json(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; nothing to answer
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            pass  # the client left (or stopped reading); nothing to answer
         except Exception as e:  # a bug must not take the server down, nor leave the client hanging
             traceback.print_exc()
             try:
@@ -953,7 +967,11 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"the request body is {length} bytes; the limit is {MAX_BODY}")
         if length < 0:
             raise ApiError(400, "negative Content-Length")
-        raw = self.rfile.read(length)
+        try:
+            raw = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            raise ApiError(408, f"the request body did not arrive within {self.timeout} s") from None
         try:
             return json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -968,12 +986,15 @@ class Handler(BaseHTTPRequestHandler):
             seqs = api.loop.submit(requests, sink)
         except QueueFull as e:
             raise ApiError(503, str(e), type="server_error", code="queue_full") from None
+        except ValueError as e:  # (parse() checks first; the engine's own checks are the last word)
+            raise ApiError(400, str(e)) from None
         index = {s.seq_id: i for i, s in enumerate(seqs)}  # choice index = prompt * n + sample
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": api.model_name}
         prompt_tokens = sum(len(p) for p in prompts) * n
-        choices = [{"text": [], "tokens": [], "lps": [], "tops": [], "offsets": [], "offset": 0, "reason": None}
+        choices = [{"text": [], "tokens": [], "lps": [], "tops": [], "offsets": [], "offset": 0, "reason": None,
+                    "started": not chat}  # a chat answer has not started until its first non-space
                    for _ in seqs]
         try:
             if stream:
@@ -992,13 +1013,16 @@ class Handler(BaseHTTPRequestHandler):
                 lp = None
                 if out.token is not None and logprobs is not None and out.logprob is not None:
                     lp = self._logprob_entry(api, out, c)
-                c["text"].append(out.text)
-                if stream and (out.text or out.finish_reason or lp):
+                text = out.text
+                if chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
+                    text, c["started"] = strip_answer_start(text, c["started"])
+                c["text"].append(text)
+                if stream and (text or out.finish_reason or lp):
                     if chat:
-                        choice = {"index": i, "delta": {"content": out.text} if out.text else {},
+                        choice = {"index": i, "delta": {"content": text} if text else {},
                                   "logprobs": None, "finish_reason": out.finish_reason}
                     else:
-                        choice = {"index": i, "text": out.text, "logprobs": lp, "finish_reason": out.finish_reason}
+                        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
                     self._event({**head, "choices": [choice]})
             completion_tokens = sum(len(s.output_ids) for s in seqs)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -1020,7 +1044,7 @@ class Handler(BaseHTTPRequestHandler):
                                                         "top_logprobs": c["tops"], "text_offset": c["offsets"]}
                     body["choices"].append({"index": i, "text": text, "logprobs": lp, "finish_reason": c["reason"]})
             self.send_json(200, body)
-        except (ClientGone, BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
+        except (ClientGone, BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
             api.loop.abort(seqs)  # free the blocks now; nobody is listening
             self.close_connection = True
         except BaseException:
@@ -1093,21 +1117,21 @@ def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name=
 # ----------------------------------------------------------------------------- the CLI
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on CUDA, float32 elsewhere")
+                   help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="most tokens in one forward pass (default: max(context, 2048))")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences beyond which requests get 503")
     p.add_argument("--kv-cache-memory", default=None,
-                   help="KV-cache size, e.g. 256MB or 2GiB or 1.5 (GiB); default on CUDA: --gpu-memory-utilization "
-                        "of the free memory, elsewhere 1 GiB")
+                   help="KV-cache size, e.g. 256MB or 2GiB or 1.5 (GiB) (default on CUDA: --gpu-memory-utilization "
+                        "of the free memory, elsewhere 1 GiB)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of free GPU memory for the KV cache")
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: --model)")
@@ -1126,7 +1150,9 @@ def main(argv=None):
         device = torch.device(pick_device(args.device))
     except RuntimeError as e:
         die(f"bad --device {args.device!r}: {e}")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die("--device cuda, but no CUDA GPU is available")
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     # Listen first, so /health can say "loading" (503) while the weights come in.
     try:
@@ -1136,12 +1162,7 @@ def main(argv=None):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}/ (loading {args.model})", flush=True)
-    try:
-        model = GPT.from_pretrained(args.model, device=device, dtype=dtype)
-    except CheckpointError as e:
-        die(str(e))
-    except OSError as e:
-        die(f"cannot load model {args.model!r}: {e}")
+    model = load_model(args.model, device, dtype)  # (a bad checkpoint: a one-line error, exit 2)
     template = model.checkpoint_info.get("template", "chat")
     if template not in TEMPLATES:
         die(f"{args.model}: unknown chat template {template!r}")

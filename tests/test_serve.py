@@ -176,3 +176,34 @@ def test_kv_cache_sizing():
     assert len(Engine(m, kv_cache_memory=f"{per_block * 20}B").blocks.blocks) == 20
     with pytest.raises(ValueError, match="one full-context sequence needs 8"):
         Engine(m, kv_cache_memory="64KB")
+
+
+def test_a_bad_prompt_in_a_batch_queues_none_of_them(model):
+    engine = Engine(model)
+    good = random_prompts(2, seed=13)
+    with pytest.raises(ValueError, match="context holds 128"):
+        engine.generate([good[0], [1] * 200, good[1]], greedy(5), use_tqdm=False)
+    with pytest.raises(ValueError, match="seed"):
+        engine.generate(good, [greedy(5), SamplingParams(max_tokens=5, seed=2**70)], use_tqdm=False)
+    assert not engine.has_work() and engine.num_waiting == 0
+    outs = engine.generate(good, greedy(5), use_tqdm=False)  # the next batch gets its own outputs only
+    assert [o.token_ids for o in outs] == one_at_a_time(model, good, [greedy(5)] * 2)
+
+
+def test_generate_ignores_other_sequences_in_the_engine(model):
+    engine = Engine(model)
+    other = engine.add_request(random_prompts(1, seed=14)[0], greedy(3))  # someone else's request
+    prompt = random_prompts(1, seed=15)[0]
+    outs = engine.generate([prompt], greedy(6), use_tqdm=False)
+    assert outs[0].token_ids == one_at_a_time(model, [prompt], [greedy(6)])[0]
+    assert other.finish_reason == "length" and not engine.has_work()
+
+
+def test_engine_loop_submit_admits_all_or_none(model):
+    loop = serve.EngineLoop(Engine(model))  # not started: nothing steps the engine behind our back
+    good = ([1, 2, 3], greedy(5), None)
+    for bad in (([1] * 200, greedy(5), None), ([1, 2], SamplingParams(max_tokens=5, seed=-1), None)):
+        with pytest.raises(ValueError):
+            loop.submit([good, bad, good], sink=None)
+        assert not loop.engine.has_work() and loop.engine.num_waiting == 0
+    assert len(loop.submit([good, good], sink=None)) == 2 and loop.engine.num_waiting == 2

@@ -123,6 +123,46 @@ def test_chat_completion_stream_and_non_stream(server):
     assert events[-1]["choices"][0]["finish_reason"] == r["choices"][0]["finish_reason"]
 
 
+def test_chat_answer_has_no_leading_whitespace(server, monkeypatch):
+    """The template cues the answer after "Assistant:" and the model answers " Hi": the API gives "Hi",
+    in the message and in the first streamed delta, skipping a piece that is whitespace only."""
+    enc = server.api.enc
+    script = [enc.encode(" ")[0], enc.encode(" Hi")[0], enc.encode(" there")[0]]  # " ", " Hi", " there", ...
+    runner = server.api.loop.engine.runner
+
+    def scripted(batch):  # logits that pick script[k] as the k-th token of every sequence
+        logits = torch.zeros(len(batch), runner.model.config.vocab_size)
+        for i, seq in enumerate(batch):
+            logits[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1.0
+        return logits
+
+    monkeypatch.setattr(runner, "run", scripted)
+    body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
+    status, r = call(server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and r["choices"][0]["message"]["content"] == "Hi there there"
+    status, text = call(server, "POST", "/v1/chat/completions", {**body, "stream": True})
+    deltas = [e["choices"][0]["delta"].get("content") for e in sse_events(text)[1:]]
+    assert [d for d in deltas if d] == ["Hi", " there", " there"]
+
+
+def test_a_client_that_stops_sending_its_body_times_out(server, monkeypatch):
+    import serve
+    assert serve.Handler.timeout and serve.Handler.timeout <= 300  # by default, a bounded wait
+    monkeypatch.setattr(serve.Handler, "timeout", 0.5)  # (shortened for the test)
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+        reply = s.recv(4096)  # the 100 bytes never come: the server gives up rather than wait forever
+    assert reply.startswith(b"HTTP/1.0 408"), reply
+
+
+def test_help_shows_defaults(capsys):
+    import serve
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--help"])
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and "(default: 8000)" in out and "(default: 64)" in out
+
+
 def test_64_concurrent_streaming_clients(server):
     prompts = [f"Story number {i}:" for i in range(64)]
     expected = {}
@@ -205,6 +245,9 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
         ("GET", "/v1/completions", None, 405, None),
         ("DELETE", "/v1/models", None, 405, None),
         ("POST", "/v1/completions", {"prompt": "x", "n": 65}, 400, "n"),
+        ("POST", "/v1/completions", {"prompt": "x", "seed": 2**70}, 400, "seed"),
+        ("POST", "/v1/completions", {"prompt": "x", "seed": -1}, 400, "seed"),
+        ("POST", "/v1/completions", {"prompt": "x", "seed": 2**63 - 1, "n": 2}, 400, "seed"),  # the 2nd gets seed+1
     ]
     for method, path, body, code, param in cases:
         status, r = call(server, method, path, body)
@@ -214,6 +257,19 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
     # the prompt plus max_tokens beyond the context
     status, r = call(server, "POST", "/v1/completions", {"prompt": [1] * 200, "max_tokens": 100})
     assert status == 400 and "maximum context length is 256 tokens; you requested 300" in r["error"]["message"]
+    assert r["error"]["code"] == "context_length_exceeded" and r["error"]["param"] == "max_tokens"
+    # a prompt that fills the context alone: named as the problem, whatever max_tokens is (or isn't)
+    long_chat = {"messages": [{"role": "user", "content": "word " * 300}]}
+    for path, body, param in [("/v1/chat/completions", long_chat, "messages"),
+                              ("/v1/chat/completions", {**long_chat, "max_tokens": 5}, "messages"),
+                              ("/v1/completions", {"prompt": [1] * 256}, "prompt")]:
+        status, r = call(server, "POST", path, body)
+        assert status == 400 and r["error"]["param"] == param, r
+        assert r["error"]["code"] == "context_length_exceeded"
+        assert re.search(r"maximum context length is 256 tokens; you requested \d+", r["error"]["message"])
+    # the largest seed that leaves room for the n-th choice's seed+n-1 is fine
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "x", "seed": 2**63 - 2, "n": 2, "max_tokens": 2})
+    assert status == 200, r
     # invalid JSON, and a body over the limit (announced, never sent)
     status, r = call(server, "POST", "/v1/completions", raw=b"{not json")
     assert status == 400 and "JSON" in r["error"]["message"]
@@ -338,7 +394,6 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server):
     status, r = call(server, "POST", "/v1/chat/completions",
                      {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0})
     expected = r["choices"][0]["message"]["content"]
-    expected = expected[1:] if expected.startswith(" ") else expected  # the page drops the template's space
     host, port = server.server_address[:2]
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         chrome = Chromium(browser, f"http://{host}:{port}/?q=hello&temperature=0&max_tokens=12", profile)
