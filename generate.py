@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from data import encode_prompt
-from gpt import EOT, GPT, CheckpointError, die, encode, get_tokenizer, pick_device
+from gpt import EOT, GPT, CheckpointError, HelpFormatter, default_dtype, die, encode, get_tokenizer, pick_device
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -240,6 +240,16 @@ def model_device(model):
     return next(model.parameters()).device
 
 
+def check_prompt(prompt_ids, n_ctx):
+    """Raise ValueError (PromptTooLong if so) unless the prompt leaves room for at least one new token.
+    Call it before printing anything: generate_tokens checks too, but only once it is iterated."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty")
+    if len(prompt_ids) >= n_ctx:
+        raise PromptTooLong(f"the prompt is {len(prompt_ids)} tokens; the model's context holds {n_ctx} "
+                            f"(prompt plus new tokens)")
+
+
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids, params, device=None, static=None):
     """Yield new token ids one at a time, starting from `prompt_ids` (list of ints). Stops after
@@ -248,11 +258,7 @@ def generate_tokens(model, prompt_ids, params, device=None, static=None):
     decoding (default: on CUDA, as a CUDA graph). On CPU, use_decoding_layout(model) first is faster."""
     device = torch.device(device or model_device(model))
     n_ctx = model.config.block_size
-    if not prompt_ids:
-        raise ValueError("the prompt is empty")
-    if len(prompt_ids) >= n_ctx:
-        raise PromptTooLong(f"the prompt is {len(prompt_ids)} tokens; the model's context holds {n_ctx} "
-                            f"(prompt plus new tokens)")
+    check_prompt(prompt_ids, n_ctx)
     budget = min(params.max_tokens, n_ctx - len(prompt_ids))
     if budget <= 0:
         return
@@ -297,6 +303,17 @@ def generate(model, prompt_ids, params, enc=None, **kwargs):
 
 
 # ----------------------------------------------------------------------------- chat
+
+def strip_answer_start(piece, started):
+    """Chat templates cue the answer with "Assistant:" and the model learned " " + content, so an
+    answer begins with whitespace nobody wants to see. Feed the pieces of an answer in order, with
+    started=False at first: returns (the piece, its leading whitespace dropped until the answer has
+    started, started). The one place for this: generate.py's chat and serve.py use it."""
+    if not started:
+        piece = piece.lstrip()
+        started = bool(piece)
+    return piece, started
+
 
 def fit_conversation(messages, template, n_ctx, reserve, enc):
     """Prompt ids for the next answer, dropping the oldest turns (system prompts stay) until the
@@ -347,13 +364,11 @@ def chat(model, enc, params, system=None):
             continue
         answer, started = "", False
         for piece in generate(model, ids, params, enc):
-            if not started:  # templates cue the answer after "Assistant:"; skip the leading space
-                piece = piece.lstrip()
-                started = bool(piece)
+            piece, started = strip_answer_start(piece, started)
             answer += piece
             print(piece, end="", flush=True)
         print(flush=True)
-        messages.append({"role": "assistant", "content": answer.strip()})
+        messages.append({"role": "assistant", "content": answer.rstrip()})
     return messages
 
 
@@ -377,6 +392,16 @@ def answer_ids(model, prompt, enc):
     return encode(prompt, enc)
 
 
+def checked_answer_ids(model, prompt, enc):
+    """answer_ids, or a one-line error if they leave no room to answer: checked before printing."""
+    ids = answer_ids(model, prompt, enc)
+    try:
+        check_prompt(ids, model.config.block_size)
+    except ValueError as e:
+        die(str(e))
+    return ids
+
+
 def side_by_side(left, right, titles):
     """Two texts in two columns, wrapped to the terminal's width."""
     width = max(20, (shutil.get_terminal_size().columns - 3) // 2)
@@ -389,59 +414,71 @@ def side_by_side(left, right, titles):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=(
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=(
         "A prompt longer than the model's context is an error (never truncated); in --chat, the oldest "
         "turns are dropped to keep the conversation within the context."))
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir")
-    p.add_argument("--prompt", action="append", help="text to continue (repeatable)")
+    p.add_argument("--prompt", action="append", help="text (repeatable): a checkpoint with a chat template "
+                   "answers it as a user's message in that template; a base model continues it")
     p.add_argument("--chat", action="store_true", help="interactive conversation in the checkpoint's template")
     p.add_argument("--system", help="system prompt for --chat")
-    p.add_argument("--compare", nargs=2, metavar=("BASE", "OTHER"), help="answer the prompts with two models, side by side (a checkpoint with a chat template "
-                        "is asked in it; a base model continues the text)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default 0.8)")
+    p.add_argument("--compare", nargs=2, metavar=("BASE", "OTHER"),
+                   help="answer each --prompt with two models, side by side (each as --prompt would)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate per answer")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), never printed")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on CUDA, float32 elsewhere")
+                   help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere)")
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.num_samples < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
         die("--max-new-tokens and --num-samples must be >= 1, --top-k >= 0, and 0 < --top-p <= 1")
+    if args.compare and args.chat:
+        die("--compare answers --prompt; it does not go with --chat")
+    if args.compare and not args.prompt:
+        die("--compare needs --prompt")
     if not args.chat and not args.prompt:
         die("give --prompt TEXT (or --chat)")
+    if args.prompt and not all(args.prompt):
+        die("--prompt is empty")
     try:
         device = torch.device(pick_device(args.device))
     except RuntimeError as e:
         die(f"bad --device {args.device!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but no CUDA GPU is available")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
     enc = get_tokenizer()
 
     try:
         if args.compare:
             models = [load_model(name, device, dtype) for name in args.compare]
-            for prompt in args.prompt:
-                answers = ["".join(generate(m, answer_ids(m, prompt, enc), params, enc)) for m in models]
+            ids = [[checked_answer_ids(m, prompt, enc) for m in models] for prompt in args.prompt]
+            for prompt, pair in zip(args.prompt, ids):
+                answers = ["".join(generate(m, i, params, enc)) for m, i in zip(models, pair)]
                 print(f"\n=== {prompt}\n" + side_by_side(*answers, args.compare), flush=True)
             return
         model = load_model(args.model, device, dtype)
         if args.chat:
             chat(model, enc, params, args.system)
             return
-        for prompt in args.prompt:
-            ids = encode(prompt, enc)
+        asked = bool(getattr(model, "checkpoint_info", {}).get("template"))
+        ids = [checked_answer_ids(model, prompt, enc) for prompt in args.prompt]  # all, before printing any
+        for prompt, prompt_ids in zip(args.prompt, ids):
             for i in range(args.num_samples):
                 if args.num_samples > 1:
                     print(f"\n---------- sample {i + 1}", flush=True)
                 seed = None if args.seed is None else args.seed + i
-                print(prompt, end="", flush=True)
-                for piece in generate(model, ids, replace(params, seed=seed), enc):
+                # a continuation goes on from the prompt; an answer starts on a line of its own
+                print(prompt, end="\n" if asked else "", flush=True)
+                started = not asked
+                for piece in generate(model, prompt_ids, replace(params, seed=seed), enc):
+                    piece, started = strip_answer_start(piece, started)
                     print(piece, end="", flush=True)
                 print(flush=True)
     except PromptTooLong as e:

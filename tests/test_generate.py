@@ -207,6 +207,7 @@ def test_chat_answers_each_piped_line_and_stops_at_endoftext(monkeypatch, capsys
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
+    """A fine-tuned-style checkpoint: it names its chat template."""
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).eval()
     path = tmp_path_factory.mktemp("ckpt")
@@ -214,17 +215,38 @@ def ckpt(tmp_path_factory):
     return path, model
 
 
+@pytest.fixture(scope="module")
+def base_ckpt(ckpt, tmp_path_factory):
+    """The same weights saved as a base model: no template, so a prompt is text to continue."""
+    path = tmp_path_factory.mktemp("base")
+    ckpt[1].save_checkpoint(path)
+    return path, ckpt[1]
+
+
 def run_cli(*args, stdin=None):
     return subprocess.run([sys.executable, str(ROOT / "generate.py"), *args], input=stdin,
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
-def test_cli_prints_the_greedy_continuation(ckpt, enc):
-    path, model = ckpt
+def test_cli_prints_the_greedy_continuation_of_a_base_model(base_ckpt, enc):
+    path, model = base_ckpt
     r = run_cli("--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12")
     assert r.returncode == 0, r.stderr
     expected = "".join(generate(model, encode("Hello there", enc), SamplingParams(max_tokens=12, **GREEDY), enc))
+    assert expected.strip()  # the test is meaningful: the model does say something
     assert r.stdout == "Hello there" + expected + "\n"
+
+
+def test_cli_prompt_asks_a_checkpoint_with_a_template_in_its_template(ckpt, enc):
+    # the same as --compare and --chat: a fine-tuned model is asked, not continued
+    path, model = ckpt
+    r = run_cli("--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12")
+    assert r.returncode == 0, r.stderr
+    ids = encode_prompt([{"role": "user", "content": "Hello there"}], "chat", enc)
+    expected = "".join(generate(model, ids, SamplingParams(max_tokens=12, **GREEDY), enc))
+    continued = "".join(generate(model, encode("Hello there", enc), SamplingParams(max_tokens=12, **GREEDY), enc))
+    assert expected.strip() and expected.strip() != continued.strip()  # the two ways really differ
+    assert r.stdout == "Hello there\n" + expected.lstrip() + "\n"
 
 
 def test_cli_chat_with_piped_stdin(ckpt, enc):
@@ -237,14 +259,21 @@ def test_cli_chat_with_piped_stdin(ckpt, enc):
     assert r.stdout.startswith(answer)
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "long-prompt"])
-def test_cli_bad_input_is_a_one_line_error(ckpt, tmp_path, case):
-    model = {"missing": str(tmp_path / "nope"), "corrupt": str(tmp_path), "long-prompt": str(ckpt[0])}[case]
+@pytest.mark.parametrize("case", ["missing", "corrupt", "long-prompt", "long-prompt-base", "empty-prompt",
+                                  "compare-chat-without-prompt"])
+def test_cli_bad_input_is_a_one_line_error(ckpt, base_ckpt, tmp_path, case):
+    model = {"missing": str(tmp_path / "nope"), "corrupt": str(tmp_path),
+             "long-prompt-base": str(base_ckpt[0])}.get(case, str(ckpt[0]))
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    r = run_cli("--model", model, "--prompt", "word " * 200, "--max-new-tokens", "4")
+    prompt = ["--prompt", "" if case == "empty-prompt" else "word " * 200]
+    if case == "compare-chat-without-prompt":
+        r = run_cli("--compare", model, model, "--chat", "--max-new-tokens", "4", stdin="hi\n")
+    else:
+        r = run_cli("--model", model, *prompt, "--max-new-tokens", "4")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert r.stdout == ""  # nothing printed first: not even the echo of an over-long prompt
 
 
 def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, monkeypatch):
@@ -276,3 +305,12 @@ def test_decoding_layout_changes_memory_order_only(tiny_model):
     assert [m.weight.stride(0) == 1 for m in linears] == [m.out_features >= m.in_features for m in linears]
     assert tiny_model.lm_head.weight is tiny_model.wte.weight  # still tied
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+
+def test_cli_help_shows_each_default_once(capsys):
+    from generate import main
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
+    assert "(default: 128)" in out and "(default: 0.8)" in out  # from the formatter, read off the parser
+    assert "default 128" not in out and out.count("0.8") == 1  # no hand-written copies to drift
