@@ -221,7 +221,11 @@ class GPT(nn.Module):
 def get_tokenizer():
     """GPT-2's byte-level BPE from tiktoken (50257 tokens, <|endoftext|> = 50256)."""
     import tiktoken
-    return tiktoken.get_encoding("gpt2")
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads its two files on first use: no network, no tokenizer
+        die(f"cannot load GPT-2's tokenizer files ({type(e).__name__}); connect to the internet once, "
+            f"or point TIKTOKEN_CACHE_DIR at a folder that holds them")
 
 
 def encode(text, enc=None):
