@@ -163,7 +163,8 @@ def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoi
 @pytest.mark.parametrize("bad", ["data", "model"])
 def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_path, capsys, bad):
     data = tmp_path / "bad.jsonl"
-    data.write_text('{"instruction": "a", "output": "b"}\n{"prompt": "no answer here"}\n')
+    good = '{"instruction": "a", "output": "b"}\n'
+    data.write_text(good + ('{"prompt": "no answer here"}\n' if bad == "data" else ""))
     out = tmp_path / "out"
     model = tmp_path / "missing" if bad == "model" else tiny_checkpoint
     with pytest.raises(SystemExit) as e:
