@@ -29,7 +29,6 @@ the same thing: neither format has a bias-free GPT-2.
 
 import argparse
 import functools
-import json
 import os
 import struct
 from pathlib import Path

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from data import encode_prompt
-from gpt import EOT, GPT, CheckpointError, HelpFormatter, default_dtype, die, encode, get_tokenizer, pick_device
+from gpt import EOT, GPT, CheckpointError, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -445,12 +445,7 @@ def main(argv=None):
         die("give --prompt TEXT (or --chat)")
     if args.prompt and not all(args.prompt):
         die("--prompt is empty")
-    try:
-        device = torch.device(pick_device(args.device))
-    except RuntimeError as e:
-        die(f"bad --device {args.device!r}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda, but no CUDA GPU is available")
+    device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
     enc = get_tokenizer()

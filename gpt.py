@@ -245,6 +245,19 @@ def pick_device(requested=None):
     return "cpu"
 
 
+def device_or_die(requested=None):
+    """pick_device as a torch.device, for the scripts: a bad or unavailable --device is a one-line error."""
+    try:
+        device = torch.device(pick_device(requested))
+    except RuntimeError as e:
+        die(f"bad --device {requested!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        die("--device cuda, but no CUDA GPU is available")
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        die("--device mps, but MPS is not available")
+    return device
+
+
 def default_dtype(device):
     """bfloat16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere: CPUs without
     bf16 matrix units run it slower, and MPS's bf16 support is partial."""

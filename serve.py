@@ -50,7 +50,7 @@ from tqdm import tqdm
 
 from data import TEMPLATES, encode_prompt
 from generate import SamplingParams, TextStream, load_model, sample, strip_answer_start
-from gpt import EOT, HelpFormatter, default_dtype, die, encode, get_tokenizer, pick_device
+from gpt import EOT, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer
 from kernels import paged_decode_attention, paged_prefill_attention, write_kv
 
 BLOCK = 16  # tokens per KV block
@@ -1146,12 +1146,7 @@ def main(argv=None):
         die("--gpu-memory-utilization must be in (0, 1]")
     if args.max_num_seqs < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
         die("--max-num-seqs must be >= 1, --max-waiting >= 0, --port in 0..65535")
-    try:
-        device = torch.device(pick_device(args.device))
-    except RuntimeError as e:
-        die(f"bad --device {args.device!r}: {e}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        die("--device cuda, but no CUDA GPU is available")
+    device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
     # Listen first, so /health can say "loading" (503) while the weights come in.

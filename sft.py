@@ -37,7 +37,7 @@ from tqdm import tqdm
 from data import (TEMPLATES, DataError, default_template, encode_examples, eval_batches, format_prompt,
                   iterate_batches, load_conversations, split_dataset)
 from generate import PromptTooLong, SamplingParams, fit_conversation, generate_tokens
-from gpt import GPT, SIZES, CheckpointError, HelpFormatter, die, get_tokenizer, pick_device, write_json_atomic
+from gpt import GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die, get_tokenizer, write_json_atomic
 from train import evaluate, lr_at, make_optimizer, train_step
 
 # ----------------------------------------------------------------------------- LoRA
@@ -205,7 +205,7 @@ def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
     torch.manual_seed(args.seed)
-    device = pick_device(args.device)
+    device = str(device_or_die(args.device))
     enc = get_tokenizer()
 
     # Everything that can fail on bad input (model, data, flags) happens before anything is written.

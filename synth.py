@@ -28,9 +28,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-import torch
-
-from gpt import default_dtype, die, pick_device
+from gpt import default_dtype, device_or_die, die
 
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
             "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 256, "seed": 0,
@@ -201,7 +199,7 @@ def engine_generate(model, device=None):
     from generate import SamplingParams, load_model
     from serve import Engine
 
-    device = torch.device(pick_device(device))
+    device = device_or_die(device)
     engine = Engine(load_model(model, device, default_dtype(device)))  # a bad checkpoint: one-line error
 
     def generate(prompts, cfg):

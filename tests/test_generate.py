@@ -1,6 +1,5 @@
 """generate.py: KV-cache correctness, sampling filters, stop strings, UTF-8-safe streaming, the CLI."""
 import io
-import math
 import subprocess
 import sys
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import sft
-from data import IGNORE, collate, encode_examples
+from data import collate, encode_examples
 from gpt import GPT, GPTConfig
 from sft import LoRALinear, add_lora, lora_merged, merge_lora
 from train import make_optimizer, train_step

@@ -15,7 +15,7 @@ import torch
 
 import data
 import train
-from gpt import EOT, GPT, GPTConfig, encode, get_tokenizer
+from gpt import EOT, GPT, GPTConfig, encode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "64", "--batch-size", "4",
