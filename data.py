@@ -104,6 +104,35 @@ def format_prompt(messages, template):
     return "".join("<|endoftext|>" if t == EOT else t for t, _ in _pieces(messages, template))
 
 
+def jinja_template(template):
+    """The template as a Jinja chat template, for the exports (Hugging Face's tokenizer_config.json,
+    GGUF's tokenizer.chat_template): other runtimes format a conversation with it the way
+    format_prompt does (tests/test_export.py checks that the two agree). Built from the same
+    strings as _pieces, so the two cannot drift apart silently."""
+    q = json.dumps  # a Python string as a Jinja string literal (JSON string syntax is valid Jinja)
+    system = "{%- for m in messages if m.role == 'system' %}{{ m.content + " + q("\n\n") + " }}{% endfor %}"
+    if template == "alpaca":
+        return ("{%- set ns = namespace(has_input=false) %}"
+                "{%- for m in messages if m.input is defined and m.input %}{% set ns.has_input = true %}{% endfor %}"
+                + system +
+                "{{ " + q(ALPACA_PREAMBLE_INPUT) + " if ns.has_input else " + q(ALPACA_PREAMBLE) + " }}"
+                "{%- for m in messages if m.role != 'system' %}"
+                "{%- if m.role == 'user' %}{{ " + q("### Instruction:\n") + " + m.content + " + q("\n\n") + " }}"
+                "{%- if m.input is defined and m.input %}{{ " + q("### Input:\n") + " + m.input + " + q("\n\n") + " }}{% endif %}"
+                "{{ " + q("### Response:\n") + " }}"
+                "{%- else %}{{ m.content + " + q("<|endoftext|>\n\n") + " }}{% endif %}"
+                "{%- endfor %}")
+    if template == "chat":
+        return (system +
+                "{%- for m in messages if m.role != 'system' %}"
+                "{%- if m.role == 'user' %}{{ " + q("User: ") + " + m.content }}"
+                "{%- if m.input is defined and m.input %}{{ " + q("\n\n") + " + m.input }}{% endif %}"
+                "{{ " + q("\nAssistant:") + " }}"
+                "{%- else %}{{ " + q(" ") + " + m.content + " + q("<|endoftext|>\n") + " }}{% endif %}"
+                "{%- endfor %}")
+    raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
+
+
 # ----------------------------------------------------------------------------- 2. pretraining data
 # Pretraining reads one long stream of tokens: every document's tokens, each document preceded by
 # <|endoftext|>, so the model learns where a text begins and that what came before is unrelated.

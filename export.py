@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data import jinja_template
 from gpt import CONV1D, EOT, GPT, CheckpointError, die, get_tokenizer, write_json_atomic, write_safetensors
 
 EOT_TEXT = "<|endoftext|>"
@@ -141,6 +142,13 @@ def hf_config(config, dtype="f32"):
     }
 
 
+def chat_template(model):
+    """The fine-tuned model's template name (recorded by sft.py), or None for a base model. The
+    exports carry it as a Jinja chat template, so `apply_chat_template` in transformers and
+    llama-server's chat endpoint format conversations the way the model was trained."""
+    return getattr(model, "checkpoint_info", {}).get("template")
+
+
 def export_hf(model, directory, dtype="f32"):
     """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer (and vLLM) load."""
     check_vocab(model.config)
@@ -172,6 +180,7 @@ def export_hf(model, directory, dtype="f32"):
         "added_tokens_decoder": {str(EOT): {"content": EOT_TEXT, "special": True, "lstrip": False,
                                             "rstrip": False, "normalized": True, "single_word": False}},
         **special,
+        **({"chat_template": jinja_template(chat_template(model))} if chat_template(model) else {}),
     })
     return directory
 
@@ -295,6 +304,7 @@ def gguf_metadata(model, name, dtype="f32"):
         "tokenizer.ggml.eos_token_id": EOT,
         "tokenizer.ggml.unknown_token_id": EOT,
         "tokenizer.ggml.add_bos_token": False,
+        **({"tokenizer.chat_template": jinja_template(chat_template(model))} if chat_template(model) else {}),
     }
 
 

@@ -287,3 +287,29 @@ def test_cli_help_and_no_traceback_in_a_real_process(tmp_path):
     assert "--to" in run("--help").stdout
     p = run(tmp_path, "--to", "gguf", tmp_path / "m.gguf")  # a directory without model.safetensors
     assert p.returncode != 0 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+@pytest.mark.parametrize("template", ["chat", "alpaca"])
+def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
+    """transformers' apply_chat_template formats a conversation exactly as our template does, and the
+    GGUF file carries the same template for llama-server; a base model exports none."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from data import format_prompt, jinja_template
+    tiny.save_checkpoint(tmp_path / "ckpt", template=template)
+    model = GPT.from_pretrained(tmp_path / "ckpt")
+    export.export_hf(model, tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    conversations = [
+        [{"role": "user", "content": "Name a color."}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+         {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}],
+    ]
+    for messages in conversations:
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+            format_prompt(messages, template)
+    export.export_gguf(model, tmp_path / "m.gguf")
+    assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.chat_template") == jinja_template(template)
+    export.export_hf(tiny, tmp_path / "base")
+    assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
