@@ -322,14 +322,17 @@ def build_parser():
     g.add_argument("--block-size", type=int, help=f"context length (small model: {SMALL_MODEL['block_size']})")
     g.add_argument("--dropout", type=float, default=0.0)
     g = p.add_argument_group("optimization")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per micro-batch, per process")
+    # The defaults are the CPU run: 8 x 256 = 2,048 tokens a step, 1,000 steps = 2M tokens, about 20
+    # minutes on a 2-core VM (1,600 tok/s) and a few on a laptop; TinyStories-like sentences appear
+    # after ~250k tokens (measured on ../shared/data/tinystories_sample.txt, step 125).
+    g.add_argument("--batch-size", type=int, default=8, help="sequences per micro-batch, per process")
     g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the context length)")
     g.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per optimizer step, reached by gradient accumulation (default: one micro-batch per process)")
-    g.add_argument("--max-steps", type=int, default=2000)
+    g.add_argument("--max-steps", type=int, default=1000)
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
-    g.add_argument("--warmup", type=int, default=100, help="warmup steps")
+    g.add_argument("--warmup", type=int, default=50, help="warmup steps")
     g.add_argument("--weight-decay", type=float, default=0.1)
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
     g.add_argument("--seed", type=int, default=1337)
