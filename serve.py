@@ -718,6 +718,12 @@ class ApiError(Exception):
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
 
+# OpenAI request fields this server does not implement, with the values that ask for nothing
+UNSUPPORTED = {"echo": (False, None), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "tools": (None, []),
+               "response_format": (None, {"type": "text"})}
+
+
 def _field(body, name, kinds, default, ok=None, rule=""):
     """body[name] checked to be of `kinds` (bool is never a number) and to satisfy `ok`."""
     value = body.get(name, default)
@@ -741,6 +747,9 @@ class Api:
         stream, include_usage)."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
+        for name, neutral in UNSUPPORTED.items():  # refused, not silently ignored
+            if name in body and body[name] not in neutral:
+                raise ApiError(400, f"'{name}' is not supported by this server", param=name)
         model = body.get("model")
         if model is not None and model != self.model_name:
             raise ApiError(404, f"the model '{model}' does not exist; this server has '{self.model_name}'",
@@ -992,7 +1001,9 @@ class Handler(BaseHTTPRequestHandler):
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                 "created": int(time.time()), "model": api.model_name}
-        prompt_tokens = sum(len(p) for p in prompts) * n
+        if include_usage:
+            head["usage"] = None  # OpenAI's schema: null on every chunk, the numbers on the last one
+        prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices (as OpenAI counts)
         choices = [{"text": [], "tokens": [], "lps": [], "tops": [], "offsets": [], "offset": 0, "reason": None,
                     "started": not chat}  # a chat answer has not started until its first non-space
                    for _ in seqs]

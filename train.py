@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import IGNORE, get_batch, load_tokens, prepare_pretrain_data
-from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, HelpFormatter, die, get_tokenizer, load_state_from_file, pick_device,
+from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, HelpFormatter, die, get_tokenizer, device_or_die, load_state_from_file,
                  read_checkpoint_json)
 
 
@@ -200,7 +200,7 @@ def setup_distributed(device=None):
     """-> (ddp, rank, local_rank, world_size, device). Under torchrun (RANK etc. in the environment)
     join the process group: NCCL with one GPU per process on CUDA, gloo on CPU."""
     if "RANK" not in os.environ:
-        return False, 0, 0, 1, pick_device(device)
+        return False, 0, 0, 1, str(device_or_die(device))
     rank, local_rank, world = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     if torch.cuda.is_available() and (device is None or device.startswith("cuda")):
         device = f"cuda:{local_rank}"
@@ -320,7 +320,7 @@ def build_parser():
     g.add_argument("--n-head", type=int, help=f"override (small model: {SMALL_MODEL['n_head']})")
     g.add_argument("--n-embd", type=int, help=f"override (small model: {SMALL_MODEL['n_embd']})")
     g.add_argument("--block-size", type=int, help=f"context length (small model: {SMALL_MODEL['block_size']})")
-    g.add_argument("--dropout", type=float, default=0.0)
+    g.add_argument("--dropout", type=float, default=0.0, help="dropout probability (0 for pretraining, as GPT-2 on large data)")
     g = p.add_argument_group("optimization")
     # The defaults are the CPU run: 8 x 256 = 2,048 tokens a step, 1,000 steps = 2M tokens, about 20
     # minutes on a 2-core VM (1,600 tok/s) and a few on a laptop; TinyStories-like sentences appear
@@ -329,13 +329,13 @@ def build_parser():
     g.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: the context length)")
     g.add_argument("--batch-tokens", type=int, default=None,
                    help="tokens per optimizer step, reached by gradient accumulation (default: one micro-batch per process)")
-    g.add_argument("--max-steps", type=int, default=1000)
+    g.add_argument("--max-steps", type=int, default=1000, help="optimizer steps in the whole run")
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=None, help="final learning rate (default: lr / 10)")
     g.add_argument("--warmup", type=int, default=50, help="warmup steps")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay on the matrices")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=int, default=1337, help="seeds the initial weights, dropout and sampling")
     g = p.add_argument_group("running")
     g.add_argument("--device", default=None, help="cuda, cpu, mps (default: the best available)")
     g.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
@@ -359,8 +359,8 @@ def parse_args(argv):
     """Flags, over the preset's defaults, over (with --resume) the run's saved flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.preset:
-        parser.set_defaults(**PRESETS[args.preset])
+    if args.preset:  # the recipe's model is from scratch; with --init the weights say what it is
+        parser.set_defaults(**{k: v for k, v in PRESETS[args.preset].items() if not (k == "model" and args.init)})
     if args.resume:
         run = Path(args.resume)
         if (run / STATE_FILE).exists() and not (run / "checkpoint").exists():
@@ -504,7 +504,7 @@ def main(argv=None):
     stats, saved_at = {}, None
     try:
         while True:
-            last = step == args.max_steps
+            last = step >= args.max_steps  # >=: a run resumed past a lowered --max-steps stops too
             if step % args.eval_every == 0 or last:
                 val_loss = evaluate(model, val_batches, autocast)
                 log({"step": step, "val_loss": val_loss})

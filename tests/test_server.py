@@ -97,6 +97,8 @@ def test_stream_equals_non_stream_and_n_choices(server):
                         {**body, "stream": True, "stream_options": {"include_usage": True}})
     events = sse_events(text)
     assert events[-1]["choices"] == [] and events[-1]["usage"] == full["usage"]
+    assert all(ev["usage"] is None for ev in events[:-1])  # include_usage: null until the last chunk
+    assert full["usage"]["prompt_tokens"] == 3 + 1  # each prompt counted once, whatever n is ("Hello" is 1 token)
     texts, reasons = ["", "", "", ""], [None] * 4
     for ev in events[:-1]:
         for c in ev["choices"]:
@@ -238,6 +240,9 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
         ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt"),
         ("POST", "/v1/completions", {"prompt": [99999999]}, 400, "prompt"),
         ("POST", "/v1/completions", [1, 2], 400, None),
+        ("POST", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),  # unsupported: refused, not ignored
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                          "presence_penalty": 0.5}, 400, "presence_penalty"),
         ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
         ("POST", "/v1/chat/completions", {"messages": [{"role": "assistant", "content": "hi"}]}, 400, "messages"),
         ("POST", "/v1/completions", {"prompt": "x", "model": "gpt-4"}, 404, "model"),

@@ -213,6 +213,9 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, story_data):
     assert sorted(whole) == list(range(8))
     assert parts == whole  # bit for bit, every step before and after the stop
     assert parts_val == whole_val
+    # resumed with a --max-steps it has already passed, the run stops at once instead of running on
+    train.main(["--resume", str(tmp_path / "parts"), "--max-steps", "6"])
+    assert read_log(tmp_path / "parts")[0] == whole
 
 
 def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, story_data):
@@ -252,3 +255,9 @@ def test_ddp_two_processes_match_one(tmp_path, story_data):
     assert sorted(ddp_val) == [0, 2, 4]
     for step in one_val:
         assert ddp_val[step] == pytest.approx(one_val[step], rel=1e-5, abs=1e-5)
+
+
+def test_preset_with_init_takes_the_model_from_the_weights():
+    args = train.parse_args(["--preset", "gpt2-124m", "--init", "gpt2"])
+    assert args.init == "gpt2" and args.model is None and args.batch_tokens == 524288
+    assert train.parse_args(["--preset", "gpt2-124m"]).model == "gpt2"
