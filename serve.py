@@ -557,7 +557,7 @@ class Engine:
         for i, seq in enumerate(batch):
             seq.num_computed = len(seq.tokens)
             self.blocks.register(seq)
-            tok = int(tokens[i])
+            tok = tokens[i]  # (a Python int: _sample moved them to the host in one transfer)
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 ttft = now - seq.arrival

@@ -4,10 +4,9 @@ import struct
 
 import pytest
 import torch
+import transformers  # a dev requirement (requirements-dev.txt): parity is checked against it, never skipped
 
 from gpt import GPT, GPTConfig, CheckpointError, encode, get_tokenizer, read_safetensors_header, write_safetensors
-
-transformers = pytest.importorskip("transformers")  # a dev requirement: the suite installs it, so this never skips in CI
 
 
 def hub_layout_file(tmp_path, hf_model, with_config=True):
