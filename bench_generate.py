@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from generate import SamplingParams, generate_tokens, use_decoding_layout
+from generate import SamplingParams, generate_tokens, pack_for_cpu
 from gpt import GPT, die, pick_device, write_safetensors
 
 
@@ -54,7 +54,7 @@ def main():
         write_safetensors(path, {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
         ours = GPT.from_pretrained(path, device=device, dtype=dtype)
     if device.type == "cpu":  # as generate.py's CLI does
-        use_decoding_layout(ours)
+        pack_for_cpu(ours)
     hf = hf.to(device=device, dtype=dtype)
 
     prompt = torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()

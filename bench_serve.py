@@ -22,7 +22,7 @@ import time
 import torch
 
 from gpt import GPT, SIZES, CheckpointError, GPTConfig, die, pick_device
-from generate import SamplingParams
+from generate import SamplingParams, pack_for_cpu
 from serve import Engine
 
 
@@ -189,17 +189,22 @@ def main(argv=None):
     print(f"{args.num_requests} requests, prompts {args.min_len}..{args.max_len}, outputs {args.min_out}..{args.max_out} "
           f"tokens; {args.model} on {device} ({dtype})", flush=True)
 
+    hf = None
+    if args.hf_mode != "none":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            die("transformers is not installed (pip install -r requirements-dev.txt), or pass --hf-mode none")
+        hf = hf_model(model)  # (before packing: transformers gets the plain weights)
+    if device.type == "cpu":  # as serve.py's CLI does
+        pack_for_cpu(model)
+
     tokens, seconds, ttfts, engine = bench_engine(model, requests, args)
     ours = summary("serve.Engine", tokens, seconds, ttfts)
     print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
     del engine
-    if args.hf_mode == "none":
+    if hf is None:
         return
-    try:
-        import transformers  # noqa: F401
-    except ImportError:
-        die("transformers is not installed (pip install -r requirements-dev.txt), or pass --hf-mode none")
-    hf = hf_model(model)
     mode = args.hf_mode
     if mode == "auto":
         # transformers' continuous batching sizes its cache from free memory, which on a CPU it

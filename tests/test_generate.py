@@ -293,17 +293,35 @@ def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, 
     assert len(samples) == 2 and samples[0][1:] != samples[1][1:]
 
 
-def test_decoding_layout_changes_memory_order_only(tiny_model):
-    from generate import use_decoding_layout
-    idx = torch.randint(0, 50257, (1, 10))
+def test_packed_model_computes_the_same_logits_and_greedy_tokens(tiny_model):
+    import copy
+    from generate import PackedLinear, pack_for_cpu
+    packed = pack_for_cpu(copy.deepcopy(tiny_model))
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every matmul is packed
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 4 + 1  # head included
+    idx = torch.randint(0, 50257, (2, 10))
     with torch.no_grad():
-        before = tiny_model(idx)
-        use_decoding_layout(tiny_model)
-        after = tiny_model(idx)
+        torch.testing.assert_close(packed(idx), tiny_model(idx), atol=1e-5, rtol=1e-5)
+    prompt = idx[0].tolist()
+    params = SamplingParams(max_tokens=40, temperature=0.0)
+    plain = list(generate_tokens(tiny_model, prompt, params))
+    assert list(generate_tokens(packed, prompt, params)) == plain
+    assert list(generate_tokens(packed, prompt, params, static=True)) == plain
+
+
+def test_pack_for_cpu_returns_the_model_unchanged_when_it_cannot_pack(tiny_model, monkeypatch):
+    import generate
     linears = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)]
-    assert [m.weight.stride(0) == 1 for m in linears] == [m.out_features >= m.in_features for m in linears]
-    assert tiny_model.lm_head.weight is tiny_model.wte.weight  # still tied
-    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+
+    def refuse(self, x):
+        raise RuntimeError("unsupported")
+    monkeypatch.setattr(generate.PackedLinear, "forward", refuse)  # the probe call fails
+    assert generate.pack_for_cpu(tiny_model) is tiny_model
+    assert [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)] == linears  # nothing half-swapped
+    monkeypatch.undo()
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    generate.pack_for_cpu(tiny_model)
+    assert [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)] == linears
 
 
 def test_cli_help_shows_each_default_once(capsys):

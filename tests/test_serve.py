@@ -45,6 +45,17 @@ def test_greedy_batch_matches_one_at_a_time(model):
     assert all(o.finish_reason == "length" and len(o.token_ids) == p.max_tokens for o, p in zip(outs, params))
 
 
+def test_a_cpu_packed_model_serves_the_same_tokens(model):
+    import copy
+    from generate import pack_for_cpu
+    packed = pack_for_cpu(copy.deepcopy(model))  # what serve.py's CLI runs on a CPU
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
+    prompts = random_prompts(6, seed=7)
+    params = [greedy(n) for n in (20, 3, 30, 11, 25, 8)]
+    outs = Engine(packed, max_num_seqs=4).generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
+
+
 def test_preemption_keeps_outputs_identical(model):
     prompts = random_prompts(8, seed=2, lo=20, hi=50)
     params = [greedy(40)] * len(prompts)
