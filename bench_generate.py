@@ -35,6 +35,7 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
+    p.add_argument("--no-pack", action="store_true", help="on a CPU, keep nn.Linear's weights unpacked (to see what packing gives)")
     args = p.parse_args()
     if args.prompt_len < 1 or args.new_tokens < 1 or args.prompt_len + args.new_tokens > 1024:
         die("--prompt-len and --new-tokens must be >= 1 and fit in GPT-2's 1024-token context together")
@@ -53,7 +54,7 @@ def main():
         path = os.path.join(tmp, "model.safetensors")
         write_safetensors(path, {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
         ours = GPT.from_pretrained(path, device=device, dtype=dtype)
-    if device.type == "cpu":  # as generate.py's CLI does
+    if device.type == "cpu" and not args.no_pack:  # as generate.py's CLI does
         pack_for_cpu(ours)
     hf = hf.to(device=device, dtype=dtype)
 
@@ -77,7 +78,8 @@ def main():
         sync(device)
         return time.perf_counter() - t0, tokens
 
-    print(f"device {device}, {args.dtype}, {torch.get_num_threads()} threads, GPT-2 124M (random weights), "
+    packed = " (weights not packed)" if args.no_pack and device.type == "cpu" else ""
+    print(f"device {device}{packed}, {args.dtype}, {torch.get_num_threads()} threads, GPT-2 124M (random weights), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
     best = {"ours": float("inf"), "hf": float("inf")}
     tokens = {}
