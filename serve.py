@@ -13,11 +13,14 @@ in flight, of every length, arriving and leaving at any moment. This is the vLLM
                 for a length a request may never reach. Full blocks are also remembered by their
                 content (prefix caching): a request that starts like an earlier one (a system
                 prompt, a chat history) reuses those blocks instead of computing them again.
-  Scheduler     Decides, at every step, which sequences run: each running sequence decodes one
-                token, and waiting prompts are prefilled in the same forward pass while the token
-                budget lasts (continuous batching: requests join and leave the batch at any step).
-                When blocks run out, the youngest sequence is preempted: its blocks are freed and
-                it is recomputed later (its generated tokens are kept).
+  Scheduler     Decides, at every step, which sequences run and how many tokens each computes:
+                each running sequence decodes one token, and prompts are prefilled in the same
+                forward pass while the token budget lasts (continuous batching: requests join and
+                leave the batch at any step). A prompt longer than what is left of the budget is
+                prefilled in chunks over several steps (chunked prefill), so one long prompt
+                never freezes the token streams of everyone else. When blocks run out, the
+                youngest sequence is preempted: its blocks are freed and it is recomputed later
+                (its generated tokens are kept).
   ModelRunner   Owns the KV pool and runs the model on a packed batch (all new tokens of all
                 sequences in one row) through gpt.py's cache seam; decode steps can be replayed
                 as CUDA graphs.
@@ -65,7 +68,9 @@ WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 class Sequence:
     """One prompt and its growing completion. `tokens` is prompt + output; the first `num_computed`
-    of them have their keys and values in the cache (blocks of `block_table`)."""
+    of them have their keys and values in the cache (blocks of `block_table`). In a step, the
+    scheduler sets `num_new`: how many of the others this step computes (one for a decode, the whole
+    rest or a chunk of it for a prefill)."""
 
     _ids = itertools.count()
 
@@ -80,7 +85,7 @@ class Sequence:
         if params.seed is not None:  # a seeded request samples from its own random stream
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
         self.status, self.finish_reason = WAITING, None
-        self.block_table, self.num_computed = [], 0
+        self.block_table, self.num_computed, self.num_new = [], 0, 0
         self.num_hashed, self.last_hash = 0, None  # leading blocks registered in the prefix cache
         self.arrival, self.first_token_time = time.perf_counter(), None
 
@@ -222,9 +227,25 @@ class BlockManager:
 # ----------------------------------------------------------------------------- the scheduler
 
 class Scheduler:
-    """Waiting and running queues. Each step: every running sequence decodes one token (making room
-    by preempting the youngest when blocks run out), then waiting sequences are admitted, oldest
-    first, while the token budget, the sequence cap and the free blocks allow."""
+    """Waiting and running queues, and a budget of `max_num_batched_tokens` tokens per step, spent
+    in this order:
+
+      1. Decodes: every running sequence whose prompt is computed gets its one next token, oldest
+         first (making room by preempting the youngest when blocks run out). They go first
+         because a user is watching each of those streams: a long prompt arriving must not
+         freeze them (it would, for as long as its whole prefill takes, without chunking).
+      2. Unfinished prefills (running sequences admitted in an earlier step) get their next chunk:
+         a prompt once started finishes before newer ones start, so its first token is not
+         postponed forever by newcomers.
+      3. Waiting sequences are admitted, oldest first, while the budget, the sequence cap and the
+         free blocks allow. The last one admitted gets what is left of the budget, which may be
+         only a chunk of its prompt: the rest follows in the next steps (chunked prefill). So a
+         prompt longer than the whole budget is fine, and a step never idles budget that a
+         waiting prompt could use.
+
+    A chunk costs little extra: attention over the cached earlier chunks, and every matmul sees
+    the same tokens it would have seen in one piece. A sequence samples its next token only in the
+    step that computes the last of its tokens; earlier chunks produce no output at all."""
 
     def __init__(self, blocks, max_num_seqs, max_num_batched_tokens):
         self.blocks = blocks
@@ -233,36 +254,51 @@ class Scheduler:
         self.num_preemptions = 0
 
     def schedule(self):
-        """The sequences to run this step; each feeds its tokens[num_computed:]."""
+        """The sequences to run this step, in the order decodes, unfinished prefills, admissions;
+        each computes its tokens[num_computed:num_computed + num_new]."""
+        budget = self.max_num_batched_tokens
         batch = []
-        for seq in list(self.running):
-            if seq.status != RUNNING:  # preempted earlier in this loop
-                break
+        for seq in list(self.running):  # 1. decodes
+            if seq.status != RUNNING or budget == 0:  # preempted (the youngest, so all after it too)
+                break  # or no budget left: the younger decodes wait for the next step
+            if len(seq.tokens) - seq.num_computed > 1:  # a prefill under way: its turn comes in 2.
+                continue
             while seq.status == RUNNING and self.blocks.needs_block(seq) and self.blocks.num_free == 0:
                 self.preempt(self.running[-1])  # the youngest: never one already in this batch
             if seq.status != RUNNING:  # it was the youngest itself
                 break
             if self.blocks.needs_block(seq):
                 self.blocks.append_block(seq)
+            seq.num_new = 1
             batch.append(seq)
-        budget = self.max_num_batched_tokens - len(batch)
-        while self.waiting and len(self.running) < self.max_num_seqs:
+            budget -= 1
+        for seq in self.running:  # 2. unfinished prefills (their blocks were all given at admission)
+            left = len(seq.tokens) - seq.num_computed
+            if left > 1 and budget > 0:
+                seq.num_new = min(left, budget)
+                batch.append(seq)
+                budget -= seq.num_new
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3. admissions
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq.tokens)
-            new_tokens = len(seq.tokens) - len(hits) * BLOCK
-            if new_tokens > budget or not self.blocks.can_allocate(len(seq.tokens), hits):
+            # Blocks for the whole prompt are taken now, not chunk by chunk: a prefill once started
+            # never waits for memory halfway (only decodes grow, one block at a time).
+            if not self.blocks.can_allocate(len(seq.tokens), hits):
                 break  # strictly first come, first served: nobody overtakes the head of the queue
             self.blocks.allocate(seq, hits)
             self.waiting.popleft()
             seq.status = RUNNING
             self.running.append(seq)
+            seq.num_new = min(len(seq.tokens) - seq.num_computed, budget)
             batch.append(seq)
-            budget -= new_tokens
+            budget -= seq.num_new
         return batch
 
     def preempt(self, seq):
         """Free a running sequence's blocks and put it at the front of the queue: it will be prefilled
-        again (prompt and the tokens generated so far), usually partly from the prefix cache."""
+        again (prompt and the tokens generated so far), usually partly from the prefix cache. A
+        sequence halfway through a chunked prefill is preempted the same way: the blocks it has
+        computed stay in the prefix cache, the others were never registered."""
         self.running.remove(seq)
         self.blocks.free_seq(seq)
         seq.status = WAITING
@@ -355,8 +391,8 @@ class ModelRunner:
         ids, pos, slots, tables, ctx, qlens, fresh = [], [], [], [], [], [], []
         num_decode = 0
         for seq in batch:
-            start, end = seq.num_computed, len(seq.tokens)
-            if end - start == 1:
+            start, end = seq.num_computed, seq.num_computed + seq.num_new
+            if end - start == 1:  # (a one-token prefill chunk is a decode, as attention sees it)
                 num_decode += 1
             else:
                 qlens.append(end - start)
@@ -371,8 +407,8 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run(self, batch):
-        """Logits (len(batch), vocab) for the last token of each sequence. `batch` must list the
-        decode sequences (one new token) before the prefills (Engine.step orders it)."""
+        """Logits (len(batch), vocab) for the last new token of each sequence. `batch` must list the
+        sequences with one new token (decodes) before the prefills (Engine.step orders it)."""
         idx, pos, slots, nd, tables, ctx, qlens, fresh = self._inputs(batch)
         if nd == len(batch) and self.graphs:
             size = next((s for s in sorted(self.graphs) if s >= nd), None)
@@ -441,6 +477,9 @@ class Engine:
     returns a StepOutput per sequence that moved; abort() cancels. add_request and abort may be
     called from any thread (they go through an inbox that step() drains); step() from one only.
 
+    `max_num_batched_tokens` is the token budget of one step (forward pass); a prompt longer than
+    what is left of it is prefilled in chunks over several steps.
+
     The KV pool gets `num_blocks` blocks, or as many as `kv_cache_memory` bytes hold; on CUDA the
     default is `gpu_memory_utilization` of the free memory, elsewhere 1 GiB (capped at what
     max_num_seqs full contexts need)."""
@@ -450,12 +489,12 @@ class Engine:
         self.model, self.enc = model, enc or get_tokenizer()
         cfg = model.config
         self.n_ctx = cfg.block_size
-        max_num_batched_tokens = max_num_batched_tokens or max(self.n_ctx, 2048)
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048
         if max_num_seqs < 1:
             raise ValueError("max_num_seqs must be at least 1")
-        if max_num_batched_tokens < self.n_ctx:
-            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must hold one full context "
-                             f"({self.n_ctx} tokens): a prompt is prefilled in one step")
+        if max_num_batched_tokens < 1:  # (any positive budget works: longer prompts are prefilled in chunks)
+            raise ValueError(f"max_num_batched_tokens must be at least 1, not {max_num_batched_tokens}")
         device, dtype = model.wte.weight.device, model.wte.weight.dtype
         per_block = ModelRunner.bytes_per_block(cfg, dtype)
         need = math.ceil(self.n_ctx / BLOCK)  # blocks for one full-context sequence
@@ -549,14 +588,22 @@ class Engine:
         batch = self.scheduler.schedule()
         if not batch:
             return outputs
-        batch.sort(key=lambda s: len(s.tokens) - s.num_computed > 1)  # decodes first (stable)
+        batch.sort(key=lambda s: s.num_new > 1)  # one-token rows (decodes) first, as the runner packs them (stable)
         logits = self.runner.run(batch)
+        ready = []  # rows of the sequences now fully computed: only they sample a token
+        for i, seq in enumerate(batch):
+            seq.num_computed += seq.num_new
+            self.blocks.register(seq)  # (full blocks whose k/v are now written, and only those)
+            if seq.num_computed == len(seq.tokens):
+                ready.append(i)
+        if len(ready) < len(batch):  # a prefill chunk in the middle of a prompt: no token, no output
+            batch, logits = [batch[i] for i in ready], logits[ready]
+        if not batch:
+            return outputs
         tokens = self._sample(batch, logits)
         logprobs = self._logprobs(batch, logits, tokens)
         now = time.perf_counter()
         for i, seq in enumerate(batch):
-            seq.num_computed = len(seq.tokens)
-            self.blocks.register(seq)
             tok = tokens[i]  # (a Python int: _sample moved them to the host in one transfer)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -1137,8 +1184,10 @@ def main(argv=None):
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
-    p.add_argument("--max-num-batched-tokens", type=int, default=None,
-                   help="most tokens in one forward pass (default: max(context, 2048))")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="most tokens in one forward pass (a step's token budget): running decodes come first, "
+                        "longer prompts are prefilled in chunks over several steps; smaller = steadier "
+                        "streams, larger = faster first tokens and throughput")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences beyond which requests get 503")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV-cache size, e.g. 256MB or 2GiB or 1.5 (GiB) (default on CUDA: --gpu-memory-utilization "
@@ -1155,8 +1204,8 @@ def main(argv=None):
             die(f"--kv-cache-memory: {e}")
     if not 0 < args.gpu_memory_utilization <= 1:
         die("--gpu-memory-utilization must be in (0, 1]")
-    if args.max_num_seqs < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
-        die("--max-num-seqs must be >= 1, --max-waiting >= 0, --port in 0..65535")
+    if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
+        die("--max-num-seqs and --max-num-batched-tokens must be >= 1, --max-waiting >= 0, --port in 0..65535")
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 

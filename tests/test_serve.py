@@ -98,9 +98,10 @@ def test_hash_collision_never_returns_wrong_kv(model, monkeypatch):
     assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
 
 
-def test_block_accounting_with_random_arrivals_aborts_and_preemptions(model):
+@pytest.mark.parametrize("budget", [2048, 7])  # 7: most prompts prefilled in chunks, aborted halfway too
+def test_block_accounting_with_random_arrivals_aborts_and_preemptions(model, budget):
     rng = random.Random(7)
-    engine = Engine(model, num_blocks=12, max_num_seqs=5)
+    engine = Engine(model, num_blocks=12, max_num_seqs=5, max_num_batched_tokens=budget)
     free = engine.blocks.num_free
     prompts = random_prompts(40, seed=8, lo=1, hi=70)
     prompts += [prompts[0][:32] + p for p in random_prompts(10, seed=9, lo=1, hi=20)]  # shared prefixes
@@ -150,22 +151,25 @@ def test_stop_string_ends_the_text(model):
     assert len(out.token_ids) < 30
 
 
-def test_seeded_sampling_matches_generate(model):
+@pytest.mark.parametrize("budget", [2048, 8])  # 8: chunks sample nothing, so the random streams stay in step
+def test_seeded_sampling_matches_generate(model, budget):
     prompts = random_prompts(4, seed=11)
     params = [SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=100 + i) for i in range(4)]
-    outs = Engine(model).generate(prompts, params, use_tqdm=False)
+    outs = Engine(model, max_num_batched_tokens=budget).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
-    again = Engine(model).generate(prompts, params, use_tqdm=False)
+    again = Engine(model, max_num_batched_tokens=budget).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [o.token_ids for o in again]
 
 
-def test_logprobs_are_the_models(model):
+@pytest.mark.parametrize("budget", [2048, 5])  # 5: the 12-token prompt takes three steps
+def test_logprobs_are_the_models(model, budget):
     prompt = random_prompts(1, seed=12, lo=12, hi=12)[0]
-    engine = Engine(model)
+    engine = Engine(model, max_num_batched_tokens=budget)
     engine.add_request(prompt, greedy(4), logprobs=3)
     outs = []
     while engine.has_work():
         outs += engine.step()
+    assert len(outs) == 4  # one output per token: the prompt's first chunks report nothing
     ids = prompt + [o.token for o in outs[:-1]]
     with torch.no_grad():
         lp = F.log_softmax(model(torch.tensor([ids]))[0, len(prompt) - 1:].float(), -1)
@@ -218,3 +222,97 @@ def test_engine_loop_submit_admits_all_or_none(model):
             loop.submit([good, bad, good], sink=None)
         assert not loop.engine.has_work() and loop.engine.num_waiting == 0
     assert len(loop.submit([good, good], sink=None)) == 2 and loop.engine.num_waiting == 2
+
+
+# ----------------------------------------------------------------------------- chunked prefill
+
+def record_schedules(engine):
+    """Wrap the scheduler so that each step's [(seq, num_new)] is kept in the returned list."""
+    steps, schedule = [], engine.scheduler.schedule
+
+    def wrapped():
+        batch = schedule()
+        steps.append([(seq, seq.num_new) for seq in batch])
+        return batch
+    engine.scheduler.schedule = wrapped
+    return steps
+
+
+@pytest.mark.parametrize("budget", [3, 8, 16])  # 3: fewer than max_num_seqs, so some decodes wait a step too
+def test_chunked_prefill_matches_one_at_a_time(model, budget):
+    prompts = random_prompts(10, seed=20, lo=1, hi=100)  # most longer than a whole step's budget
+    params = [greedy(n) for n in (12, 3, 25, 1, 18, 7, 30, 9, 14, 5)]
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=budget)
+    steps = record_schedules(engine)
+    free = engine.blocks.num_free
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
+    assert all(sum(n for _, n in step) <= budget for step in steps)  # the budget holds in every step
+    assert any(n > 1 and seq.prompt_len > budget for step in steps for seq, n in step)  # chunks happened
+    assert engine.blocks.num_free == free
+
+
+def test_a_long_prompt_is_chunked_while_running_sequences_keep_decoding(model):
+    budget = 16
+    engine = Engine(model, max_num_batched_tokens=budget)
+    chatting = [engine.add_request(p, greedy(60)) for p in random_prompts(2, seed=21, lo=3, hi=6)]
+    engine.step()  # both short prompts prefilled together; from now on they decode
+    long_prompt = random_prompts(1, seed=22, lo=100, hi=100)[0]
+    long = engine.add_request(long_prompt, greedy(5))
+    steps = record_schedules(engine)
+    produced = []  # per step: which sequences got a token
+    while long.first_token_time is None:
+        produced.append([out.seq for out in engine.step()])
+    chunks = [n for step in steps for seq, n in step if seq is long]
+    # every step: each chatting sequence decodes its one token, first; the prompt gets the rest
+    for step, got in zip(steps, produced):
+        assert step[:2] == [(chatting[0], 1), (chatting[1], 1)]
+        assert got[:2] == chatting
+    per_step = budget - len(chatting)
+    assert chunks == [per_step] * (len(long_prompt) // per_step) + [len(long_prompt) % per_step]
+    assert [long in got for got in produced] == [False] * (len(chunks) - 1) + [True]  # no output until done
+    while engine.has_work():
+        engine.step()
+    prompts = [s.tokens[:s.prompt_len] for s in chatting + [long]]
+    params = [greedy(60), greedy(60), greedy(5)]
+    assert [s.output_ids for s in chatting + [long]] == one_at_a_time(model, prompts, params)
+
+
+def test_only_computed_blocks_enter_the_prefix_cache(model):
+    prompt = random_prompts(1, seed=23, lo=70, hi=70)[0]
+    engine = Engine(model, max_num_batched_tokens=20)
+    seq = engine.add_request(prompt, greedy(3))
+    engine.step()  # 20 tokens computed: one full block, and part of a second
+    assert seq.num_computed == 20 and seq.num_hashed == 1
+    assert len(engine.blocks.match_prefix(prompt)) == 1
+    assert [engine.blocks.blocks[b].hash is not None for b in seq.block_table] == [True] + [False] * 4
+    engine.step()  # 40 tokens: two full blocks
+    assert seq.num_computed == 40 and len(engine.blocks.match_prefix(prompt)) == 2
+
+
+def test_chunked_prefill_with_preemption_and_prefix_hits(model):
+    system = random_prompts(1, seed=24, lo=40, hi=40)[0]  # two full blocks and a half, shared
+    prompts = [system + tail for tail in random_prompts(6, seed=25, lo=5, hi=40)]
+    params = [greedy(n) for n in (40, 30, 45, 20, 35, 25)]
+    engine = Engine(model, num_blocks=128 // BLOCK, max_num_batched_tokens=12)  # one full context
+    free = engine.blocks.num_free
+    halfway = []  # was each preempted sequence in the middle of a chunked prefill?
+    preempt = engine.scheduler.preempt
+
+    def watched(seq):
+        halfway.append(seq.num_computed < len(seq.tokens))
+        preempt(seq)
+    engine.scheduler.preempt = watched
+    outs = engine.generate(prompts, params, use_tqdm=False)
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
+    assert any(halfway) and engine.blocks.hits > 0
+    assert engine.blocks.num_free == free and all(b.ref == 0 for b in engine.blocks.blocks)
+
+
+def test_budget_must_be_positive(model, capsys):
+    with pytest.raises(ValueError, match="max_num_batched_tokens must be at least 1"):
+        Engine(model, max_num_batched_tokens=0)
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--max-num-batched-tokens", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--max-num-batched-tokens must be >= 1" in err and "Traceback" not in err
