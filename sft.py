@@ -3,6 +3,7 @@
     python sft.py                                   # gpt2 on the 52k Stanford Alpaca set
     python sft.py --quick --model out/tiny --data ../shared/data/instruction-data.json
     python sft.py --model gpt2-medium --data dolly --data guanaco --lora-rank 8
+    python sft.py --resume out/sft                  # continue an interrupted run exactly
 
 Pretraining taught the model to continue text. Fine-tuning shows it conversations rendered with a
 chat template (data.py) and trains it on the *answers* only: every prompt and user token has label
@@ -21,13 +22,33 @@ linear layers: a few hundred thousand trainable numbers instead of 124M. Adapter
 the weights when saving, so the output is a plain checkpoint.
 
 Template default: alpaca when every conversation is single-turn, chat when any is multi-turn.
+
+Output layout, all in --out:
+    model.safetensors, config.json   the best checkpoint so far (LoRA merged): load it with generate.py
+    test_responses.json, training_metadata.json     written when training is done
+    last/                            the resumable training state (train.save_training_state): weights
+                                     (with LoRA: the frozen base plus the unmerged adapters), AdamW
+                                     moments, step, batches drawn, best val loss and the loss history
+
+Resuming. last/ is rewritten atomically every --save-every steps, at the end, and on Ctrl-C (the
+current step finishes first). `python sft.py --resume OUT` (or the original command plus --resume)
+continues exactly: the run's flags come from last/, the LR schedule is a function of the step, the
+batch iterator is advanced past the batches already drawn, and dropout is reseeded every step from
+(seed, step), so a stopped-and-resumed run computes the same weights as one that never stopped.
+A resume that cannot be exact (another model, data, template, LoRA rank, a changed flag) is refused.
 """
 
 import argparse
 import contextlib
+import hashlib
 import math
+import pickle
 import random
+import shlex
+import signal
+import sys
 import time
+from array import array
 from pathlib import Path
 
 import torch
@@ -37,8 +58,10 @@ from tqdm import tqdm
 from data import (TEMPLATES, DataError, default_template, encode_examples, eval_batches, format_prompt,
                   iterate_batches, load_conversations, split_dataset)
 from generate import PromptTooLong, SamplingParams, fit_conversation, generate_tokens
-from gpt import GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die, get_tokenizer, write_json_atomic
-from train import evaluate, lr_at, make_optimizer, train_step
+from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die, get_tokenizer, read_checkpoint_json,
+                 write_json_atomic)
+from train import (STATE_FILE, checkpoint_dir, evaluate, load_training_state, lr_at, make_optimizer,
+                   save_training_state, train_step)
 
 # ----------------------------------------------------------------------------- LoRA
 
@@ -116,7 +139,13 @@ def lora_merged(model):
 # ----------------------------------------------------------------------------- the run
 
 
-def parse_args(argv=None):
+STATE_DIR = "last"  # the resumable training state, inside --out
+NOT_SAVED = {"resume", "stop_at_step", "out"}  # flags of one invocation, not of the run
+# Flags a resumed run may change: they do not touch the numbers the training computes.
+RESUMABLE_CHANGES = NOT_SAVED | {"device", "save_every", "max_test", "max_new_tokens"}
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", help=f"{' | '.join(SIZES)} or a checkpoint directory")
@@ -124,7 +153,12 @@ def parse_args(argv=None):
                    help="alpaca | dolly | guanaco (downloaded) or a JSON/JSONL file; repeat to mix (default: alpaca)")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="chat template (default: alpaca for single-turn data, chat if any conversation is multi-turn)")
-    p.add_argument("--out", default="out/sft", help="output checkpoint directory")
+    p.add_argument("--out", default="out/sft",
+                   help=f"output directory: the best checkpoint, and in {STATE_DIR}/ the resumable training state")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="OUT",
+                   help=f"continue the run saved in OUT/{STATE_DIR} (OUT: --out) exactly, with its saved flags; flags "
+                        "given now must agree with them, except --device, --save-every, --stop-at-step, --max-test "
+                        "and --max-new-tokens")
     p.add_argument("--epochs", type=float, default=2.0, help="passes over the training split")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     p.add_argument("--batch-size", type=int, default=None, help="examples per micro-batch (default: 8; --quick: 4)")
@@ -140,17 +174,63 @@ def parse_args(argv=None):
     p.add_argument("--val-frac", type=float, default=0.05, help="share of the data held out for validation")
     p.add_argument("--test-frac", type=float, default=0.05, help="share held out for the test answers")
     p.add_argument("--eval-interval", type=int, default=None, help="steps between val evaluations (default: ~10 per run)")
+    p.add_argument("--save-every", type=int, default=None,
+                   help=f"steps between saves of the resumable state in OUT/{STATE_DIR} (default: at every evaluation)")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="save the resumable state and stop after this many steps (as Ctrl-C would)")
     p.add_argument("--max-test", type=int, default=100, help="test prompts to answer into test_responses.json")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest test answer")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
     p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: the update is (alpha / rank) B A")
     p.add_argument("--lora-targets", default="c_attn,c_proj",
                    help="comma-separated linear layers to adapt: c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj")
-    p.add_argument("--seed", type=int, default=1337, help="seeds the split, the batch order and LoRA's init")
+    p.add_argument("--seed", type=int, default=1337, help="seeds the split, the batch order, dropout and LoRA's init")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--quick", action="store_true",
                    help="prove the pipeline in a minute: 120 conversations (100 train), 20 steps of 4 examples")
-    args = p.parse_args(argv)
+    return p
+
+
+def state_dir_of(path):
+    """OUT/last for an output directory OUT; the state directory itself when given one."""
+    path = Path(path)
+    return path if (checkpoint_dir(path) / STATE_FILE).exists() and path.name == STATE_DIR else path / STATE_DIR
+
+
+def read_saved_run(state):
+    """The config.json of a saved sft.py state (its flags in "sft_args"), or a one-line error."""
+    if not (checkpoint_dir(state) / STATE_FILE).exists():
+        die(f"--resume: no training state in {state} (sft.py saves one every --save-every steps and on Ctrl-C)")
+    try:
+        info = read_checkpoint_json(checkpoint_dir(state))
+    except CheckpointError as e:
+        die(f"--resume: {e}")
+    if not isinstance(info.get("sft_args"), dict) or not isinstance(info.get("data_fingerprint"), str):
+        die(f"--resume: {state} is not a training state saved by sft.py")
+    return info
+
+
+def parse_args(argv=None):
+    """Flags; with --resume, the saved run's flags, which flags given now may repeat but not change."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.resume is not None:
+        out = Path(args.resume or args.out)
+        state = state_dir_of(out)
+        out = state.parent
+        saved = read_saved_run(state)["sft_args"]
+        unset = object()  # a default no flag can produce: what is left at it was not on the command line
+        parser.set_defaults(**{k: unset for k in vars(args) if k != "data"})  # --data appends: None stays
+        given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset and v is not None}
+        for k, v in given.items():
+            if k not in RESUMABLE_CHANGES and k in saved and v != saved[k]:
+                die(f"--resume: --{k.replace('_', '-')} {v} differs from the saved run's "
+                    f"{'default' if saved[k] is None else saved[k]} "
+                    f"(an exact resume needs the same run; start a new one with another --out)")
+        if args.resume and "out" in given and Path(given["out"]) != out:
+            die(f"--resume {args.resume} and --out {given['out']} name different runs")
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in NOT_SAVED},
+                                     **given, "out": str(out), "resume": str(out)})
     args.data = args.data or ["alpaca"]
     args.lr = args.lr if args.lr is not None else (3e-4 if args.lora_rank > 0 else 3e-5)
     if args.batch_size is None:
@@ -160,8 +240,11 @@ def parse_args(argv=None):
     for flag in ("batch_size", "grad_accum", "max_new_tokens"):
         if getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.lora_rank < 0 or args.max_test < 0 or args.epochs <= 0 or (args.max_steps is not None and args.max_steps < 1):
-        die("--lora-rank and --max-test must be >= 0, --epochs and --max-steps > 0")
+    for flag in ("max_steps", "eval_interval", "save_every"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.lora_rank < 0 or args.max_test < 0 or args.epochs <= 0:
+        die("--lora-rank and --max-test must be >= 0, --epochs > 0")
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1) or args.val_frac == 0:
         die("--val-frac must be in (0, 1) and --test-frac in [0, 1)")
     if args.quick:
@@ -169,6 +252,28 @@ def parse_args(argv=None):
         args.max_test = min(args.max_test, 10)
         args.max_new_tokens = min(args.max_new_tokens, 64)
     return args
+
+
+def refuse_to_overwrite_unfinished(state):
+    """Die if `state` holds an sft.py run that stopped before its last step."""
+    try:
+        info = read_checkpoint_json(checkpoint_dir(state))
+    except CheckpointError:
+        return  # nothing there (or nothing readable): nothing to lose
+    if "sft_args" in info and info.get("step", 0) < info.get("max_steps", 0):
+        die(f"{state} holds an unfinished run (step {info['step']} of {info['max_steps']}): continue it with "
+            f"--resume {shlex.quote(str(state.parent))}, or delete {state} to start over")
+
+
+def data_fingerprint(*example_lists):
+    """A hash of the encoded examples (ids and labels): it changes with the data, the template,
+    --max-len, --seed or the split, any of which would make a resumed run a different run."""
+    h = hashlib.sha256()
+    for examples in example_lists:
+        h.update(len(examples).to_bytes(8, "little"))
+        for ids, labels in examples:
+            h.update(array("q", [len(ids), *ids, *labels]).tobytes())
+    return h.hexdigest()
 
 
 def autocast_for(device):
@@ -204,6 +309,9 @@ def answer_test_prompts(model, conversations, template, max_new_tokens, enc):
 def main(argv=None):
     args = parse_args(argv)
     t_start = time.time()
+    run_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}  # saved with the state
+    if not args.resume:  # a new run would overwrite an interrupted one's state: make that a choice
+        refuse_to_overwrite_unfinished(Path(args.out) / STATE_DIR)
     torch.manual_seed(args.seed)
     device = str(device_or_die(args.device))
     enc = get_tokenizer()
@@ -264,57 +372,127 @@ def main(argv=None):
     batches = iterate_batches(train_ex, args.batch_size, seed=args.seed)
     val_batches = [(x.to(device), y.to(device)) for x, y in eval_batches(val_ex, args.batch_size)]
     out = Path(args.out)
+    state_dir = out / STATE_DIR
+    save_every = args.save_every or eval_interval
+    fingerprint = data_fingerprint(train_ex, val_ex)
+
+    # The run's progress besides weights and optimizer: what a resumed run needs to carry on exactly.
+    progress = {"history": [], "best": float("inf"), "best_step": None, "train_loss": float("nan"),
+                "train_time": 0.0, "resumed_at": []}
+    step = 0
+    if args.resume:  # the last checks, then the weights (LoRA: base + unmerged adapters) and AdamW moments
+        saved = read_saved_run(state_dir)
+        if saved["data_fingerprint"] != fingerprint:
+            die(f"--resume: the training data differs from the run saved in {state_dir} "
+                "(a changed data file or tokenization); nothing was written")
+        try:
+            step, progress = load_training_state(state_dir, model, optimizer)
+            progress["resumed_at"].append(step)
+        except (CheckpointError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+            die(f"--resume: cannot load the training state in {state_dir}: {e}")
+        if progress["best_step"] is not None and not (out / "model.safetensors").exists():
+            die(f"--resume: the best checkpoint so far (step {progress['best_step']}) is missing from {out}; "
+                "the run cannot finish without it")
+        for _ in range(step * args.grad_accum):  # the batch order is seeded: skip the batches already trained on
+            next(batches)
+        print(f"resumed at step {step} of {max_steps} from {state_dir}")
+    history = progress["history"]
 
     def save(step, val_loss):
         meta = dict(template=template, base_model=str(args.model), data=args.data, step=step, val_loss=val_loss)
         with lora_merged(model):
             model.save_checkpoint(out, **meta)
 
+    def save_state(step):
+        progress["train_time"] += time.time() - t_train
+        save_training_state(state_dir, model, optimizer, step, progress, sft_args=run_args,
+                            data_fingerprint=fingerprint, max_steps=max_steps, template=template,
+                            lora_rank=args.lora_rank)
+        return step
+
+    # Ctrl-C: finish the current step, save the state, stop. A second Ctrl-C quits at once.
+    stop = {"requested": False}
+
+    def on_interrupt(signum, frame):
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        tqdm.write("interrupted: saving the training state after this step (Ctrl-C again to quit without saving)")
+
     t_train = time.time()
-    history, best, best_step, train_loss = [], float("inf"), None, float("nan")
-    first_val = evaluate(model, val_batches, autocast=autocast)
-    history.append({"step": 0, "val_loss": first_val})
-    print(f"step 0: val loss {first_val:.4f}")
+    if not history:
+        first_val = evaluate(model, val_batches, autocast=autocast)
+        history.append({"step": 0, "val_loss": first_val})
+        print(f"step 0: val loss {first_val:.4f}")
+    first_val = history[0]["val_loss"]
     model.train()
-    bar = tqdm(range(1, max_steps + 1), desc="sft", disable=None)
-    for step in bar:
-        lr = lr_at(step - 1, args.lr, warmup, max_steps, args.lr * args.min_lr_ratio)
-        micro = [(x.to(device), y.to(device)) for x, y in (next(batches) for _ in range(args.grad_accum))]
-        train_loss = train_step(model, optimizer, micro, lr, grad_clip=args.grad_clip, autocast=autocast)
-        bar.set_postfix(loss=f"{train_loss:.4f}", lr=f"{lr:.2e}")
-        if step % eval_interval == 0 or step == max_steps:
-            val_loss = evaluate(model, val_batches, autocast=autocast)
-            if not math.isfinite(val_loss):
-                die(f"validation loss is {val_loss} at step {step}: training diverged (try a lower --lr)"
-                    + (f"; the best checkpoint so far (step {best_step}) is in {out}" if best_step else ""))
-            model.train()
-            history.append({"step": step, "train_loss": train_loss, "val_loss": val_loss})
-            improved = val_loss < best
-            if improved:  # keep the best model so far as the output checkpoint
-                best, best_step = val_loss, step
-                save(step, val_loss)
-            tqdm.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
-                       + (" (best, saved)" if improved else ""))
-    train_time = time.time() - t_train
+    saved_at = step if args.resume else None
+    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        bar = tqdm(total=max_steps, initial=step, desc="sft", disable=None)
+        while step < max_steps:
+            if stop["requested"] or step == args.stop_at_step:
+                if saved_at != step:
+                    save_state(step)
+                bar.close()
+                print(f"stopped at step {step} of {max_steps}, state saved in {state_dir}; continue with: "
+                      f"python sft.py --resume {shlex.quote(str(out))}")
+                return
+            step += 1
+            lr = lr_at(step - 1, args.lr, warmup, max_steps, args.lr * args.min_lr_ratio)
+            micro = [(x.to(device), y.to(device)) for x, y in (next(batches) for _ in range(args.grad_accum))]
+            torch.manual_seed(args.seed + step)  # dropout masks depend on (seed, step) only: resumable
+            progress["train_loss"] = train_step(model, optimizer, micro, lr, grad_clip=args.grad_clip,
+                                                autocast=autocast)
+            bar.update()
+            bar.set_postfix(loss=f"{progress['train_loss']:.4f}", lr=f"{lr:.2e}")
+            if step % eval_interval == 0 or step == max_steps:
+                val_loss = evaluate(model, val_batches, autocast=autocast)
+                if not math.isfinite(val_loss):
+                    die(f"validation loss is {val_loss} at step {step}: training diverged (try a lower --lr)"
+                        + (f"; the best checkpoint so far (step {progress['best_step']}) is in {out}"
+                           if progress["best_step"] else ""))
+                model.train()
+                history.append({"step": step, "train_loss": progress["train_loss"], "val_loss": val_loss})
+                improved = val_loss < progress["best"]
+                if improved:  # keep the best model so far as the output checkpoint
+                    progress["best"], progress["best_step"] = val_loss, step
+                    save(step, val_loss)
+                tqdm.write(f"step {step}: train loss {progress['train_loss']:.4f}, val loss {val_loss:.4f}"
+                           + (" (best, saved)" if improved else ""))
+            if step % save_every == 0 or step == max_steps:
+                saved_at = save_state(step)
+                t_train = time.time()
+        bar.close()
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
+    train_time = progress["train_time"]
+    best, best_step, train_loss = progress["best"], progress["best_step"], progress["train_loss"]
     del model, optimizer  # free the device for the best model (and its KV cache) below
     if device_type == "cuda":
         torch.cuda.empty_cache()
 
     # The best checkpoint, loaded back as generate.py and serve.py will load it, answers the test set.
-    best_model = GPT.from_pretrained(out, device=device)
+    try:
+        best_model = GPT.from_pretrained(out, device=device)
+    except CheckpointError as e:  # (e.g. deleted between a stop and the --resume)
+        die(f"cannot load the best checkpoint to answer the test prompts: {e}")
     results = answer_test_prompts(best_model, test_conv[:args.max_test], template, args.max_new_tokens, enc)
     write_json_atomic(out / "test_responses.json", results)
     metadata = {
         "base_model": str(args.model), "data": args.data, "template": template, "device": device,
         "sizes": {"conversations": len(conversations), "train": len(train_conv), "val": len(val_conv),
                   "test": len(test_conv), "train_examples": train_stats, "val_examples": val_stats},
-        "hyperparameters": {**{k: v for k, v in vars(args).items() if k not in ("data", "model", "out", "template", "device")},
+        "hyperparameters": {**{k: v for k, v in vars(args).items()
+                               if k not in ("data", "model", "out", "template", "device", "resume", "stop_at_step")},
                             "max_len": max_len, "max_steps": max_steps, "warmup_steps": warmup,
-                            "eval_interval": eval_interval, "lora_targets": lora_targets if args.lora_rank else None},
+                            "eval_interval": eval_interval, "save_every": save_every,
+                            "lora_targets": lora_targets if args.lora_rank else None},
         "losses": {"initial_val": first_val, "final_train": train_loss, "final_val": history[-1]["val_loss"],
                    "best_val": best, "best_step": best_step, "history": history},
         "parameters": {"total": total, "trainable": trainable},
         "time_s": {"train": round(train_time, 1), "total": round(time.time() - t_start, 1)},
+        "resumed_at_steps": progress["resumed_at"],
         "outputs": {"checkpoint": str(out), "test_responses": str(out / "test_responses.json")},
     }
     write_json_atomic(out / "training_metadata.json", metadata)
@@ -323,4 +501,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the second Ctrl-C: quit now, no traceback
+        sys.exit(130)

@@ -1,6 +1,10 @@
-"""Instruction fine-tuning (sft.py): loss normalization under accumulation, LoRA, the whole run."""
+"""Instruction fine-tuning (sft.py): loss normalization under accumulation, LoRA, the whole run,
+exact resumption after a stop or Ctrl-C, and refused resumes."""
 import copy
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 
@@ -174,3 +178,166 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
     assert len(err.splitlines()) == 1 and err.startswith("error: ")
     assert (f"{data}:2: fits no known format" in err) if bad == "data" else (str(model) in err)
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+@pytest.fixture
+def one_thread():
+    """Models this small gain nothing from intra-op threads; on a busy 2-core machine, threads waiting
+    for each other make a step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_small_instruction_data(path, n=16):
+    """n single-turn examples with answers of different lengths. With 2 held out for validation,
+    14 train examples make 7 micro-batches of 2 per epoch: an optimizer step of 2 micro-batches
+    straddles the epoch boundary, where the batch iterator reshuffles."""
+    lines = [json.dumps({"instruction": f"What is {i} plus {i}?",
+                         "output": f"{i} plus {i} is {2 * i}." + " Indeed" * (i % 5) * 3}) for i in range(n)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def resume_run(root, lora=False):
+    """A base checkpoint and data in `root`, and the flags of an 8-step run with dropout on (so the
+    random state matters), evaluated every 2 steps. Relative paths: the run can be copied."""
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(root / "base")
+    write_small_instruction_data(root / "data.jsonl")
+    return ["--model", "base", "--data", "data.jsonl", "--max-len", "48", "--batch-size", "2", "--grad-accum", "2",
+            "--lr", "1e-3", "--max-steps", "8", "--warmup-steps", "2", "--eval-interval", "2", "--dropout", "0.1",
+            "--val-frac", "0.125", "--test-frac", "0", "--max-test", "0"] + (["--lora-rank", "4"] if lora else [])
+
+
+def tensors(path):
+    from gpt import iter_safetensors
+    return {name: t.clone() for name, t in iter_safetensors(path)}
+
+
+def assert_same_run(whole, parts):
+    """The same val/train loss history, best step, resumable state and exported checkpoint, bit for bit."""
+    meta_w, meta_p = (json.loads((d / "training_metadata.json").read_text()) for d in (whole, parts))
+    history = meta_w["losses"]["history"]
+    assert [h["step"] for h in history] == [0, 2, 4, 6, 8]
+    assert meta_p["losses"] == meta_w["losses"]  # every val and train loss, the best and its step
+    for name in ("last/model.safetensors", "model.safetensors"):  # the final weights, the best (merged) ones
+        a, b = tensors(whole / name), tensors(parts / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    opt_w, opt_p = (torch.load(d / "last" / "training_state.pt", weights_only=True)["optimizer"]["state"]
+                    for d in (whole, parts))
+    assert all(torch.equal(opt_w[i]["exp_avg_sq"], opt_p[i]["exp_avg_sq"]) for i in opt_w)
+    return meta_p
+
+
+def test_full_fine_tune_stopped_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    flags = resume_run(tmp_path)
+    sft.main([*flags, "--out", "whole"])
+    sft.main([*flags, "--out", "parts", "--stop-at-step", "3"])  # 3 is not a multiple of the save interval
+    printed = capsys.readouterr().out
+    assert "stopped at step 3 of 8" in printed and "continue with: python sft.py --resume parts" in printed
+    assert json.loads((tmp_path / "parts/last/config.json").read_text())["step"] == 3
+    assert not (tmp_path / "parts/training_metadata.json").exists()  # no test answers from an unfinished run
+    sft.main(["--resume", "parts"])  # every other flag comes from the saved state
+    meta = assert_same_run(tmp_path / "whole", tmp_path / "parts")
+    assert meta["resumed_at_steps"] == [3]
+
+
+def test_lora_interrupted_by_ctrl_c_and_resumed_equals_uninterrupted(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    flags = resume_run(tmp_path, lora=True)
+    sft.main([*flags, "--out", "whole"])
+    calls = []
+
+    def step_then_ctrl_c(*a, **k):  # a Ctrl-C that arrives during step 3: the step finishes, then it stops
+        loss = train_step(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return loss
+
+    monkeypatch.setattr(sft, "train_step", step_then_ctrl_c)
+    sft.main([*flags, "--out", "parts"])
+    monkeypatch.setattr(sft, "train_step", train_step)
+    printed = capsys.readouterr().out
+    assert "stopped at step 3 of 8" in printed and "--resume parts" in printed
+    # the state holds the frozen base unmerged plus the adapters, so training resumes on the adapters only
+    state = tensors(tmp_path / "parts/last/model.safetensors")
+    base = tensors(tmp_path / "base/model.safetensors")
+    assert torch.equal(state["h.0.attn.c_attn.base.weight"], base["h.0.attn.c_attn.weight"])
+    assert state["h.0.attn.c_attn.lora_B"].abs().sum() > 0
+    sft.main([*flags, "--out", "parts", "--resume"])  # the original command plus --resume works too
+    assert_same_run(tmp_path / "whole", tmp_path / "parts")
+    merged = GPT.from_pretrained(tmp_path / "parts")  # the exported checkpoint is still a plain (merged) one
+    assert merged.checkpoint_info["step"] == json.loads((tmp_path / "parts/training_metadata.json").read_text())[
+        "losses"]["best_step"]
+
+
+@pytest.fixture(scope="module")
+def stopped_lora_run(tmp_path_factory):
+    """A LoRA run stopped at step 2 of 8, in a directory that each test copies before changing it."""
+    root = tmp_path_factory.mktemp("stopped")
+    cwd, threads = os.getcwd(), torch.get_num_threads()
+    os.chdir(root)
+    torch.set_num_threads(1)
+    try:
+        flags = resume_run(root, lora=True)
+        sft.main([*flags, "--out", "out", "--stop-at-step", "2"])
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return root, flags
+
+
+def snapshot(directory):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no state", "no training state in elsewhere/last"),
+    ("model config", "differs from this one"),
+    ("lora rank", "--lora-rank 8 differs from the saved run's 4"),
+    ("template", "--template chat differs from the saved run's default"),
+    ("data", "the training data differs"),
+    ("corrupt state", "cannot load the training state"),
+    ("corrupt weights", "truncated"),
+    ("not resumed", "holds an unfinished run (step 2 of 8): continue it with --resume out"),
+    ("best deleted", "the best checkpoint so far (step 2) is missing from out"),
+])
+def test_bad_resume_is_one_line_error_and_overwrites_nothing(stopped_lora_run, tmp_path, monkeypatch, capsys,
+                                                              case, message):
+    root, flags = stopped_lora_run
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--resume", "out"]
+    if case == "no state":
+        argv = ["--resume", "elsewhere"]
+    elif case == "model config":  # the base checkpoint now has another shape
+        GPT(GPTConfig(n_layer=2, n_head=4, n_embd=32, block_size=128)).save_checkpoint(tmp_path / "base")
+    elif case == "lora rank":
+        argv += ["--lora-rank", "8"]
+    elif case == "template":
+        argv += ["--template", "chat"]
+    elif case == "data":
+        write_small_instruction_data(tmp_path / "data.jsonl", n=17)
+    elif case == "corrupt state":
+        state = tmp_path / "out/last/training_state.pt"
+        state.write_bytes(state.read_bytes()[:1000])
+    elif case == "corrupt weights":
+        weights = tmp_path / "out/last/model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+    elif case == "best deleted":
+        (tmp_path / "out/model.safetensors").unlink()
+    elif case == "not resumed":  # the original command again, without --resume
+        argv = [*flags, "--out", "out"]
+    before = snapshot(tmp_path / "out")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sft.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert snapshot(tmp_path / "out") == before
