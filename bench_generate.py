@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from generate import SamplingParams, generate_tokens, pack_for_cpu
+from generate import CpuLinear, SamplingParams, generate_tokens, pack_for_cpu
 from gpt import GPT, die, pick_device, write_safetensors
 
 
@@ -35,7 +35,9 @@ def main():
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads")
-    p.add_argument("--no-pack", action="store_true", help="on a CPU, keep nn.Linear's weights unpacked (to see what packing gives)")
+    p.add_argument("--layout", choices=["auto", "linear", *CpuLinear.LAYOUTS], default="auto",
+                   help="on a CPU, the weight layout (generate.pack_for_cpu): auto measures and takes the fastest, "
+                        "as generate.py does; the others force one, to see what each gives")
     args = p.parse_args()
     if args.prompt_len < 1 or args.new_tokens < 1 or args.prompt_len + args.new_tokens > 1024:
         die("--prompt-len and --new-tokens must be >= 1 and fit in GPT-2's 1024-token context together")
@@ -54,8 +56,10 @@ def main():
         path = os.path.join(tmp, "model.safetensors")
         write_safetensors(path, {k: v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
         ours = GPT.from_pretrained(path, device=device, dtype=dtype)
-    if device.type == "cpu" and not args.no_pack:  # as generate.py's CLI does
-        pack_for_cpu(ours)
+    layout = ""
+    if device.type == "cpu":  # as generate.py's CLI does
+        pack_for_cpu(ours, layout=None if args.layout == "auto" else args.layout)
+        layout = f" (weight layout: {ours.cpu_layout}{', measured fastest' if args.layout == 'auto' else ''})"
     hf = hf.to(device=device, dtype=dtype)
 
     prompt = torch.randint(0, 50000, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
@@ -78,8 +82,7 @@ def main():
         sync(device)
         return time.perf_counter() - t0, tokens
 
-    packed = " (weights not packed)" if args.no_pack and device.type == "cpu" else ""
-    print(f"device {device}{packed}, {args.dtype}, {torch.get_num_threads()} threads, GPT-2 124M (random weights), "
+    print(f"device {device}{layout}, {args.dtype}, {torch.get_num_threads()} threads, GPT-2 124M (random weights), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
     best = {"ours": float("inf"), "hf": float("inf")}
     tokens = {}

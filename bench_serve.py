@@ -198,6 +198,7 @@ def main(argv=None):
         hf = hf_model(model)  # (before packing: transformers gets the plain weights)
     if device.type == "cpu":  # as serve.py's CLI does
         pack_for_cpu(model)
+        print(f"  (CPU weight layout: {model.cpu_layout}, measured fastest)")
 
     tokens, seconds, ttfts, engine = bench_engine(model, requests, args)
     ours = summary("serve.Engine", tokens, seconds, ttfts)

@@ -16,7 +16,7 @@ position from a tensor), which is what a CUDA graph needs: on CUDA the step is r
 replayed, so a token costs one graph launch instead of hundreds of kernel launches. The static step
 runs on CPU too, which is how its correctness is tested on a machine without a GPU.
 On a CPU the step is bound by reading the weights, and `pack_for_cpu` stores them in the layout
-the CPU's matrix library reads fastest: about twice transformers' speed (see the README).
+this CPU's matrix libraries read fastest, measured at load (see the README for what it gives).
 
 Sampling (temperature, top-k, top-p) and TextStream (bytes -> text that is safe to print, and stop
 strings) live here once; serve.py imports them.
@@ -29,9 +29,11 @@ context is full.
 
 import argparse
 import codecs
+import math
 import shutil
 import sys
 import textwrap
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -218,47 +220,77 @@ class StaticStep:
 
 # ----------------------------------------------------------------------------- generation
 
-class PackedLinear(torch.nn.Module):
-    """An nn.Linear for CPU inference whose weight is pre-packed by oneDNN, PyTorch's CPU kernel
-    library, into the blocked layout its matrix-vector kernel streams fastest (the same packing
-    torch.compile does for frozen CPU models). The numbers are the same fp32 weights; only their
-    order in memory changes, so the packed model computes what the plain one does to rounding."""
+class CpuLinear(torch.nn.Module):
+    """An nn.Linear for CPU inference, its weight stored in another layout that the CPU's matrix
+    libraries may read faster in a matrix-vector product (which one is faster depends on the CPU:
+    pack_for_cpu measures). The numbers are the same fp32 weights; only their order in memory
+    changes, so the output is what nn.Linear computes, to rounding. Layouts:
 
-    def __init__(self, linear):
+      "in_out"  [in, out], as OpenAI's Conv1D stored it: x @ W is one addmm (what transformers runs)
+      "onednn"  pre-packed once by oneDNN, PyTorch's CPU kernel library, into the blocked layout its
+                matrix-vector kernel streams (the packing torch.compile does for frozen CPU models)
+    """
+
+    LAYOUTS = ("in_out", "onednn")
+
+    def __init__(self, linear, layout):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), None)
+        weight = linear.weight.detach()
+        self.layout, self.out_features = layout, linear.out_features
+        if layout == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        else:
+            self.weight = weight.t().contiguous()
         self.bias = None if linear.bias is None else linear.bias.detach()
 
     def forward(self, x):
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if self.layout == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        rows = x.reshape(-1, x.shape[-1])
+        y = rows @ self.weight if self.bias is None else torch.addmm(self.bias, rows, self.weight)
+        return y.view(*x.shape[:-1], self.out_features)
 
 
-def pack_for_cpu(model):
-    """Make a model faster to run on the CPU: every nn.Linear becomes a PackedLinear. A decode step
-    multiplies one row by every weight matrix, so it is bound by reading the weights (~500 MB per
-    token for the 124M model). The BLAS call behind nn.Linear reads them at a third of the speed
-    memory allows; packed, a 124M step drops from ~25 to ~15 ms on our 2-core VM (bench_generate.py).
-    The two oneDNN ops are the ones torch.compile emits for CPU models; they are internal to PyTorch
-    (underscore names), so each packed layer is tried once here, and where this build or dtype cannot
-    pack (float16, say), the model is returned unchanged. Inference only: the packed weights are not
-    parameters, so training and state_dict no longer see them, and the head is packed apart from the
-    token embedding (one extra copy of wte). Returns the model."""
-    if not torch.backends.mkldnn.is_available():
+def pack_for_cpu(model, layout=None):
+    """Make a model faster to run on the CPU: store every nn.Linear's weight in the layout this CPU
+    reads fastest. A decode step multiplies one row by every weight matrix, so it is bound by
+    reading the weights (~500 MB per token for the 124M model), and how fast a matrix-vector product
+    streams them depends on the layout and the CPU: on one 2-core VM the oneDNN-packed layout read
+    them twice as fast as nn.Linear's BLAS call, on another it was the slowest of the three. So,
+    unless `layout` names one ("linear" keeps nn.Linear), each is installed in turn and timed on
+    a one-token forward pass (a decode step's matmuls, through all the weights), and the fastest
+    stays: a fraction of a second at load for GPT-2 124M. A layout this build or dtype cannot run
+    (oneDNN with float16, say) is skipped. Inference only: the new weights are not parameters, so
+    training and state_dict no longer see them, and the head gets its own copy of the token
+    embedding. Sets model.cpu_layout to the layout chosen; returns the model."""
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if isinstance(child, torch.nn.Linear) and child.weight.device.type == "cpu"]
+    if layout not in (None, "linear", *CpuLinear.LAYOUTS):
+        raise ValueError(f"unknown layout {layout!r}: linear, {', '.join(CpuLinear.LAYOUTS)}")
+    if not linears:  # (a model on a GPU)
         return model
-    swaps = []
-    with torch.no_grad():
-        for module in model.modules():
-            for name, child in module.named_children():
-                if isinstance(child, torch.nn.Linear) and child.weight.device.type == "cpu":
-                    try:
-                        packed = PackedLinear(child)
-                        packed(torch.zeros(1, child.in_features, dtype=child.weight.dtype))  # probe
-                    except RuntimeError:  # e.g. float16 weights, or bfloat16 on a CPU without it
-                        return model
-                    swaps.append((module, name, packed))
-    for module, name, packed in swaps:
-        setattr(module, name, packed)
+    candidates = [layout] if layout else ["linear", *CpuLinear.LAYOUTS]
+
+    def install(layout):
+        for module, name, linear in linears:
+            setattr(module, name, linear if layout == "linear" else CpuLinear(linear, layout))
+
+    probe = torch.zeros(1, 1, dtype=torch.long)
+    best = (math.inf, "linear")
+    with torch.inference_mode():
+        for candidate in candidates:
+            try:
+                install(candidate)
+                times = []
+                for _ in range(3 if len(candidates) > 1 else 1):  # the first pass is a warm-up
+                    start = time.perf_counter()
+                    model(probe)
+                    times.append(time.perf_counter() - start)
+            except RuntimeError:  # e.g. oneDNN with float16 weights, or bfloat16 on a CPU without it
+                continue
+            best = min(best, (min(times[1:] or times), candidate))
+    install(best[1])
+    model.cpu_layout = best[1]
     return model
 
 

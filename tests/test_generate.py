@@ -293,12 +293,15 @@ def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, 
     assert len(samples) == 2 and samples[0][1:] != samples[1][1:]
 
 
-def test_packed_model_computes_the_same_logits_and_greedy_tokens(tiny_model):
+@pytest.mark.parametrize("layout", ["in_out", "onednn"])
+def test_each_cpu_layout_computes_the_same_logits_and_greedy_tokens(tiny_model, layout):
     import copy
-    from generate import PackedLinear, pack_for_cpu
-    packed = pack_for_cpu(copy.deepcopy(tiny_model))
-    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every matmul is packed
-    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 2 * 4 + 1  # head included
+    from generate import CpuLinear, pack_for_cpu
+    packed = pack_for_cpu(copy.deepcopy(tiny_model), layout=layout)
+    assert packed.cpu_layout == layout
+    assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every matmul is swapped
+    swapped = [m for m in packed.modules() if isinstance(m, CpuLinear)]
+    assert len(swapped) == 2 * 4 + 1 and all(m.layout == layout for m in swapped)  # head included
     idx = torch.randint(0, 50257, (2, 10))
     with torch.no_grad():
         torch.testing.assert_close(packed(idx), tiny_model(idx), atol=1e-5, rtol=1e-5)
@@ -309,19 +312,42 @@ def test_packed_model_computes_the_same_logits_and_greedy_tokens(tiny_model):
     assert list(generate_tokens(packed, prompt, params, static=True)) == plain
 
 
-def test_pack_for_cpu_returns_the_model_unchanged_when_it_cannot_pack(tiny_model, monkeypatch):
+def test_pack_for_cpu_keeps_the_layout_that_measured_fastest(tiny_model, monkeypatch):
+    import copy
+    from types import SimpleNamespace
+    import generate
+    clock = iter(range(10_000))  # each perf_counter() call advances 1 s ...
+    slow = {"linear": 5, "in_out": 1, "onednn": 3}  # ... plus a per-layout cost charged in forward
+
+    def timed_forward(model, idx):
+        layout = getattr(model.lm_head, "layout", "linear")
+        for _ in range(slow[layout]):
+            next(clock)
+        return torch.zeros(1)
+
+    monkeypatch.setattr(generate, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(type(tiny_model), "__call__", timed_forward)
+    model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
+    assert model.cpu_layout == "in_out"
+    assert all(m.layout == "in_out" for m in model.modules() if isinstance(m, generate.CpuLinear))
+    slow["onednn"] = 0
+    assert generate.pack_for_cpu(copy.deepcopy(tiny_model)).cpu_layout == "onednn"
+    slow["linear"] = 0
+    model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
+    assert model.cpu_layout == "linear" and not any(isinstance(m, generate.CpuLinear) for m in model.modules())
+
+
+def test_pack_for_cpu_skips_a_layout_that_cannot_run(tiny_model, monkeypatch):
     import generate
     linears = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)]
 
     def refuse(self, x):
         raise RuntimeError("unsupported")
-    monkeypatch.setattr(generate.PackedLinear, "forward", refuse)  # the probe call fails
-    assert generate.pack_for_cpu(tiny_model) is tiny_model
+    monkeypatch.setattr(generate.CpuLinear, "forward", refuse)  # no layout but nn.Linear's runs
+    assert generate.pack_for_cpu(tiny_model).cpu_layout == "linear"
     assert [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)] == linears  # nothing half-swapped
-    monkeypatch.undo()
-    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
-    generate.pack_for_cpu(tiny_model)
-    assert [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)] == linears
+    with pytest.raises(ValueError, match="unknown layout 'packed'"):
+        generate.pack_for_cpu(tiny_model, layout="packed")
 
 
 def test_cli_help_shows_each_default_once(capsys):

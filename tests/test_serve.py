@@ -45,10 +45,11 @@ def test_greedy_batch_matches_one_at_a_time(model):
     assert all(o.finish_reason == "length" and len(o.token_ids) == p.max_tokens for o, p in zip(outs, params))
 
 
-def test_a_cpu_packed_model_serves_the_same_tokens(model):
+@pytest.mark.parametrize("layout", ["in_out", "onednn"])
+def test_a_model_in_each_cpu_layout_serves_the_same_tokens(model, layout):
     import copy
     from generate import pack_for_cpu
-    packed = pack_for_cpu(copy.deepcopy(model))  # what serve.py's CLI runs on a CPU
+    packed = pack_for_cpu(copy.deepcopy(model), layout=layout)  # serve.py's CLI takes the fastest on a CPU
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
     prompts = random_prompts(6, seed=7)
     params = [greedy(n) for n in (20, 3, 30, 11, 25, 8)]
