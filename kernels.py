@@ -34,6 +34,7 @@ import math
 import os
 
 import torch
+import torch.nn.functional as F
 
 try:
     import triton
@@ -130,26 +131,26 @@ def write_kv_triton(k, v, k_cache, v_cache, slot_mapping):
 
 def gather_kv(k_cache, v_cache, block_tables, length):
     """Keys and values of positions 0..length-1 of every sequence, through the block tables:
-    (B, length, n_head, head_dim) each. Positions past a sequence's own length hold garbage (whatever
-    its padding entries point at): the caller masks them."""
-    block_size = k_cache.shape[1]
-    if length > block_tables.shape[1] * block_size:
+    (B, length, n_head, head_dim) each. Whole blocks are copied (one contiguous block_size-row piece
+    each, much faster than a row at a time). Positions past a sequence's own length hold garbage
+    (whatever its padding entries point at): the caller masks them."""
+    B, (block_size, n_head, head_dim) = block_tables.shape[0], k_cache.shape[1:]
+    num = -(-length // block_size)  # the blocks that hold positions 0..length-1
+    if num > block_tables.shape[1]:
         raise ValueError(f"a context of {length} tokens does not fit in {block_tables.shape[1]} blocks of {block_size}")
-    t = torch.arange(length, device=block_tables.device)
-    slots = block_tables[:, t // block_size].long() * block_size + t % block_size
-    slots = slots.clamp(min=0)  # padding entries (-1) past the end: point them anywhere harmless
-    rows_k = k_cache.view(-1, *k_cache.shape[2:])
-    rows_v = v_cache.view(-1, *v_cache.shape[2:])
-    return rows_k[slots], rows_v[slots]
+    ids = block_tables[:, :num].long().clamp(min=0).reshape(-1)  # padding (-1) past the end: any block is harmless
+    k, v = (cache.index_select(0, ids).view(B, num * block_size, n_head, head_dim)[:, :length]
+            for cache in (k_cache, v_cache))
+    return k, v
 
 
 def _attend(q, k, v, allowed, scale):
-    """Softmax attention in fp32. q (B, H, M, D), k/v (B, H, T, D), allowed (B, 1 or H, M, T) bool.
-    A query with no allowed key (a context length of 0) gets zeros rather than NaN."""
-    scores = (q.float() @ k.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    p = scores.softmax(-1).nan_to_num(0.0)
-    return p @ v.float()
+    """softmax(q k^T * scale, over the allowed keys) v, in fp32: PyTorch's scaled_dot_product_attention
+    computes exactly this, and reads k and v through their strides (no transposed copy). q (B, H, M, D),
+    k/v (B, H, T, D), allowed (B, 1 or H, M, T) bool. A query with no allowed key (a context length of 0)
+    gets zeros rather than NaN."""
+    out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=allowed, scale=scale)
+    return out.nan_to_num(0.0)
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
