@@ -270,6 +270,8 @@ def pack_for_cpu(model, layout=None):
     if not linears:  # (a model on a GPU)
         return model
     candidates = [layout] if layout else ["linear", *CpuLinear.LAYOUTS]
+    if not torch.backends.mkldnn.is_available():  # a PyTorch build without oneDNN lacks its ops
+        candidates = [c for c in candidates if c != "onednn"]
 
     def install(layout):
         for module, name, linear in linears:
@@ -286,7 +288,7 @@ def pack_for_cpu(model, layout=None):
                     start = time.perf_counter()
                     model(probe)
                     times.append(time.perf_counter() - start)
-            except RuntimeError:  # e.g. oneDNN with float16 weights, or bfloat16 on a CPU without it
+            except (RuntimeError, AttributeError):  # e.g. oneDNN with float16 weights, or its ops missing
                 continue
             best = min(best, (min(times[1:] or times), candidate))
     install(best[1])

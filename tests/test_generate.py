@@ -350,6 +350,20 @@ def test_pack_for_cpu_skips_a_layout_that_cannot_run(tiny_model, monkeypatch):
         generate.pack_for_cpu(tiny_model, layout="packed")
 
 
+def test_pack_for_cpu_without_onednn_never_tries_it(tiny_model, monkeypatch):
+    import copy
+    import generate
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+
+    def missing(*args):  # what looking up an op of a library the build lacks raises
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_reorder_linear_weight'")
+    monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing, raising=False)
+    assert generate.pack_for_cpu(copy.deepcopy(tiny_model), layout="onednn").cpu_layout == "linear"
+    model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
+    assert model.cpu_layout in ("linear", "in_out")
+    assert all(m.layout == "in_out" for m in model.modules() if isinstance(m, generate.CpuLinear))
+
+
 def test_cli_help_shows_each_default_once(capsys):
     from generate import main
     with pytest.raises(SystemExit):
