@@ -495,6 +495,9 @@ class Engine:
             raise ValueError("max_num_seqs must be at least 1")
         if max_num_batched_tokens < 1:  # (any positive budget works: longer prompts are prefilled in chunks)
             raise ValueError(f"max_num_batched_tokens must be at least 1, not {max_num_batched_tokens}")
+        if max_num_batched_tokens < max_num_seqs:  # else the oldest streams would take the whole budget
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least max_num_seqs "
+                             f"({max_num_seqs}): every running sequence decodes one token per step")
         device, dtype = model.wte.weight.device, model.wte.weight.dtype
         per_block = ModelRunner.bytes_per_block(cfg, dtype)
         need = math.ceil(self.n_ctx / BLOCK)  # blocks for one full-context sequence
@@ -1185,9 +1188,9 @@ def main(argv=None):
                    help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="most tokens in one forward pass (a step's token budget): running decodes come first, "
-                        "longer prompts are prefilled in chunks over several steps; smaller = steadier "
-                        "streams, larger = faster first tokens and throughput")
+                   help="most tokens in one forward pass (a step's token budget, at least --max-num-seqs): running "
+                        "decodes come first, longer prompts are prefilled in chunks over several steps; smaller = "
+                        "steadier streams, larger = faster first tokens and throughput")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences beyond which requests get 503")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV-cache size, e.g. 256MB or 2GiB or 1.5 (GiB) (default on CUDA: --gpu-memory-utilization "
@@ -1206,6 +1209,9 @@ def main(argv=None):
         die("--gpu-memory-utilization must be in (0, 1]")
     if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
         die("--max-num-seqs and --max-num-batched-tokens must be >= 1, --max-waiting >= 0, --port in 0..65535")
+    if args.max_num_batched_tokens < args.max_num_seqs:
+        die(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --max-num-seqs "
+            f"({args.max_num_seqs}): every running sequence decodes one token per step")
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 

@@ -99,7 +99,7 @@ def test_hash_collision_never_returns_wrong_kv(model, monkeypatch):
     assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
 
 
-@pytest.mark.parametrize("budget", [2048, 7])  # 7: most prompts prefilled in chunks, aborted halfway too
+@pytest.mark.parametrize("budget", [2048, 7])  # 7: most prompts prefilled in chunks
 def test_block_accounting_with_random_arrivals_aborts_and_preemptions(model, budget):
     rng = random.Random(7)
     engine = Engine(model, num_blocks=12, max_num_seqs=5, max_num_batched_tokens=budget)
@@ -156,16 +156,16 @@ def test_stop_string_ends_the_text(model):
 def test_seeded_sampling_matches_generate(model, budget):
     prompts = random_prompts(4, seed=11)
     params = [SamplingParams(max_tokens=20, temperature=0.9, top_k=50, top_p=0.95, seed=100 + i) for i in range(4)]
-    outs = Engine(model, max_num_batched_tokens=budget).generate(prompts, params, use_tqdm=False)
+    outs = Engine(model, max_num_seqs=4, max_num_batched_tokens=budget).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
-    again = Engine(model, max_num_batched_tokens=budget).generate(prompts, params, use_tqdm=False)
+    again = Engine(model, max_num_seqs=4, max_num_batched_tokens=budget).generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == [o.token_ids for o in again]
 
 
 @pytest.mark.parametrize("budget", [2048, 5])  # 5: the 12-token prompt takes three steps
 def test_logprobs_are_the_models(model, budget):
     prompt = random_prompts(1, seed=12, lo=12, hi=12)[0]
-    engine = Engine(model, max_num_batched_tokens=budget)
+    engine = Engine(model, max_num_seqs=1, max_num_batched_tokens=budget)
     engine.add_request(prompt, greedy(4), logprobs=3)
     outs = []
     while engine.has_work():
@@ -239,7 +239,7 @@ def record_schedules(engine):
     return steps
 
 
-@pytest.mark.parametrize("budget", [3, 8, 16])  # 3: fewer than max_num_seqs, so some decodes wait a step too
+@pytest.mark.parametrize("budget", [4, 8, 16])  # 4: as many as max_num_seqs, so prefills wait while all four decode
 def test_chunked_prefill_matches_one_at_a_time(model, budget):
     prompts = random_prompts(10, seed=20, lo=1, hi=100)  # most longer than a whole step's budget
     params = [greedy(n) for n in (12, 3, 25, 1, 18, 7, 30, 9, 14, 5)]
@@ -255,7 +255,7 @@ def test_chunked_prefill_matches_one_at_a_time(model, budget):
 
 def test_a_long_prompt_is_chunked_while_running_sequences_keep_decoding(model):
     budget = 16
-    engine = Engine(model, max_num_batched_tokens=budget)
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=budget)
     chatting = [engine.add_request(p, greedy(60)) for p in random_prompts(2, seed=21, lo=3, hi=6)]
     engine.step()  # both short prompts prefilled together; from now on they decode
     long_prompt = random_prompts(1, seed=22, lo=100, hi=100)[0]
@@ -281,7 +281,7 @@ def test_a_long_prompt_is_chunked_while_running_sequences_keep_decoding(model):
 
 def test_only_computed_blocks_enter_the_prefix_cache(model):
     prompt = random_prompts(1, seed=23, lo=70, hi=70)[0]
-    engine = Engine(model, max_num_batched_tokens=20)
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=20)
     seq = engine.add_request(prompt, greedy(3))
     engine.step()  # 20 tokens computed: one full block, and part of a second
     assert seq.num_computed == 20 and seq.num_hashed == 1
@@ -295,25 +295,64 @@ def test_chunked_prefill_with_preemption_and_prefix_hits(model):
     system = random_prompts(1, seed=24, lo=40, hi=40)[0]  # two full blocks and a half, shared
     prompts = [system + tail for tail in random_prompts(6, seed=25, lo=5, hi=40)]
     params = [greedy(n) for n in (40, 30, 45, 20, 35, 25)]
-    engine = Engine(model, num_blocks=128 // BLOCK, max_num_batched_tokens=12)  # one full context
+    engine = Engine(model, num_blocks=128 // BLOCK, max_num_seqs=4, max_num_batched_tokens=12)  # one full context
     free = engine.blocks.num_free
-    halfway = []  # was each preempted sequence in the middle of a chunked prefill?
-    preempt = engine.scheduler.preempt
-
-    def watched(seq):
-        halfway.append(seq.num_computed < len(seq.tokens))
-        preempt(seq)
-    engine.scheduler.preempt = watched
     outs = engine.generate(prompts, params, use_tqdm=False)
     assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, params)
-    assert any(halfway) and engine.blocks.hits > 0
+    assert engine.scheduler.num_preemptions > 0 and engine.blocks.hits > 0
     assert engine.blocks.num_free == free and all(b.ref == 0 for b in engine.blocks.blocks)
 
 
-def test_budget_must_be_positive(model, capsys):
+def test_a_prefill_preempted_halfway_resumes_from_its_computed_blocks(model):
+    # 8 blocks. A (10-token prompt) decodes; B's 100-token prompt takes the other 7 blocks and is
+    # prefilled 11 tokens a step. When A's 17th token needs a block, none is free: B, the youngest,
+    # is preempted in the middle of its prefill, and later restarts from its blocks in the prefix cache.
+    a_prompt, b_prompt = random_prompts(1, seed=26, lo=10, hi=10)[0], random_prompts(1, seed=27, lo=100, hi=100)[0]
+    engine = Engine(model, num_blocks=8, max_num_seqs=2, max_num_batched_tokens=12)
+    free = engine.blocks.num_free
+    left_at_preemption = []
+    preempt = engine.scheduler.preempt
+
+    def watched(seq):
+        left_at_preemption.append((seq, len(seq.tokens) - seq.num_computed))
+        preempt(seq)
+    engine.scheduler.preempt = watched
+    a, b = engine.add_request(a_prompt, greedy(40)), engine.add_request(b_prompt, greedy(5))
+    while engine.has_work():
+        engine.step()
+    assert left_at_preemption and left_at_preemption[0][0] is b and 1 < left_at_preemption[0][1] < 100
+    assert engine.blocks.hits > 0  # B's computed full blocks were found again
+    assert [a.output_ids, b.output_ids] == one_at_a_time(model, [a_prompt, b_prompt], [greedy(40), greedy(5)])
+    assert engine.blocks.num_free == free and all(blk.ref == 0 for blk in engine.blocks.blocks)
+
+
+def test_a_prefill_aborted_halfway_frees_its_blocks_and_keeps_its_computed_prefix(model):
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=10)
+    free = engine.blocks.num_free
+    p, tail = random_prompts(2, seed=28, lo=60, hi=60)
+    a = engine.add_request(p, greedy(5))
+    engine.step(), engine.step()
+    assert a.num_computed == 20 and a.first_token_time is None  # halfway through its prefill
+    engine.abort(a.seq_id)
+    engine.step()  # (the abort goes through the inbox)
+    assert engine.blocks.num_free == free
+    b = engine.add_request(p[:40] + tail[:20], greedy(5))
+    while engine.has_work():
+        engine.step()
+    assert engine.blocks.hits == 1  # the one full block A computed (tokens 0..15) was reused
+    assert b.output_ids == one_at_a_time(model, [b.tokens[:b.prompt_len]], [greedy(5)])[0]
+    assert engine.blocks.num_free == free
+
+
+def test_budget_must_be_positive_and_cover_every_running_sequence(model, capsys):
     with pytest.raises(ValueError, match="max_num_batched_tokens must be at least 1"):
         Engine(model, max_num_batched_tokens=0)
-    with pytest.raises(SystemExit) as e:
-        serve.main(["--max-num-batched-tokens", "0"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "--max-num-batched-tokens must be >= 1" in err and "Traceback" not in err
+    with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be at least max_num_seqs \(16\)"):
+        Engine(model, max_num_seqs=16, max_num_batched_tokens=8)
+    for argv, message in ((["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+                          (["--max-num-batched-tokens", "8", "--max-num-seqs", "16"],
+                           "--max-num-batched-tokens (8) must be at least --max-num-seqs (16)")):
+        with pytest.raises(SystemExit) as e:
+            serve.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
