@@ -34,8 +34,9 @@ Resuming. last/ is rewritten atomically every --save-every steps, at the end, an
 current step finishes first). `python sft.py --resume OUT` (or the original command plus --resume)
 continues exactly: the run's flags come from last/, the LR schedule is a function of the step, the
 batch iterator is advanced past the batches already drawn, and dropout is reseeded every step from
-(seed, step), so a stopped-and-resumed run computes the same weights as one that never stopped.
-A resume that cannot be exact (another model, data, template, LoRA rank, a changed flag) is refused.
+(seed, step), so a stopped-and-resumed run computes the same weights as one that never stopped
+(bit for bit on a CPU; some CUDA kernels are not deterministic even without a stop). A resume that
+cannot be exact (another model, data, template, LoRA rank, device type, a changed flag) is refused.
 """
 
 import argparse
@@ -141,7 +142,8 @@ def lora_merged(model):
 
 STATE_DIR = "last"  # the resumable training state, inside --out
 NOT_SAVED = {"resume", "stop_at_step", "out"}  # flags of one invocation, not of the run
-# Flags a resumed run may change: they do not touch the numbers the training computes.
+# Flags a resumed run may change: they do not touch the numbers the training computes. (--device may
+# name another device of the same type, cuda:1 for cuda:0; a different type is refused at load.)
 RESUMABLE_CHANGES = NOT_SAVED | {"device", "save_every", "max_test", "max_new_tokens"}
 
 
@@ -240,7 +242,7 @@ def parse_args(argv=None):
     for flag in ("batch_size", "grad_accum", "max_new_tokens"):
         if getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("max_steps", "eval_interval", "save_every"):
+    for flag in ("max_steps", "eval_interval", "save_every", "stop_at_step"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             die(f"--{flag.replace('_', '-')} must be at least 1")
     if args.lora_rank < 0 or args.max_test < 0 or args.epochs <= 0:
@@ -385,6 +387,9 @@ def main(argv=None):
         if saved["data_fingerprint"] != fingerprint:
             die(f"--resume: the training data differs from the run saved in {state_dir} "
                 "(a changed data file or tokenization); nothing was written")
+        if saved.get("device_type", device_type) != device_type:  # other kernels, and bf16 autocast on CUDA only
+            die(f"--resume: the run was trained on {saved['device_type']} and would continue on {device_type}, "
+                f"which computes different numbers; pass --device {saved['device_type']}")
         try:
             step, progress = load_training_state(state_dir, model, optimizer)
             progress["resumed_at"].append(step)
@@ -393,6 +398,8 @@ def main(argv=None):
         if progress["best_step"] is not None and not (out / "model.safetensors").exists():
             die(f"--resume: the best checkpoint so far (step {progress['best_step']}) is missing from {out}; "
                 "the run cannot finish without it")
+        if args.stop_at_step is not None and args.stop_at_step <= step:
+            die(f"--stop-at-step {args.stop_at_step}: the saved run is already at step {step}")
         for _ in range(step * args.grad_accum):  # the batch order is seeded: skip the batches already trained on
             next(batches)
         print(f"resumed at step {step} of {max_steps} from {state_dir}")
@@ -407,7 +414,7 @@ def main(argv=None):
         progress["train_time"] += time.time() - t_train
         save_training_state(state_dir, model, optimizer, step, progress, sft_args=run_args,
                             data_fingerprint=fingerprint, max_steps=max_steps, template=template,
-                            lora_rank=args.lora_rank)
+                            lora_rank=args.lora_rank, device_type=device_type)
         return step
 
     # Ctrl-C: finish the current step, save the state, stop. A second Ctrl-C quits at once.

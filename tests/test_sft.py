@@ -306,6 +306,8 @@ def snapshot(directory):
     ("corrupt weights", "truncated"),
     ("not resumed", "holds an unfinished run (step 2 of 8): continue it with --resume out"),
     ("best deleted", "the best checkpoint so far (step 2) is missing from out"),
+    ("device type", "the run was trained on cuda and would continue on cpu"),
+    ("stop already passed", "--stop-at-step 2: the saved run is already at step 2"),
 ])
 def test_bad_resume_is_one_line_error_and_overwrites_nothing(stopped_lora_run, tmp_path, monkeypatch, capsys,
                                                               case, message):
@@ -329,6 +331,12 @@ def test_bad_resume_is_one_line_error_and_overwrites_nothing(stopped_lora_run, t
     elif case == "corrupt weights":
         weights = tmp_path / "out/last/model.safetensors"
         weights.write_bytes(weights.read_bytes()[:5000])
+    elif case == "device type":  # as if it had been trained on a GPU
+        config = tmp_path / "out/last/config.json"
+        config.write_text(json.dumps({**json.loads(config.read_text()), "device_type": "cuda"}))
+        argv += ["--device", "cpu"]
+    elif case == "stop already passed":
+        argv += ["--stop-at-step", "2"]
     elif case == "best deleted":
         (tmp_path / "out/model.safetensors").unlink()
     elif case == "not resumed":  # the original command again, without --resume
