@@ -251,48 +251,63 @@ class CpuLinear(torch.nn.Module):
         return y.view(*x.shape[:-1], self.out_features)
 
 
+TUNE_BYTES = 512 * 2**20  # weights timed per layout: more than a CPU's last-level cache, so memory is measured
+
+
+def fastest_layout(linears, candidates):
+    """The candidate layout under which a one-row product through each of the first TUNE_BYTES of
+    these weights (all of GPT-2 124M's) takes least time: one warm-up sweep, then the best of two.
+    A layout this build or dtype cannot run (oneDNN with float16, say) is skipped; "linear" (nn.Linear
+    as it is) when none runs."""
+    sample, size = [], 0
+    for linear in linears:
+        if size >= TUNE_BYTES:
+            break
+        sample.append(linear)
+        size += linear.weight.numel() * linear.weight.element_size()
+    inputs = [torch.zeros(1, linear.in_features, dtype=linear.weight.dtype) for linear in sample]
+    best = (math.inf, "linear")
+    with torch.inference_mode():
+        for layout in candidates:
+            try:
+                modules = sample if layout == "linear" else [CpuLinear(linear, layout) for linear in sample]
+                times = []
+                for _ in range(3 if len(candidates) > 1 else 1):
+                    start = time.perf_counter()
+                    for module, x in zip(modules, inputs):
+                        module(x)
+                    times.append(time.perf_counter() - start)
+            except (RuntimeError, AttributeError):  # e.g. oneDNN with float16 weights, or its ops missing
+                continue
+            best = min(best, (min(times[1:] or times), layout))
+            del modules  # (one candidate's copy of the weights at a time)
+    return best[1]
+
+
 def pack_for_cpu(model, layout=None):
     """Make a model faster to run on the CPU: store every nn.Linear's weight in the layout this CPU
     reads fastest. A decode step multiplies one row by every weight matrix, so it is bound by
     reading the weights (~500 MB per token for the 124M model), and how fast a matrix-vector product
     streams them depends on the layout and the CPU: on one 2-core VM the oneDNN-packed layout read
     them twice as fast as nn.Linear's BLAS call, on another it was the slowest of the three. So,
-    unless `layout` names one ("linear" keeps nn.Linear), each is installed in turn and timed on
-    a one-token forward pass (a decode step's matmuls, through all the weights), and the fastest
-    stays: a fraction of a second at load for GPT-2 124M. A layout this build or dtype cannot run
-    (oneDNN with float16, say) is skipped. Inference only: the new weights are not parameters, so
-    training and state_dict no longer see them, and the head gets its own copy of the token
-    embedding. Sets model.cpu_layout to the layout chosen; returns the model."""
-    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
-               if isinstance(child, torch.nn.Linear) and child.weight.device.type == "cpu"]
+    unless `layout` names one ("linear" keeps nn.Linear), each is timed (fastest_layout, about a
+    second at load) and the fastest is installed; a layout that cannot run here falls back to
+    "linear". Inference only: the new weights are not parameters, so training and state_dict no
+    longer see them, and the head gets its own copy of the token embedding. Sets model.cpu_layout
+    to the layout chosen; returns the model."""
     if layout not in (None, "linear", *CpuLinear.LAYOUTS):
         raise ValueError(f"unknown layout {layout!r}: linear, {', '.join(CpuLinear.LAYOUTS)}")
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if isinstance(child, torch.nn.Linear) and child.weight.device.type == "cpu"]
     if not linears:  # (a model on a GPU)
         return model
     candidates = [layout] if layout else ["linear", *CpuLinear.LAYOUTS]
     if not torch.backends.mkldnn.is_available():  # a PyTorch build without oneDNN lacks its ops
         candidates = [c for c in candidates if c != "onednn"]
-
-    def install(layout):
+    model.cpu_layout = fastest_layout([linear for _, _, linear in linears], candidates)
+    if model.cpu_layout != "linear":
         for module, name, linear in linears:
-            setattr(module, name, linear if layout == "linear" else CpuLinear(linear, layout))
-
-    probe = torch.zeros(1, 1, dtype=torch.long)
-    best = (math.inf, "linear")
-    with torch.inference_mode():
-        for candidate in candidates:
-            try:
-                install(candidate)
-                times = []
-                for _ in range(3 if len(candidates) > 1 else 1):  # the first pass is a warm-up
-                    start = time.perf_counter()
-                    model(probe)
-                    times.append(time.perf_counter() - start)
-            except (RuntimeError, AttributeError):  # e.g. oneDNN with float16 weights, or its ops missing
-                continue
-            best = min(best, (min(times[1:] or times), candidate))
-    install(best[1])
-    model.cpu_layout = best[1]
+            setattr(module, name, CpuLinear(linear, model.cpu_layout))
     return model
 
 

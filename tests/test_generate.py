@@ -316,25 +316,38 @@ def test_pack_for_cpu_keeps_the_layout_that_measured_fastest(tiny_model, monkeyp
     import copy
     from types import SimpleNamespace
     import generate
-    clock = iter(range(10_000))  # each perf_counter() call advances 1 s ...
-    slow = {"linear": 5, "in_out": 1, "onednn": 3}  # ... plus a per-layout cost charged in forward
+    clock = iter(range(1_000_000))  # each perf_counter() call advances 1 s ...
+    slow = {"linear": 5, "in_out": 1, "onednn": 3}  # ... plus a per-layout cost charged by each matmul
+    linear_forward, cpu_forward = torch.nn.Linear.forward, generate.CpuLinear.forward
 
-    def timed_forward(model, idx):
-        layout = getattr(model.lm_head, "layout", "linear")
-        for _ in range(slow[layout]):
-            next(clock)
-        return torch.zeros(1)
-
+    def charged(forward, layout_of):
+        def f(self, x):
+            for _ in range(slow[layout_of(self)]):
+                next(clock)
+            return forward(self, x)
+        return f
     monkeypatch.setattr(generate, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
-    monkeypatch.setattr(type(tiny_model), "__call__", timed_forward)
+    monkeypatch.setattr(torch.nn.Linear, "forward", charged(linear_forward, lambda m: "linear"))
+    monkeypatch.setattr(generate.CpuLinear, "forward", charged(cpu_forward, lambda m: m.layout))
     model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
     assert model.cpu_layout == "in_out"
-    assert all(m.layout == "in_out" for m in model.modules() if isinstance(m, generate.CpuLinear))
+    swapped = [m for m in model.modules() if isinstance(m, generate.CpuLinear)]
+    assert len(swapped) == 2 * 4 + 1 and all(m.layout == "in_out" for m in swapped)
     slow["onednn"] = 0
     assert generate.pack_for_cpu(copy.deepcopy(tiny_model)).cpu_layout == "onednn"
     slow["linear"] = 0
     model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
     assert model.cpu_layout == "linear" and not any(isinstance(m, generate.CpuLinear) for m in model.modules())
+
+
+def test_only_the_first_weights_are_timed(monkeypatch):
+    import generate
+    monkeypatch.setattr(generate, "TUNE_BYTES", 3 * 64 * 64 * 4)
+    timed = []
+    monkeypatch.setattr(generate.CpuLinear, "forward", lambda self, x: timed.append(self.weight.shape))
+    linears = [torch.nn.Linear(64, 64) for _ in range(10)]
+    generate.fastest_layout(linears, ["in_out"])
+    assert len(timed) == 3  # one sweep over the first 3 (one candidate: no warm-up, no repeat)
 
 
 def test_pack_for_cpu_skips_a_layout_that_cannot_run(tiny_model, monkeypatch):
