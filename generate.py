@@ -305,9 +305,9 @@ def pack_for_cpu(model, layout=None):
     if not torch.backends.mkldnn.is_available():  # a PyTorch build without oneDNN lacks its ops
         candidates = [c for c in candidates if c != "onednn"]
     model.cpu_layout = fastest_layout([linear for _, _, linear in linears], candidates)
-    if model.cpu_layout != "linear":
-        for module, name, linear in linears:
-            setattr(module, name, CpuLinear(linear, model.cpu_layout))
+    while model.cpu_layout != "linear" and linears:  # popped: each old weight is freed once replaced,
+        module, name, linear = linears.pop()               # so memory peaks at one layer over the model
+        setattr(module, name, CpuLinear(linear, model.cpu_layout))
     return model
 
 
