@@ -1,4 +1,5 @@
 """Shared test set-up: offline tokenizer files, the fixtures folder, and small models."""
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -15,6 +16,24 @@ if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
 torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine threads that
+    wait for each other make a step several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    with single_thread():
+        yield
 
 
 @pytest.fixture

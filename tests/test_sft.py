@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import sft
+from conftest import single_thread
 from data import collate, encode_examples
 from gpt import GPT, GPTConfig
 from sft import LoRALinear, add_lora, lora_merged, merge_lora
@@ -182,16 +183,6 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
 
 # ----------------------------------------------------------------------------- exact resume
 
-@pytest.fixture
-def one_thread():
-    """Models this small gain nothing from intra-op threads; on a busy 2-core machine, threads waiting
-    for each other make a step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_small_instruction_data(path, n=16):
     """n single-turn examples with answers of different lengths. With 2 held out for validation,
     14 train examples make 7 micro-batches of 2 per epoch: an optimizer step of 2 micro-batches
@@ -280,15 +271,14 @@ def test_lora_interrupted_by_ctrl_c_and_resumed_equals_uninterrupted(tmp_path, m
 def stopped_lora_run(tmp_path_factory):
     """A LoRA run stopped at step 2 of 8, in a directory that each test copies before changing it."""
     root = tmp_path_factory.mktemp("stopped")
-    cwd, threads = os.getcwd(), torch.get_num_threads()
+    cwd = os.getcwd()
     os.chdir(root)
-    torch.set_num_threads(1)
     try:
-        flags = resume_run(root, lora=True)
-        sft.main([*flags, "--out", "out", "--stop-at-step", "2"])
+        with single_thread():
+            flags = resume_run(root, lora=True)
+            sft.main([*flags, "--out", "out", "--stop-at-step", "2"])
     finally:
         os.chdir(cwd)
-        torch.set_num_threads(threads)
     return root, flags
 
 

@@ -23,14 +23,7 @@ TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "64
         "--log-every", "1000"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy machine threads that wait
-    for each other make a step several times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 @pytest.fixture(scope="module")
