@@ -477,8 +477,9 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
 
     The bytes go to `dest.part` and are renamed to `dest` only when complete and verified; if a
     `.part` is left over from an interrupted run, the download resumes from its end with an HTTP
-    Range request. The size is checked against the server's, and the SHA-256 against `sha256` or,
-    failing that, the hub's `X-Linked-Etag` (the LFS object's SHA-256). A mismatch deletes the file."""
+    Range request. The size is checked against the server's (a connection cut where the size is
+    unknown is caught too), and the SHA-256 against `sha256` or, failing that, the hub's
+    `X-Linked-Etag` (the LFS object's SHA-256). A mismatch deletes the file."""
     import requests
     from tqdm import tqdm
 
@@ -488,15 +489,21 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    # identity: sizes and Range offsets are then those of the file itself (requests would otherwise ask
+    # for gzip, and Content-Length would count the compressed bytes while we write decompressed ones)
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    cut = False
     with requests.get(url, stream=True, headers=headers, timeout=timeout) as r:
         if r.status_code == 416:  # our .part is already whole (or bogus): start again
             part.unlink()
             return download(url, dest, sha256, chunk_size, timeout)
         r.raise_for_status()
-        if r.status_code != 206:  # the server ignored the Range header: start from zero
-            have = 0
-        if r.status_code == 206 and "Content-Range" in r.headers:
+        encoded = r.headers.get("Content-Encoding", "identity").lower() != "identity"
+        if r.status_code != 206 or encoded:  # the server ignored the Range header (or compressed anyway,
+            have = 0                          # so offsets mean nothing): start from zero
+        if encoded:  # (what arrives is decompressed: the server's sizes don't apply)
+            total = None
+        elif r.status_code == 206 and "Content-Range" in r.headers:
             total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
         else:
             total = have + int(r.headers.get("Content-Length", 0)) or None
@@ -509,11 +516,14 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
                     f.write(chunk)
                     bar.update(len(chunk))
             except requests.exceptions.RequestException:
-                pass  # a cut connection: what arrived is kept in .part, and the size check below reports it
+                cut = True  # a cut connection: what arrived is kept in .part (resumable unless compressed)
     size = part.stat().st_size
-    if total is not None and size != total:
-        # a cut connection: keep the .part so the next call resumes from here
-        raise IOError(f"download of {url} stopped at {size} of {total} bytes; run again to resume")
+    if cut or (total is not None and size != total):
+        if encoded:
+            part.unlink()
+        of = f" of {total}" if total is not None else ""
+        again = "run again to resume" if not encoded else "run again to start over"
+        raise IOError(f"download of {url} stopped at {size}{of} bytes; {again}")
     if expected:
         h = hashlib.sha256()
         with open(part, "rb") as f:

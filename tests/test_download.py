@@ -1,4 +1,6 @@
-"""gpt.download against a real HTTP server on 127.0.0.1: complete, resumed after a cut, and a bad checksum."""
+"""gpt.download against a real HTTP server on 127.0.0.1: complete, resumed after a cut, a bad checksum,
+a server that compresses anyway, and a cut in a response of unknown size."""
+import gzip
 import hashlib
 import http.server
 import threading
@@ -18,6 +20,9 @@ class Server:
         self.cut_at = None  # send only this many bytes of the next response, then drop the connection
         self.ranges = []  # the Range header of every request, for the assertions
         self.etag = SHA
+        self.gzip = False  # compress the body whatever the client asked for (Content-Length: compressed size)
+        self.chunked = False  # chunked transfer: no Content-Length, so the client cannot know the size
+        self.accept_encodings = []  # the Accept-Encoding header of every request
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -26,11 +31,30 @@ class Server:
             def do_GET(self):
                 rng = self.headers.get("Range")
                 outer.ranges.append(rng)
+                outer.accept_encodings.append(self.headers.get("Accept-Encoding"))
                 start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
                 body = PAYLOAD[start:]
                 self.send_response(206 if rng else 200)
                 if rng:
                     self.send_header("Content-Range", f"bytes {start}-{len(PAYLOAD) - 1}/{len(PAYLOAD)}")
+                if outer.gzip:
+                    body = gzip.compress(body)
+                    self.send_header("Content-Encoding", "gzip")
+                if outer.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                    self.send_header("X-Linked-Etag", f'"{outer.etag}"')
+                    self.end_headers()
+                    sent = body if outer.cut_at is None else body[:outer.cut_at]
+                    for i in range(0, len(sent), 65536):
+                        piece = sent[i:i + 65536]
+                        self.wfile.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                    if outer.cut_at is None:
+                        self.wfile.write(b"0\r\n\r\n")
+                    self.wfile.flush()
+                    outer.cut_at = None
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                    return
                 self.send_header("Content-Length", str(len(body)))
                 self.send_header("X-Linked-Etag", f'"{outer.etag}"')
                 self.end_headers()
@@ -92,3 +116,27 @@ def test_explicit_sha256_is_checked(server, tmp_path):
     with pytest.raises(IOError, match="checksum mismatch"):
         download(server.url, tmp_path / "x", sha256="f" * 64)
     assert download(server.url, tmp_path / "y", sha256=SHA).read_bytes() == PAYLOAD
+
+
+def test_asks_for_the_file_uncompressed(server, tmp_path):
+    download(server.url, tmp_path / "m")
+    assert server.accept_encodings == ["identity"]  # so sizes and Range offsets are the file's own
+
+
+def test_a_server_that_compresses_anyway_still_gives_the_file(server, tmp_path):
+    # Content-Length is then the gzip size while the bytes written are decompressed: not comparable
+    server.gzip = True
+    assert download(server.url, tmp_path / "m").read_bytes() == PAYLOAD
+
+
+def test_complete_chunked_response_of_unknown_size_is_accepted(server, tmp_path):
+    server.chunked = True
+    assert download(server.url, tmp_path / "m").read_bytes() == PAYLOAD
+
+
+def test_cut_in_a_response_of_unknown_size_is_an_error_not_a_file(server, tmp_path):
+    server.chunked, server.cut_at = True, 300_000
+    with pytest.raises(IOError, match="stopped at"):
+        download(server.url, tmp_path / "m")
+    assert not (tmp_path / "m").exists()  # a half file never gets the final name
+    assert download(server.url, tmp_path / "m").read_bytes() == PAYLOAD  # and the next call completes it
