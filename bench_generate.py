@@ -19,7 +19,7 @@ import time
 import torch
 
 from generate import CpuLinear, SamplingParams, generate_tokens, pack_for_cpu
-from gpt import GPT, die, pick_device, write_safetensors
+from gpt import GPT, HelpFormatter, device_or_die, die, write_safetensors
 
 
 def sync(device):
@@ -28,7 +28,7 @@ def sync(device):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default=None, help="cpu | cuda (default: the best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     p.add_argument("--prompt-len", type=int, default=32)
@@ -41,12 +41,14 @@ def main():
     args = p.parse_args()
     if args.prompt_len < 1 or args.new_tokens < 1 or args.prompt_len + args.new_tokens > 1024:
         die("--prompt-len and --new-tokens must be >= 1 and fit in GPT-2's 1024-token context together")
+    if args.repeats < 1 or args.threads < 1:
+        die("--repeats and --threads must be >= 1")
     try:
         from transformers import GPT2Config, GPT2LMHeadModel
     except ImportError:
         die("this benchmark needs transformers (pip install transformers)")
     torch.set_num_threads(args.threads)
-    device = torch.device(pick_device(args.device))
+    device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype)
 
     # the same random weights in both models: HF's state dict -> hub-layout file -> our loader

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from gpt import GPT, SIZES, CheckpointError, GPTConfig, die, pick_device
+from gpt import GPT, SIZES, CheckpointError, GPTConfig, device_or_die, die
 from generate import SamplingParams, pack_for_cpu
 from serve import Engine
 
@@ -169,7 +169,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
         die("need 1 <= --min-len <= --max-len, 1 <= --min-out <= --max-out and --num-requests >= 1")
-    device = torch.device(pick_device(args.device))
+    device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.random_init:
         if args.model not in SIZES:

@@ -30,6 +30,7 @@ context is full.
 import argparse
 import codecs
 import math
+import os
 import shutil
 import sys
 import textwrap
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from data import encode_prompt
+from data import TEMPLATES, encode_prompt
 from gpt import EOT, GPT, CheckpointError, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer
 
 
@@ -79,7 +80,12 @@ def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
     """Logits (B, V) -> next token ids (B,). Temperature 0 picks the argmax."""
     if temperature <= 0:
         return logits.argmax(-1)
-    logits = top_p_filter(top_k_filter(logits.float() / temperature, top_k), top_p)
+    # shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
+    # to -inf (nearly greedy) instead of overflowing every logit to inf (NaN probabilities)
+    # (and the divisor no smaller than float32's least normal: 1e-300 would round to 0, and 0 / 0 is NaN)
+    logits = logits.float()
+    logits = (logits - logits.max(-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
+    logits = top_p_filter(top_k_filter(logits, top_k), top_p)
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
@@ -111,7 +117,8 @@ class TextStream:
         if hits:
             self.stopped = True
             return self._emit(min(hits))
-        hold = max((n for s in self.stop for n in range(1, len(s))
+        longest = len(self.pending)  # (a longer start of a stop string cannot be what pending ends with)
+        hold = max((n for s in self.stop for n in range(1, min(len(s), longest + 1))
                     if self.pending.endswith(s[:n])), default=0)
         return self._emit(len(self.pending) - hold)
 
@@ -418,16 +425,28 @@ def chat(model, enc, params, system=None):
     n_ctx = model.config.block_size
     reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns
     messages = [{"role": "system", "content": system}] if system else []
+    least = len(encode_prompt(messages + [{"role": "user", "content": "hi"}], template, enc))
+    if least + reserve > n_ctx:  # (else every message would be refused, for the system prompt's fault)
+        die(f"--system makes every prompt at least {least} tokens; with {reserve} kept for the answer, "
+            f"the {n_ctx}-token context has no room")
     tty = sys.stdin.isatty()
     if tty:
         print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, Ctrl-D to quit")
     while True:
         if tty:
             print("> ", end="", flush=True)
-        line = sys.stdin.readline()
-        if not line:
+        try:
+            raw = sys.stdin.buffer.readline()
+        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, as Ctrl-D does
+            print(file=sys.stderr)
             break
-        line = line.strip()
+        if not raw:
+            break
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            print(f"error: that line is not valid UTF-8 (byte {e.start}); it was skipped", file=sys.stderr)
+            continue
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
@@ -442,10 +461,13 @@ def chat(model, enc, params, system=None):
             print(f"error: {e}", file=sys.stderr)
             continue
         answer, started = "", False
-        for piece in generate(model, ids, params, enc):
-            piece, started = strip_answer_start(piece, started)
-            answer += piece
-            print(piece, end="", flush=True)
+        try:
+            for piece in generate(model, ids, params, enc):
+                piece, started = strip_answer_start(piece, started)
+                answer += piece
+                print(piece, end="", flush=True)
+        except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer, not the conversation
+            pass
         print(flush=True)
         messages.append({"role": "assistant", "content": answer.rstrip()})
     return messages
@@ -456,11 +478,14 @@ def chat(model, enc, params, system=None):
 def load_model(name, device, dtype):
     try:
         model = GPT.from_pretrained(name, device=device, dtype=dtype)
-        return pack_for_cpu(model) if device.type == "cpu" else model
     except CheckpointError as e:
         die(str(e))
     except OSError as e:  # a failed download, an unreadable file
         die(f"cannot load model {name!r}: {e}")
+    template = model.checkpoint_info.get("template")
+    if template is not None and template not in TEMPLATES:
+        die(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
+    return pack_for_cpu(model) if device.type == "cpu" else model
 
 
 def answer_ids(model, prompt, enc):
@@ -471,13 +496,14 @@ def answer_ids(model, prompt, enc):
     return encode(prompt, enc)
 
 
-def checked_answer_ids(model, prompt, enc):
-    """answer_ids, or a one-line error if they leave no room to answer: checked before printing."""
+def checked_answer_ids(model, prompt, enc, which=""):
+    """answer_ids, or a one-line error (naming `which` prompt) if they leave no room to answer:
+    checked before printing."""
     ids = answer_ids(model, prompt, enc)
     try:
         check_prompt(ids, model.config.block_size)
     except ValueError as e:
-        die(str(e))
+        die(f"{which}{e}")
     return ids
 
 
@@ -492,11 +518,58 @@ def side_by_side(left, right, titles):
     return "\n".join(f"{a:<{width}} | {b}" for a, b in zip(*(c + [""] * (n - len(c)) for c in cols)))
 
 
+MAX_SEED = 2**63 - 1
+
+
+def check_args(args):
+    """A one-line error for each flag value, or combination, that generate.py cannot honour."""
+    for flag, value, ok, rule in (
+            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
+            ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
+            ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
+             ">= 0 (0 = greedy)"),
+            ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
+            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
+            ("--seed", args.seed, args.seed is None or 0 <= args.seed <= MAX_SEED - args.num_samples,
+             f"between 0 and {MAX_SEED} less --num-samples")):
+        if not ok:
+            die(f"{flag} {value} must be {rule}")
+    if args.compare and args.chat:
+        die("--compare answers --prompt; it does not go with --chat")
+    if args.compare and not args.prompt:
+        die("--compare needs --prompt")
+    for flag, given, why in (
+            ("--model", args.compare and args.model, "--compare names its two models"),
+            ("--num-samples", args.compare and args.num_samples > 1, "--compare shows one answer per model"),
+            ("--prompt", args.chat and args.prompt, "--chat reads its messages from the terminal"),
+            ("--num-samples", args.chat and args.num_samples > 1, "--chat gives one answer per message"),
+            ("--system", args.system is not None and not args.chat, "--system is the system prompt of --chat")):
+        if given:
+            die(f"{flag} does not apply here: {why}")
+    if not args.chat and not args.prompt:
+        die("give --prompt TEXT (or --chat)")
+    if not all(args.stop):
+        die("--stop is empty (it would end every answer before it starts)")
+    for i, prompt in enumerate(args.prompt or []):
+        if not prompt:
+            die(f"{which(i, len(args.prompt))}--prompt is empty")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 reach argv as lone surrogates
+            die(f"{which(i, len(args.prompt))}--prompt is not valid UTF-8")
+
+
+def which(i, n):
+    """'prompt 3 of 4: ' for the third of four --prompt's (nothing when there is one): errors name the
+    one at fault."""
+    return f"prompt {i + 1} of {n}: " if n > 1 else ""
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=(
         "A prompt longer than the model's context is an error (never truncated); in --chat, the oldest "
         "turns are dropped to keep the conversation within the context."))
-    p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir")
+    p.add_argument("--model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir (default: gpt2)")
     p.add_argument("--prompt", action="append", help="text (repeatable): a checkpoint with a chat template "
                    "answers it as a user's message in that template; a base model continues it")
     p.add_argument("--chat", action="store_true", help="interactive conversation in the checkpoint's template")
@@ -507,23 +580,14 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
-    p.add_argument("--seed", type=int, default=None, help="makes sampling repeatable")
+    p.add_argument("--seed", type=int, default=None, help=f"makes sampling repeatable (0 to {MAX_SEED})")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), never printed")
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere)")
     args = p.parse_args(argv)
-    if args.max_new_tokens < 1 or args.num_samples < 1 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        die("--max-new-tokens and --num-samples must be >= 1, --top-k >= 0, and 0 < --top-p <= 1")
-    if args.compare and args.chat:
-        die("--compare answers --prompt; it does not go with --chat")
-    if args.compare and not args.prompt:
-        die("--compare needs --prompt")
-    if not args.chat and not args.prompt:
-        die("give --prompt TEXT (or --chat)")
-    if args.prompt and not all(args.prompt):
-        die("--prompt is empty")
+    check_args(args)
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
@@ -532,17 +596,20 @@ def main(argv=None):
     try:
         if args.compare:
             models = [load_model(name, device, dtype) for name in args.compare]
-            ids = [[checked_answer_ids(m, prompt, enc) for m in models] for prompt in args.prompt]
+            n = len(args.prompt)
+            ids = [[checked_answer_ids(m, prompt, enc, which(i, n)) for m in models]
+                   for i, prompt in enumerate(args.prompt)]
             for prompt, pair in zip(args.prompt, ids):
                 answers = ["".join(generate(m, i, params, enc)) for m, i in zip(models, pair)]
                 print(f"\n=== {prompt}\n" + side_by_side(*answers, args.compare), flush=True)
             return
-        model = load_model(args.model, device, dtype)
+        model = load_model(args.model or "gpt2", device, dtype)
         if args.chat:
             chat(model, enc, params, args.system)
             return
         asked = bool(getattr(model, "checkpoint_info", {}).get("template"))
-        ids = [checked_answer_ids(model, prompt, enc) for prompt in args.prompt]  # all, before printing any
+        n = len(args.prompt)  # all checked before any is answered:
+        ids = [checked_answer_ids(model, prompt, enc, which(i, n)) for i, prompt in enumerate(args.prompt)]
         for prompt, prompt_ids in zip(args.prompt, ids):
             for i in range(args.num_samples):
                 if args.num_samples > 1:
@@ -559,6 +626,10 @@ def main(argv=None):
         die(str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)
+        sys.exit(130)  # (what a shell reports for Ctrl-C: the output is cut short, not complete)
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, and point stdout at
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # /dev/null so the exit flush
+        sys.exit(1)                                                       # does not fail a second time
 
 
 if __name__ == "__main__":

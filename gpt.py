@@ -193,6 +193,7 @@ class GPT(nn.Module):
         else:
             config = infer_hub_config(path, header, name_or_path)
             config.dropout = dropout
+        check_config(config, ckpt_dir / "config.json" if (ckpt_dir / "config.json").exists() else path)
         # Build on the meta device (no memory, no random init), then materialize directly in the
         # target dtype/device and fill each tensor from the memory-mapped file: never two full copies.
         with torch.device("meta"):
@@ -249,8 +250,10 @@ def device_or_die(requested=None):
     """pick_device as a torch.device, for the scripts: a bad or unavailable --device is a one-line error."""
     try:
         device = torch.device(pick_device(requested))
-    except RuntimeError as e:
-        die(f"bad --device {requested!r}: {e}")
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda", "mps"):  # (torch knows more: xpu, meta, ...)
+        die(f"bad --device {requested!r}: use cpu, cuda, cuda:N or mps")
     if device.type == "cuda" and not torch.cuda.is_available():
         die("--device cuda, but no CUDA GPU is available")
     if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
@@ -308,7 +311,7 @@ def read_safetensors_header(path):
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
                 or not all(isinstance(o, int) for o in (begin, end)):
@@ -412,6 +415,20 @@ def read_checkpoint_json(directory):
     except (OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a valid checkpoint config ({e})") from None
     return info
+
+
+def check_config(config, where):
+    """A CheckpointError naming `where` unless the config describes a model that can be built: a
+    config.json edited by hand (or written by something else) fails here in one line, not deep in
+    nn.Module construction."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{where}: {name} must be a positive integer, not {value!r}")
+    if config.n_embd % config.n_head:
+        raise CheckpointError(f"{where}: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+    if not isinstance(config.bias, bool):
+        raise CheckpointError(f"{where}: bias must be true or false, not {config.bias!r}")
 
 
 def infer_hub_config(path, header, name):

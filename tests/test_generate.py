@@ -195,11 +195,66 @@ def test_fit_conversation_drops_oldest_turns_and_keeps_the_system_prompt(enc):
         fit_conversation([{"role": "user", "content": "word " * 200}], "chat", n_ctx=100, reserve=20, enc=enc)
 
 
+def piped(monkeypatch, data):
+    """stdin as a pipe carrying these bytes (chat reads bytes and decodes each line itself)."""
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
+
+
 def test_chat_answers_each_piped_line_and_stops_at_endoftext(monkeypatch, capsys, enc):
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhow are you?\n"))
+    piped(monkeypatch, b"hello\n\nhow are you?\n")
     messages = chat(eot_model(), enc, SamplingParams(max_tokens=20, **GREEDY))
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in messages] == ["hello", "", "how are you?", ""]  # EOT at once: empty answers
+
+
+def test_chat_answers_in_the_context_of_the_whole_conversation(tiny_model, monkeypatch, capsys, enc):
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    monkeypatch.setattr(tiny_model, "checkpoint_info", {"template": "chat"}, raising=False)
+    piped(monkeypatch, b"Hi!\nWhat is 2+2?\n")
+    messages = chat(tiny_model, enc, params)
+    first = "".join(generate(tiny_model, encode_prompt(messages[:1], "chat", enc), params, enc)).strip()
+    second = "".join(generate(tiny_model, encode_prompt(messages[:3], "chat", enc), params, enc)).strip()
+    alone = "".join(generate(tiny_model, encode_prompt(messages[2:3], "chat", enc), params, enc)).strip()
+    assert second != alone  # the test can tell: the earlier turns change the answer
+    assert [m["content"] for m in messages] == ["Hi!", first, "What is 2+2?", second]
+    assert capsys.readouterr().out == f"{first}\n{second}\n"
+
+
+def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(monkeypatch, capsys, enc):
+    piped(monkeypatch, b"hello\n\xff\xfe bad\nhow are you?\n")
+    messages = chat(eot_model(), enc, SamplingParams(max_tokens=20, **GREEDY))
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["hello", "how are you?"]
+    assert "not valid UTF-8" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_an_answer_ends_that_answer_not_the_chat(tiny_model, monkeypatch, capsys, enc):
+    import generate as gen
+    real = gen.generate
+
+    def interrupted_once(*args, **kwargs):
+        if not interrupted_once.done:
+            interrupted_once.done = True
+            raise KeyboardInterrupt
+        yield from real(*args, **kwargs)
+    interrupted_once.done = False
+    monkeypatch.setattr(gen, "generate", interrupted_once)
+    monkeypatch.setattr(tiny_model, "checkpoint_info", {"template": "chat"}, raising=False)
+    piped(monkeypatch, b"first\nsecond\n")
+    messages = chat(tiny_model, enc, SamplingParams(max_tokens=4, **GREEDY))
+    assert [m["content"] for m in messages if m["role"] == "user"] == ["first", "second"]
+
+
+def test_a_system_prompt_that_fills_the_context_is_refused_up_front(tiny_model, monkeypatch, capsys, enc):
+    piped(monkeypatch, b"hi\n")
+    with pytest.raises(SystemExit):
+        chat(tiny_model, enc, SamplingParams(max_tokens=8), system="sys " * 200)
+    assert "--system makes every prompt at least" in capsys.readouterr().err
+
+
+def test_a_tiny_temperature_samples_the_argmax_instead_of_failing():
+    logits = torch.tensor([[1.0, 3.0, 2.0, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    assert [int(sample(logits, t, generator=g)) for t in (1e-45, 1e-300, 1e-30)] == [1] * 3
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -253,37 +308,88 @@ def test_cli_chat_with_piped_stdin(ckpt, enc):
     r = run_cli("--model", str(path), "--chat", "--temperature", "0", "--max-new-tokens", "8",
                 stdin="Hi!\nWhat is 2+2?\n")
     assert r.returncode == 0, r.stderr
-    first = encode_prompt([{"role": "user", "content": "Hi!"}], "chat", enc)
-    answer = "".join(generate(model, first, SamplingParams(max_tokens=8, **GREEDY), enc)).strip()
-    assert r.stdout.startswith(answer)
+    params = SamplingParams(max_tokens=8, **GREEDY)
+    turns = [{"role": "user", "content": "Hi!"}]
+    answer = "".join(generate(model, encode_prompt(turns, "chat", enc), params, enc)).strip()
+    turns += [{"role": "assistant", "content": answer}, {"role": "user", "content": "What is 2+2?"}]
+    second = "".join(generate(model, encode_prompt(turns, "chat", enc), params, enc)).strip()
+    assert r.stdout == f"{answer}\n{second}\n"
+
+
+BAD_FLAGS = {  # case: (extra flags, what the error must name)
+    "negative-temperature": (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
+    "nan-temperature": (["--temperature", "nan"], "--temperature nan"),
+    "huge-seed": (["--seed", str(10**23)], "--seed 1000"),
+    "top-p-zero": (["--top-p", "0"], "--top-p 0.0"),
+    "empty-stop": (["--stop", ""], "--stop is empty"),
+    "system-without-chat": (["--system", "be brief"], "--system does not apply"),
+    "device-xpu": (["--device", "xpu"], "bad --device 'xpu'"),
+    "device-meta": (["--device", "meta"], "bad --device 'meta'"),
+    "second-prompt-too-long": (["--prompt", "word " * 200], "prompt 2 of 2: the prompt is"),
+}
 
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "long-prompt", "long-prompt-base", "empty-prompt",
-                                  "compare-chat-without-prompt"])
+                                  "compare-chat-without-prompt", "unknown-template", "not-utf8", *BAD_FLAGS])
 def test_cli_bad_input_is_a_one_line_error(ckpt, base_ckpt, tmp_path, case):
     model = {"missing": str(tmp_path / "nope"), "corrupt": str(tmp_path),
              "long-prompt-base": str(base_ckpt[0])}.get(case, str(ckpt[0]))
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
-    prompt = ["--prompt", "" if case == "empty-prompt" else "word " * 200]
+    prompt = ["--prompt", {"empty-prompt": "", "long-prompt": "word " * 200, "long-prompt-base": "word " * 200,
+                           "not-utf8": b"hi \xff".decode("utf-8", "surrogateescape")}.get(case, "hi")]
+    flags, named = BAD_FLAGS.get(case, ([], "error:"))
+    if case == "unknown-template":
+        bad = tmp_path / "bad-template"
+        ckpt[1].save_checkpoint(bad, template="foo")
+        model, named = str(bad), "names template 'foo'"
     if case == "compare-chat-without-prompt":
         r = run_cli("--compare", model, model, "--chat", "--max-new-tokens", "4", stdin="hi\n")
     else:
-        r = run_cli("--model", model, *prompt, "--max-new-tokens", "4")
+        r = run_cli("--model", model, *prompt, "--max-new-tokens", "4", *flags)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], r.stderr
     assert r.stdout == ""  # nothing printed first: not even the echo of an over-long prompt
 
 
-def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, monkeypatch):
+def test_cli_output_piped_into_head_ends_quietly(base_ckpt):
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--model", str(base_ckpt[0]), "--prompt", "hi",
+           "--max-new-tokens", "100", "--num-samples", "20"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT)
+    p.stdout.read(10)
+    p.stdout.close()  # the reader leaves, as `| head -c 10` does
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 1 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_cli_ctrl_c_exits_130_not_0(base_ckpt, monkeypatch):
+    import generate as gen
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+        yield
+    monkeypatch.setattr(gen, "generate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        gen.main(["--model", str(base_ckpt[0]), "--prompt", "hi"])
+    assert e.value.code == 130  # a shell sees an interrupted run, not a complete one
+
+
+def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, monkeypatch, tmp_path, enc):
     from generate import main
-    monkeypatch.setenv("COLUMNS", "240")  # wide enough for the checkpoint paths as column titles
-    path = str(ckpt[0])
-    main(["--compare", path, path, "--prompt", "Name three colors.", "--temperature", "0", "--max-new-tokens", "12"])
+    monkeypatch.setenv("COLUMNS", "400")  # wide enough for the checkpoint paths and answers on one row
+    path, other = str(ckpt[0]), str(tmp_path / "other")
+    torch.manual_seed(1)
+    other_model = GPT(ckpt[1].config).eval()
+    other_model.save_checkpoint(other, template="chat")
+    main(["--compare", path, other, "--prompt", "Name three colors.", "--temperature", "0", "--max-new-tokens", "12"])
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[0] == "=== Name three colors." and [c.strip() for c in lines[1].split(" | ")] == [path, path]
-    rows = [line.split(" | ") for line in lines[3:]]
-    assert rows and all(len(r) == 2 and r[0].rstrip() == r[1].rstrip() for r in rows)  # same model, same answer
+    assert lines[0] == "=== Name three colors." and [c.strip() for c in lines[1].split(" | ")] == [path, other]
+    ids = encode_prompt([{"role": "user", "content": "Name three colors."}], "chat", enc)
+    expected = ["".join(generate(m, ids, SamplingParams(max_tokens=12, **GREEDY), enc)).strip()
+                for m in (ckpt[1], other_model)]
+    assert expected[0] != expected[1]  # the test can tell the columns apart
+    columns = [" ".join(" ".join(r.split(" | ")[k] for r in lines[3:]).split()) for k in (0, 1)]
+    assert columns == [" ".join(e.split()) for e in expected]  # each column is its own model's answer
     args = ["--model", path, "--prompt", "Hi", "--num-samples", "2", "--seed", "3", "--max-new-tokens", "10"]
     main(args)
     first = capsys.readouterr().out

@@ -213,6 +213,39 @@ def test_corrupt_checkpoint_config(tmp_path):
         GPT.from_pretrained(tmp_path / "ok")
 
 
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layer", "2", r"n_layer must be a positive integer, not '2'"),
+    ("n_layer", None, r"n_layer must be a positive integer, not None"),
+    ("block_size", -1, r"block_size must be a positive integer, not -1"),
+    ("n_head", 3, r"n_embd 32 is not a multiple of n_head 3"),
+    ("bias", "yes", r"bias must be true or false"),
+])
+def test_checkpoint_config_with_impossible_values(tmp_path, field, value, message):
+    # values a hand edit can leave: caught in one line before any module is built
+    small_valid(tmp_path)
+    path = tmp_path / "ok" / "config.json"
+    info = json.loads(path.read_text())
+    info["config"][field] = value
+    path.write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match=r"config.json: " + message):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_hub_config_json_with_impossible_head_count(tmp_path):
+    hf = random_hf(1, 12, 768, n_positions=16)
+    d = hub_layout_file(tmp_path, hf)
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "n_head": 7}))
+    with pytest.raises(CheckpointError, match=r"config.json: n_embd 768 is not a multiple of n_head 7"):
+        GPT.from_pretrained(d)
+
+
+def test_dtype_that_is_not_a_string(tmp_path):
+    p = tensor_file(tmp_path / "x.safetensors", {"a": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}, bytes(4))
+    with pytest.raises(CheckpointError, match=r"tensor 'a' has unknown dtype \['F32'\]"):
+        read_safetensors_header(p)
+
+
 def test_shape_that_is_not_a_list(tmp_path):
     p = tensor_file(tmp_path / "x.safetensors", {"a": {"dtype": "F32", "shape": 5, "data_offsets": [0, 20]}}, bytes(20))
     with pytest.raises(CheckpointError, match=r"tensor 'a' has a malformed shape"):
