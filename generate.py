@@ -431,7 +431,8 @@ def chat(model, enc, params, system=None):
             f"the {n_ctx}-token context has no room")
     tty = sys.stdin.isatty()
     if tty:
-        print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, Ctrl-D to quit")
+        print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, "
+              f"Ctrl-C stops an answer, Ctrl-D quits")
     while True:
         if tty:
             print("> ", end="", flush=True)
