@@ -1,10 +1,13 @@
 """Training speed of our GPT-2 124M next to Hugging Face's GPT2LMHeadModel, trained the same way.
 
-Both models get the same shapes, the same random batches, the same loss (cross-entropy on fp32
-logits), AdamW (fused on CUDA), gradient clipping, autocast dtype, SDPA attention and, when asked,
-torch.compile. The two are timed step by step in turn (so a change in the machine's load hits both
-alike). Prints tokens/s and MFU (train.flops_per_token against the device's peak) for each, and our
-speed as a ratio of theirs. transformers is a test-only dependency: install it to run this.
+Both models are trained by the very code train.py and sft.py run: train.make_optimizer's AdamW
+(fused on CUDA) and train.train_step (loss over the learned tokens, backward, gradient clipping at
+1.0, the update), so this measures the product, not a copy of it. Both get the same shapes, the same
+random batches, the same loss (cross-entropy on fp32 logits), autocast dtype, SDPA attention and,
+when asked, torch.compile of the whole model as train.py does it. The two are timed step by step in
+turn (so a change in the machine's load hits both alike). Prints tokens/s and MFU
+(train.flops_per_token against the device's peak) for each, and our speed as a ratio of theirs.
+transformers is a test-only dependency: install it to run this.
 
     python bench_train.py                                   # CUDA: B=16, T=1024, bf16, compiled
     python bench_train.py --device cpu --batch 2 --seq-len 128 --steps 3
@@ -15,14 +18,30 @@ import contextlib
 import time
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, HelpFormatter, die, pick_device
-from train import device_peak_flops, flops_per_token, make_optimizer, mfu
+from gpt import GPT, GPTConfig, HelpFormatter, device_or_die, die
+from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_flags, device_peak_flops, flops_per_token, make_optimizer,
+                   mfu, train_step)
 
 
 def build_ours(device):
     return GPT(GPTConfig()).to(device)
+
+
+class WithLoss(nn.Module):
+    """Hugging Face's model behind our model's training interface, model(x, y) -> (logits, loss), so
+    that train.train_step runs it as it runs ours. The loss is ours too: cross-entropy of fp32 logits
+    over the targets that are not -100. (HF's own labels= would shift targets that are already shifted.)"""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y):
+        logits = self.model(input_ids=x).logits
+        return logits, F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1), ignore_index=-100)
 
 
 def build_theirs(device):
@@ -35,36 +54,31 @@ def build_theirs(device):
                         attn_implementation="sdpa")
     model = GPT2LMHeadModel(config).to(device)
     assert model.config._attn_implementation == "sdpa"
-    return model
+    return WithLoss(model)
 
 
-def make_stepper(model, logits_of, args, device, autocast):
-    """A function that runs one training step on (x, y) and returns its loss."""
+def make_stepper(model, args, device, autocast):
+    """A function that runs one training step on (x, y) and returns its loss: train.py's own step,
+    train.train_step with train.make_optimizer's AdamW, on the model compiled as train.py compiles it."""
     model.train()
     optimizer = make_optimizer(model, lr=6e-4, device_type=device.split(":")[0], verbose=False)
-    fwd = torch.compile(logits_of) if args.compile else logits_of
+    compiled = torch.compile(model) if args.compile else model
 
     def step(x, y):
-        with autocast():
-            logits = fwd(model, x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
+        return train_step(compiled, optimizer, [(x, y)], lr=6e-4, grad_clip=1.0, autocast=autocast)
     return step
 
 
 def run(steppers, args, device):
     """Time the steppers on the same batches, interleaved step by step, so that a change in the
-    machine's load during the run hits every model alike. Returns {name: (seconds per step, loss)}."""
+    machine's load during the run hits every model alike. Returns {name: seconds per step}."""
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     gen = torch.Generator().manual_seed(0)
     times = {name: [] for name in steppers}
     for i in range(args.warmup + args.steps):
         batch = torch.randint(0, 50257, (args.batch, args.seq_len + 1), generator=gen)
-        x, y = batch[:, :-1].to(device), batch[:, 1:].to(device)
+        # contiguous, as data.get_batch makes them (GPT.forward views the targets flat)
+        x, y = batch[:, :-1].contiguous().to(device), batch[:, 1:].contiguous().to(device)
         for name, step in steppers.items():
             sync()
             t0 = time.perf_counter()
@@ -86,15 +100,15 @@ def main():
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
     p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: from train.py's table)")
     args = p.parse_args()
-    device = pick_device(args.device)
+    check_flags(args, batch=AT_LEAST_1, seq_len=(lambda v: 1 <= v <= 1024, "1..1024"), steps=AT_LEAST_1,
+                warmup=NON_NEGATIVE, peak_flops=POSITIVE)
+    device = str(device_or_die(args.device))  # a bad or missing device: one line, as in train.py
     cuda = device.startswith("cuda")
-    args.batch = args.batch or (16 if cuda else 2)
-    args.seq_len = args.seq_len or (1024 if cuda else 128)
+    args.batch = args.batch if args.batch is not None else (16 if cuda else 2)
+    args.seq_len = args.seq_len if args.seq_len is not None else (1024 if cuda else 128)
     args.compile = cuda if args.compile is None else args.compile
     args.warmup = args.warmup if args.warmup is not None else (3 if args.compile else 1)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
-    if not 1 <= args.seq_len <= 1024 or args.batch < 1 or args.steps < 1:
-        die("--seq-len must be 1..1024, --batch and --steps at least 1")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     dev_type = device.split(":")[0]
@@ -105,9 +119,9 @@ def main():
     model = build_ours(device)
     # the same FLOPs per token for both models: the same architecture, counted by one formula
     fpt = flops_per_token(model.config, model.num_params(), args.seq_len)
-    ours = make_stepper(model, lambda m, x: m(x), args, device, autocast)
+    ours = make_stepper(model, args, device, autocast)
     torch.manual_seed(0)
-    theirs = make_stepper(build_theirs(device), lambda m, x: m(input_ids=x).logits, args, device, autocast)
+    theirs = make_stepper(build_theirs(device), args, device, autocast)
     seconds = run({"ours (gpt.py)": ours, "HF transformers": theirs}, args, device)
     peak = args.peak_flops or device_peak_flops(device)
     speed = {}

@@ -175,7 +175,7 @@ class GPT(nn.Module):
         logits = self.lm_head(self.hidden(idx, pos, cache))
         if targets is None:
             return logits
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=-100)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
 
     # -------------------------------------------------------------- loading and saving
@@ -210,9 +210,8 @@ class GPT(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-        tmp = directory / "model.safetensors.tmp"
-        write_safetensors(tmp, state, metadata={"layout": LAYOUT})
-        os.replace(tmp, directory / "model.safetensors")
+        replace_atomically(directory / "model.safetensors",
+                           lambda tmp: write_safetensors(tmp, state, metadata={"layout": LAYOUT}))
         cfg = {k: v for k, v in asdict(self.config).items() if k != "dropout"}
         write_json_atomic(directory / "config.json", {"format": LAYOUT, "config": cfg, **metadata})
 
@@ -369,11 +368,21 @@ def write_safetensors(path, tensors, metadata=None):
                 f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
 
 
-def write_json_atomic(path, obj):
+def replace_atomically(path, write):
+    """write(tmp) into `path`.tmp, then rename it to `path`: readers see the old file or the new one,
+    never half of one. A write that fails (a full disk) deletes the .tmp and raises, `path` untouched."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path, obj):
+    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 # OpenAI's Conv1D layers store weight as [in, out] (x @ W); nn.Linear stores [out, in] (x @ W.T).

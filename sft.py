@@ -61,8 +61,9 @@ from data import (TEMPLATES, DataError, default_template, encode_examples, eval_
 from generate import PromptTooLong, SamplingParams, fit_conversation, generate_tokens
 from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die, get_tokenizer, read_checkpoint_json,
                  write_json_atomic)
-from train import (STATE_FILE, checkpoint_dir, evaluate, load_training_state, lr_at, make_optimizer,
-                   save_training_state, train_step)
+from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, STATE_FILE, check_flags, checkpoint_dir, evaluate,
+                   load_training_state, lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_unfinished,
+                   save_training_state, train_step, write_or_die)
 
 # ----------------------------------------------------------------------------- LoRA
 
@@ -239,14 +240,14 @@ def parse_args(argv=None):
         args.batch_size = 4 if args.quick else 8
     if args.grad_accum is None:
         args.grad_accum = 1 if args.quick else 4
-    for flag in ("batch_size", "grad_accum", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            die(f"--{flag.replace('_', '-')} must be at least 1")
-    for flag in ("max_steps", "eval_interval", "save_every", "stop_at_step"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            die(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.lora_rank < 0 or args.max_test < 0 or args.epochs <= 0:
-        die("--lora-rank and --max-test must be >= 0, --epochs > 0")
+    # before any data or model is loaded: a bad value is a one-line error, not a traceback (--epochs
+    # inf) or a silently different run (a negative --grad-clip would reverse the gradients)
+    check_flags(args, **{flag: AT_LEAST_1 for flag in ("batch_size", "grad_accum", "max_new_tokens", "max_steps",
+                                                      "eval_interval", "save_every", "stop_at_step")},
+                epochs=POSITIVE, lr=POSITIVE, min_lr_ratio=NON_NEGATIVE, warmup_steps=NON_NEGATIVE,
+                weight_decay=NON_NEGATIVE, grad_clip=NON_NEGATIVE, dropout=PROBABILITY,
+                max_len=(lambda v: v >= 2, "at least 2"), lora_rank=NON_NEGATIVE, lora_alpha=POSITIVE,
+                max_test=NON_NEGATIVE)
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1) or args.val_frac == 0:
         die("--val-frac must be in (0, 1) and --test-frac in [0, 1)")
     if args.quick:
@@ -254,17 +255,6 @@ def parse_args(argv=None):
         args.max_test = min(args.max_test, 10)
         args.max_new_tokens = min(args.max_new_tokens, 64)
     return args
-
-
-def refuse_to_overwrite_unfinished(state):
-    """Die if `state` holds an sft.py run that stopped before its last step."""
-    try:
-        info = read_checkpoint_json(checkpoint_dir(state))
-    except CheckpointError:
-        return  # nothing there (or nothing readable): nothing to lose
-    if "sft_args" in info and info.get("step", 0) < info.get("max_steps", 0):
-        die(f"{state} holds an unfinished run (step {info['step']} of {info['max_steps']}): continue it with "
-            f"--resume {shlex.quote(str(state.parent))}, or delete {state} to start over")
 
 
 def data_fingerprint(*example_lists):
@@ -313,7 +303,7 @@ def main(argv=None):
     t_start = time.time()
     run_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}  # saved with the state
     if not args.resume:  # a new run would overwrite an interrupted one's state: make that a choice
-        refuse_to_overwrite_unfinished(Path(args.out) / STATE_DIR)
+        refuse_to_overwrite_unfinished(Path(args.out), Path(args.out) / STATE_DIR, "sft_args")
     torch.manual_seed(args.seed)
     device = str(device_or_die(args.device))
     enc = get_tokenizer()
@@ -404,17 +394,20 @@ def main(argv=None):
             next(batches)
         print(f"resumed at step {step} of {max_steps} from {state_dir}")
     history = progress["history"]
+    make_run_dir(out)  # every input is checked; now --out must be writable, before any training
 
     def save(step, val_loss):
         meta = dict(template=template, base_model=str(args.model), data=args.data, step=step, val_loss=val_loss)
-        with lora_merged(model):
-            model.save_checkpoint(out, **meta)
+        with write_or_die(out):  # (save_checkpoint deletes its own half-written files)
+            with lora_merged(model):
+                model.save_checkpoint(out, **meta)
 
     def save_state(step):
         progress["train_time"] += time.time() - t_train
-        save_training_state(state_dir, model, optimizer, step, progress, sft_args=run_args,
-                            data_fingerprint=fingerprint, max_steps=max_steps, template=template,
-                            lora_rank=args.lora_rank, device_type=device_type)
+        with write_or_die(state_dir):  # (save_training_state deletes its own half-written copy)
+            save_training_state(state_dir, model, optimizer, step, progress, sft_args=run_args,
+                                data_fingerprint=fingerprint, max_steps=max_steps, template=template,
+                                lora_rank=args.lora_rank, device_type=device_type)
         return step
 
     # Ctrl-C: finish the current step, save the state, stop. A second Ctrl-C quits at once.
@@ -485,7 +478,8 @@ def main(argv=None):
     except CheckpointError as e:  # (e.g. deleted between a stop and the --resume)
         die(f"cannot load the best checkpoint to answer the test prompts: {e}")
     results = answer_test_prompts(best_model, test_conv[:args.max_test], template, args.max_new_tokens, enc)
-    write_json_atomic(out / "test_responses.json", results)
+    with write_or_die(out / "test_responses.json"):
+        write_json_atomic(out / "test_responses.json", results)
     metadata = {
         "base_model": str(args.model), "data": args.data, "template": template, "device": device,
         "sizes": {"conversations": len(conversations), "train": len(train_conv), "val": len(val_conv),
@@ -502,7 +496,8 @@ def main(argv=None):
         "resumed_at_steps": progress["resumed_at"],
         "outputs": {"checkpoint": str(out), "test_responses": str(out / "test_responses.json")},
     }
-    write_json_atomic(out / "training_metadata.json", metadata)
+    with write_or_die(out / "training_metadata.json"):
+        write_json_atomic(out / "training_metadata.json", metadata)
     print(f"best val loss {best:.4f} at step {best_step} (from {first_val:.4f}); checkpoint, "
           f"test_responses.json ({len(results)} answers) and training_metadata.json in {out}")
 

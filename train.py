@@ -20,8 +20,9 @@ in the token stream; the learning rate is a function of the step; the random sta
 reseeded every step from (seed, step, rank). So a run stopped at step k (Ctrl-C, or --stop-at-step
 k) and resumed computes the very same steps as one that never stopped.
 
-The optimizer, schedule, training step and checkpoint code below the imports is shared: sft.py
-imports it rather than having its own.
+The optimizer, schedule, training step and checkpoint code below the imports is shared, and so are
+the checks that keep a run from losing work (flag values, --out, an unfinished run, a failed write):
+sft.py imports them rather than having its own.
 """
 
 import argparse
@@ -29,10 +30,14 @@ import contextlib
 import json
 import math
 import os
+import pickle
+import shlex
 import shutil
 import signal
 import sys
+import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -40,8 +45,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data import IGNORE, get_batch, load_tokens, prepare_pretrain_data
-from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, HelpFormatter, die, get_tokenizer, device_or_die, load_state_from_file,
-                 read_checkpoint_json)
+from generate import sample
+from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, HelpFormatter, die, get_tokenizer, device_or_die,
+                 load_state_from_file, read_checkpoint_json, replace_atomically)
 
 
 # ----------------------------------------------------------------------------- the shared training API
@@ -151,18 +157,44 @@ def evaluate(model, batches, autocast=contextlib.nullcontext):
 STATE_FILE = "training_state.pt"  # optimizer state, step and extras, beside the model checkpoint
 
 
+def save_torch_file(obj, path):
+    """torch.save, except that a failed write (a full disk, a file too large) raises the OSError that
+    caused it, as every other write does: torch's C++ writer reports it as a RuntimeError ("unexpected
+    pos ...") naming neither the file nor the cause. So the bytes go through a Python file whose
+    write() keeps the error it raised."""
+    errors = []
+    with open(path, "wb") as f:
+        def write(data):
+            try:
+                return f.write(data)
+            except OSError as e:
+                errors.append(e)
+                raise
+        try:
+            torch.save(obj, types.SimpleNamespace(write=write, flush=f.flush))
+        except RuntimeError:
+            if errors:
+                raise errors[0] from None
+            raise
+
+
 def save_training_state(directory, model, optimizer, step, extra=None, **metadata):
     """Write a resumable checkpoint: the model in the project's format (model.save_checkpoint, with
     `step` and **metadata in config.json) plus STATE_FILE (optimizer state, step, `extra`).
 
     Atomic: everything goes into DIR.tmp, then DIR.tmp is renamed to DIR (the previous DIR is set
     aside as DIR.old for that moment). A crash at any point leaves a complete checkpoint in DIR or,
-    in the instant between the two renames, in DIR.old, where load_training_state looks too."""
+    in the instant between the two renames, in DIR.old, where load_training_state looks too. A write
+    that fails (a full disk) deletes DIR.tmp and raises its OSError, DIR untouched."""
     directory = Path(directory)
     tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    unwrap(model).save_checkpoint(tmp, step=step, **metadata)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}}, tmp / STATE_FILE)
+    try:
+        unwrap(model).save_checkpoint(tmp, step=step, **metadata)
+        save_torch_file({"step": step, "optimizer": optimizer.state_dict(), "extra": extra or {}}, tmp / STATE_FILE)
+    except BaseException:  # (a second Ctrl-C too) no half-written copy left to fill the disk or confuse anyone
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if directory.exists():
         shutil.rmtree(old, ignore_errors=True)
         os.replace(directory, old)
@@ -181,7 +213,8 @@ def checkpoint_dir(directory):
 
 def load_training_state(directory, model, optimizer):
     """Restore the weights and the optimizer state saved by save_training_state; returns (step, extra).
-    Nothing is unpickled: weights come from safetensors, the rest via torch.load(weights_only=True)."""
+    Nothing is unpickled: weights come from safetensors, the rest via torch.load(weights_only=True).
+    A state that does not fit this model and optimizer raises CheckpointError (one line)."""
     directory = checkpoint_dir(directory)
     if not (directory / STATE_FILE).exists():
         raise CheckpointError(f"{directory}: no {STATE_FILE} here, not a training checkpoint")
@@ -191,9 +224,89 @@ def load_training_state(directory, model, optimizer):
     if saved != mine:
         raise CheckpointError(f"{directory}: the checkpoint's model {saved} differs from this one {mine}")
     load_state_from_file(raw, directory / "model.safetensors", transposed=False)
-    state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
-    return state["step"], state["extra"]
+    path = directory / STATE_FILE
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])  # moves the moments to the parameters' device
+        step, extra = state["step"], state["extra"]
+    except (RuntimeError, ValueError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as e:
+        # a cut file, another optimizer's groups; torch's messages can run over several lines
+        first_line = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a training state for this model ({type(e).__name__}: {first_line})") from None
+    # load_state_dict checks the number of parameters per group, not their shapes: moments saved
+    # from another model would pass here and fail at the first step with a size mismatch
+    names = {p: name for name, p in raw.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(value) and value.dim() and value.shape != p.shape:
+                    raise CheckpointError(f"{path}: the optimizer's {key} for {names.get(p, 'a parameter')} has shape "
+                                          f"{list(value.shape)}, the parameter {list(p.shape)} (a state saved from "
+                                          "another model)")
+    return step, extra
+
+
+# ----------------------------------------------------------------------------- guarding a run (shared with sft.py)
+
+def refuse_to_overwrite_unfinished(out, state, args_key):
+    """Die if the checkpoint directory `state` of run directory `out` holds a run of this script (its
+    flags under `args_key` in config.json) that stopped before its last step: a new run in `out`
+    would overwrite it, which must be a choice (delete it, or another --out), not an accident."""
+    try:
+        info = read_checkpoint_json(checkpoint_dir(state))
+    except CheckpointError:
+        return  # nothing there (or nothing readable): nothing to lose
+    saved = info.get(args_key)
+    if not isinstance(saved, dict):
+        return  # not a run of this script
+    step, max_steps = info.get("step", 0), info.get("max_steps", saved.get("max_steps"))
+    if isinstance(step, int) and isinstance(max_steps, int) and step < max_steps:
+        die(f"{out} holds an unfinished run (step {step} of {max_steps}): continue it with "
+            f"--resume {shlex.quote(str(out))}, or delete it / choose another --out")
+
+
+def make_run_dir(out):
+    """Create the output directory and check that a file can be written in it, or die in one line:
+    better before training than at the first save, minutes or hours later."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        die(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=out).close()
+    except OSError as e:
+        die(f"--out {out}: cannot write there ({e.strerror or e})")
+
+
+@contextlib.contextmanager
+def write_or_die(path, leftovers=()):
+    """Around a write into `path`: an OSError (a full disk, a file too large, a directory deleted)
+    becomes a one-line error naming `path`, after deleting `leftovers`, the failed write's temporary
+    files. Checkpoints and JSON files are written to a temporary name first, so their previous
+    version survives the failure intact."""
+    try:
+        yield
+    except OSError as e:
+        for leftover in leftovers:
+            with contextlib.suppress(OSError):
+                Path(leftover).unlink()
+        die(f"cannot write {path}: {e.strerror or e}")
+
+
+def check_flags(args, **rules):
+    """Die at the first flag whose value breaks its rule, given as name=(test, what it must be); a
+    flag left unset (None) passes. Each test is a comparison that nan fails (every comparison with
+    nan is False), so `--lr nan` is refused like `--lr -1`."""
+    for name, (ok, must) in rules.items():
+        value = getattr(args, name)
+        if value is not None and not ok(value):
+            die(f"--{name.replace('_', '-')} must be {must} (got {value})")
+
+
+POSITIVE = (lambda v: 0 < v < math.inf, "a positive number")
+NON_NEGATIVE = (lambda v: 0 <= v < math.inf, "a number >= 0")
+AT_LEAST_1 = (lambda v: v >= 1, "at least 1")
+PROBABILITY = (lambda v: 0 <= v < 1, "at least 0 and below 1")
 
 
 def setup_distributed(device=None):
@@ -245,8 +358,9 @@ def mfu(flops_per_tok, tokens_per_sec, peak_flops):
 @torch.no_grad()
 def sample_text(model, prompt_ids, max_new_tokens=64, top_k=50, seed=1337, autocast=contextlib.nullcontext):
     """A short continuation by top-k sampling: a glimpse of what the model learned, nothing more
-    (generate.py is the real generator). No KV cache: the whole window is re-read every token. A
-    private generator keeps the training's random state untouched."""
+    (generate.py is the real generator, and its sampler is the one used here). No KV cache: the
+    whole window is re-read every token. A private generator keeps the training's random state
+    untouched."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -255,9 +369,7 @@ def sample_text(model, prompt_ids, max_new_tokens=64, top_k=50, seed=1337, autoc
     for _ in range(max_new_tokens):
         with autocast():
             logits = model(idx[:, -model.config.block_size:])[:, -1, :].float()
-        top, _ = torch.topk(logits, min(top_k, logits.size(-1)))
-        logits[logits < top[:, -1:]] = -float("inf")
-        nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen)
+        nxt = sample(logits, 1.0, top_k=top_k, generator=gen).view(1, 1)
         if nxt.item() == EOT:
             break
         idx = torch.cat([idx, nxt], dim=1)
@@ -373,12 +485,41 @@ def parse_args(argv):
             die(f"--resume {args.resume}: no training run saved there")
         parser.set_defaults(**{**{k: v for k, v in saved.items() if k not in NOT_RESUMED}, "out": str(run)})
     args = parser.parse_args(argv)
-    for name in ("batch_size", "max_steps", "eval_every", "eval_iters", "log_every", "save_every"):
-        if getattr(args, name) < 1:
-            die(f"--{name.replace('_', '-')} must be at least 1")
+    # before any data or model is loaded: a bad value is a one-line error, not a traceback or a
+    # silently different run (a negative --grad-clip would reverse the gradients)
+    check_flags(args, **{name: AT_LEAST_1 for name in ("batch_size", "seq_len", "batch_tokens", "max_steps", "eval_every",
+                                                      "eval_iters", "log_every", "save_every", "n_layer", "n_head",
+                                                      "n_embd", "block_size")},
+                lr=POSITIVE, min_lr=NON_NEGATIVE, warmup=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
+                grad_clip=NON_NEGATIVE, dropout=PROBABILITY, peak_flops=POSITIVE, sample_tokens=NON_NEGATIVE,
+                stop_at_step=NON_NEGATIVE)
     if args.init and args.model:
         die("give --model (from scratch) or --init (from weights), not both")
     return args
+
+
+def log_lines_before(log_path, step):
+    """The lines of log.jsonl for steps before `step`: what a run resumed at `step` keeps. A last
+    line that is not a record is skipped rather than refused: it is one cut short by a kill in the
+    middle of a write, and as the log is written before the checkpoint, it is from a step at or after
+    the checkpoint's, one the resumed run redoes anyway. A bad line anywhere else is an error."""
+    if not log_path.exists():
+        return []
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        die(f"--resume: cannot read {log_path}: {e.strerror or e}")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            keep = json.loads(line)["step"] < step
+        except (ValueError, KeyError, TypeError):
+            if number == len(lines):
+                break
+            die(f"{log_path}:{number}: not a log record ({line[:40]!r}); delete that line to resume")
+        if keep:
+            kept.append(line)
+    return kept
 
 
 def resolve_data(source):
@@ -416,6 +557,8 @@ def main(argv=None):
     out = Path(args.out or Path("runs") / Path(data_dir).name).resolve()
     args.data, args.out = str(Path(data_dir).resolve()), str(out)  # saved with the run: --resume works from anywhere
     ckpt = out / "checkpoint"
+    if not args.resume:  # a new run would overwrite an interrupted one's log and checkpoint: make that a choice
+        refuse_to_overwrite_unfinished(out, ckpt, "train_args")
 
     # model
     try:
@@ -433,11 +576,11 @@ def main(argv=None):
         die(f"cannot build the model: {e}")
     model.train()
     config = model.config
-    B, T = args.batch_size, args.seq_len or config.block_size
+    B, T = args.batch_size, args.seq_len if args.seq_len is not None else config.block_size
     if T > config.block_size:
         die(f"--seq-len {T} is longer than the model's context of {config.block_size}")
     tokens_per_micro = B * T * world  # one micro-batch on every process
-    batch_tokens = args.batch_tokens or tokens_per_micro
+    batch_tokens = args.batch_tokens if args.batch_tokens is not None else tokens_per_micro
     if batch_tokens % tokens_per_micro:
         die(f"--batch-tokens {batch_tokens} is not a multiple of batch-size x seq-len x processes = {tokens_per_micro}")
     grad_accum = batch_tokens // tokens_per_micro
@@ -455,6 +598,8 @@ def main(argv=None):
             step, extra = load_training_state(ckpt, model, optimizer)
         except CheckpointError as e:
             die(str(e))
+        except OSError as e:
+            die(f"--resume: cannot read the checkpoint in {ckpt}: {e}")
         position = extra["data_position"]
     if master:
         print(f"model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}: "
@@ -471,19 +616,20 @@ def main(argv=None):
     # the log: one JSON record per line. On resume, records from steps the checkpoint had not reached are dropped.
     log_path = out / "log.jsonl"
     if master:
-        out.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in (log_path.read_text().splitlines() if args.resume and log_path.exists() else [])
-                if json.loads(line)["step"] < step]
-        log_path.write_text("".join(line + "\n" for line in kept))
+        make_run_dir(out)  # every input is checked; now --out must be writable, before any training
+        kept = log_lines_before(log_path, step) if args.resume else []
+        with write_or_die(log_path):  # replaced whole or not at all
+            replace_atomically(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 
     def log(record):
         if master:
-            with open(log_path, "a") as f:
+            with write_or_die(log_path), open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
 
     def save(step):
         if master:
-            save_training_state(ckpt, model, optimizer, step, {"data_position": position}, train_args=vars(args))
+            with write_or_die(ckpt):  # (save_training_state deletes its own half-written copy)
+                save_training_state(ckpt, model, optimizer, step, {"data_position": position}, train_args=vars(args))
         if ddp:
             dist.barrier()  # nobody runs ahead while rank 0 writes
 
@@ -546,7 +692,8 @@ def main(argv=None):
         if master:
             print(f"saved {ckpt} at step {step}" + (" (stopped early; continue with --resume "
                                                     f"{out})" if step < args.max_steps else ""))
-            plot_losses(log_path, out / "loss.png")
+            with write_or_die(out / "loss.png", leftovers=[out / "loss.png"]):
+                plot_losses(log_path, out / "loss.png")
     finally:
         signal.signal(signal.SIGINT, previous_handler)
         if ddp:

@@ -3,6 +3,7 @@ exact resumption after a stop or Ctrl-C, and refused resumes."""
 import copy
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -181,6 +182,27 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
     assert not out.exists()
 
 
+@pytest.mark.parametrize("flag, value, message", [
+    ("--epochs", "nan", "--epochs must be a positive number (got nan)"),
+    ("--epochs", "inf", "--epochs must be a positive number (got inf)"),
+    ("--lr", "-1", "--lr must be a positive number (got -1.0)"),
+    ("--lr", "nan", "--lr must be a positive number (got nan)"),
+    ("--dropout", "2", "--dropout must be at least 0 and below 1 (got 2.0)"),
+    ("--grad-clip", "-1", "--grad-clip must be a number >= 0 (got -1.0)"),  # would reverse the gradients
+    ("--min-lr-ratio", "-0.1", "--min-lr-ratio must be a number >= 0 (got -0.1)"),
+    ("--warmup-steps", "-1", "--warmup-steps must be a number >= 0 (got -1)"),
+    ("--max-len", "0", "--max-len must be at least 2 (got 0)"),  # was silently the default
+])
+def test_bad_flag_value_is_one_line_error_before_loading_anything(tmp_path, monkeypatch, capsys, flag, value, message):
+    monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before the flags were checked"))
+    with pytest.raises(SystemExit) as e:
+        sft.main([flag, value, "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 def write_small_instruction_data(path, n=16):
@@ -339,3 +361,38 @@ def test_bad_resume_is_one_line_error_and_overwrites_nothing(stopped_lora_run, t
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
     assert snapshot(tmp_path / "out") == before
+
+
+def test_out_that_is_a_file_is_one_line_error_before_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    flags = resume_run(tmp_path)
+    (tmp_path / "taken").write_text("someone's file")
+    monkeypatch.setattr(sft, "train_step", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(SystemExit) as e:
+        sft.main([*flags, "--out", "taken"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error: --out taken is a file, not a directory" in err, err
+    assert (tmp_path / "taken").read_text() == "someone's file"
+
+
+def test_failed_save_is_one_line_error_and_leaves_no_temporary_file(stopped_lora_run, tmp_path, monkeypatch, capsys):
+    root, _ = stopped_lora_run
+    shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    before = snapshot(tmp_path / "out")
+    # writes past 1 MB fail with "File too large", as on a full disk; the resumed run's first write
+    # is the best checkpoint of step 4 (val loss still falling), into out/model.safetensors.tmp
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))
+    try:
+        with pytest.raises(SystemExit) as e:
+            sft.main(["--resume", "out"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: cannot write out: File too large", err
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    assert snapshot(tmp_path / "out") == before  # the best checkpoint and the resumable state as they were
+

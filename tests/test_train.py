@@ -1,9 +1,12 @@
 """Pretraining: data preparation (data.py section 2) and train.py's loop, schedule, accumulation,
-exact resumption and DDP."""
+exact resumption, DDP, and the bad input and failed writes it turns into one-line errors."""
+import contextlib
 import copy
 import json
 import math
 import os
+import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +91,35 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "o" / "train.bin").exists()
+
+
+def one_line_error(capsys):
+    """What a script printed on stderr, checked to be one line starting with "error: "."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--lr", "-1", "--lr must be a positive number (got -1.0)"),
+    ("--lr", "nan", "--lr must be a positive number (got nan)"),
+    ("--lr", "inf", "--lr must be a positive number (got inf)"),
+    ("--dropout", "2", "--dropout must be at least 0 and below 1 (got 2.0)"),
+    ("--grad-clip", "-1", "--grad-clip must be a number >= 0 (got -1.0)"),  # would reverse the gradients
+    ("--min-lr", "-0.5", "--min-lr must be a number >= 0 (got -0.5)"),
+    ("--warmup", "-5", "--warmup must be a number >= 0 (got -5)"),
+    ("--weight-decay", "nan", "--weight-decay must be a number >= 0 (got nan)"),
+    ("--seq-len", "0", "--seq-len must be at least 1 (got 0)"),  # was silently the default
+    ("--batch-tokens", "0", "--batch-tokens must be at least 1 (got 0)"),
+    ("--n-layer", "0", "--n-layer must be at least 1 (got 0)"),
+])
+def test_bad_flag_value_is_a_one_line_error_before_loading_anything(tmp_path, monkeypatch, capsys, flag, value, message):
+    monkeypatch.setattr(train, "resolve_data", lambda source: pytest.fail("data loaded before the flags were checked"))
+    with pytest.raises(SystemExit) as e:
+        train.main([flag, value, "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+    assert message in one_line_error(capsys)
+    assert not (tmp_path / "run").exists()
 
 
 def test_get_batch_targets_are_inputs_shifted():
@@ -254,3 +286,113 @@ def test_preset_with_init_takes_the_model_from_the_weights():
     args = train.parse_args(["--preset", "gpt2-124m", "--init", "gpt2"])
     assert args.init == "gpt2" and args.model is None and args.batch_tokens == 524288
     assert train.parse_args(["--preset", "gpt2-124m"]).model == "gpt2"
+
+
+# ----------------------------------------------------------------------------- what train.py refuses to lose
+
+@pytest.fixture(scope="module")
+def stopped_run(story_data, tmp_path_factory):
+    """A run of 3 steps stopped after step 1 (so unfinished), which each test copies before changing it."""
+    run = tmp_path_factory.mktemp("stopped") / "run"
+    flags = ["--data", str(story_data), "--max-steps", "3", "--eval-every", "1000", *TINY]
+    train.main([*flags, "--out", str(run), "--stop-at-step", "1"])
+    return run, flags
+
+
+def copy_of(stopped_run, tmp_path):
+    run, flags = stopped_run
+    shutil.copytree(run, tmp_path / "run")
+    return tmp_path / "run", flags
+
+
+def snapshot(directory):
+    return {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_a_new_run_refuses_to_overwrite_an_unfinished_one(stopped_run, tmp_path, capsys):
+    run, flags = copy_of(stopped_run, tmp_path)
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        train.main([*flags, "--out", str(run)])  # the same command again, without --resume
+    assert e.value.code == 2
+    assert f"{run} holds an unfinished run (step 1 of 3): continue it with --resume {run}" in one_line_error(capsys)
+    assert snapshot(run) == before  # the log and the checkpoint are untouched
+    train.main(["--resume", str(run)])
+    train.main([*flags, "--out", str(run)])  # a finished run is not protected: a new run may replace it
+
+
+@pytest.mark.parametrize("other", ["narrower", "fewer layers"])
+def test_resume_with_the_optimizer_state_of_another_model_is_a_one_line_error(stopped_run, tmp_path, capsys, other):
+    run, _ = copy_of(stopped_run, tmp_path)
+    torch.manual_seed(0)
+    shape = dict(n_layer=2, n_embd=32) if other == "narrower" else dict(n_layer=1, n_embd=64)
+    model = GPT(GPTConfig(n_head=4, block_size=64, **shape))
+    opt = train.make_optimizer(model, 1e-3, verbose=False)
+    x = torch.randint(0, 50257, (1, 8))
+    train.train_step(model, opt, [(x, x)], lr=1e-3)  # AdamW's moments exist after a step
+    # the weights are this run's; the optimizer state is another model's
+    torch.save({"step": 1, "optimizer": opt.state_dict(), "extra": {"data_position": 128}},
+               run / "checkpoint" / train.STATE_FILE)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run)])
+    assert e.value.code == 2
+    err = one_line_error(capsys)
+    assert f"{run / 'checkpoint' / train.STATE_FILE}: " in err
+    # the narrower state passes load_state_dict (it compares tensor counts only), and would crash the first step
+    assert ("the optimizer's exp_avg for wte.weight has shape [50257, 32], the parameter [50257, 64]" in err
+            if other == "narrower" else "not a training state for this model (ValueError" in err)
+
+
+def test_resume_skips_a_last_log_line_cut_by_a_kill_and_refuses_a_bad_one_before(stopped_run, tmp_path, capsys):
+    run, _ = copy_of(stopped_run, tmp_path)
+    log = run / "log.jsonl"
+    complete = log.read_text()
+    log.write_text('{"step": 0, "lo\n' + complete)  # a bad line that is not the last: a real problem
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(run)])
+    assert f"{log}:1: not a log record" in one_line_error(capsys)
+    assert log.read_text() == '{"step": 0, "lo\n' + complete  # not rewritten
+    log.write_text(complete + '{"step": 1, "loss": 4.2')  # a kill in the middle of writing the last record
+    train.main(["--resume", str(run)])
+    losses, val_losses = read_log(run)
+    assert sorted(losses) == [0, 1, 2] and sorted(val_losses) == [0, 3]
+
+
+def test_out_that_is_a_file_is_a_one_line_error_before_training(story_data, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "taken"
+    out.write_text("someone's file")
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: pytest.fail("trained before checking --out"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(story_data), "--out", str(out), "--max-steps", "2", *TINY])
+    assert e.value.code == 2
+    assert f"--out {out} is a file, not a directory" in one_line_error(capsys)
+    assert out.read_text() == "someone's file"
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` into any file fail with EFBIG, "File too large" (Python ignores the
+    SIGXFSZ that would otherwise kill it): a full disk, as far as a writer can tell, for this
+    process only, undone afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def test_a_failed_save_is_a_one_line_error_that_leaves_the_last_checkpoint_intact(stopped_run, tmp_path, capsys):
+    run, _ = copy_of(stopped_run, tmp_path)
+    before = snapshot(run / "checkpoint")
+    # room for the weights but not for the AdamW moments (twice their size): torch.save's write fails
+    limit = (run / "checkpoint" / "model.safetensors").stat().st_size + 1_000_000
+    with file_size_limit(limit), pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run)])
+    assert e.value.code == 2
+    assert f"cannot write {run / 'checkpoint'}: File too large" in one_line_error(capsys)
+    assert not [p for p in run.parent.rglob("*") if ".tmp" in p.name]  # no half-written checkpoint.tmp left
+    assert snapshot(run / "checkpoint") == before
+    train.main(["--resume", str(run)])  # once there is room, the run goes on from that checkpoint
+    assert sorted(read_log(run)[0]) == [0, 1, 2]
+
