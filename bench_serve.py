@@ -23,7 +23,7 @@ import torch
 
 from gpt import GPT, SIZES, CheckpointError, GPTConfig, device_or_die, die
 from generate import SamplingParams, pack_for_cpu
-from serve import Engine
+from serve import Engine, check_engine_flags, kv_cache_blocks
 
 
 def make_requests(n, min_len, max_len, min_out, max_out, vocab, seed):
@@ -40,10 +40,8 @@ def summary(name, tokens, seconds, ttfts):
     return tokens / seconds
 
 
-def bench_engine(model, requests, args):
-    engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                    kv_cache_memory=args.kv_cache_memory,
-                    cuda_graph=not args.no_cuda_graph)
+def bench_engine(engine, requests):
+    model = engine.model
     engine.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
     sync(model)
     start = time.perf_counter()
@@ -169,6 +167,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
         die("need 1 <= --min-len <= --max-len, 1 <= --min-out <= --max-out and --num-requests >= 1")
+    try:  # (before any model is built: a typo should not cost a model load first)
+        check_engine_flags(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory)
+    except ValueError as e:
+        die(str(e))
+    if args.hf_batch_size < 1:
+        die("--hf-batch-size must be >= 1")
+    for flag in ("hf_num_blocks", "hf_max_batch_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            die(f"--{flag.replace('_', '-')} must be >= 1")
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     if args.random_init:
@@ -188,6 +195,11 @@ def main(argv=None):
                              model.config.vocab_size - 1, args.seed)
     print(f"{args.num_requests} requests, prompts {args.min_len}..{args.max_len}, outputs {args.min_out}..{args.max_out} "
           f"tokens; {args.model} on {device} ({dtype})", flush=True)
+    try:  # a KV cache too small for the model or too large for the memory: found before transformers'
+        # copy of the model is built (the engine itself comes after it: on CUDA it takes most free memory)
+        kv_cache_blocks(model, args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
+    except ValueError as e:
+        die(str(e))
 
     hf = None
     if args.hf_mode != "none":
@@ -196,11 +208,16 @@ def main(argv=None):
         except ImportError:
             die("transformers is not installed (pip install -r requirements-dev.txt), or pass --hf-mode none")
         hf = hf_model(model)  # (before packing: transformers gets the plain weights)
-    if device.type == "cpu":  # as serve.py's CLI does
+    if device.type == "cpu":  # as serve.py's CLI does (in place: the engine runs the packed model)
         pack_for_cpu(model)
         print(f"  (CPU weight layout: {model.cpu_layout}, measured fastest)")
 
-    tokens, seconds, ttfts, engine = bench_engine(model, requests, args)
+    try:
+        engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory, cuda_graph=not args.no_cuda_graph)
+    except ValueError as e:  # (the memory may have changed since the check)
+        die(str(e))
+    tokens, seconds, ttfts, engine = bench_engine(engine, requests)
     ours = summary("serve.Engine", tokens, seconds, ttfts)
     print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
     del engine

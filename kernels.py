@@ -375,6 +375,10 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
     # Program (b, h, i): the i-th tile of BLOCK_M new tokens of sequence b, head h. With many queries
     # per program this is ordinary FlashAttention (tl.dot on tensor cores), except that keys and
     # values come through the block table, and the causal mask is shifted by the cached prefix.
+    # input_precision="ieee": by default tl.dot rounds float32 inputs to TF32 (a 10-bit mantissa) on
+    # NVIDIA tensor cores, and float32 prefill would then not match SDPA; "ieee" multiplies in full
+    # float32. For float16/bfloat16 inputs the option is ignored (Triton's tl.dot docs): tensor cores
+    # as before.
     b = tl.program_id(0)
     h = tl.program_id(1)
     tile = tl.program_id(2)
@@ -404,14 +408,14 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
         row = block * stride_cb + (t % BLOCK_SIZE) * stride_cs + h * stride_ch
         kv_ok = t_ok[:, None] & d_ok[None, :]
         k = tl.load(k_cache_ptr + row[:, None] + d[None, :], mask=kv_ok, other=0.0)
-        scores = tl.dot(q, tl.trans(k)) * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale  # (BLOCK_M, BLOCK_N), base-2 logits
         scores = tl.where((t[None, :] <= pos[:, None]) & t_ok[None, :], scores, float("-inf"))
         # Key 0 is visible to every query (pos >= 0), so after the first tile each row's max is finite.
         m_new = tl.maximum(m, tl.max(scores, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(scores - m_new[:, None])
         v = tl.load(v_cache_ptr + row[:, None] + d[None, :], mask=kv_ok, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         l = l * alpha + tl.sum(p, axis=1)
         m = m_new
     out = acc / tl.where(l > 0, l, 1.0)[:, None]

@@ -34,6 +34,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import queue
 import re
 import select
@@ -100,9 +101,10 @@ class StepOutput:
     seq: Sequence
     token: int | None  # None when the sequence was aborted
     text: str
-    finish_reason: str | None  # "stop" | "length" | "abort" | None while running
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     logprob: float | None = None
     top_logprobs: list | None = None  # [(token id, logprob)], most likely first
+    error: Exception | None = None  # set (finish_reason "error") when this sequence alone failed
 
 
 # ----------------------------------------------------------------------------- the block manager
@@ -366,6 +368,26 @@ def parse_memory(text):
     return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
 
 
+def available_memory(device):
+    """Bytes free for the KV cache on `device` (None: unknown). CUDA: free device memory; CPU: the
+    kernel's estimate of what can be allocated without swapping (MemAvailable), else physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 class ModelRunner:
     """Holds the KV pool and runs one scheduled batch through the model."""
 
@@ -376,7 +398,12 @@ class ModelRunner:
         self.n_ctx = cfg.block_size
         self.max_blocks = math.ceil(cfg.block_size / BLOCK)  # block-table width: one full context
         hd = cfg.n_embd // cfg.n_head
-        self.kv = torch.zeros(2, cfg.n_layer, num_blocks, BLOCK, cfg.n_head, hd, dtype=self.dtype, device=self.device)
+        try:
+            self.kv = torch.zeros(2, cfg.n_layer, num_blocks, BLOCK, cfg.n_head, hd, dtype=self.dtype, device=self.device)
+        except (RuntimeError, MemoryError) as e:  # memory short after all (torch.OutOfMemoryError is a RuntimeError)
+            size = num_blocks * self.bytes_per_block(cfg, self.dtype) / 2**30
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"cannot allocate the KV cache ({size:.2f} GiB): {reason}; give less --kv-cache-memory") from None
         self.graphs = {}
         if cuda_graph and self.device.type == "cuda":
             self.capture_graphs(max_graph_batch)
@@ -472,6 +499,34 @@ class RequestOutput:
     finish_reason: str
 
 
+def kv_cache_blocks(model, max_num_seqs=64, num_blocks=None, kv_cache_memory=None, gpu_memory_utilization=0.9):
+    """How many KV blocks Engine gives `model` (see Engine), checked without allocating anything:
+    ValueError if they cannot hold one full-context sequence, or do not fit in the memory available."""
+    cfg = model.config
+    device, dtype = model.wte.weight.device, model.wte.weight.dtype
+    per_block = ModelRunner.bytes_per_block(cfg, dtype)
+    need = math.ceil(cfg.block_size / BLOCK)  # blocks for one full-context sequence
+    if num_blocks is None:
+        if kv_cache_memory is not None:
+            budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else int(kv_cache_memory)
+        elif device.type == "cuda":
+            budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
+        else:
+            budget = min(1 << 30, max_num_seqs * need * per_block)
+        num_blocks = budget // per_block
+    available = available_memory(device)
+    if available is not None and num_blocks * per_block > available:  # (checked before any allocation:
+        # a too-large pool would fail deep in torch, or swap, or spend minutes building block lists)
+        raise ValueError(f"the KV cache would take {num_blocks * per_block / 2**30:.2f} GiB, but only "
+                         f"{available / 2**30:.2f} GiB of {device.type} memory is available; "
+                         f"give less --kv-cache-memory")
+    if num_blocks < need:
+        raise ValueError(f"the KV cache holds {num_blocks} blocks of {BLOCK} tokens ({num_blocks * per_block / 2**20:.1f} MiB), "
+                         f"but one full-context sequence needs {need} ({need * per_block / 2**20:.1f} MiB); "
+                         f"give more --kv-cache-memory")
+    return num_blocks
+
+
 class Engine:
     """add_request() queues a prompt; step() runs one forward pass for everything scheduled and
     returns a StepOutput per sequence that moved; abort() cancels. add_request and abort may be
@@ -498,24 +553,11 @@ class Engine:
         if max_num_batched_tokens < max_num_seqs:  # else the oldest streams would take the whole budget
             raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least max_num_seqs "
                              f"({max_num_seqs}): every running sequence decodes one token per step")
-        device, dtype = model.wte.weight.device, model.wte.weight.dtype
-        per_block = ModelRunner.bytes_per_block(cfg, dtype)
-        need = math.ceil(self.n_ctx / BLOCK)  # blocks for one full-context sequence
-        if num_blocks is None:
-            if kv_cache_memory is not None:
-                budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else int(kv_cache_memory)
-            elif device.type == "cuda":
-                budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
-            else:
-                budget = min(1 << 30, max_num_seqs * need * per_block)
-            num_blocks = budget // per_block
-        if num_blocks < need:
-            raise ValueError(f"the KV cache holds {num_blocks} blocks of {BLOCK} tokens ({num_blocks * per_block / 2**20:.1f} MiB), "
-                             f"but one full-context sequence needs {need} ({need * per_block / 2**20:.1f} MiB); "
-                             f"give more --kv-cache-memory")
+        device = model.wte.weight.device
+        num_blocks = kv_cache_blocks(model, max_num_seqs, num_blocks, kv_cache_memory, gpu_memory_utilization)
+        self.runner = ModelRunner(model, num_blocks, cuda_graph, max_graph_batch=max_num_seqs)  # (first: the big allocation)
         self.blocks = BlockManager(num_blocks)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(model, num_blocks, cuda_graph, max_graph_batch=max_num_seqs)
         self.device = device
         self.lock = threading.Lock()
         self.inbox, self.aborts = [], set()
@@ -603,10 +645,14 @@ class Engine:
             batch, logits = [batch[i] for i in ready], logits[ready]
         if not batch:
             return outputs
-        tokens = self._sample(batch, logits)
+        tokens, errors = self._sample(batch, logits)
         logprobs = self._logprobs(batch, logits, tokens)
         now = time.perf_counter()
         for i, seq in enumerate(batch):
+            if i in errors:  # this row's sampling failed: it alone ends, with the error for its client
+                self._finish(seq, "error")
+                outputs.append(StepOutput(seq, None, "", "error", error=errors[i]))
+                continue
             tok = tokens[i]  # (a Python int: _sample moved them to the host in one transfer)
             if seq.first_token_time is None:
                 seq.first_token_time = now
@@ -617,20 +663,30 @@ class Engine:
         return outputs
 
     def _sample(self, batch, logits):
-        """Greedy rows in one argmax; sampled rows one by one (each may have its own seed)."""
-        tokens = torch.empty(len(batch), dtype=torch.long, device=logits.device)
+        """Greedy rows in one argmax; sampled rows one by one (each may have its own seed). Returns
+        (token per row, {row: exception}): a row whose sampling raises (odd parameters, a bug) fails
+        alone, its token None, instead of failing the step and with it every request in flight."""
+        tokens = torch.zeros(len(batch), dtype=torch.long, device=logits.device)
         greedy = [i for i, s in enumerate(batch) if s.params.temperature <= 0]
+        errors = {}
         if greedy:
-            tokens[greedy] = sample(logits[greedy], 0.0)
+            tokens[greedy] = sample(logits[greedy], 0.0)  # (an argmax: nothing request-specific to fail)
         for i, s in enumerate(batch):
             if s.params.temperature > 0:
                 p = s.params
-                tokens[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0]
-        return tokens.tolist()
+                try:
+                    tokens[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0]
+                except Exception as e:
+                    traceback.print_exc()
+                    errors[i] = e
+        tokens = tokens.tolist()
+        for i in errors:
+            tokens[i] = None
+        return tokens, errors
 
     def _logprobs(self, batch, logits, tokens):
         out = {}
-        rows = [i for i, s in enumerate(batch) if s.logprobs is not None]
+        rows = [i for i, s in enumerate(batch) if s.logprobs is not None and tokens[i] is not None]
         if rows:
             lp = F.log_softmax(logits[rows], dim=-1)
             for j, i in enumerate(rows):
@@ -707,6 +763,8 @@ class EngineLoop:
     queue of its own and reads StepOutputs from it; abort() cancels them (client gone)."""
 
     def __init__(self, engine, max_waiting=256):
+        if max_waiting < 1:  # 0 would refuse every request with 503
+            raise ValueError(f"max_waiting must be at least 1, not {max_waiting}")
         self.engine, self.max_waiting = engine, max_waiting
         self.wake = threading.Event()
         self.submit_lock = threading.Lock()
@@ -725,6 +783,9 @@ class EngineLoop:
     def submit(self, requests, sink):
         """requests: [(prompt ids, SamplingParams, logprobs)], all admitted or none (QueueFull when
         the queue is full, ValueError when a request is bad)."""
+        if len(requests) > self.max_waiting:  # it would be refused forever, even by an idle server
+            raise ValueError(f"this request has {len(requests)} sequences (prompts x n); the server queues at "
+                             f"most {self.max_waiting} (--max-waiting)")
         with self.submit_lock:
             if self.engine.num_waiting + len(requests) > self.max_waiting:
                 raise QueueFull(f"the server is busy ({self.engine.num_waiting} requests waiting); try again later")
@@ -752,13 +813,21 @@ class EngineLoop:
                         seq.sink.put(e)
                 continue
             for out in outputs:
-                if out.seq.sink is not None:
-                    out.seq.sink.put(out)
+                if out.seq.sink is not None:  # (a sequence that failed alone: its handler gets the error)
+                    out.seq.sink.put(out if out.error is None else out.error)
 
 
 # ----------------------------------------------------------------------------- the HTTP API
 
 MAX_BODY = 1 << 20  # 1 MiB
+# Stop strings are searched in the held-back text after every token of every sequence, and a tail as
+# long as the longest of them is held back: unbounded, one request could stall every stream. OpenAI
+# allows 4; 256 characters each is far more than any real stop sequence ("\nUser:") needs.
+MAX_STOP, MAX_STOP_CHARS = 4, 256
+# A refused request's body is still read (up to this much, for up to DRAIN_SECONDS, while it keeps
+# coming: DRAIN_IDLE seconds without a byte end it) before the error is sent: a client still sending
+# when the socket closes gets a reset instead of the error.
+DRAIN_MAX, DRAIN_SECONDS, DRAIN_IDLE = 16 << 20, 5.0, 0.25
 STATIC = Path(__file__).resolve().parent / "static" / "chat.html"
 
 
@@ -819,8 +888,9 @@ class Api:
                                 f"{longest} tokens in the {what} alone, which leaves no room for an answer. "
                                 f"Please shorten the {what}.", param=what, code="context_length_exceeded")
         default_max = (self.n_ctx - longest) if chat else 16
-        max_tokens = _field(body, "max_completion_tokens" if chat and "max_tokens" not in body else "max_tokens",
-                            (int,), default_max, lambda v: v >= 1, "at least 1")
+        # (chat: max_completion_tokens is the newer name; a null max_tokens does not hide it)
+        name = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
+        max_tokens = _field(body, name, (int,), default_max, lambda v: v >= 1, "at least 1")
         if longest + max_tokens > self.n_ctx:
             raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens; you requested "
                                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
@@ -834,8 +904,9 @@ class Api:
                       f"an integer 0..{MAX_SEED - (n - 1)}: choice i samples with seed + i")
         stop = _field(body, "stop", (str, list), [])
         stop = [stop] if isinstance(stop, str) else stop
-        if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
-            raise ApiError(400, "'stop' must be a string or a list of at most 4 non-empty strings", param="stop")
+        if len(stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
+            raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings of "
+                                f"at most {MAX_STOP_CHARS} characters each", param="stop")
         stream = _field(body, "stream", (bool,), False)
         opts = _field(body, "stream_options", (dict,), {})
         include_usage = bool(opts.get("include_usage")) if stream else False
@@ -930,6 +1001,10 @@ class Handler(BaseHTTPRequestHandler):
     # touch the socket, so a long answer is not cut short by this.
     timeout = 60
 
+    head_only = False  # a HEAD request: headers as for GET, no body
+    body_read = False  # has the request body (if any) been read?
+    probed = False  # was a probe sent after the client half-closed? (see client_gone)
+
     def log_message(self, format, *args):  # quiet unless asked
         if self.server.verbose:
             super().log_message(format, *args)
@@ -940,7 +1015,8 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        if not self.head_only:
+            self.wfile.write(data)
 
     def send_json(self, status, obj):
         self.send_bytes(status, "application/json", json.dumps(obj).encode())
@@ -953,11 +1029,28 @@ class Handler(BaseHTTPRequestHandler):
     def send_error_json(self, e):
         self.send_json(e.status, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
 
-    def client_gone(self):
-        """Has the client closed its end? (readable with nothing to read = EOF)"""
+    def client_gone(self, streaming):
+        """Has the client gone away? An end of file on the read side alone does not say: a client may
+        shut down its sending half once its request is out (shutdown(SHUT_WR)) and still wait for the
+        answer. So at the first EOF, write something the client ignores: while streaming, an SSE
+        comment; before the answer, to an HTTP/1.1 client, an interim "100 Continue" (which clients
+        must skip). A peer that has closed entirely answers it with a reset, which the next check
+        (a write, or the pending socket error) sees. An HTTP/1.0 client may not be sent a 1xx, so
+        there, EOF before the answer still counts as gone."""
         try:
             r, _, _ = select.select([self.connection], [], [], 0)
-            return bool(r) and self.connection.recv(1, socket.MSG_PEEK) == b""
+            if not r:
+                return False
+            if self.connection.recv(1, socket.MSG_PEEK) != b"":
+                return False  # (bytes after the request: not ours to read; the client is there)
+            if not streaming and self.request_version < "HTTP/1.1":
+                return True
+            if not self.probed:  # (once: a half-closed client then just waits, and we with it)
+                self.probed = True
+                probe = b": ping\n\n" if streaming else f"{self.protocol_version} 100 Continue\r\n\r\n".encode()
+                self.wfile.write(probe)
+                self.wfile.flush()
+            return bool(self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR))
         except (OSError, ValueError):
             return True
 
@@ -975,6 +1068,13 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self):
         self._dispatch("PATCH")
+
+    def do_HEAD(self):  # as GET, without the body (a HEAD response must have none)
+        self.head_only = True
+        self._dispatch("GET")
+
+    def do_OPTIONS(self):
+        self._dispatch("OPTIONS")
 
     ROUTES = {"/": "GET", "/health": "GET", "/metrics": "GET", "/v1/models": "GET",
               "/v1/completions": "POST", "/v1/chat/completions": "POST"}
@@ -1005,6 +1105,7 @@ class Handler(BaseHTTPRequestHandler):
                      "max_model_len": api.n_ctx}]})
             self._generate(api, chat=path == "/v1/chat/completions")
         except ApiError as e:
+            self._drain_body()
             self.send_error_json(e)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass  # the client left (or stopped reading); nothing to answer
@@ -1014,6 +1115,30 @@ class Handler(BaseHTTPRequestHandler):
                 self.send_error_json(ApiError(500, f"internal error: {e}", type="server_error"))
             except OSError:
                 pass
+
+    def _drain_body(self):
+        """Read and drop a body not read yet (a refused request's): a client still sending it when the
+        connection closes gets a reset, often before it reads the error. Bounded in bytes and time."""
+        if self.body_read:
+            return
+        self.body_read = True
+        try:
+            left = min(int(self.headers.get("Content-Length", "0")), DRAIN_MAX)
+        except (ValueError, AttributeError):  # (no headers: a malformed request line)
+            return
+        self.close_connection = True
+        deadline = time.monotonic() + DRAIN_SECONDS
+        try:
+            while left > 0 and time.monotonic() < deadline:
+                self.connection.settimeout(max(0.01, min(DRAIN_IDLE, deadline - time.monotonic())))
+                chunk = self.rfile.read1(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+        finally:
+            self.connection.settimeout(self.timeout)
 
     def _body(self):
         try:
@@ -1026,6 +1151,7 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(413, f"the request body is {length} bytes; the limit is {MAX_BODY}")
         if length < 0:
             raise ApiError(400, "negative Content-Length")
+        self.body_read = True  # (from here on the body is read, or not worth waiting for)
         try:
             raw = self.rfile.read(length)
         except TimeoutError:
@@ -1033,7 +1159,9 @@ class Handler(BaseHTTPRequestHandler):
             raise ApiError(408, f"the request body did not arrive within {self.timeout} s") from None
         try:
             return json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
+            raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
+        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits)
             raise ApiError(400, f"the request body is not valid JSON ({e})") from None
 
     # ------------------------------------------------------------ completions
@@ -1054,7 +1182,8 @@ class Handler(BaseHTTPRequestHandler):
         if include_usage:
             head["usage"] = None  # OpenAI's schema: null on every chunk, the numbers on the last one
         prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices (as OpenAI counts)
-        choices = [{"text": [], "tokens": [], "lps": [], "tops": [], "offsets": [], "offset": 0, "reason": None,
+        choices = [{"text": [], "shown": 0, "pending": [], "tokens": [], "lps": [], "tops": [], "offsets": [],
+                    "offset": 0, "reason": None,
                     "started": not chat}  # a chat answer has not started until its first non-space
                    for _ in seqs]
         try:
@@ -1071,20 +1200,25 @@ class Handler(BaseHTTPRequestHandler):
                 i = index[out.seq.seq_id]
                 c = choices[i]
                 c["reason"] = out.finish_reason
-                lp = None
                 if out.token is not None and logprobs is not None and out.logprob is not None:
-                    lp = self._logprob_entry(api, out, c)
+                    c["pending"].append(self._logprob_item(api, out))
                 text = out.text
                 if chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
                     text, c["started"] = strip_answer_start(text, c["started"])
                 c["text"].append(text)
-                if stream and (text or out.finish_reason or lp):
+                c["shown"] += len(text)
+                lp = None if logprobs is None else self._release_logprobs(c, out.finish_reason)
+                if stream and (text or out.finish_reason or lp and lp["tokens"]):
                     if chat:
                         choice = {"index": i, "delta": {"content": text} if text else {},
                                   "logprobs": None, "finish_reason": out.finish_reason}
                     else:
                         choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
                     self._event({**head, "choices": [choice]})
+            if any(c["reason"] is None for c in choices):  # (one choice failed: the others are not awaited)
+                api.loop.abort(seqs)
+            # Every generated token counts, also those a stop string consumed (they were computed; OpenAI
+            # counts them the same way), though the text and the logprobs end where the stop string began.
             completion_tokens = sum(len(s.output_ids) for s in seqs)
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                      "total_tokens": prompt_tokens + completion_tokens}
@@ -1118,7 +1252,7 @@ class Handler(BaseHTTPRequestHandler):
         done, checked = 0, time.monotonic()
         while done < count:
             if time.monotonic() - checked > 0.05:  # a few times a second, busy or not
-                if self.client_gone():
+                if self.client_gone(stream):
                     raise ClientGone()
                 checked = time.monotonic()
             try:
@@ -1136,16 +1270,29 @@ class Handler(BaseHTTPRequestHandler):
                 done += 1
             yield out
 
-    def _logprob_entry(self, api, out, c):
+    def _logprob_item(self, api, out):
         tok = api.token_text(out.token)
         top = {api.token_text(t): lp for t, lp in out.top_logprobs}
         top[tok] = out.logprob
-        c["tokens"].append(tok)
-        c["lps"].append(out.logprob)
-        c["tops"].append(top)
-        c["offsets"].append(c["offset"])
-        c["offset"] += len(tok)
-        return {"tokens": [tok], "token_logprobs": [out.logprob], "top_logprobs": [top], "text_offset": [c["offsets"][-1]]}
+        return tok, out.logprob, top
+
+    def _release_logprobs(self, c, finish_reason):
+        """The logprob entries of choice `c` whose token's text has been given out, as a logprobs object
+        (the new ones only). The text of a token may be held back (it could be the start of a stop
+        string), so its entry waits with it; a token the stop string consumed never gets one, nor does
+        <|endoftext|>: the tokens spell the text (a token the stop string begins inside of keeps its
+        entry: part of its text is in the answer). At "length" the text is all out: all entries go."""
+        new = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        while c["pending"] and (c["offset"] < c["shown"] or finish_reason == "length"):
+            tok, lp, top = c["pending"].pop(0)
+            for key, value in (("tokens", tok), ("lps", lp), ("tops", top), ("offsets", c["offset"])):
+                c[key].append(value)
+            for key, value in zip(new, (tok, lp, top, c["offset"])):
+                new[key].append(value)
+            c["offset"] += len(tok)
+        if finish_reason:
+            c["pending"].clear()
+        return new
 
     def _event(self, obj):
         self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
@@ -1177,6 +1324,24 @@ def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name=
 
 # ----------------------------------------------------------------------------- the CLI
 
+def check_engine_flags(max_num_seqs, max_num_batched_tokens, kv_cache_memory):
+    """The engine's command-line flags (serve.py's and bench_serve.py's), checked before a model is
+    loaded: ValueError naming the flag. (Engine checks the same again, and the KV-cache size against
+    the model and the memory, once there is a model.)"""
+    if max_num_seqs < 1:
+        raise ValueError("--max-num-seqs must be >= 1")
+    if max_num_batched_tokens < 1:
+        raise ValueError("--max-num-batched-tokens must be >= 1")
+    if max_num_batched_tokens < max_num_seqs:
+        raise ValueError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be at least --max-num-seqs "
+                         f"({max_num_seqs}): every running sequence decodes one token per step")
+    if kv_cache_memory is not None:
+        try:
+            parse_memory(kv_cache_memory)
+        except ValueError as e:
+            raise ValueError(f"--kv-cache-memory: {e}") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir")
@@ -1200,18 +1365,16 @@ def main(argv=None):
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: --model)")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = p.parse_args(argv)
-    if args.kv_cache_memory is not None:
-        try:
-            parse_memory(args.kv_cache_memory)
-        except ValueError as e:
-            die(f"--kv-cache-memory: {e}")
+    try:
+        check_engine_flags(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory)
+    except ValueError as e:
+        die(str(e))
     if not 0 < args.gpu_memory_utilization <= 1:
         die("--gpu-memory-utilization must be in (0, 1]")
-    if args.max_num_seqs < 1 or args.max_num_batched_tokens < 1 or args.max_waiting < 0 or not 0 <= args.port < 65536:
-        die("--max-num-seqs and --max-num-batched-tokens must be >= 1, --max-waiting >= 0, --port in 0..65535")
-    if args.max_num_batched_tokens < args.max_num_seqs:
-        die(f"--max-num-batched-tokens ({args.max_num_batched_tokens}) must be at least --max-num-seqs "
-            f"({args.max_num_seqs}): every running sequence decodes one token per step")
+    if args.max_waiting < 1:  # 0 would answer every request 503
+        die("--max-waiting must be >= 1")
+    if not 0 <= args.port < 65536:
+        die("--port must be in 0..65535")
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 

@@ -356,3 +356,40 @@ def test_budget_must_be_positive_and_cover_every_running_sequence(model, capsys)
             serve.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_kv_cache_larger_than_memory_is_refused_before_allocating(model, monkeypatch):
+    with pytest.raises(ValueError, match="memory is available"):
+        Engine(model, kv_cache_memory="5000TB")  # (at once: no pool, no block list of 3e11 entries)
+    # memory short after all (the check can be off): the allocation failure is the same one-line error
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore details")
+
+    monkeypatch.setattr(serve, "available_memory", lambda device: None)
+    monkeypatch.setattr(serve.torch, "zeros", no_memory)
+    with pytest.raises(ValueError, match=r"cannot allocate the KV cache \(.*\): CUDA out of memory. Tried .*GiB;"):
+        Engine(model, kv_cache_memory="1MB")
+
+
+def test_a_tiny_temperature_samples_like_greedy(model):
+    prompts = random_prompts(3, seed=21)
+    tiny = SamplingParams(max_tokens=8, temperature=1e-300, seed=0)
+    outs = Engine(model).generate(prompts, tiny, use_tqdm=False)
+    assert [o.token_ids for o in outs] == one_at_a_time(model, prompts, [greedy(8)] * 3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
+    (["--max-num-seqs", "4096"], "--max-num-batched-tokens (2048) must be at least --max-num-seqs (4096)"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+    (["--kv-cache-memory", "abc"], "--kv-cache-memory: cannot read memory size 'abc'"),
+    (["--hf-batch-size", "0"], "--hf-batch-size must be >= 1"),
+])
+def test_bench_serve_refuses_bad_flags_before_building_a_model(argv, message, capsys, monkeypatch):
+    import bench_serve
+    monkeypatch.setattr(bench_serve, "GPT", None)  # (building a model would fail with a traceback)
+    with pytest.raises(SystemExit) as e:
+        bench_serve.main(["--random-init", "--device", "cpu", "--max-len", "64", "--max-out", "32", *argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err

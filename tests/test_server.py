@@ -452,3 +452,183 @@ def test_engine_failure_answers_500_and_the_server_recovers(server, monkeypatch)
     assert wait_until(lambda: idle(server))
     status, r = call(server, "POST", "/v1/completions", {"prompt": "fine again", "max_tokens": 3})
     assert status == 200
+
+
+def test_a_request_whose_sampling_fails_fails_alone(server, monkeypatch):
+    """A sampler error in one row ends that request with a 500 (or an error event); the requests
+    batched with it go on to their normal end."""
+    import serve
+    real = serve.sample
+
+    def flaky(logits, temperature, *args, **kwargs):
+        if temperature == 1.25:
+            raise RuntimeError("sampler exploded")
+        return real(logits, temperature, *args, **kwargs)
+
+    monkeypatch.setattr(serve, "sample", flaky)
+    slow_engine(server, monkeypatch)
+    engine = server.api.loop.engine
+    result = {}
+    innocent = threading.Thread(target=lambda: result.update(r=call(
+        server, "POST", "/v1/completions", {"prompt": "An innocent request", "max_tokens": 40, "temperature": 0.7})))
+    innocent.start()
+    assert wait_until(lambda: engine.num_running == 1)
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "x", "max_tokens": 3, "temperature": 1.25})
+    assert status == 500 and "sampler exploded" in r["error"]["message"]
+    status, text = call(server, "POST", "/v1/completions",
+                        {"prompt": "x", "max_tokens": 30, "temperature": 1.25, "n": 2, "stream": True})
+    assert status == 200 and "sampler exploded" in text and text.endswith("data: [DONE]\n\n")
+    innocent.join()
+    status, r = result["r"]
+    assert status == 200 and r["choices"][0]["finish_reason"] in ("stop", "length")
+    assert r["usage"]["completion_tokens"] == 40 or r["choices"][0]["finish_reason"] == "stop"
+    assert wait_until(lambda: idle(server))  # the failed sequences' blocks (and the aborted sibling's) are free
+
+
+def test_request_limits_json_depth_stop_strings_queue_and_max_completion_tokens(server, monkeypatch):
+    import serve
+    cases = [
+        (b"[" * 100000, None),  # nested past the parser's recursion limit
+        (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None),  # past Python's int-parsing limit
+        (json.dumps({"prompt": "x", "stop": ["x" * (serve.MAX_STOP_CHARS + 1)]}).encode(), "stop"),
+        (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop"),
+    ]
+    for raw, param in cases:
+        status, r = call(server, "POST", "/v1/completions", raw=raw)
+        assert status == 400 and r["error"]["param"] == param, (raw[:40], r)
+    status, r = call(server, "POST", "/v1/completions",
+                     {"prompt": "x", "max_tokens": 2, "stop": ["x" * serve.MAX_STOP_CHARS] * serve.MAX_STOP})
+    assert status == 200, r
+    # chat: a null max_tokens does not hide max_completion_tokens
+    status, r = call(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                                              "max_tokens": None, "max_completion_tokens": 0})
+    assert status == 400 and r["error"]["param"] == "max_completion_tokens", r
+    # a request with more sequences than the queue holds: 400 naming the limit, not 503 forever
+    monkeypatch.setattr(server.api.loop, "max_waiting", 2)
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "x", "n": 3, "max_tokens": 2})
+    assert status == 400 and "at most 2" in r["error"]["message"], r
+    assert call(server, "POST", "/v1/completions", {"prompt": "x", "n": 2, "max_tokens": 2})[0] == 200
+    with pytest.raises(ValueError, match="max_waiting"):
+        serve.EngineLoop(server.api.loop.engine, max_waiting=0)
+
+
+def test_max_waiting_must_be_positive(capsys):
+    import serve
+    with pytest.raises(SystemExit) as e:
+        serve.main(["--max-waiting", "0"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--max-waiting must be >= 1" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_client_that_half_closes_gets_the_whole_answer(server):
+    """shutdown(SHUT_WR) after the request only says "nothing more to send": the answer still comes."""
+    engine = server.api.loop.engine
+    aborted = engine.num_aborted
+    body = {"prompt": "Half closed", "max_tokens": 20, "temperature": 0}
+    expected = call(server, "POST", "/v1/completions", body)[1]["choices"][0]["text"]
+    for stream in (False, True):
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        conn.request("POST", "/v1/completions", json.dumps({**body, "stream": stream}),
+                     {"Content-Type": "application/json"})
+        conn.sock.shutdown(socket.SHUT_WR)
+        r = conn.getresponse()  # (skips the interim "100 Continue" the server may send as a probe)
+        payload = r.read().decode()
+        conn.close()
+        assert r.status == 200, payload
+        if stream:  # (SSE comments, ": ...", are probes too: clients skip them)
+            events = sse_events("\n\n".join(e for e in payload.split("\n\n") if not e.startswith(":")))
+            text = "".join(c["text"] for e in events for c in e["choices"])
+        else:
+            text = json.loads(payload)["choices"][0]["text"]
+        assert text == expected
+    assert engine.num_aborted == aborted
+
+
+def test_a_refused_request_with_a_body_reliably_gets_its_error(server):
+    """413, 404, 405: the body is read (and dropped) before the error is sent, so a client that sends
+    its whole body first reads the error instead of a connection reset."""
+    big = json.dumps({"prompt": "x" * (2 << 20)}).encode()
+    mid = json.dumps({"prompt": "x" * (600 << 10)}).encode()
+    for path, data, code in [("/v1/completions", big, 413), ("/v1/nothing", mid, 404), ("/health", mid, 405)]:
+        for _ in range(20):  # (without the draining, about half of these were a BrokenPipeError)
+            status, r = call(server, "POST", path, raw=data)
+            assert status == code and r["error"]["message"]
+
+
+def test_head_has_no_body_and_options_is_refused(server):
+    for path, code in [("/", 200), ("/health", 200), ("/v1/nothing", 404), ("/v1/completions", 405)]:
+        conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+        conn.request("HEAD", path)
+        r = conn.getresponse()
+        assert r.status == code and r.read() == b""
+        conn.close()
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:  # nothing after the headers
+        s.sendall(b"HEAD /v1/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 404") and reply.endswith(b"\r\n\r\n"), reply
+    status, r = call(server, "OPTIONS", "/v1/completions")
+    assert status == 405 and r["error"]["code"] == "method_not_allowed"
+
+
+def test_logprobs_end_where_a_stop_string_cuts_the_text(server, monkeypatch):
+    """Text " Hello world", stop " SECRET" made of the tokens " SEC" "RET": those two have no logprobs
+    entries (the tokens spell the text), streamed or not; completion_tokens counts all 4 generated."""
+    enc = server.api.enc
+    script = [enc.encode(t)[0] for t in (" Hello", " world", " SEC", "RET", " more")]
+    runner = server.api.loop.engine.runner
+
+    def scripted(batch):
+        logits = torch.zeros(len(batch), runner.model.config.vocab_size)
+        for i, seq in enumerate(batch):
+            logits[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1.0
+        return logits
+
+    monkeypatch.setattr(runner, "run", scripted)
+    body = {"prompt": "Say it", "max_tokens": 10, "temperature": 0, "logprobs": 1, "stop": " SECRET"}
+    status, r = call(server, "POST", "/v1/completions", body)
+    c = r["choices"][0]
+    assert status == 200 and c["text"] == " Hello world" and c["finish_reason"] == "stop"
+    assert c["logprobs"]["tokens"] == [" Hello", " world"] and c["logprobs"]["text_offset"] == [0, 6]
+    assert len(c["logprobs"]["token_logprobs"]) == len(c["logprobs"]["top_logprobs"]) == 2
+    assert r["usage"]["completion_tokens"] == 4
+    status, text = call(server, "POST", "/v1/completions", {**body, "stream": True})
+    chunks = [e["choices"][0] for e in sse_events(text)]
+    assert "".join(ch["text"] for ch in chunks) == " Hello world"
+    assert [t for ch in chunks if ch["logprobs"] for t in ch["logprobs"]["tokens"]] == [" Hello", " world"]
+
+
+def test_chat_page_drops_the_oldest_exchanges_when_the_context_is_full_and_shows_stream_errors(server, monkeypatch):
+    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    assert browser, "headless Chromium is needed for this test: apt-get update && apt-get install -y chromium"
+    host, port = server.server_address[:2]
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+        chrome = Chromium(browser, f"http://{host}:{port}/?temperature=0&max_tokens=8", profile)
+        try:
+            session = chrome.page_session()
+            assert wait_until(lambda: chrome.evaluate(session, "typeof send") == "function")
+            send = lambda text: chrome.send("Runtime.evaluate", session, expression=f"send({json.dumps(text)})",  # noqa: E731
+                                            awaitPromise=True, returnByValue=True)
+            # a history of about 3 x 2 x 60 tokens: more than the tiny model's 256-token context
+            chrome.evaluate(session, """messages.push({role: "system", content: "Be kind."});
+                for (let i = 0; i < 3; i++) messages.push({role: "user", content: `question ${i} ` + "word ".repeat(60)},
+                                                          {role: "assistant", content: `answer ${i} ` + "word ".repeat(60)});""")
+            send("hello")
+            assert chrome.evaluate(session, "status.textContent").startswith("done")
+            kept = chrome.evaluate(session, "messages.map(m => m.role + ':' + m.content.split(' ')[0])")
+            history = ["user:question", "assistant:answer"] * 3
+            # the system message stays, the answer came, and of the history only the newest exchanges remain
+            assert kept[0] == "system:Be" and kept[-2] == "user:hello" and kept[-1].startswith("assistant:")
+            middle = kept[1:-2]
+            assert len(middle) < len(history) and len(middle) % 2 == 0 and middle == history[len(history) - len(middle):]
+            # an engine failure mid-stream: its message shows, not a script error
+            monkeypatch.setattr(server.api.loop.engine.runner, "run", lambda batch: 1 / 0)
+            send("again")
+            last = chrome.evaluate(session, "[...document.querySelectorAll('.msg')].pop().className + '|' + "
+                                            "[...document.querySelectorAll('.msg')].pop().textContent")
+            assert last.startswith("msg error|error: the engine failed"), last
+        finally:
+            chrome.close()
+    monkeypatch.undo()
+    assert wait_until(lambda: idle(server))
