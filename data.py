@@ -10,13 +10,17 @@ Three parts, one per kind of training:
 """
 
 import argparse
+import bisect
+import functools
 import itertools
 import json
 import multiprocessing
 import os
 import random
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -71,32 +75,89 @@ def _pieces(messages, template):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _token_sizes(enc):
+    """The length in bytes of every token id, as a list: built once, then a lookup per token
+    (decoding each token's bytes again for every conversation would cost more than encoding)."""
+    return [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
+
+
+def _utf8_size(text):
+    """The number of bytes `text` has for the tokenizer. tiktoken turns lone surrogates (which
+    UTF-8 cannot hold) into U+FFFD before encoding; so do we, so offsets stay in step."""
+    try:
+        return len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        return len(text.encode("utf-16", "surrogatepass").decode("utf-16", "replace").encode("utf-8"))
+
+
+def _encode_pieces(pieces, enc):
+    """Token ids and labels of template pieces, tokenized the way other runtimes tokenize the text.
+
+    transformers' apply_chat_template (with the exported Jinja template) and llama.cpp render the
+    whole conversation as one string and tokenize it once. Tokenizing each piece on its own would
+    give other tokens wherever text meets across a piece boundary ("request.\n\n" + "### Instruction"
+    is [198, 198, ...] in one go but [628, ...] piece by piece), so a model would be trained on tokens
+    it never sees at inference. So: the text between two of our <|endoftext|> tokens is encoded in
+    one go (tiktoken itself splits text at special tokens, so this is what encoding the rendered
+    string with <|endoftext|> allowed gives), and each token's label is taken from the piece its
+    first byte lies in (GPT-2's BPE is byte-level: a token is a run of the text's UTF-8 bytes).
+
+    Where a token straddles a boundary, the rule is: a token is learned iff it STARTS inside a learned
+    piece. In our templates that happens only when an answer begins with whitespace the prompt's
+    own can merge with (alpaca's "### Response:\n" + "\n x" gives the token "\n\n"): the token
+    counts as prompt, so the answer's first newline is not learned. The answers the loaders make
+    are stripped, so it never happens with them. An answer never ends inside a token: its
+    <|endoftext|> follows it.
+
+    EOT is placed only by the template: "<|endoftext|>" written in a message stays ordinary text
+    (gpt.encode), so a user cannot end an answer or a document for the model."""
+    ids, labels = [], []
+    segment = []  # (text, learned) pieces since the last EOT
+    size = _token_sizes(enc)
+
+    def flush():
+        toks = encode("".join(t for t, _ in segment), enc)
+        ends = list(itertools.accumulate(_utf8_size(t) for t, _ in segment))  # byte where each piece ends
+        start = 0  # byte where the token starts
+        for tok in toks:
+            learned = segment[bisect.bisect_right(ends, start)][1]  # the piece holding that byte
+            ids.append(tok)
+            labels.append(tok if learned else IGNORE)
+            start += size[tok]
+        segment.clear()
+
+    for text, learned in pieces:
+        if text == EOT:
+            flush()
+            ids.append(EOT)
+            labels.append(EOT if learned else IGNORE)
+        else:
+            segment.append((text, learned))
+    flush()
+    return ids, labels
+
+
 def encode_conversation(messages, template, enc=None):
     """Token ids and labels for training: labels are IGNORE everywhere except the assistant's answers
     and the one <|endoftext|> closing each answer. The trailing separator after the last answer is
-    dropped: the conversation ends at its EOT."""
+    dropped: the conversation ends at its EOT. The ids are exactly those of the conversation's text
+    tokenized in one go (see _encode_pieces), so what training sees is what inference sees."""
     enc = enc or get_tokenizer()
     pieces = _pieces(messages, template)
     while pieces and not pieces[-1][1]:
         pieces.pop()
-    ids, labels = [], []
-    for text, learned in pieces:
-        toks = [EOT] if text == EOT else encode(text, enc)
-        ids += toks
-        labels += toks if learned else [IGNORE] * len(toks)
-    return ids, labels
+    return _encode_pieces(pieces, enc)
 
 
 def encode_prompt(messages, template, enc=None):
     """Token ids that ask the model for the next assistant turn: the conversation so far (its last
-    turn a user's) followed by the template's cue for the assistant to answer."""
+    turn a user's) followed by the template's cue for the assistant to answer. The same tokens as
+    the exported template's apply_chat_template(..., tokenize=True) (tests/test_export.py)."""
     enc = enc or get_tokenizer()
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("the conversation must end with a user turn to prompt an answer")
-    ids = []
-    for text, _ in _pieces(messages, template):
-        ids += [EOT] if text == EOT else encode(text, enc)
-    return ids
+    return _encode_pieces(_pieces(messages, template), enc)[0]
 
 
 def format_prompt(messages, template):
@@ -150,7 +211,8 @@ def jinja_template(template):
 #   python data.py pretrain tinystories [--out DIR]    # or shakespeare, tinystories-small, a file, a URL
 #   python data.py tinystories                         # short for the same
 # Output goes to data_cache/<name>/ beside this file: train.bin, val.bin and meta.json. meta.json is
-# written last and records the source, so a finished preparation is skipped when run again.
+# written last and records the source files and the split, so a finished preparation is skipped when
+# run again with the same ones (and redone when a file or --val-fraction changed).
 
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 PRETRAIN_DATASETS = {  # name -> (train text URL, validation text URL or None to split the train text)
@@ -200,6 +262,13 @@ def read_text_batches(path, batch_chars=1 << 20):
 _worker_enc = None
 
 
+def _ignore_sigint():
+    """Pool initializer. Ctrl-C in a terminal signals every process of the foreground group; only the
+    main process should act on it (stop the pool, remove its partial file, exit), not print one
+    KeyboardInterrupt traceback per worker as well."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _encode_batch(batch):
     """Worker: one batch of pieces -> (uint16 tokens, EOT before every document's first piece;
     characters read, for the progress bar)."""
@@ -229,8 +298,9 @@ def tokenize_file(src, dest, workers=None, batch_chars=1 << 20, desc=None):
     try:
         with open(tmp, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc=desc or src.name,
                                           disable=None) as bar:
-            batches = read_text_batches(src, batch_chars)
-            pool = multiprocessing.Pool(workers) if workers > 1 else None
+            stop = threading.Event()  # once set, no further batch is read from the file
+            batches = itertools.takewhile(lambda _: not stop.is_set(), read_text_batches(src, batch_chars))
+            pool = multiprocessing.Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
             try:
                 # imap keeps the order of the batches, so the token stream follows the file
                 results = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
@@ -240,7 +310,14 @@ def tokenize_file(src, dest, workers=None, batch_chars=1 << 20, desc=None):
                     bar.update(min(chars, bar.total - bar.n))  # characters ~ bytes (exact for ASCII)
             finally:
                 if pool:
-                    pool.terminate()
+                    # Not pool.terminate(): it hangs for good when it catches the pool's feeding thread
+                    # between taking a batch and sending it (seen on Ctrl-C), as a batch is more than
+                    # the pipe to the workers holds and terminate has already stopped its readers.
+                    # Instead: the feeding stops, the batches already sent finish (a second or so;
+                    # the workers ignore Ctrl-C), and the workers exit.
+                    stop.set()
+                    pool.close()
+                    pool.join()
             bar.update(bar.total - bar.n)
     except UnicodeDecodeError as e:
         tmp.unlink(missing_ok=True)
@@ -262,7 +339,11 @@ def _split_tail(train_path, val_path, val_fraction):
     if n_val < 2 or len(tokens) - n_val < 2:
         raise ValueError(f"{len(tokens)} tokens are too few to split into train and validation parts")
     tmp = val_path.with_name(val_path.name + ".tmp")
-    tokens[len(tokens) - n_val:].tofile(tmp)
+    try:
+        tokens[len(tokens) - n_val:].tofile(tmp)
+    except BaseException:  # a full disk, Ctrl-C: leave no partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
     keep = (len(tokens) - n_val) * tokens.itemsize
     del tokens  # close the map before truncating the file under it
     os.truncate(train_path, keep)
@@ -299,7 +380,9 @@ def prepare_pretrain_data(source, out_dir=None, val_fraction=0.1, workers=None):
             texts.append(str(download(src, out / Path(src.split("?")[0]).name)))
         except Exception as e:  # requests' errors, a bad checksum, a full disk: one line, not a traceback
             raise ValueError(f"could not download {src}: {e}") from None
-    stamp = {"source": str(source), "files": [
+    # everything the output depends on: the source files and, when it cuts the validation split
+    # itself, val_fraction (a new --val-fraction must not silently keep the old split)
+    stamp = {"source": str(source), "val_fraction": None if texts[1] else val_fraction, "files": [
         {"path": t, "bytes": os.path.getsize(t), "mtime": os.path.getmtime(t)} for t in texts if t]}
     meta_path = out / "meta.json"
     if meta_path.exists():
@@ -416,7 +499,10 @@ def read_records(path):
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     if not text.lstrip().startswith("["):  # JSONL: one record per line, blank lines allowed
-        for n, row in enumerate(text.splitlines(), start=1):
+        # split on "\n" only: str.splitlines() also splits on U+2028, U+0085, \x0c ..., which JSON
+        # allows unescaped inside strings (json.dumps(ensure_ascii=False) writes them as they are).
+        # A "\r" left by "\r\n" is whitespace to json.loads.
+        for n, row in enumerate(text.split("\n"), start=1):
             if row.strip():
                 try:
                     yield n, json.loads(row)
@@ -428,23 +514,28 @@ def read_records(path):
     i = space.match(text, space.match(text).end() + 1).end()  # the first record, after the '['
     line, counted = 1, 0
     try:
-        if text[i] == "]":  # an empty list
-            return
-        while True:
-            line += text.count("\n", counted, i)  # counted incrementally: linear in the file's size
-            counted = i
-            record, i = decoder.raw_decode(text, i)
-            yield line, record
-            i = space.match(text, i).end()
-            if text[i] == "]":
-                return
-            if text[i] != ",":
-                raise json.JSONDecodeError("Expecting ',' or ']'", text, i)
-            i = space.match(text, i + 1).end()
+        if text[i] != "]":  # not an empty list
+            while True:
+                line += text.count("\n", counted, i)  # counted incrementally: linear in the file's size
+                counted = i
+                record, i = decoder.raw_decode(text, i)
+                yield line, record
+                i = space.match(text, i).end()
+                if text[i] == "]":
+                    break
+                if text[i] != ",":
+                    raise json.JSONDecodeError("Expecting ',' or ']'", text, i)
+                i = space.match(text, i + 1).end()
     except json.JSONDecodeError as e:
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     except IndexError:
         raise DataError(f"{path}: the JSON list is never closed (truncated file?)") from None
+    # the list closes at text[i]; anything but whitespace after it (a second list pasted on, a stray
+    # record) would otherwise be dropped without a word
+    rest = space.match(text, i + 1).end()
+    if rest < len(text):
+        line += text.count("\n", counted, rest)
+        raise DataError(f"{path}:{line}: extra data after the JSON list")
 
 
 def _text(record, key):
@@ -651,4 +742,7 @@ def eval_batches(examples, batch_size):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: quit without a traceback (tokenize_file removes its partial file)
+        sys.exit(130)

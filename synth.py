@@ -145,7 +145,8 @@ def read_existing(path):
     """Words already done and the conversations already written (for resuming and de-duplication)."""
     words, seen = set(), set()
     if path.exists():
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        # "\n" only: splitlines() would also cut at a U+2028 or U+0085 that ensure_ascii=False left in a text
+        for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -186,10 +187,10 @@ def build(cfg, generate):
         text_blocks.append(as_text(messages, word, cfg))
         kept += 1
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:  # all of a run's records go in at once: an interrupted run writes nothing
+    with open(out, "a", encoding="utf-8") as f:  # all of a run's records at once: an interrupted run writes nothing
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     if cfg.get("text_output"):
-        with open(cfg["text_output"], "a") as f:
+        with open(cfg["text_output"], "a", encoding="utf-8") as f:
             f.writelines(text_blocks)
     return kept, dropped
 

@@ -2,28 +2,49 @@
 
 The label-mask tests spell out the expected text of each template literally and check the ids and
 labels token by token: prompt and user tokens -100, answer tokens learned, exactly one learned
-<|endoftext|> closing each answer, padding -100, and y = labels shifted left by one.
+<|endoftext|> closing each answer, padding -100, and y = labels shifted left by one. The ids are
+always those of the whole rendered text tokenized in one go, as transformers and llama.cpp do.
+
+At the end, data.py's pretraining preparation (section 2) as a command: redone when the split
+changes, and Ctrl-C in the middle of it.
 """
+import itertools
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
 
+import data
 from data import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, IGNORE, DataError, collate, default_template,
-                  encode_conversation, encode_examples, eval_batches, iterate_batches, load_conversations,
-                  read_records, split_dataset)
-from gpt import EOT, encode
+                  encode_conversation, encode_examples, encode_prompt, eval_batches, iterate_batches,
+                  jinja_template, load_conversations, read_records, split_dataset)
+from gpt import EOT, encode, get_tokenizer
 
-FIXTURES = __import__("pathlib").Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tokenize_rendered(text):
+    """Rendered template text -> ids the way other runtimes get them: in one go, <|endoftext|> special."""
+    return get_tokenizer().encode(text, allowed_special={"<|endoftext|>"})
 
 
 def expected(pieces):
-    """(literal text or EOT, learned) pieces -> the ids and labels a template must produce."""
+    """(literal text or EOT, learned) pieces -> the ids and labels a template must produce. Each run
+    of prompt text, and each answer with its EOT, is tokenized whole; the examples below switch
+    between prompt and answer where a token boundary falls, which the assert checks."""
     ids, labels = [], []
-    for text, learned in pieces:
-        toks = [EOT] if text == EOT else encode(text)
+    for learned, run in itertools.groupby(pieces, key=lambda p: p[1]):
+        toks = tokenize_rendered("".join("<|endoftext|>" if text == EOT else text for text, _ in run))
         ids += toks
         labels += toks if learned else [IGNORE] * len(toks)
+    assert ids == tokenize_rendered("".join("<|endoftext|>" if text == EOT else text for text, _ in pieces))
     return ids, labels
 
 
@@ -124,6 +145,61 @@ def test_chat_messages_sharegpt_and_ultrachat_mask():
         ("User: Is ice?\nAssistant:", False), (" Only when it melts.", True), (EOT, True)])
 
 
+def render(conversation, template):
+    """The conversation as the exported Jinja template renders it, in the sandbox transformers uses."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    return env.from_string(jinja_template(template)).render(messages=conversation)
+
+
+@pytest.mark.parametrize("template", ["alpaca", "chat"])
+def test_training_tokens_are_the_rendered_text_in_one_go_and_labels_cover_exactly_the_answers(template):
+    """What sft.py trains on is what other runtimes (and our own encode_prompt) feed the model: the
+    rendered text tokenized whole. Text meets across template pieces here ("request.\n\n" + "###",
+    "Be brief.\n\n" + "User:", answers ending in a newline) where piece-by-piece tokens would differ."""
+    conversation = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Fix the spelling:\n", "input": "teh cat"},
+        {"role": "assistant", "content": "The cat.\n"},
+        {"role": "user", "content": "Why?"},
+        {"role": "assistant", "content": "Spelling:\n\n- the"}]
+    answers = [("" if template == "alpaca" else " ") + t["content"] for t in conversation if t["role"] == "assistant"]
+    ids, labels = encode_conversation(conversation, template)
+    text = render(conversation, template)
+    text = text[:text.rindex("<|endoftext|>") + len("<|endoftext|>")]  # training ends at the last answer's EOT
+    assert ids == tokenize_rendered(text)
+    # the learned tokens are exactly each answer and its EOT, every one labelled with itself
+    assert all(label in (IGNORE, i) for i, label in zip(ids, labels))
+    learned = [[i for i, _ in run] for is_learned, run in itertools.groupby(zip(ids, labels), lambda t: t[1] != IGNORE)
+               if is_learned]
+    enc = get_tokenizer()
+    assert [enc.decode(run) for run in learned] == [a + "<|endoftext|>" for a in answers]
+    # the prompt inference builds for each answer is the start of the training ids, the answer's first token next
+    for k in (2, 4):
+        prompt = encode_prompt(conversation[:k], template)
+        assert ids[:len(prompt)] == prompt and labels[len(prompt) - 1] == IGNORE and labels[len(prompt)] != IGNORE
+
+
+def test_a_token_straddling_prompt_and_answer_counts_as_prompt():
+    """The documented rule: a token is learned iff it starts inside an answer. "### Response:\n" + an
+    answer starting "\n" tokenize whole as one "\n\n" token, which belongs to the prompt."""
+    ids, labels = encode_conversation([{"role": "user", "content": "Hi"},
+                                       {"role": "assistant", "content": "\n Hello"}], "alpaca")
+    newlines = encode("\n\n")
+    assert len(newlines) == 1 and ids[-3:] == newlines + encode(" Hello") + [EOT]
+    assert labels[-3:] == [IGNORE] + encode(" Hello") + [EOT]
+
+
+def test_endoftext_written_in_a_message_is_text_not_the_special_token():
+    conversation = [{"role": "user", "content": "Say <|endoftext|> now"},
+                    {"role": "assistant", "content": "Fine: <|endoftext|>"}]
+    for template in ("alpaca", "chat"):
+        ids, labels = encode_conversation(conversation, template)
+        assert ids.count(EOT) == 1 and ids[-1] == labels[-1] == EOT  # only the template's closing EOT
+        assert EOT not in encode_prompt(conversation[:1], template)
+        assert get_tokenizer().decode(ids).count("<|endoftext|>") == 3
+
+
 def test_shared_samples_load_and_pick_templates(shared_data):
     alpaca = load_conversations(shared_data / "instruction-data.json")
     assert len(alpaca) == 1100 and default_template(alpaca) == "alpaca"
@@ -207,6 +283,10 @@ def test_split_is_seeded_disjoint_and_complete():
     ("bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", \n]\n', ":4:", "invalid JSON"),
     ("bad.json", '[\n  {"instruction": "a", "output": "b"}\n', "", "never closed"),
     ("bad.jsonl", '{"text": "no markers here"}\n', ":1:", "fits no known format"),
+    # two JSON files concatenated: the second list must not be dropped without a word
+    ("two.json", '[\n  {"instruction": "a", "output": "b"}\n]\n\n[{"instruction": "c", "output": "d"}]\n', ":5:",
+     "extra data after the JSON list"),
+    ("two.json", '[]\n{"instruction": "c", "output": "d"}\n', ":2:", "extra data after the JSON list"),
 ])
 def test_malformed_record_names_file_and_line(tmp_path, name, text, where, what):
     path = tmp_path / name
@@ -214,6 +294,20 @@ def test_malformed_record_names_file_and_line(tmp_path, name, text, where, what)
     with pytest.raises(DataError) as e:
         load_conversations(path)
     assert str(path) + where in str(e.value) and what in str(e.value)
+
+
+def test_jsonl_lines_are_split_at_newlines_only(tmp_path):
+    """U+2028, U+2029, U+0085 and form feeds may stand unescaped inside JSON strings (ensure_ascii=False
+    writes them so); they are no line breaks. Windows line ends are read too, and line numbers stay right."""
+    odd = "one\u2028two\u2029three\x85four\x0cfive"
+    rows = [json.dumps({"instruction": "Split " + odd, "output": odd}, ensure_ascii=False),
+            json.dumps({"instruction": "b", "output": "c"}), '{"instruction": ']
+    path = tmp_path / "odd.jsonl"
+    path.write_bytes("\r\n".join(rows).encode("utf-8"))
+    records = list(itertools.islice(read_records(path), 2))
+    assert records == [(1, {"instruction": "Split " + odd, "output": odd}), (2, {"instruction": "b", "output": "c"})]
+    with pytest.raises(DataError, match=r"odd\.jsonl:3: invalid JSON"):
+        list(read_records(path))
 
 
 def test_unknown_name_and_empty_file(tmp_path):
@@ -231,3 +325,38 @@ def test_records_without_an_answer_are_skipped_loudly(tmp_path):
     logs = []
     assert len(load_conversations(path, log=logs.append)) == 1
     assert logs and "skipped 1" in logs[0]
+
+
+# ----------------------------------------------------------------------------- pretraining preparation
+
+def test_prepare_is_redone_when_val_fraction_changes(tmp_path, shared_data):
+    src, out = tmp_path / "play.txt", tmp_path / "prep"
+    src.write_text((shared_data / "tinyshakespeare.txt").read_text()[:20000])
+    data.prepare_pretrain_data(src, out, val_fraction=0.1)
+    total = len(data.load_tokens(out, "train")) + len(data.load_tokens(out, "val"))
+    data.prepare_pretrain_data(src, out, val_fraction=0.25)  # the same file, another split: not "done already"
+    assert len(data.load_tokens(out, "val")) == int(total * 0.25)
+    assert json.loads((out / "meta.json").read_text())["val_tokens"] == int(total * 0.25)
+    mtime = (out / "train.bin").stat().st_mtime_ns
+    data.prepare_pretrain_data(src, out, val_fraction=0.25)  # the same split again: skipped
+    assert (out / "train.bin").stat().st_mtime_ns == mtime
+
+
+def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_path, shared_data):
+    """Ctrl-C reaches every process of the terminal's foreground group: the tokenizing workers ignore
+    it, the main process stops them, removes its partial file and exits 130, without a traceback."""
+    src, out = tmp_path / "big.txt", tmp_path / "prep"
+    # ~27 MB: 2 workers with ~10 s of work, stopped after the first second or so
+    src.write_text((shared_data / "tinyshakespeare.txt").read_text() * 24)
+    proc = subprocess.Popen([sys.executable, "data.py", "pretrain", str(src), "--out", str(out), "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)  # its own process group, as a terminal's job is
+    partial, deadline = out / "train.bin.tmp", time.time() + 60
+    while not (partial.exists() and partial.stat().st_size > 0):  # the workers have sent back tokens
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+    assert sorted(p.name for p in out.iterdir()) == []  # no partial token file, no meta.json

@@ -291,12 +291,13 @@ def test_cli_help_and_no_traceback_in_a_real_process(tmp_path):
 
 @pytest.mark.parametrize("template", ["chat", "alpaca"])
 def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
-    """transformers' apply_chat_template formats a conversation exactly as our template does, and the
-    GGUF file carries the same template for llama-server; a base model exports none."""
+    """transformers' apply_chat_template formats a conversation exactly as our template does, text and
+    tokens (it tokenizes the rendered text in one go; what generate.py feeds the model must be the
+    same ids), and the GGUF file carries the same template for llama-server; a base model exports none."""
     import gguf
     from transformers import AutoTokenizer
 
-    from data import format_prompt, jinja_template
+    from data import encode_prompt, format_prompt, jinja_template
     tiny.save_checkpoint(tmp_path / "ckpt", template=template)
     model = GPT.from_pretrained(tmp_path / "ckpt")
     export.export_hf(model, tmp_path / "hf")
@@ -305,10 +306,13 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
         [{"role": "user", "content": "Name a color."}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}],
+        [{"role": "user", "content": "Fix the spelling.", "input": "teh cat"}],  # alpaca's Input section
     ]
     for messages in conversations:
         assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
             format_prompt(messages, template)
+        assert tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False) == \
+            encode_prompt(messages, template)
     export.export_gguf(model, tmp_path / "m.gguf")
     assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.chat_template") == jinja_template(template)
     export.export_hf(tiny, tmp_path / "base")

@@ -101,6 +101,22 @@ def test_build_appends_resumes_and_deduplicates(tmp_path):
     assert len(out.read_text().splitlines()) == 3
 
 
+def test_resume_reads_back_unicode_line_separators_written_unescaped(tmp_path):
+    """ensure_ascii=False writes U+2028 and U+0085 as they are; they are not line breaks when the
+    output is read back to resume (nor when sft.py loads it)."""
+    from data import load_conversations
+    out = tmp_path / "c.jsonl"
+    cfg = {**CFG, "words": ["cat"], "output": str(out), "prompt_lines": ["About {word}:", "STUDENT:"]}
+    answer = "A pet.\u2028Also\x85a friend."
+    gen, _ = fake_generate([" What is a cat?\nTEACHER: " + answer])
+    assert build(cfg, gen)[0] == 1
+    assert answer in out.read_text(encoding="utf-8")
+    cfg["words"] = ["cat", "dog"]
+    gen, calls = fake_generate([" What is a dog?\nTEACHER: A pet too."])
+    assert build(cfg, gen)[0] == 1 and calls[0] == ["About dog:\nSTUDENT:"]  # cat was read back as done
+    assert [c[1]["content"] for c in load_conversations(out)] == [answer, "A pet too."]
+
+
 def test_config_errors_are_clear(tmp_path):
     p = tmp_path / "cfg.json"
     p.write_text(json.dumps({"name": "x", "model": "gpt2", "words": []}))
