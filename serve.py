@@ -511,8 +511,10 @@ def kv_cache_blocks(model, max_num_seqs=64, num_blocks=None, kv_cache_memory=Non
             budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else int(kv_cache_memory)
         elif device.type == "cuda":
             budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
-        else:
+        else:  # (CPU: up to 1 GiB, and no more than half the memory free, leaving the rest to the process)
             budget = min(1 << 30, max_num_seqs * need * per_block)
+            free = available_memory(device)
+            budget = budget if free is None else min(budget, free // 2)
         num_blocks = budget // per_block
     available = available_memory(device)
     if available is not None and num_blocks * per_block > available:  # (checked before any allocation:
@@ -537,7 +539,7 @@ class Engine:
 
     The KV pool gets `num_blocks` blocks, or as many as `kv_cache_memory` bytes hold; on CUDA the
     default is `gpu_memory_utilization` of the free memory, elsewhere 1 GiB (capped at what
-    max_num_seqs full contexts need)."""
+    max_num_seqs full contexts need, and at half the memory available)."""
 
     def __init__(self, model, enc=None, max_num_seqs=64, max_num_batched_tokens=None, num_blocks=None,
                  kv_cache_memory=None, gpu_memory_utilization=0.9, cuda_graph=True):
@@ -1003,7 +1005,7 @@ class Handler(BaseHTTPRequestHandler):
 
     head_only = False  # a HEAD request: headers as for GET, no body
     body_read = False  # has the request body (if any) been read?
-    probed = False  # was a probe sent after the client half-closed? (see client_gone)
+    probed = 0.0  # when the last probe went to a client that half-closed (see client_gone)
 
     def log_message(self, format, *args):  # quiet unless asked
         if self.server.verbose:
@@ -1034,8 +1036,9 @@ class Handler(BaseHTTPRequestHandler):
         shut down its sending half once its request is out (shutdown(SHUT_WR)) and still wait for the
         answer. So at the first EOF, write something the client ignores: while streaming, an SSE
         comment; before the answer, to an HTTP/1.1 client, an interim "100 Continue" (which clients
-        must skip). A peer that has closed entirely answers it with a reset, which the next check
-        (a write, or the pending socket error) sees. An HTTP/1.0 client may not be sent a 1xx, so
+        must skip, however many come). A peer that has closed entirely answers it with a reset, which
+        the next check (a write, or the pending socket error) sees; repeated every second, as a
+        half-closed client may close entirely later. An HTTP/1.0 client may not be sent a 1xx, so
         there, EOF before the answer still counts as gone."""
         try:
             r, _, _ = select.select([self.connection], [], [], 0)
@@ -1045,8 +1048,8 @@ class Handler(BaseHTTPRequestHandler):
                 return False  # (bytes after the request: not ours to read; the client is there)
             if not streaming and self.request_version < "HTTP/1.1":
                 return True
-            if not self.probed:  # (once: a half-closed client then just waits, and we with it)
-                self.probed = True
+            if time.monotonic() - self.probed >= 1.0:
+                self.probed = time.monotonic()
                 probe = b": ping\n\n" if streaming else f"{self.protocol_version} 100 Continue\r\n\r\n".encode()
                 self.wfile.write(probe)
                 self.wfile.flush()
@@ -1182,8 +1185,8 @@ class Handler(BaseHTTPRequestHandler):
         if include_usage:
             head["usage"] = None  # OpenAI's schema: null on every chunk, the numbers on the last one
         prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices (as OpenAI counts)
-        choices = [{"text": [], "shown": 0, "pending": [], "tokens": [], "lps": [], "tops": [], "offsets": [],
-                    "offset": 0, "reason": None,
+        choices = [{"text": [], "shown": 0, "released": 0, "pending": [], "tokens": [], "lps": [], "tops": [],
+                    "offsets": [], "offset": 0, "reason": None,
                     "started": not chat}  # a chat answer has not started until its first non-space
                    for _ in seqs]
         try:
@@ -1206,7 +1209,7 @@ class Handler(BaseHTTPRequestHandler):
                 if chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
                     text, c["started"] = strip_answer_start(text, c["started"])
                 c["text"].append(text)
-                c["shown"] += len(text)
+                c["shown"] += len(text.encode("utf-8", "surrogatepass"))  # (bytes: see _release_logprobs)
                 lp = None if logprobs is None else self._release_logprobs(c, out.finish_reason)
                 if stream and (text or out.finish_reason or lp and lp["tokens"]):
                     if chat:
@@ -1274,17 +1277,20 @@ class Handler(BaseHTTPRequestHandler):
         tok = api.token_text(out.token)
         top = {api.token_text(t): lp for t, lp in out.top_logprobs}
         top[tok] = out.logprob
-        return tok, out.logprob, top
+        return tok, out.logprob, top, len(api.enc.decode_single_token_bytes(out.token))
 
     def _release_logprobs(self, c, finish_reason):
         """The logprob entries of choice `c` whose token's text has been given out, as a logprobs object
         (the new ones only). The text of a token may be held back (it could be the start of a stop
         string), so its entry waits with it; a token the stop string consumed never gets one, nor does
         <|endoftext|>: the tokens spell the text (a token the stop string begins inside of keeps its
-        entry: part of its text is in the answer). At "length" the text is all out: all entries go."""
+        entry: part of its text is in the answer). At "length" the text is all out: all entries go.
+        Counted in bytes, not characters: a character split across tokens (an emoji) is one character
+        of text but two or more tokens, each of which has its entry."""
         new = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        while c["pending"] and (c["offset"] < c["shown"] or finish_reason == "length"):
-            tok, lp, top = c["pending"].pop(0)
+        while c["pending"] and (c["released"] < c["shown"] or finish_reason == "length"):
+            tok, lp, top, nbytes = c["pending"].pop(0)
+            c["released"] += nbytes
             for key, value in (("tokens", tok), ("lps", lp), ("tops", top), ("offsets", c["offset"])):
                 c[key].append(value)
             for key, value in zip(new, (tok, lp, top, c["offset"])):
@@ -1359,7 +1365,7 @@ def main(argv=None):
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences beyond which requests get 503")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV-cache size, e.g. 256MB or 2GiB or 1.5 (GiB) (default on CUDA: --gpu-memory-utilization "
-                        "of the free memory, elsewhere 1 GiB)")
+                        "of the free memory, elsewhere 1 GiB or half the free memory, if less)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of free GPU memory for the KV cache")
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: --model)")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpt import GPT, GPTConfig
+from gpt import EOT, GPT, GPTConfig
 from serve import Engine, make_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -520,12 +520,13 @@ def test_max_waiting_must_be_positive(capsys):
     assert e.value.code == 2 and "--max-waiting must be >= 1" in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_a_client_that_half_closes_gets_the_whole_answer(server):
+def test_a_client_that_half_closes_gets_the_whole_answer(server, monkeypatch):
     """shutdown(SHUT_WR) after the request only says "nothing more to send": the answer still comes."""
     engine = server.api.loop.engine
     aborted = engine.num_aborted
     body = {"prompt": "Half closed", "max_tokens": 20, "temperature": 0}
     expected = call(server, "POST", "/v1/completions", body)[1]["choices"][0]["text"]
+    slow_engine(server, monkeypatch)  # 20 steps of 20 ms: the handler surely looks at the socket meanwhile
     for stream in (False, True):
         conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
         conn.request("POST", "/v1/completions", json.dumps({**body, "stream": stream}),
@@ -599,6 +600,31 @@ def test_logprobs_end_where_a_stop_string_cuts_the_text(server, monkeypatch):
     assert [t for ch in chunks if ch["logprobs"] for t in ch["logprobs"]["tokens"]] == [" Hello", " world"]
 
 
+def test_every_token_of_a_character_split_across_tokens_keeps_its_logprobs_entry(server, monkeypatch):
+    """" hi 😀" then <|endoftext|>: the emoji is one character of text but several tokens (bytes), and
+    each of those tokens gets its entry, also when the answer ends right after it."""
+    enc = server.api.enc
+    script = enc.encode(" hi 😀") + [EOT]
+    assert len(script) >= 4  # the test means something: the emoji spans tokens
+    runner = server.api.loop.engine.runner
+
+    def scripted(batch):
+        logits = torch.zeros(len(batch), runner.model.config.vocab_size)
+        for i, seq in enumerate(batch):
+            logits[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1.0
+        return logits
+
+    monkeypatch.setattr(runner, "run", scripted)
+    body = {"prompt": "Say it", "max_tokens": 10, "temperature": 0, "logprobs": 0}
+    status, r = call(server, "POST", "/v1/completions", body)
+    c = r["choices"][0]
+    assert status == 200 and c["text"] == " hi 😀" and c["finish_reason"] == "stop"
+    assert len(c["logprobs"]["tokens"]) == len(script) - 1  # every token but <|endoftext|>
+    status, text = call(server, "POST", "/v1/completions", {**body, "stream": True})
+    chunks = [e["choices"][0] for e in sse_events(text)]
+    assert len([t for ch in chunks if ch["logprobs"] for t in ch["logprobs"]["tokens"]]) == len(script) - 1
+
+
 def test_chat_page_drops_the_oldest_exchanges_when_the_context_is_full_and_shows_stream_errors(server, monkeypatch):
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     assert browser, "headless Chromium is needed for this test: apt-get update && apt-get install -y chromium"
@@ -622,6 +648,15 @@ def test_chat_page_drops_the_oldest_exchanges_when_the_context_is_full_and_shows
             assert kept[0] == "system:Be" and kept[-2] == "user:hello" and kept[-1].startswith("assistant:")
             middle = kept[1:-2]
             assert len(middle) < len(history) and len(middle) % 2 == 0 and middle == history[len(history) - len(middle):]
+            # without ?max_tokens= a reply may take 256 tokens, but no more than a quarter of the context
+            budget = chrome.send("Runtime.evaluate", session, expression="replyTokens({})", awaitPromise=True,
+                                 returnByValue=True)["result"]["value"]
+            assert budget == min(256, server.api.n_ctx // 4)
+            # a message that cannot fit even alone: an error, and the conversation is left as it was
+            before = chrome.evaluate(session, "messages.length")
+            send("word " * 400)
+            assert chrome.evaluate(session, "status.textContent") == "error"
+            assert chrome.evaluate(session, "messages.length") == before
             # an engine failure mid-stream: its message shows, not a script error
             monkeypatch.setattr(server.api.loop.engine.runner, "run", lambda batch: 1 / 0)
             send("again")
