@@ -212,7 +212,8 @@ def jinja_template(template):
 #   python data.py tinystories                         # short for the same
 # Output goes to data_cache/<name>/ beside this file: train.bin, val.bin and meta.json. meta.json is
 # written last and records the source files and the split, so a finished preparation is skipped when
-# run again with the same ones (and redone when a file or --val-fraction changed).
+# run again with the same files (and redone when a file changed, or when --val-fraction is given and
+# differs from the split there; train.py keeps whatever split was prepared).
 
 TINYSTORIES_URL = "https://huggingface.co/datasets/roneneldan/TinyStories/resolve/main/TinyStoriesV2-GPT4-{}.txt"
 PRETRAIN_DATASETS = {  # name -> (train text URL, validation text URL or None to split the train text)
@@ -365,9 +366,14 @@ def resolve_pretrain_source(source):
     return path.stem, [str(path.resolve()), None]
 
 
-def prepare_pretrain_data(source, out_dir=None, val_fraction=0.1, workers=None):
+DEFAULT_VAL_FRACTION = 0.1
+
+
+def prepare_pretrain_data(source, out_dir=None, val_fraction=None, workers=None):
     """Download (when a name or URL) and tokenize a pretraining source into out_dir (default
-    data_cache/<name>/): train.bin, val.bin, meta.json. Skipped when meta.json says it is done."""
+    data_cache/<name>/): train.bin, val.bin, meta.json. Skipped when meta.json says it is done from
+    the same files and, if `val_fraction` is given, with that split (None: any split already there,
+    DEFAULT_VAL_FRACTION for a new one)."""
     name, (train_src, val_src) = resolve_pretrain_source(source)
     out = Path(out_dir) if out_dir else DATA_CACHE / name
     out.mkdir(parents=True, exist_ok=True)
@@ -380,9 +386,7 @@ def prepare_pretrain_data(source, out_dir=None, val_fraction=0.1, workers=None):
             texts.append(str(download(src, out / Path(src.split("?")[0]).name)))
         except Exception as e:  # requests' errors, a bad checksum, a full disk: one line, not a traceback
             raise ValueError(f"could not download {src}: {e}") from None
-    # everything the output depends on: the source files and, when it cuts the validation split
-    # itself, val_fraction (a new --val-fraction must not silently keep the old split)
-    stamp = {"source": str(source), "val_fraction": None if texts[1] else val_fraction, "files": [
+    stamp = {"source": str(source), "files": [
         {"path": t, "bytes": os.path.getsize(t), "mtime": os.path.getmtime(t)} for t in texts if t]}
     meta_path = out / "meta.json"
     if meta_path.exists():
@@ -390,8 +394,11 @@ def prepare_pretrain_data(source, out_dir=None, val_fraction=0.1, workers=None):
             meta = json.loads(meta_path.read_text())
         except ValueError:
             meta = {}
-        if meta.get("stamp") == stamp and all((out / f"{s}.bin").exists() for s in ("train", "val")):
+        # (a --val-fraction asked for and not the one there must not silently keep the old split)
+        same_split = texts[1] or val_fraction is None or meta.get("val_fraction") == val_fraction
+        if meta.get("stamp") == stamp and same_split and all((out / f"{s}.bin").exists() for s in ("train", "val")):
             return out  # done before, from the same files
+    val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     meta_path.unlink(missing_ok=True)
     n_train = tokenize_file(texts[0], out / "train.bin", workers, desc=f"{name} train")
     if texts[1]:
@@ -428,14 +435,15 @@ def _add_pretrain_command(subparsers):
                               description="Download and tokenize a pretraining source into uint16 token files.")
     p.add_argument("source", help=f"{' | '.join(PRETRAIN_DATASETS)} | a text file | an http(s) URL")
     p.add_argument("--out", default=None, help="output directory (default: data_cache/<name>/)")
-    p.add_argument("--val-fraction", type=float, default=0.1,
-                   help="share of the tokens kept for validation when the source has no validation file")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of the tokens kept for validation when the source has no validation file "
+                        f"(default: {DEFAULT_VAL_FRACTION}, or the split already prepared there)")
     p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
     p.set_defaults(run=_run_pretrain_command)
 
 
 def _run_pretrain_command(args):
-    if not 0 < args.val_fraction < 1:
+    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
         die(f"--val-fraction must be between 0 and 1, not {args.val_fraction}")
     try:
         out = prepare_pretrain_data(args.source, args.out, args.val_fraction, args.workers)

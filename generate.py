@@ -426,25 +426,26 @@ def chat(model, enc, params, system=None):
     reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns
     messages = [{"role": "system", "content": system}] if system else []
     least = len(encode_prompt(messages + [{"role": "user", "content": "hi"}], template, enc))
-    if least + reserve > n_ctx:  # (else every message would be refused, for the system prompt's fault)
-        die(f"--system makes every prompt at least {least} tokens; with {reserve} kept for the answer, "
-            f"the {n_ctx}-token context has no room")
+    if least >= n_ctx:  # (else every message would be refused, for the system prompt's fault)
+        die(f"--system makes every prompt at least {least} tokens: the {n_ctx}-token context has no room "
+            f"left to answer")
     tty = sys.stdin.isatty()
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)  # (a text stream without one, e.g. io.StringIO: as is)
     if tty:
         print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, "
               f"Ctrl-C stops an answer, Ctrl-D quits")
     while True:
         if tty:
             print("> ", end="", flush=True)
-        try:
-            raw = sys.stdin.buffer.readline()
+        try:  # bytes, decoded here: a line that is not UTF-8 is refused, not garbled (or fatal)
+            raw = stdin.readline()
         except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, as Ctrl-D does
             print(file=sys.stderr)
             break
         if not raw:
             break
         try:
-            line = raw.decode("utf-8").strip()
+            line = (raw.decode("utf-8") if isinstance(raw, bytes) else raw).strip()
         except UnicodeDecodeError as e:
             print(f"error: that line is not valid UTF-8 (byte {e.start}); it was skipped", file=sys.stderr)
             continue
@@ -531,8 +532,8 @@ def check_args(args):
              ">= 0 (0 = greedy)"),
             ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
             ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
-            ("--seed", args.seed, args.seed is None or 0 <= args.seed <= MAX_SEED - args.num_samples,
-             f"between 0 and {MAX_SEED} less --num-samples")):
+            ("--seed", args.seed, args.seed is None or 0 <= args.seed <= MAX_SEED - (args.num_samples - 1),
+             f"between 0 and {MAX_SEED} (less --num-samples - 1: sample i uses seed + i)")):
         if not ok:
             die(f"{flag} {value} must be {rule}")
     if args.compare and args.chat:

@@ -339,7 +339,9 @@ def test_prepare_is_redone_when_val_fraction_changes(tmp_path, shared_data):
     assert json.loads((out / "meta.json").read_text())["val_tokens"] == int(total * 0.25)
     mtime = (out / "train.bin").stat().st_mtime_ns
     data.prepare_pretrain_data(src, out, val_fraction=0.25)  # the same split again: skipped
+    data.prepare_pretrain_data(src, out)  # no split asked for (train.py): whatever is there is kept
     assert (out / "train.bin").stat().st_mtime_ns == mtime
+    assert json.loads((out / "meta.json").read_text())["val_fraction"] == 0.25
 
 
 def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_path, shared_data):

@@ -249,6 +249,17 @@ def test_a_system_prompt_that_fills_the_context_is_refused_up_front(tiny_model, 
     with pytest.raises(SystemExit):
         chat(tiny_model, enc, SamplingParams(max_tokens=8), system="sys " * 200)
     assert "--system makes every prompt at least" in capsys.readouterr().err
+    # one that leaves a little room is accepted, as fit_conversation accepts it (the answer is short)
+    monkeypatch.setattr(tiny_model, "checkpoint_info", {"template": "chat"}, raising=False)
+    piped(monkeypatch, b"hi\n")
+    messages = chat(tiny_model, enc, SamplingParams(max_tokens=64, temperature=0), system="sys " * 110)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+
+
+def test_chat_reads_a_text_stream_without_a_byte_buffer_too(monkeypatch, enc):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    messages = chat(eot_model(), enc, SamplingParams(max_tokens=5, **GREEDY))
+    assert [m["content"] for m in messages] == ["hello", ""]
 
 
 def test_a_tiny_temperature_samples_the_argmax_instead_of_failing():
@@ -320,6 +331,7 @@ BAD_FLAGS = {  # case: (extra flags, what the error must name)
     "negative-temperature": (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
     "nan-temperature": (["--temperature", "nan"], "--temperature nan"),
     "huge-seed": (["--seed", str(10**23)], "--seed 1000"),
+    "seed-past-the-last-sample": (["--seed", str(2**63 - 1), "--num-samples", "2"], "--seed 9223372036854775807"),
     "top-p-zero": (["--top-p", "0"], "--top-p 0.0"),
     "empty-stop": (["--stop", ""], "--stop is empty"),
     "system-without-chat": (["--system", "be brief"], "--system does not apply"),
