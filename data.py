@@ -385,6 +385,10 @@ def prepare_pretrain_data(source, out_dir=None, val_fraction=None, workers=None)
         try:
             texts.append(str(download(src, out / Path(src.split("?")[0]).name)))
         except Exception as e:  # requests' errors, a bad checksum, a full disk: one line, not a traceback
+            try:
+                out.rmdir()  # (only if empty: a failed first download leaves no empty folder behind)
+            except OSError:
+                pass
             raise ValueError(f"could not download {src}: {e}") from None
     stamp = {"source": str(source), "files": [
         {"path": t, "bytes": os.path.getsize(t), "mtime": os.path.getmtime(t)} for t in texts if t]}

@@ -431,6 +431,7 @@ def chat(model, enc, params, system=None):
             f"left to answer")
     tty = sys.stdin.isatty()
     stdin = getattr(sys.stdin, "buffer", sys.stdin)  # (a text stream without one, e.g. io.StringIO: as is)
+    turn = -1
     if tty:
         print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, "
               f"Ctrl-C stops an answer, Ctrl-D quits")
@@ -463,8 +464,10 @@ def chat(model, enc, params, system=None):
             print(f"error: {e}", file=sys.stderr)
             continue
         answer, started = "", False
+        turn += 1  # with --seed, each answer its own seed (the same one for every answer would repeat
+        seeded = params if params.seed is None else replace(params, seed=params.seed + turn)  # its draws)
         try:
-            for piece in generate(model, ids, params, enc):
+            for piece in generate(model, ids, seeded, enc):
                 piece, started = strip_answer_start(piece, started)
                 answer += piece
                 print(piece, end="", flush=True)
@@ -582,7 +585,8 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
     p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
-    p.add_argument("--seed", type=int, default=None, help=f"makes sampling repeatable (0 to {MAX_SEED})")
+    p.add_argument("--seed", type=int, default=None, help=f"makes sampling repeatable (0 to {MAX_SEED}); "
+                   "sample i, or the i-th answer in --chat, uses seed + i")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), never printed")
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")

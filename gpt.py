@@ -575,3 +575,28 @@ def die(message):
     """Print a one-line error and exit: what the scripts do with bad input instead of a traceback."""
     print(f"error: {message}", file=sys.stderr)
     sys.exit(2)
+
+
+def main(argv=None):
+    """`python gpt.py MODEL`: load a model as every script does and describe it (a quick check that a
+    checkpoint, a hub file or a downloaded name is whole and what it holds)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] + " Loads MODEL and describes it.",
+                                formatter_class=HelpFormatter)
+    p.add_argument("model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir | .safetensors file")
+    args = p.parse_args(argv)
+    try:
+        model = GPT.from_pretrained(args.model)
+    except CheckpointError as e:
+        die(str(e))
+    except OSError as e:  # a failed download, an unreadable file
+        die(f"cannot load model {args.model!r}: {e}")
+    c = model.config
+    print(f"{args.model}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}, "
+          f"vocabulary {c.vocab_size}; {model.num_params(non_embedding=False):,} parameters")
+    for key, value in model.checkpoint_info.items():
+        if key != "config":
+            print(f"  {key}: {json.dumps(value)[:200]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1402,13 +1402,22 @@ def main(argv=None):
                         cuda_graph=not args.no_cuda_graph)
     except ValueError as e:
         die(str(e))
-    server.attach(EngineLoop(engine, args.max_waiting).start(), args.served_model_name or args.model, template)
+    loop = EngineLoop(engine, args.max_waiting).start()
+    server.attach(loop, args.served_model_name or args.model, template)
     print(f"ready: {args.model} on {device} ({dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} tokens "
           f"= {len(engine.blocks.blocks) * BLOCK} tokens", flush=True)
     try:
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        # The engine thread stops first, between two steps: a process that exits while that thread is
+        # inside a torch kernel is aborted by the C++ runtime (SIGABRT) instead of ending. The requests
+        # still running are told why they end; then the listener closes.
+        print("shutting down", flush=True)
+        loop.stop()
+        for seq in engine.fail_all():
+            if seq.sink is not None:
+                seq.sink.put(RuntimeError("the server is shutting down"))
         server.shutdown()
 
 

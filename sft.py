@@ -213,10 +213,20 @@ def read_saved_run(state):
     return info
 
 
+def absolute_paths(args):
+    """--model and --data as absolute paths where they name local files (names like gpt2 or alpaca stay):
+    they are saved with the run, and --resume must find them from any working directory."""
+    local = lambda v: str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v  # noqa: E731
+    args.model = local(args.model)
+    if isinstance(args.data, list):
+        args.data = [local(d) for d in args.data]
+    return args
+
+
 def parse_args(argv=None):
     """Flags; with --resume, the saved run's flags, which flags given now may repeat but not change."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = absolute_paths(parser.parse_args(argv))
     if args.resume is not None:
         out = Path(args.resume or args.out)
         state = state_dir_of(out)
@@ -224,7 +234,8 @@ def parse_args(argv=None):
         saved = read_saved_run(state)["sft_args"]
         unset = object()  # a default no flag can produce: what is left at it was not on the command line
         parser.set_defaults(**{k: unset for k in vars(args) if k != "data"})  # --data appends: None stays
-        given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset and v is not None}
+        given = {k: v for k, v in vars(absolute_paths(parser.parse_args(argv))).items()
+                 if v is not unset and v is not None}
         for k, v in given.items():
             if k not in RESUMABLE_CHANGES and k in saved and v != saved[k]:
                 die(f"--resume: --{k.replace('_', '-')} {v} differs from the saved run's "

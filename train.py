@@ -603,7 +603,8 @@ def main(argv=None):
         position = extra["data_position"]
     if master:
         print(f"model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}: "
-              f"{model.num_params():,} parameters | device {device} x {world}, {dtype}")
+              f"{model.num_params():,} parameters (without the position embedding, as GPT-2's paper counts) | "
+              f"device {device} x {world}, {dtype}")
         print(f"data: {data_dir} ({len(train_tokens):,} train / {len(val_tokens):,} val tokens) | "
               f"{batch_tokens:,} tokens per step = {B} x {T} x {grad_accum} accumulation x {world} processes")
 

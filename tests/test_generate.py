@@ -220,6 +220,23 @@ def test_chat_answers_in_the_context_of_the_whole_conversation(tiny_model, monke
     assert capsys.readouterr().out == f"{first}\n{second}\n"
 
 
+def test_chat_with_a_seed_is_repeatable_and_seeds_each_answer_on_its_own(tiny_model, monkeypatch, enc):
+    import generate as gen
+    seeds, real = [], gen.generate
+
+    def recording(model, ids, params, enc):
+        seeds.append(params.seed)
+        return real(model, ids, params, enc)
+    monkeypatch.setattr(gen, "generate", recording)
+    params = SamplingParams(max_tokens=6, temperature=1.0, seed=7)
+    runs = []
+    for _ in range(2):
+        piped(monkeypatch, b"one\ntwo\n")
+        runs.append(chat(tiny_model, enc, params))
+    assert runs[0] == runs[1]  # --seed makes the whole conversation repeatable
+    assert seeds == [7, 8, 7, 8]  # and no two answers draw the same random numbers
+
+
 def test_chat_skips_a_line_that_is_not_utf8_and_goes_on(monkeypatch, capsys, enc):
     piped(monkeypatch, b"hello\n\xff\xfe bad\nhow are you?\n")
     messages = chat(eot_model(), enc, SamplingParams(max_tokens=20, **GREEDY))

@@ -1,11 +1,14 @@
 """gpt.py: the model matches Hugging Face's GPT-2 on hub-layout weights, and checkpoints round-trip."""
 import json
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
 import transformers  # a dev requirement (requirements-dev.txt): parity is checked against it, never skipped
 
+from conftest import ROOT
 from gpt import GPT, GPTConfig, CheckpointError, encode, get_tokenizer, read_safetensors_header, write_safetensors
 
 
@@ -265,3 +268,14 @@ def test_hub_file_with_unnumbered_layers(tmp_path):
     write_safetensors(tmp_path / "w.safetensors", state)
     with pytest.raises(CheckpointError, match=r"'h.x...' do not number their layer"):
         GPT.from_pretrained(tmp_path / "w.safetensors")
+
+
+def test_command_line_describes_a_checkpoint_or_says_in_one_line_what_is_wrong(tmp_path):
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).save_checkpoint(tmp_path / "ok", template="chat")
+    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "gpt.py"), *args],  # noqa: E731
+                                       capture_output=True, text=True, timeout=120)
+    r = run(str(tmp_path / "ok"))
+    assert r.returncode == 0, r.stderr
+    assert "1 layers, 2 heads, 32 wide, context 16, vocabulary 50257" in r.stdout and '  template: "chat"' in r.stdout
+    r = run(str(tmp_path / "nope"))
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1

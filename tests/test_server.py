@@ -436,8 +436,20 @@ def test_command_line_serves_a_checkpoint(tmp_path):
         assert wait_until(lambda: get("/health")[0] == 200, timeout=60)
         status, data = get("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert status == 200 and json.loads(data)["model"] == str(tmp_path)
+        # Ctrl-C while a request streams: the server stops its engine first and exits cleanly (it used
+        # to leave the engine thread mid-step, and the process died with SIGABRT)
+        c = conn()
+        c.request("POST", "/v1/completions", body=json.dumps({"prompt": "Go", "max_tokens": 100, "n": 16,
+                                                                 "stream": True}),
+                  headers={"Authorization": "Bearer k"})
+        r = c.getresponse()
+        assert r.status == 200 and r.fp.readline().startswith(b"data: ")  # the answer is under way
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read()
+        assert "terminate called" not in out and "Traceback" not in out, out
     finally:
-        proc.terminate()
+        proc.kill()
         proc.wait(timeout=30)
 
 
@@ -667,3 +679,21 @@ def test_chat_page_drops_the_oldest_exchanges_when_the_context_is_full_and_shows
             chrome.close()
     monkeypatch.undo()
     assert wait_until(lambda: idle(server))
+
+
+def test_the_openai_client_talks_to_the_server(server):
+    """The official client, as the README shows it: models, a chat completion, a streamed completion,
+    each the same as the raw HTTP answer."""
+    from openai import OpenAI
+    host, port = server.server_address[:2]
+    client = OpenAI(base_url=f"http://{host}:{port}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["tiny"]
+    messages = [{"role": "user", "content": "Hi"}]
+    raw = call(server, "POST", "/v1/chat/completions", {"model": "tiny", "messages": messages, "max_tokens": 6,
+                                                        "temperature": 0})[1]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0)
+    assert r.choices[0].message.content == raw["choices"][0]["message"]["content"]
+    assert r.usage.completion_tokens == raw["usage"]["completion_tokens"]
+    raw = call(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 6, "temperature": 0})[1]
+    stream = client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].text for c in stream) == raw["choices"][0]["text"] != ""

@@ -216,7 +216,7 @@ def write_small_instruction_data(path, n=16):
 
 def resume_run(root, lora=False):
     """A base checkpoint and data in `root`, and the flags of an 8-step run with dropout on (so the
-    random state matters), evaluated every 2 steps. Relative paths: the run can be copied."""
+    random state matters), evaluated every 2 steps, given as relative paths (the run saves them absolute)."""
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(root / "base")
     write_small_instruction_data(root / "data.jsonl")
@@ -254,7 +254,10 @@ def test_full_fine_tune_stopped_and_resumed_equals_uninterrupted(tmp_path, monke
     assert "stopped at step 3 of 8" in printed and "continue with: python sft.py --resume parts" in printed
     assert json.loads((tmp_path / "parts/last/config.json").read_text())["step"] == 3
     assert not (tmp_path / "parts/training_metadata.json").exists()  # no test answers from an unfinished run
-    sft.main(["--resume", "parts"])  # every other flag comes from the saved state
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the run was started with relative paths: it resumes from anywhere
+    sft.main(["--resume", str(tmp_path / "parts")])  # every other flag comes from the saved state
     meta = assert_same_run(tmp_path / "whole", tmp_path / "parts")
     assert meta["resumed_at_steps"] == [3]
 
@@ -325,6 +328,8 @@ def test_bad_resume_is_one_line_error_and_overwrites_nothing(stopped_lora_run, t
                                                               case, message):
     root, flags = stopped_lora_run
     shutil.copytree(root, tmp_path, dirs_exist_ok=True)
+    saved = tmp_path / "out/last/config.json"  # the run saved absolute paths: point the copy at its own files
+    saved.write_text(saved.read_text().replace(str(root.resolve()), str(tmp_path.resolve())))
     monkeypatch.chdir(tmp_path)
     argv = ["--resume", "out"]
     if case == "no state":
