@@ -255,7 +255,8 @@ def parse_args(argv=None):
     # inf) or a silently different run (a negative --grad-clip would reverse the gradients)
     check_flags(args, **{flag: AT_LEAST_1 for flag in ("batch_size", "grad_accum", "max_new_tokens", "max_steps",
                                                       "eval_interval", "save_every", "stop_at_step")},
-                epochs=POSITIVE, lr=POSITIVE, min_lr_ratio=NON_NEGATIVE, warmup_steps=NON_NEGATIVE,
+                epochs=POSITIVE, lr=POSITIVE, warmup_steps=NON_NEGATIVE,
+                min_lr_ratio=(lambda v: 0 <= v <= 1, "between 0 and 1 (the schedule decays to it)"),
                 weight_decay=NON_NEGATIVE, grad_clip=NON_NEGATIVE, dropout=PROBABILITY,
                 max_len=(lambda v: v >= 2, "at least 2"), lora_rank=NON_NEGATIVE, lora_alpha=POSITIVE,
                 max_test=NON_NEGATIVE)

@@ -493,6 +493,8 @@ def parse_args(argv):
                 lr=POSITIVE, min_lr=NON_NEGATIVE, warmup=NON_NEGATIVE, weight_decay=NON_NEGATIVE,
                 grad_clip=NON_NEGATIVE, dropout=PROBABILITY, peak_flops=POSITIVE, sample_tokens=NON_NEGATIVE,
                 stop_at_step=NON_NEGATIVE)
+    if args.min_lr is not None and args.min_lr > args.lr:  # (the "decay" would then be a rise)
+        die(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr down to --min-lr")
     if args.init and args.model:
         die("give --model (from scratch) or --init (from weights), not both")
     return args

@@ -189,7 +189,8 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
     ("--lr", "nan", "--lr must be a positive number (got nan)"),
     ("--dropout", "2", "--dropout must be at least 0 and below 1 (got 2.0)"),
     ("--grad-clip", "-1", "--grad-clip must be a number >= 0 (got -1.0)"),  # would reverse the gradients
-    ("--min-lr-ratio", "-0.1", "--min-lr-ratio must be a number >= 0 (got -0.1)"),
+    ("--min-lr-ratio", "-0.1", "--min-lr-ratio must be between 0 and 1 (the schedule decays to it) (got -0.1)"),
+    ("--min-lr-ratio", "1.5", "--min-lr-ratio must be between 0 and 1"),  # the "decay" would rise
     ("--warmup-steps", "-1", "--warmup-steps must be a number >= 0 (got -1)"),
     ("--max-len", "0", "--max-len must be at least 2 (got 0)"),  # was silently the default
 ])

@@ -112,6 +112,7 @@ def one_line_error(capsys):
     ("--seq-len", "0", "--seq-len must be at least 1 (got 0)"),  # was silently the default
     ("--batch-tokens", "0", "--batch-tokens must be at least 1 (got 0)"),
     ("--n-layer", "0", "--n-layer must be at least 1 (got 0)"),
+    ("--min-lr", "1", "--min-lr 1.0 is above --lr"),  # the cosine "decay" would rise
 ])
 def test_bad_flag_value_is_a_one_line_error_before_loading_anything(tmp_path, monkeypatch, capsys, flag, value, message):
     monkeypatch.setattr(train, "resolve_data", lambda source: pytest.fail("data loaded before the flags were checked"))
