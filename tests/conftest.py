@@ -1,6 +1,7 @@
 """Shared test set-up: offline tokenizer files, the fixtures folder, and small models."""
 import contextlib
 import os
+import resource
 import sys
 from pathlib import Path
 
@@ -28,6 +29,26 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+@contextlib.contextmanager
+def file_size_limit(nbytes):
+    """Writes past `nbytes` into any file fail with EFBIG, "File too large" (Python ignores the
+    SIGXFSZ that would otherwise kill it): a full disk, as far as a writer can tell, for this
+    process only, undone afterwards."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+
+def one_line_error(capsys):
+    """What a script printed on stderr, checked to be one line starting with "error: "."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    return err
 
 
 @pytest.fixture

@@ -130,15 +130,7 @@ def test_chat_answer_has_no_leading_whitespace(server, monkeypatch):
     in the message and in the first streamed delta, skipping a piece that is whitespace only."""
     enc = server.api.enc
     script = [enc.encode(" ")[0], enc.encode(" Hi")[0], enc.encode(" there")[0]]  # " ", " Hi", " there", ...
-    runner = server.api.loop.engine.runner
-
-    def scripted(batch):  # logits that pick script[k] as the k-th token of every sequence
-        logits = torch.zeros(len(batch), runner.model.config.vocab_size)
-        for i, seq in enumerate(batch):
-            logits[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1.0
-        return logits
-
-    monkeypatch.setattr(runner, "run", scripted)
+    scripted_model(server, monkeypatch, script)
     body = {"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4, "temperature": 0}
     status, r = call(server, "POST", "/v1/chat/completions", body)
     assert status == 200 and r["choices"][0]["message"]["content"] == "Hi there there"
@@ -189,6 +181,19 @@ def test_64_concurrent_streaming_clients(server):
         if p in expected:
             assert t == expected[p]["choices"][0]["text"]  # batched with 63 others, same tokens
     assert wait_until(lambda: idle(server))
+
+
+def scripted_model(server, monkeypatch, script):
+    """Make the engine's model say `script` (token ids): the k-th token of every sequence is
+    script[k], the last one repeated once the script runs out."""
+    runner = server.api.loop.engine.runner
+
+    def scripted(batch):  # logits that pick script[k] as the k-th token of every sequence
+        logits = torch.zeros(len(batch), runner.model.config.vocab_size)
+        for i, seq in enumerate(batch):
+            logits[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1.0
+        return logits
+    monkeypatch.setattr(runner, "run", scripted)
 
 
 def slow_engine(server, monkeypatch, delay=0.02):
@@ -590,15 +595,7 @@ def test_logprobs_end_where_a_stop_string_cuts_the_text(server, monkeypatch):
     entries (the tokens spell the text), streamed or not; completion_tokens counts all 4 generated."""
     enc = server.api.enc
     script = [enc.encode(t)[0] for t in (" Hello", " world", " SEC", "RET", " more")]
-    runner = server.api.loop.engine.runner
-
-    def scripted(batch):
-        logits = torch.zeros(len(batch), runner.model.config.vocab_size)
-        for i, seq in enumerate(batch):
-            logits[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1.0
-        return logits
-
-    monkeypatch.setattr(runner, "run", scripted)
+    scripted_model(server, monkeypatch, script)
     body = {"prompt": "Say it", "max_tokens": 10, "temperature": 0, "logprobs": 1, "stop": " SECRET"}
     status, r = call(server, "POST", "/v1/completions", body)
     c = r["choices"][0]
@@ -618,15 +615,7 @@ def test_every_token_of_a_character_split_across_tokens_keeps_its_logprobs_entry
     enc = server.api.enc
     script = enc.encode(" hi 😀") + [EOT]
     assert len(script) >= 4  # the test means something: the emoji spans tokens
-    runner = server.api.loop.engine.runner
-
-    def scripted(batch):
-        logits = torch.zeros(len(batch), runner.model.config.vocab_size)
-        for i, seq in enumerate(batch):
-            logits[i, script[min(len(seq.output_ids), len(script) - 1)]] = 1.0
-        return logits
-
-    monkeypatch.setattr(runner, "run", scripted)
+    scripted_model(server, monkeypatch, script)
     body = {"prompt": "Say it", "max_tokens": 10, "temperature": 0, "logprobs": 0}
     status, r = call(server, "POST", "/v1/completions", body)
     c = r["choices"][0]

@@ -3,7 +3,6 @@ exact resumption after a stop or Ctrl-C, and refused resumes."""
 import copy
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -13,13 +12,11 @@ import pytest
 import torch
 
 import sft
-from conftest import single_thread
+from conftest import ROOT, file_size_limit, one_line_error, single_thread
 from data import collate, encode_examples
 from gpt import GPT, GPTConfig
 from sft import LoRALinear, add_lora, lora_merged, merge_lora
 from train import make_optimizer, train_step
-
-ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
 
 
 def conversations_of_uneven_length():
@@ -176,8 +173,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
     with pytest.raises(SystemExit) as e:
         sft.main(["--model", str(model), "--data", str(data), "--out", str(out)])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ")
+    err = one_line_error(capsys)
     assert (f"{data}:2: fits no known format" in err) if bad == "data" else (str(model) in err)
     assert not out.exists()
 
@@ -199,8 +195,7 @@ def test_bad_flag_value_is_one_line_error_before_loading_anything(tmp_path, monk
     with pytest.raises(SystemExit) as e:
         sft.main([flag, value, "--out", str(tmp_path / "out")])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert message in one_line_error(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -364,8 +359,7 @@ def test_bad_resume_is_one_line_error_and_overwrites_nothing(stopped_lora_run, t
     with pytest.raises(SystemExit) as e:
         sft.main(argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: ") and message in err, err
+    assert message in one_line_error(capsys)
     assert snapshot(tmp_path / "out") == before
 
 
@@ -377,8 +371,7 @@ def test_out_that_is_a_file_is_one_line_error_before_training(tmp_path, monkeypa
     with pytest.raises(SystemExit) as e:
         sft.main([*flags, "--out", "taken"])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error: --out taken is a file, not a directory" in err, err
+    assert "error: --out taken is a file, not a directory" in one_line_error(capsys)
     assert (tmp_path / "taken").read_text() == "someone's file"
 
 
@@ -389,16 +382,10 @@ def test_failed_save_is_one_line_error_and_leaves_no_temporary_file(stopped_lora
     before = snapshot(tmp_path / "out")
     # writes past 1 MB fail with "File too large", as on a full disk; the resumed run's first write
     # is the best checkpoint of step 4 (val loss still falling), into out/model.safetensors.tmp
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))
-    try:
-        with pytest.raises(SystemExit) as e:
-            sft.main(["--resume", "out"])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    with file_size_limit(1_000_000), pytest.raises(SystemExit) as e:
+        sft.main(["--resume", "out"])
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err == "error: cannot write out: File too large", err
+    assert one_line_error(capsys) == "error: cannot write out: File too large"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert snapshot(tmp_path / "out") == before  # the best checkpoint and the resumable state as they were
 

@@ -1,11 +1,9 @@
 """Pretraining: data preparation (data.py section 2) and train.py's loop, schedule, accumulation,
 exact resumption, DDP, and the bad input and failed writes it turns into one-line errors."""
-import contextlib
 import copy
 import json
 import math
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -18,6 +16,7 @@ import torch
 
 import data
 import train
+from conftest import file_size_limit, one_line_error
 from gpt import EOT, GPT, GPTConfig, encode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,13 +90,6 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, message):
     err = capsys.readouterr().err
     assert err.startswith("error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "o" / "train.bin").exists()
-
-
-def one_line_error(capsys):
-    """What a script printed on stderr, checked to be one line starting with "error: "."""
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
-    return err
 
 
 @pytest.mark.parametrize("flag, value, message", [
@@ -368,19 +360,6 @@ def test_out_that_is_a_file_is_a_one_line_error_before_training(story_data, tmp_
     assert e.value.code == 2
     assert f"--out {out} is a file, not a directory" in one_line_error(capsys)
     assert out.read_text() == "someone's file"
-
-
-@contextlib.contextmanager
-def file_size_limit(nbytes):
-    """Writes past `nbytes` into any file fail with EFBIG, "File too large" (Python ignores the
-    SIGXFSZ that would otherwise kill it): a full disk, as far as a writer can tell, for this
-    process only, undone afterwards."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def test_a_failed_save_is_a_one_line_error_that_leaves_the_last_checkpoint_intact(stopped_run, tmp_path, capsys):
