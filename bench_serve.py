@@ -23,7 +23,7 @@ import torch
 
 from gpt import GPT, SIZES, CheckpointError, GPTConfig, device_or_die, die
 from generate import SamplingParams, pack_for_cpu
-from serve import Engine, check_engine_flags, kv_cache_blocks
+from serve import Engine, check_engine_limits, kv_cache_blocks
 
 
 def make_requests(n, min_len, max_len, min_out, max_out, vocab, seed):
@@ -41,7 +41,7 @@ def summary(name, tokens, seconds, ttfts):
 
 
 def bench_engine(engine, requests):
-    model = engine.model
+    model = engine.model  # (for sync)
     engine.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
     sync(model)
     start = time.perf_counter()
@@ -53,7 +53,7 @@ def bench_engine(engine, requests):
     seconds = time.perf_counter() - start
     assert all(len(s.output_ids) == n for s, (_, n) in zip(seqs, requests))
     ttfts = [s.first_token_time - start for s in seqs]
-    return sum(n for _, n in requests), seconds, ttfts, engine
+    return sum(n for _, n in requests), seconds, ttfts
 
 
 def hf_model(model):
@@ -168,7 +168,7 @@ def main(argv=None):
     if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
         die("need 1 <= --min-len <= --max-len, 1 <= --min-out <= --max-out and --num-requests >= 1")
     try:  # (before any model is built: a typo should not cost a model load first)
-        check_engine_flags(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory)
+        check_engine_limits(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory, flags=True)
     except ValueError as e:
         die(str(e))
     if args.hf_batch_size < 1:
@@ -217,7 +217,7 @@ def main(argv=None):
                         kv_cache_memory=args.kv_cache_memory, cuda_graph=not args.no_cuda_graph)
     except ValueError as e:  # (the memory may have changed since the check)
         die(str(e))
-    tokens, seconds, ttfts, engine = bench_engine(engine, requests)
+    tokens, seconds, ttfts = bench_engine(engine, requests)
     ours = summary("serve.Engine", tokens, seconds, ttfts)
     print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
     del engine

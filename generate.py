@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from data import TEMPLATES, encode_prompt
-from gpt import EOT, GPT, CheckpointError, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer
+from gpt import EOT, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer, load_or_die
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -464,8 +464,9 @@ def chat(model, enc, params, system=None):
             print(f"error: {e}", file=sys.stderr)
             continue
         answer, started = "", False
-        turn += 1  # with --seed, each answer its own seed (the same one for every answer would repeat
-        seeded = params if params.seed is None else replace(params, seed=params.seed + turn)  # its draws)
+        # with --seed, each answer its own seed: one seed for all would repeat the same draws every turn
+        turn += 1
+        seeded = params if params.seed is None else replace(params, seed=params.seed + turn)
         try:
             for piece in generate(model, ids, seeded, enc):
                 piece, started = strip_answer_start(piece, started)
@@ -481,12 +482,7 @@ def chat(model, enc, params, system=None):
 # ----------------------------------------------------------------------------- the CLI
 
 def load_model(name, device, dtype):
-    try:
-        model = GPT.from_pretrained(name, device=device, dtype=dtype)
-    except CheckpointError as e:
-        die(str(e))
-    except OSError as e:  # a failed download, an unreadable file
-        die(f"cannot load model {name!r}: {e}")
+    model = load_or_die(name, device=device, dtype=dtype)
     template = model.checkpoint_info.get("template")
     if template is not None and template not in TEMPLATES:
         die(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")

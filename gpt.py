@@ -577,6 +577,17 @@ def die(message):
     sys.exit(2)
 
 
+def load_or_die(name, **kwargs):
+    """GPT.from_pretrained(name, **kwargs) for the scripts: a bad checkpoint or a failed download is a
+    one-line error, not a traceback."""
+    try:
+        return GPT.from_pretrained(name, **kwargs)
+    except CheckpointError as e:
+        die(str(e))
+    except OSError as e:  # a failed download, an unreadable file
+        die(f"cannot load model {name!r}: {e}")
+
+
 def main(argv=None):
     """`python gpt.py MODEL`: load a model as every script does and describe it (a quick check that a
     checkpoint, a hub file or a downloaded name is whole and what it holds)."""
@@ -584,12 +595,7 @@ def main(argv=None):
                                 formatter_class=HelpFormatter)
     p.add_argument("model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir | .safetensors file")
     args = p.parse_args(argv)
-    try:
-        model = GPT.from_pretrained(args.model)
-    except CheckpointError as e:
-        die(str(e))
-    except OSError as e:  # a failed download, an unreadable file
-        die(f"cannot load model {args.model!r}: {e}")
+    model = load_or_die(args.model)
     c = model.config
     print(f"{args.model}: {c.n_layer} layers, {c.n_head} heads, {c.n_embd} wide, context {c.block_size}, "
           f"vocabulary {c.vocab_size}; {model.num_params(non_embedding=False):,} parameters")

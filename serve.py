@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import TEMPLATES, encode_prompt
+from data import encode_prompt
 from generate import SamplingParams, TextStream, load_model, sample, strip_answer_start
 from gpt import EOT, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer
 from kernels import paged_decode_attention, paged_prefill_attention, write_kv
@@ -499,6 +499,25 @@ class RequestOutput:
     finish_reason: str
 
 
+def check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory=None, flags=False):
+    """The Engine's limits, checked before any model is loaded: ValueError naming the argument or,
+    with flags=True, the command-line flag (serve.py's and bench_serve.py's). The KV-cache size
+    against the model and the memory is kv_cache_blocks' part, once there is a model."""
+    name = (lambda arg: "--" + arg.replace("_", "-")) if flags else (lambda arg: arg)  # noqa: E731
+    if max_num_seqs < 1:
+        raise ValueError(f"{name('max_num_seqs')} must be at least 1, not {max_num_seqs}")
+    if max_num_batched_tokens < 1:  # (any positive budget works: longer prompts are prefilled in chunks)
+        raise ValueError(f"{name('max_num_batched_tokens')} must be at least 1, not {max_num_batched_tokens}")
+    if max_num_batched_tokens < max_num_seqs:  # else the oldest streams would take the whole budget
+        raise ValueError(f"{name('max_num_batched_tokens')} ({max_num_batched_tokens}) must be at least "
+                         f"{name('max_num_seqs')} ({max_num_seqs}): every running sequence decodes one token per step")
+    if isinstance(kv_cache_memory, str):
+        try:
+            parse_memory(kv_cache_memory)
+        except ValueError as e:
+            raise ValueError(f"{name('kv_cache_memory')}: {e}") from None
+
+
 def kv_cache_blocks(model, max_num_seqs=64, num_blocks=None, kv_cache_memory=None, gpu_memory_utilization=0.9):
     """How many KV blocks Engine gives `model` (see Engine), checked without allocating anything:
     ValueError if they cannot hold one full-context sequence, or do not fit in the memory available."""
@@ -506,17 +525,16 @@ def kv_cache_blocks(model, max_num_seqs=64, num_blocks=None, kv_cache_memory=Non
     device, dtype = model.wte.weight.device, model.wte.weight.dtype
     per_block = ModelRunner.bytes_per_block(cfg, dtype)
     need = math.ceil(cfg.block_size / BLOCK)  # blocks for one full-context sequence
+    available = available_memory(device)
     if num_blocks is None:
         if kv_cache_memory is not None:
             budget = parse_memory(kv_cache_memory) if isinstance(kv_cache_memory, str) else int(kv_cache_memory)
         elif device.type == "cuda":
-            budget = int(torch.cuda.mem_get_info(device)[0] * gpu_memory_utilization)
+            budget = int(available * gpu_memory_utilization)
         else:  # (CPU: up to 1 GiB, and no more than half the memory free, leaving the rest to the process)
             budget = min(1 << 30, max_num_seqs * need * per_block)
-            free = available_memory(device)
-            budget = budget if free is None else min(budget, free // 2)
+            budget = budget if available is None else min(budget, available // 2)
         num_blocks = budget // per_block
-    available = available_memory(device)
     if available is not None and num_blocks * per_block > available:  # (checked before any allocation:
         # a too-large pool would fail deep in torch, or swap, or spend minutes building block lists)
         raise ValueError(f"the KV cache would take {num_blocks * per_block / 2**30:.2f} GiB, but only "
@@ -548,13 +566,7 @@ class Engine:
         self.n_ctx = cfg.block_size
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048
-        if max_num_seqs < 1:
-            raise ValueError("max_num_seqs must be at least 1")
-        if max_num_batched_tokens < 1:  # (any positive budget works: longer prompts are prefilled in chunks)
-            raise ValueError(f"max_num_batched_tokens must be at least 1, not {max_num_batched_tokens}")
-        if max_num_batched_tokens < max_num_seqs:  # else the oldest streams would take the whole budget
-            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be at least max_num_seqs "
-                             f"({max_num_seqs}): every running sequence decodes one token per step")
+        check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory)
         device = model.wte.weight.device
         num_blocks = kv_cache_blocks(model, max_num_seqs, num_blocks, kv_cache_memory, gpu_memory_utilization)
         self.runner = ModelRunner(model, num_blocks, cuda_graph, max_graph_batch=max_num_seqs)  # (first: the big allocation)
@@ -1185,8 +1197,8 @@ class Handler(BaseHTTPRequestHandler):
         if include_usage:
             head["usage"] = None  # OpenAI's schema: null on every chunk, the numbers on the last one
         prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices (as OpenAI counts)
-        choices = [{"text": [], "shown": 0, "released": 0, "pending": [], "tokens": [], "lps": [], "tops": [],
-                    "offsets": [], "offset": 0, "reason": None,
+        choices = [{"text": [], "shown": 0, "released": 0, "pending": [], "offset": 0, "reason": None,
+                    "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
                     "started": not chat}  # a chat answer has not started until its first non-space
                    for _ in seqs]
         try:
@@ -1238,8 +1250,7 @@ class Handler(BaseHTTPRequestHandler):
                     body["choices"].append({"index": i, "message": {"role": "assistant", "content": text},
                                             "logprobs": None, "finish_reason": c["reason"]})
                 else:
-                    lp = None if logprobs is None else {"tokens": c["tokens"], "token_logprobs": c["lps"],
-                                                        "top_logprobs": c["tops"], "text_offset": c["offsets"]}
+                    lp = None if logprobs is None else c["logprobs"]
                     body["choices"].append({"index": i, "text": text, "logprobs": lp, "finish_reason": c["reason"]})
             self.send_json(200, body)
         except (ClientGone, BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
@@ -1287,17 +1298,17 @@ class Handler(BaseHTTPRequestHandler):
         entry: part of its text is in the answer). At "length" the text is all out: all entries go.
         Counted in bytes, not characters: a character split across tokens (an emoji) is one character
         of text but two or more tokens, each of which has its entry."""
-        new = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        new = {key: [] for key in c["logprobs"]}
         while c["pending"] and (c["released"] < c["shown"] or finish_reason == "length"):
             tok, lp, top, nbytes = c["pending"].pop(0)
             c["released"] += nbytes
-            for key, value in (("tokens", tok), ("lps", lp), ("tops", top), ("offsets", c["offset"])):
-                c[key].append(value)
             for key, value in zip(new, (tok, lp, top, c["offset"])):
                 new[key].append(value)
             c["offset"] += len(tok)
         if finish_reason:
             c["pending"].clear()
+        for key, values in new.items():  # (the whole answer's, for a response that is not streamed)
+            c["logprobs"][key] += values
         return new
 
     def _event(self, obj):
@@ -1330,24 +1341,6 @@ def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name=
 
 # ----------------------------------------------------------------------------- the CLI
 
-def check_engine_flags(max_num_seqs, max_num_batched_tokens, kv_cache_memory):
-    """The engine's command-line flags (serve.py's and bench_serve.py's), checked before a model is
-    loaded: ValueError naming the flag. (Engine checks the same again, and the KV-cache size against
-    the model and the memory, once there is a model.)"""
-    if max_num_seqs < 1:
-        raise ValueError("--max-num-seqs must be >= 1")
-    if max_num_batched_tokens < 1:
-        raise ValueError("--max-num-batched-tokens must be >= 1")
-    if max_num_batched_tokens < max_num_seqs:
-        raise ValueError(f"--max-num-batched-tokens ({max_num_batched_tokens}) must be at least --max-num-seqs "
-                         f"({max_num_seqs}): every running sequence decodes one token per step")
-    if kv_cache_memory is not None:
-        try:
-            parse_memory(kv_cache_memory)
-        except ValueError as e:
-            raise ValueError(f"--kv-cache-memory: {e}") from None
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir")
@@ -1372,7 +1365,7 @@ def main(argv=None):
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     args = p.parse_args(argv)
     try:
-        check_engine_flags(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory)
+        check_engine_limits(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory, flags=True)
     except ValueError as e:
         die(str(e))
     if not 0 < args.gpu_memory_utilization <= 1:
@@ -1393,9 +1386,7 @@ def main(argv=None):
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}/ (loading {args.model})", flush=True)
     model = load_model(args.model, device, dtype)  # (a bad checkpoint: a one-line error, exit 2)
-    template = model.checkpoint_info.get("template", "chat")
-    if template not in TEMPLATES:
-        die(f"{args.model}: unknown chat template {template!r}")
+    template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
     try:
         engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
                         kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,

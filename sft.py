@@ -59,8 +59,8 @@ from tqdm import tqdm
 from data import (TEMPLATES, DataError, default_template, encode_examples, eval_batches, format_prompt,
                   iterate_batches, load_conversations, split_dataset)
 from generate import PromptTooLong, SamplingParams, fit_conversation, generate_tokens
-from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die, get_tokenizer, read_checkpoint_json,
-                 write_json_atomic)
+from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die, get_tokenizer, load_or_die,
+                 read_checkpoint_json, write_json_atomic)
 from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, STATE_FILE, check_flags, checkpoint_dir, evaluate,
                    load_training_state, lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_unfinished,
                    save_training_state, train_step, write_or_die)
@@ -328,10 +328,7 @@ def main(argv=None):
             conversations += load_conversations(name)
     except DataError as e:
         die(str(e))
-    try:
-        model = GPT.from_pretrained(args.model, device=device, dropout=args.dropout)
-    except (CheckpointError, OSError) as e:  # OSError covers a failed download too
-        die(f"cannot load model {args.model}: {e}")
+    model = load_or_die(args.model, device=device, dropout=args.dropout)
     if args.quick:  # a seeded handful: 100 to train on, 10 to validate, 10 to test
         if len(conversations) > 120:
             conversations = random.Random(args.seed).sample(conversations, 120)

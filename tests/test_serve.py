@@ -349,7 +349,7 @@ def test_budget_must_be_positive_and_cover_every_running_sequence(model, capsys)
         Engine(model, max_num_batched_tokens=0)
     with pytest.raises(ValueError, match=r"max_num_batched_tokens \(8\) must be at least max_num_seqs \(16\)"):
         Engine(model, max_num_seqs=16, max_num_batched_tokens=8)
-    for argv, message in ((["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+    for argv, message in ((["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be at least 1"),
                           (["--max-num-batched-tokens", "8", "--max-num-seqs", "16"],
                            "--max-num-batched-tokens (8) must be at least --max-num-seqs (16)")):
         with pytest.raises(SystemExit) as e:
@@ -380,9 +380,9 @@ def test_a_tiny_temperature_samples_like_greedy(model):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--max-num-seqs", "0"], "--max-num-seqs must be >= 1"),
+    (["--max-num-seqs", "0"], "--max-num-seqs must be at least 1"),
     (["--max-num-seqs", "4096"], "--max-num-batched-tokens (2048) must be at least --max-num-seqs (4096)"),
-    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be >= 1"),
+    (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be at least 1"),
     (["--kv-cache-memory", "abc"], "--kv-cache-memory: cannot read memory size 'abc'"),
     (["--hf-batch-size", "0"], "--hf-batch-size must be >= 1"),
 ])
