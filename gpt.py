@@ -491,7 +491,10 @@ def resolve_weights(name_or_path):
     if p.is_dir():
         p = p / "model.safetensors"
         if not p.exists():
-            raise CheckpointError(f"{name_or_path}: directory has no model.safetensors")
+            # a train.py run directory keeps its model one level down, in checkpoint/
+            inside = sorted(str(q.parent) for q in Path(name).glob("*/model.safetensors"))[:3]
+            hint = f" (a model is in {' and '.join(inside)})" if inside else ""
+            raise CheckpointError(f"{name_or_path}: directory has no model.safetensors{hint}")
         return p
     if not p.exists():
         raise CheckpointError(f"{name}: no such file or directory, and not one of {', '.join(SIZES)}")

@@ -1,5 +1,6 @@
 """gpt.py: the model matches Hugging Face's GPT-2 on hub-layout weights, and checkpoints round-trip."""
 import json
+import re
 import struct
 import subprocess
 import sys
@@ -205,7 +206,12 @@ def test_misshapen_tensor(tmp_path):
 def test_not_a_path_or_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"no such file or directory, and not one of gpt2"):
         GPT.from_pretrained(tmp_path / "nope")
-    with pytest.raises(CheckpointError, match=r"directory has no model.safetensors"):
+    with pytest.raises(CheckpointError, match=r"directory has no model.safetensors$"):
+        GPT.from_pretrained(tmp_path)
+    # a train.py run directory: the error names the checkpoint inside it
+    (tmp_path / "checkpoint").mkdir()
+    (tmp_path / "checkpoint" / "model.safetensors").touch()
+    with pytest.raises(CheckpointError, match=re.escape(f"no model.safetensors (a model is in {tmp_path / 'checkpoint'})") + "$"):
         GPT.from_pretrained(tmp_path)
 
 
