@@ -38,6 +38,7 @@ import os
 import queue
 import re
 import select
+import signal
 import socket
 import threading
 import time
@@ -1397,6 +1398,9 @@ def main(argv=None):
     server.attach(loop, args.served_model_name or args.model, template)
     print(f"ready: {args.model} on {device} ({dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} tokens "
           f"= {len(engine.blocks.blocks) * BLOCK} tokens", flush=True)
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)  # systemd, `docker stop`, `kill`: shut down as on Ctrl-C
     try:
         while True:
             time.sleep(3600)

@@ -417,7 +417,8 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server):
     assert answers == ["msg user:hello", "msg assistant:" + expected]
 
 
-def test_command_line_serves_a_checkpoint(tmp_path):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a process manager's stop
+def test_command_line_serves_a_checkpoint(tmp_path, stop):
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(tmp_path, template="alpaca")
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -441,18 +442,18 @@ def test_command_line_serves_a_checkpoint(tmp_path):
         assert wait_until(lambda: get("/health")[0] == 200, timeout=60)
         status, data = get("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
         assert status == 200 and json.loads(data)["model"] == str(tmp_path)
-        # Ctrl-C while a request streams: the server stops its engine first and exits cleanly (it used
-        # to leave the engine thread mid-step, and the process died with SIGABRT)
+        # Ctrl-C or SIGTERM while a request streams: the server stops its engine first and exits cleanly
+        # (it used to leave the engine thread mid-step, and the process died with SIGABRT; SIGTERM killed it)
         c = conn()
         c.request("POST", "/v1/completions", body=json.dumps({"prompt": "Go", "max_tokens": 100, "n": 16,
                                                                  "stream": True}),
                   headers={"Authorization": "Bearer k"})
         r = c.getresponse()
         assert r.status == 200 and r.fp.readline().startswith(b"data: ")  # the answer is under way
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(stop)
         assert proc.wait(timeout=60) == 0
         out = proc.stdout.read()
-        assert "terminate called" not in out and "Traceback" not in out, out
+        assert "shutting down" in out and "terminate called" not in out and "Traceback" not in out, out
     finally:
         proc.kill()
         proc.wait(timeout=30)
