@@ -450,10 +450,17 @@ class ModelRunner:
     # CUDA graphs: a decode step launches hundreds of small kernels; recorded once per batch size
     # and replayed, it is one launch. Shapes inside a graph are fixed, so a step of B sequences
     # runs the graph of the next captured size, the extra rows padding (slot -1: nothing is
-    # written; context length 1 over block 0: something harmless is read). Untested here (no GPU
-    # on the machine this was written on); --no-cuda-graph is the eager fallback.
+    # written; context length 1 over block 0: something harmless is read). tests/test_gpu.py
+    # checks them on a GPU; --no-cuda-graph is the eager fallback.
+    @staticmethod
+    def graph_batch_sizes(max_batch):
+        """The decode batch sizes to capture: powers of two below the engine's batch cap, and the cap
+        itself up to 256 (a graph holds its own activations and logits; larger batches run eagerly)."""
+        sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if s < max_batch]
+        return sizes + [max_batch] if max_batch <= 256 else sizes
+
     def capture_graphs(self, max_batch):
-        sizes = [s for s in (1, 2, 4, 8, 16, 32, 64, 128, 256) if s <= max_batch]
+        sizes = self.graph_batch_sizes(max_batch)
         n = max(sizes)
         dev = self.device
         self.g_idx = torch.zeros(1, n, dtype=torch.long, device=dev)

@@ -194,6 +194,17 @@ def test_kv_cache_sizing():
         Engine(m, kv_cache_memory="64KB")
 
 
+def test_cuda_graphs_cover_every_decode_batch_up_to_the_cap():
+    """A decode batch of B replays the smallest captured graph of at least B rows; every batch the
+    engine can form (1..max_num_seqs) must have one, up to 256, with no size captured twice."""
+    sizes = serve.ModelRunner.graph_batch_sizes
+    assert sizes(1) == [1] and sizes(6) == [1, 2, 4, 6] and sizes(64) == [1, 2, 4, 8, 16, 32, 64]
+    for cap in (1, 3, 6, 64, 100, 256, 300):
+        captured = sizes(cap)
+        assert len(set(captured)) == len(captured) and max(captured) <= min(cap, 256)
+        assert all(any(s >= b for s in captured) for b in range(1, min(cap, 256) + 1))
+
+
 def test_a_bad_prompt_in_a_batch_queues_none_of_them(model):
     engine = Engine(model)
     good = random_prompts(2, seed=13)
