@@ -9,7 +9,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
+# the fixtures live beside the checkout; a copy inside it (git-ignored) is what travels to a GPU machine
+SHARED = next((d for d in (ROOT.parent / "shared", ROOT / "shared") if d.is_dir()), ROOT.parent / "shared")
 sys.path.insert(0, str(ROOT))
 
 # GPT-2's BPE files ship in ../shared for offline machines; elsewhere tiktoken downloads them as usual.
