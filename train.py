@@ -658,7 +658,7 @@ def main(argv=None):
                 val_loss = evaluate(model, val_batches, autocast)
                 log({"step": step, "val_loss": val_loss})
                 if master:
-                    text = sample_text(raw, [EOT], args.sample_tokens, autocast=autocast)
+                    text = sample_text(raw, [EOT], args.sample_tokens, seed=args.seed, autocast=autocast)
                     print(f"step {step:6d} | val loss {val_loss:.4f} | sample: {text!r}", flush=True)
             stop_now = stop["requested"] or step == args.stop_at_step
             if ddp:  # every process must stop at the same step, or the others wait forever
