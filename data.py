@@ -168,8 +168,8 @@ def format_prompt(messages, template):
 def jinja_template(template):
     """The template as a Jinja chat template, for the exports (Hugging Face's tokenizer_config.json,
     GGUF's tokenizer.chat_template): other runtimes format a conversation with it the way
-    format_prompt does (tests/test_export.py checks that the two agree). Built from the same
-    strings as _pieces, so the two cannot drift apart silently."""
+    format_prompt does. It shares the preambles with _pieces but spells out the other strings
+    again, so tests/test_export.py checks that the two render every conversation alike."""
     q = json.dumps  # a Python string as a Jinja string literal (JSON string syntax is valid Jinja)
     system = "{%- for m in messages if m.role == 'system' %}{{ m.content + " + q("\n\n") + " }}{% endfor %}"
     if template == "alpaca":
@@ -200,14 +200,15 @@ def jinja_template(template):
 # The stream is stored as raw uint16 (GPT-2's 50257 ids fit in 16 bits) in train.bin and val.bin,
 # read back with np.memmap: a 10 GB corpus costs no RAM, and any batch is one slice away.
 #
-# Documents. Inside a text file, a line that reads exactly "<|endoftext|>" separates documents (the
-# format TinyStories ships in). A file without such lines is ONE document (a book, a play): its
-# blank lines separate paragraphs, not texts. Each document is stripped of surrounding whitespace.
+# Documents. Inside a text file, a line that is "<|endoftext|>" (spaces around it ignored) separates
+# documents (the format TinyStories ships in). A file without such lines is ONE document (a book, a
+# play): its blank lines separate paragraphs, not texts. Each document is stripped of surrounding
+# whitespace.
 #
 # Splits. TinyStories has its own validation file; any other source keeps the last `val_fraction`
 # of its tokens for validation.
 #
-# Command line (argparse subcommands, so the other parts of this file can add their own):
+# Command line (an argparse subcommand, with a short form):
 #   python data.py pretrain tinystories [--out DIR]    # or shakespeare, tinystories-small, a file, a URL
 #   python data.py tinystories                         # short for the same
 # Output goes to data_cache/<name>/ beside this file: train.bin, val.bin and meta.json. meta.json is
@@ -442,7 +443,8 @@ def _add_pretrain_command(subparsers):
     p.add_argument("--val-fraction", type=float, default=None,
                    help=f"share of the tokens kept for validation when the source has no validation file "
                         f"(default: {DEFAULT_VAL_FRACTION}, or the split already prepared there)")
-    p.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: one per CPU core)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: one per CPU core, at most 16, fewer for small files)")
     p.set_defaults(run=_run_pretrain_command)
 
 
@@ -457,7 +459,6 @@ def _run_pretrain_command(args):
     print(f"{out}: {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} validation tokens")
 
 
-COMMANDS = [_add_pretrain_command]  # each adds one subcommand: f(subparsers), with set_defaults(run=...)
 
 
 def main(argv=None):
@@ -465,8 +466,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      epilog="`python data.py SOURCE` is short for `python data.py pretrain SOURCE`.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in COMMANDS:
-        add(subparsers)
+    _add_pretrain_command(subparsers)
     if argv and not argv[0].startswith("-") and argv[0] not in subparsers.choices:
         argv = ["pretrain"] + argv  # the short form
     args = parser.parse_args(argv)
@@ -747,8 +747,8 @@ def iterate_batches(examples, batch_size, seed=0):
 
 
 def eval_batches(examples, batch_size):
-    """The examples in order, as a list of (x, y) batches for evaluation. Sorted by length so that
-    each batch pads little; the loss per learned token does not depend on the grouping."""
+    """The examples as a list of (x, y) batches for evaluation, sorted by length (a fixed order) so
+    that each batch pads little; the loss per learned token does not depend on the grouping."""
     ordered = sorted(examples, key=lambda e: len(e[0]))
     return [collate(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
 

@@ -17,7 +17,7 @@ Nothing about the model changes on the way out; only the packaging does.
   bytes. llama.cpp's gpt2 architecture wants nn.Linear's [out, in] layout, which we already have; it
   only renames the tensors (blk.N.attn_qkv, ...). Written here with struct and numpy, no library.
 
-The tokenizer files are derived from tiktoken's GPT-2 encoding, so no download is needed. tiktoken
+The tokenizer files are derived from tiktoken's GPT-2 encoding (its own cached files), nothing else. tiktoken
 knows each token's bytes and rank (= token id); GPT-2's files spell tokens as printable strings
 (`bytes_to_unicode`) and list the merges, rank by rank, that build each multi-byte token from two
 shorter ones. We recover each merge by running BPE on the token's own bytes with only the
@@ -142,7 +142,7 @@ def hf_config(config, dtype="f32"):
     }
 
 
-def chat_template(model):
+def template_name(model):
     """The fine-tuned model's template name (recorded by sft.py), or None for a base model. The
     exports carry it as a Jinja chat template, so `apply_chat_template` in transformers and
     llama-server's chat endpoint format conversations the way the model was trained."""
@@ -180,7 +180,7 @@ def export_hf(model, directory, dtype="f32"):
         "added_tokens_decoder": {str(EOT): {"content": EOT_TEXT, "special": True, "lstrip": False,
                                             "rstrip": False, "normalized": True, "single_word": False}},
         **special,
-        **({"chat_template": jinja_template(chat_template(model))} if chat_template(model) else {}),
+        **({"chat_template": jinja_template(template_name(model))} if template_name(model) else {}),
     })
     return directory
 
@@ -304,7 +304,7 @@ def gguf_metadata(model, name, dtype="f32"):
         "tokenizer.ggml.eos_token_id": EOT,
         "tokenizer.ggml.unknown_token_id": EOT,
         "tokenizer.ggml.add_bos_token": False,
-        **({"tokenizer.chat_template": jinja_template(chat_template(model))} if chat_template(model) else {}),
+        **({"tokenizer.chat_template": jinja_template(template_name(model))} if template_name(model) else {}),
     }
 
 

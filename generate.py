@@ -21,10 +21,10 @@ this CPU's matrix libraries read fastest, measured at load (see the README for w
 Sampling (temperature, top-k, top-p) and TextStream (bytes -> text that is safe to print, and stop
 strings) live here once; serve.py imports them.
 
-Prompts longer than the context are an error (we never silently drop the start of what you wrote);
-in --chat the oldest turns are dropped to make room, and only a single message too long to fit is
-refused. Generation stops at <|endoftext|>, at a --stop string, at --max-new-tokens, or when the
-context is full.
+A prompt that leaves no room in the context is an error (we never silently drop the start of what
+you wrote); in --chat the oldest turns are dropped to make room, and only a single message too long
+to fit is refused. Generation stops at <|endoftext|>, at a --stop string, at --max-new-tokens, or
+when the context is full.
 """
 
 import argparse
@@ -337,12 +337,12 @@ def check_prompt(prompt_ids, n_ctx):
 
 
 @torch.inference_mode()
-def generate_tokens(model, prompt_ids, params, device=None, static=None):
+def generate_tokens(model, prompt_ids, params, static=None):
     """Yield new token ids one at a time, starting from `prompt_ids` (list of ints). Stops after
     params.max_tokens tokens, when the context is full, or at <|endoftext|> (which is not yielded).
     Stop strings are text, not tokens: see TextStream and `generate`. `static`: use StaticStep for
     decoding (default: on CUDA, as a CUDA graph). On CPU, pack_for_cpu(model) first is faster."""
-    device = torch.device(device or model_device(model))
+    device = model_device(model)
     n_ctx = model.config.block_size
     check_prompt(prompt_ids, n_ctx)
     budget = min(params.max_tokens, n_ctx - len(prompt_ids))
@@ -394,7 +394,7 @@ def strip_answer_start(piece, started):
     """Chat templates cue the answer with "Assistant:" and the model learned " " + content, so an
     answer begins with whitespace nobody wants to see. Feed the pieces of an answer in order, with
     started=False at first: returns (the piece, its leading whitespace dropped until the answer has
-    started, started). The one place for this: generate.py's chat and serve.py use it."""
+    started, started). The one place for this: generate.py (chat and --prompt) and serve.py use it."""
     if not started:
         piece = piece.lstrip()
         started = bool(piece)
@@ -403,7 +403,8 @@ def strip_answer_start(piece, started):
 
 def fit_conversation(messages, template, n_ctx, reserve, enc):
     """Prompt ids for the next answer, dropping the oldest turns (system prompts stay) until the
-    prompt leaves `reserve` tokens for the answer. Returns (ids, messages kept)."""
+    prompt leaves `reserve` tokens for the answer, or only the new message is left (PromptTooLong if
+    it alone fills the context). Returns (ids, messages kept)."""
     system = [m for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
     while True:
@@ -497,14 +498,14 @@ def answer_ids(model, prompt, enc):
     return encode(prompt, enc)
 
 
-def checked_answer_ids(model, prompt, enc, which=""):
-    """answer_ids, or a one-line error (naming `which` prompt) if they leave no room to answer:
-    checked before printing."""
+def checked_answer_ids(model, prompt, enc, label=""):
+    """answer_ids, or a one-line error (starting with the prompt's `label`) if they leave no room to
+    answer: checked before printing."""
     ids = answer_ids(model, prompt, enc)
     try:
         check_prompt(ids, model.config.block_size)
     except ValueError as e:
-        die(f"{which}{e}")
+        die(f"{label}{e}")
     return ids
 
 
@@ -519,7 +520,7 @@ def side_by_side(left, right, titles):
     return "\n".join(f"{a:<{width}} | {b}" for a, b in zip(*(c + [""] * (n - len(c)) for c in cols)))
 
 
-MAX_SEED = 2**63 - 1
+MAX_SEED = 2**63 - 1  # seeds are non-negative signed 64-bit integers (what torch.Generator takes)
 
 
 def check_args(args):
@@ -553,14 +554,14 @@ def check_args(args):
         die("--stop is empty (it would end every answer before it starts)")
     for i, prompt in enumerate(args.prompt or []):
         if not prompt:
-            die(f"{which(i, len(args.prompt))}--prompt is empty")
+            die(f"{prompt_label(i, len(args.prompt))}--prompt is empty")
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:  # bytes that were not UTF-8 reach argv as lone surrogates
-            die(f"{which(i, len(args.prompt))}--prompt is not valid UTF-8")
+            die(f"{prompt_label(i, len(args.prompt))}--prompt is not valid UTF-8")
 
 
-def which(i, n):
+def prompt_label(i, n):
     """'prompt 3 of 4: ' for the third of four --prompt's (nothing when there is one): errors name the
     one at fault."""
     return f"prompt {i + 1} of {n}: " if n > 1 else ""
@@ -599,7 +600,7 @@ def main(argv=None):
         if args.compare:
             models = [load_model(name, device, dtype) for name in args.compare]
             n = len(args.prompt)
-            ids = [[checked_answer_ids(m, prompt, enc, which(i, n)) for m in models]
+            ids = [[checked_answer_ids(m, prompt, enc, prompt_label(i, n)) for m in models]
                    for i, prompt in enumerate(args.prompt)]
             for prompt, pair in zip(args.prompt, ids):
                 answers = ["".join(generate(m, i, params, enc)) for m, i in zip(models, pair)]
@@ -609,17 +610,17 @@ def main(argv=None):
         if args.chat:
             chat(model, enc, params, args.system)
             return
-        asked = bool(getattr(model, "checkpoint_info", {}).get("template"))
+        templated = bool(getattr(model, "checkpoint_info", {}).get("template"))  # (a fine-tuned model)
         n = len(args.prompt)  # all checked before any is answered:
-        ids = [checked_answer_ids(model, prompt, enc, which(i, n)) for i, prompt in enumerate(args.prompt)]
+        ids = [checked_answer_ids(model, prompt, enc, prompt_label(i, n)) for i, prompt in enumerate(args.prompt)]
         for prompt, prompt_ids in zip(args.prompt, ids):
             for i in range(args.num_samples):
                 if args.num_samples > 1:
                     print(f"\n---------- sample {i + 1}", flush=True)
                 seed = None if args.seed is None else args.seed + i
                 # a continuation goes on from the prompt; an answer starts on a line of its own
-                print(prompt, end="\n" if asked else "", flush=True)
-                started = not asked
+                print(prompt, end="\n" if templated else "", flush=True)
+                started = not templated
                 for piece in generate(model, prompt_ids, replace(params, seed=seed), enc):
                     piece, started = strip_answer_start(piece, started)
                     print(piece, end="", flush=True)

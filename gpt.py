@@ -79,7 +79,7 @@ class CausalSelfAttention(nn.Module):
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)  # q, k, v in one matmul
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.dropout = config.dropout
+        self.dropout_p = config.dropout  # (a probability: SDPA applies it to the attention weights)
         self.layer_index = 0  # set by GPT: which layer this is, so a cache knows where to store k and v
 
     def forward(self, x, cache=None):
@@ -88,7 +88,7 @@ class CausalSelfAttention(nn.Module):
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
         if cache is None:
-            p = self.dropout if self.training else 0.0
+            p = self.dropout_p if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
         else:
             y = cache.attend(self.layer_index, q, k, v)
@@ -150,8 +150,8 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def num_params(self, non_embedding=True):
-        """Parameter count; the position embedding is left out by default, as in the GPT-2 paper's table
-        (the token embedding counts once, since the head shares it)."""
+        """Parameter count; by default without the position embedding (a lookup table: nanoGPT's
+        convention). The token embedding counts once, since the head shares it."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 

@@ -8,7 +8,8 @@ grow:
     k_cache, v_cache: (num_blocks, block_size, n_head, head_dim)   one layer, contiguous
     a token's slot  = block_id * block_size + offset                 (its row in k_cache.view(-1, n_head, head_dim))
     block_tables    : (B, max_blocks) int32, sequence b's i-th block; entries past its length are
-                      padding (0 or -1) and never read
+                      padding (0 or -1): the kernels never read them; the references may gather
+                      them (-1 as block 0) and mask what they read
     context_lens    : (B,) int32, tokens cached for each sequence (new ones included)
 
 An engine holding all layers in one (n_layer, num_blocks, ...) tensor passes `cache[layer]`, a
@@ -153,9 +154,8 @@ def _attend(q, k, v, allowed, scale):
     return out.nan_to_num(0.0)
 
 
-def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits=None):
-    """q (B, n_head, head_dim): each sequence's one new query; returns (B, n_head, head_dim).
-    `num_splits` is accepted for a common signature and ignored: there is nothing to split here."""
+def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale):
+    """q (B, n_head, head_dim): each sequence's one new query; returns (B, n_head, head_dim)."""
     _check_cache(k_cache, v_cache)
     B = q.shape[0]
     if B == 0:
@@ -269,6 +269,7 @@ def default_num_splits(batch, n_head, max_context, device):
     fill the GPU); one long sequence needs a lot. `max_context` is an upper bound (the block table's
     width), so choosing needs no device-to-host sync."""
     device = torch.device(device)
+    # (on a CPU only the tests' interpreter runs the kernel: any small count does)
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
     want = math.ceil(2 * sms / max(1, batch * n_head))
     most = math.ceil(max_context / MIN_SPLIT_TOKENS)

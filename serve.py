@@ -26,6 +26,7 @@ in flight, of every length, arriving and leaving at any moment. This is the vLLM
                 as CUDA graphs.
   Engine        Ties them together: add_request / step / abort, and generate() for offline batches.
   EngineLoop    The engine in one background thread, with a queue per HTTP request.
+  Api           OpenAI request bodies, checked, into engine requests; their results into replies.
   Handler       The HTTP API (standard library http.server): /v1/completions,
                 /v1/chat/completions, /v1/models, /health, /metrics, and the chat page at /.
 """
@@ -54,12 +55,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import encode_prompt
-from generate import SamplingParams, TextStream, load_model, sample, strip_answer_start
+from generate import MAX_SEED, SamplingParams, TextStream, load_model, sample, strip_answer_start
 from gpt import EOT, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer
 from kernels import paged_decode_attention, paged_prefill_attention, write_kv
 
 BLOCK = 16  # tokens per KV block
-MAX_SEED = 2**63 - 1  # seeds are non-negative signed 64-bit integers
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, for /metrics
 
 
@@ -100,7 +100,7 @@ class Sequence:
 class StepOutput:
     """What one step did for one sequence: the token it sampled and the text that became printable."""
     seq: Sequence
-    token: int | None  # None when the sequence was aborted
+    token: int | None  # None when the sequence was aborted or failed
     text: str
     finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
     logprob: float | None = None
@@ -414,7 +414,8 @@ class ModelRunner:
         return 2 * config.n_layer * BLOCK * config.n_embd * dtype.itemsize
 
     def _inputs(self, batch):
-        """Pack a step: decode sequences first (one token each), then prefills."""
+        """Pack a step into one row of tokens; `batch` must list the decodes (one token each) before
+        the prefills (Engine.step orders it)."""
         dev = self.device
         ids, pos, slots, tables, ctx, qlens, fresh = [], [], [], [], [], [], []
         num_decode = 0
@@ -444,6 +445,7 @@ class ModelRunner:
                 return self._replay(size, idx, pos, slots, tables, ctx)[:nd]
         view = PagedKVView(self.kv, slots, nd, tables, ctx, qlens, fresh)
         h = self.model.hidden(idx, pos, cache=view)[0]
+        # each sequence's last new token in the packed row: only its logits are needed
         last = torch.tensor(list(itertools.accumulate([1] * nd + qlens)), device=self.device) - 1
         return self.model.lm_head(h[last]).float()
 
@@ -909,7 +911,7 @@ class Api:
             raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens; you requested "
                                 f"{longest} tokens in the {what} alone, which leaves no room for an answer. "
                                 f"Please shorten the {what}.", param=what, code="context_length_exceeded")
-        default_max = (self.n_ctx - longest) if chat else 16
+        default_max = (self.n_ctx - longest) if chat else 16  # OpenAI's defaults: the rest of the context, 16
         # (chat: max_completion_tokens is the newer name; a null max_tokens does not hide it)
         name = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
         max_tokens = _field(body, name, (int,), default_max, lambda v: v >= 1, "at least 1")
@@ -1366,7 +1368,8 @@ def main(argv=None):
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences beyond which requests get 503")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV-cache size, e.g. 256MB or 2GiB or 1.5 (GiB) (default on CUDA: --gpu-memory-utilization "
-                        "of the free memory, elsewhere 1 GiB or half the free memory, if less)")
+                        "of the free memory; elsewhere 1 GiB, at most half the free memory and what --max-num-seqs full "
+                        "contexts need)")
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of free GPU memory for the KV cache")
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: --model)")

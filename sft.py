@@ -1,7 +1,7 @@
 """Instruction fine-tuning (SFT): turn a pretrained GPT-2 into a model that answers instructions.
 
     python sft.py                                   # gpt2 on the 52k Stanford Alpaca set
-    python sft.py --quick --model out/tiny --data ../shared/data/instruction-data.json
+    python sft.py --quick --model runs/tinystories-small/checkpoint --data ../shared/data/instruction-data.json
     python sft.py --model gpt2-medium --data dolly --data guanaco --lora-rank 8
     python sft.py --resume out/sft                  # continue an interrupted run exactly
 
@@ -28,7 +28,7 @@ Output layout, all in --out:
     test_responses.json, training_metadata.json     written when training is done
     last/                            the resumable training state (train.save_training_state): weights
                                      (with LoRA: the frozen base plus the unmerged adapters), AdamW
-                                     moments, step, batches drawn, best val loss and the loss history
+                                     moments, step, best val loss and the loss history
 
 Resuming. last/ is rewritten atomically every --save-every steps, at the end, and on Ctrl-C (the
 current step finishes first). `python sft.py --resume OUT` (or the original command plus --resume)
@@ -447,7 +447,7 @@ def main(argv=None):
                 print(f"stopped at step {step} of {max_steps}, state saved in {state_dir}; continue with: "
                       f"python sft.py --resume {shlex.quote(str(out))}")
                 return
-            step += 1
+            step += 1  # step counts the steps done; lr_at takes this step's 0-based index
             lr = lr_at(step - 1, args.lr, warmup, max_steps, args.lr * args.min_lr_ratio)
             micro = [(x.to(device), y.to(device)) for x, y in (next(batches) for _ in range(args.grad_accum))]
             torch.manual_seed(args.seed + step)  # dropout masks depend on (seed, step) only: resumable
@@ -484,7 +484,7 @@ def main(argv=None):
     # The best checkpoint, loaded back as generate.py and serve.py will load it, answers the test set.
     try:
         best_model = GPT.from_pretrained(out, device=device)
-    except CheckpointError as e:  # (e.g. deleted between a stop and the --resume)
+    except CheckpointError as e:  # (e.g. deleted while training ran)
         die(f"cannot load the best checkpoint to answer the test prompts: {e}")
     results = answer_test_prompts(best_model, test_conv[:args.max_test], template, args.max_new_tokens, enc)
     with write_or_die(out / "test_responses.json"):

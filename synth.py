@@ -9,7 +9,7 @@ of the dialogue. Done for every word of a list, many times each, that is thousan
 exactly the batch job serve.py's Engine is built for, so all prompts go through it at once.
 
 A config (JSON):
-    {"name": "vocab-teacher", "model": "gpt2-xl",
+    {"model": "gpt2-xl",
      "prompt_lines": ["A student asks a teacher about the word \\"{word}\\".", "", "STUDENT:"],
      "words": ["photosynthesis", "black hole"], "exclude": ["as an AI"],
      "roles": {"STUDENT": "user", "TEACHER": "assistant"},
@@ -17,8 +17,9 @@ A config (JSON):
      "max_tokens": 256, "seed": 0, "output": "conversations.jsonl", "text_output": "conversations.txt"}
 
 Generated dialogues are kept only if they are well formed; `clean_conversation` holds every rule and
-says why it dropped the ones it drops. Re-running appends to the output and skips the words already
-there, so an interrupted run resumes; a conversation already in the file is never written twice.
+says why it dropped the ones it drops. Each run appends all its conversations at the end (an
+interrupted run writes nothing); re-running skips the words already in the file, so a word list can
+grow without redoing it, and a conversation already in the file is never written twice.
 """
 
 import argparse
@@ -33,7 +34,7 @@ from gpt import default_dtype, device_or_die, die
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
             "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 256, "seed": 0,
             "output": "conversations.jsonl", "text_output": None}
-REQUIRED = ("name", "model", "prompt_lines", "words")
+REQUIRED = ("model", "prompt_lines", "words")
 CHECKS = [  # (key, type, test, what the error says it must be)
     ("words", list, lambda v: all(isinstance(w, str) and w.strip() for w in v), "a list of non-empty strings"),
     ("exclude", list, lambda v: all(isinstance(w, str) for w in v), "a list of strings"),
@@ -226,7 +227,7 @@ def main(argv=None):
         if args.model:
             cfg["model"] = args.model
         kept, dropped = build(cfg, engine_generate(cfg["model"], args.device))
-    except (ValueError, OSError) as e:  # a bad config or output file; CheckpointError is a ValueError too
+    except (ValueError, OSError) as e:  # a bad config or output file, or a KV cache that does not fit
         die(str(e))
     total = kept + sum(dropped.values())
     print(f"kept {kept} of {total} conversations -> {cfg['output']}")

@@ -7,8 +7,8 @@ torchrun (DDP): each process reads its own slice of every batch, and only rank 0
 
     python train.py                                  # CPU: a small model on TinyStories, text in minutes
     python train.py --data ../shared/data/tinystories_sample.txt --max-steps 200
-    python train.py --preset gpt2-124m               # the real GPU recipe (GPT-2 small, ~10B tokens)
-    torchrun --nproc_per_node=8 train.py --preset gpt2-124m
+    python train.py --preset gpt2-124m --data CORPUS # the real GPU recipe (GPT-2 small, ~10B tokens)
+    torchrun --nproc_per_node=8 train.py --preset gpt2-124m --data CORPUS
     python train.py --resume runs/tinystories-small  # continue a run exactly where it stopped
 
 A run writes into --out (default runs/<data name>/): `checkpoint/` (a model checkpoint in the
@@ -537,7 +537,7 @@ def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
     master = rank == 0  # only rank 0 prints and writes
-    device_type = "cuda" if device.startswith("cuda") else "cpu"
+    device_type = "cuda" if device.startswith("cuda") else "cpu"  # (mps too: no fused AdamW, no compile by default)
     if device_type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls (outside autocast) on tensor cores
         torch.backends.cudnn.allow_tf32 = True
@@ -605,13 +605,14 @@ def main(argv=None):
         position = extra["data_position"]
     if master:
         print(f"model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}: "
-              f"{model.num_params():,} parameters (without the position embedding, as GPT-2's paper counts) | "
+              f"{model.num_params():,} parameters (without the position embedding, as nanoGPT counts) | "
               f"device {device} x {world}, {dtype}")
         print(f"data: {data_dir} ({len(train_tokens):,} train / {len(val_tokens):,} val tokens) | "
               f"{batch_tokens:,} tokens per step = {B} x {T} x {grad_accum} accumulation x {world} processes")
 
-    raw = model  # the plain GPT, for sampling, measuring and saving
-    if args.compile if args.compile is not None else device_type == "cuda":
+    raw = model  # the plain GPT, for sampling and counting FLOPs (saving unwraps the model itself)
+    use_compile = args.compile if args.compile is not None else device_type == "cuda"
+    if use_compile:
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)

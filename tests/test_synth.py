@@ -6,7 +6,7 @@ import pytest
 
 from synth import DEFAULTS, build, clean_conversation, load_config
 
-CFG = {**DEFAULTS, "name": "t", "model": "x", "prompt_lines": ["Talk about {word}.", "STUDENT:"],
+CFG = {**DEFAULTS, "model": "x", "prompt_lines": ["Talk about {word}.", "STUDENT:"],
        "words": ["black hole"], "exclude": ["as an AI"]}
 
 
@@ -119,10 +119,10 @@ def test_resume_reads_back_unicode_line_separators_written_unescaped(tmp_path):
 
 def test_config_errors_are_clear(tmp_path):
     p = tmp_path / "cfg.json"
-    p.write_text(json.dumps({"name": "x", "model": "gpt2", "words": []}))
+    p.write_text(json.dumps({"model": "gpt2", "words": []}))
     with pytest.raises(ValueError, match="missing prompt_lines"):
         load_config(p)
-    p.write_text(json.dumps({"name": "x", "model": "gpt2", "words": [], "prompt_lines": ["Hi {word}"]}))
+    p.write_text(json.dumps({"model": "gpt2", "words": [], "prompt_lines": ["Hi {word}"]}))
     with pytest.raises(ValueError, match="last prompt line must open a turn"):
         load_config(p)
     p.write_text("{not json")
@@ -152,7 +152,7 @@ def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):
     model.save_checkpoint(tmp_path / "m")
 
     out = tmp_path / "conv.jsonl"
-    cfg = {**DEFAULTS, "name": "e2e", "model": str(tmp_path / "m"), "prompt_lines": ["About {word}:", "STUDENT:"],
+    cfg = {**DEFAULTS, "model": str(tmp_path / "m"), "prompt_lines": ["About {word}:", "STUDENT:"],
            "words": ["cat", "dog"], "conversations_per_word": 3, "temperature": 0.0, "max_tokens": 30,
            "output": str(out)}
     generate = engine_generate(cfg["model"], device="cpu")
@@ -180,7 +180,7 @@ def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):
 ])
 def test_config_values_are_type_and_range_checked(tmp_path, key, value, message):
     p = tmp_path / "cfg.json"
-    p.write_text(json.dumps({"name": "x", "model": "gpt2", "words": ["cat"], "prompt_lines": ["STUDENT:"], key: value}))
+    p.write_text(json.dumps({"model": "gpt2", "words": ["cat"], "prompt_lines": ["STUDENT:"], key: value}))
     with pytest.raises(ValueError, match=message):
         load_config(p)
 
@@ -189,7 +189,7 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
     import subprocess
     import sys
     p = tmp_path / "cfg.json"
-    p.write_text(json.dumps({"name": "x", "model": str(tmp_path / "missing"), "words": ["cat"],
+    p.write_text(json.dumps({"model": str(tmp_path / "missing"), "words": ["cat"],
                              "prompt_lines": ["STUDENT:"], "output": str(tmp_path / "o.jsonl")}))
     r = subprocess.run([sys.executable, "synth.py", str(p)], capture_output=True, text=True,
                        cwd=Path(__file__).resolve().parent.parent)
