@@ -18,10 +18,10 @@ import torch
 
 import generate
 import kernels
+import serve
 import train
 from generate import SamplingParams, generate_tokens
-from gpt import GPT, EOT, GPTConfig
-import serve
+from gpt import EOT, GPT, GPTConfig
 from serve import Engine
 from test_kernels import DECODE_CASES, PREFILL_CASES, make_paged
 
