@@ -33,10 +33,11 @@ TIE = 1e-4  # two fp32 logits this close may swap places between kernels that ro
 @pytest.fixture(scope="module")
 def model():
     """A small GPT-2 with the real vocabulary, random weights, fp32, on the GPU (full fp32 matmuls:
-    TF32 would round the two sides of a comparison differently)."""
-    assert not torch.backends.cuda.matmul.allow_tf32
+    TF32 would round the two sides of a comparison differently; train.py turns it on)."""
+    tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     torch.manual_seed(0)
-    return GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256)).eval().cuda()
+    yield GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256)).eval().cuda()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
 def greedy_without_cache(model, ids, n):
