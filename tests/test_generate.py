@@ -90,8 +90,15 @@ def test_generation_stops_at_the_context_limit_and_rejects_overlong_prompts(tiny
         next(generate_tokens(tiny_model, list(range(n_ctx)), SamplingParams()))
 
 
-def test_generation_stops_at_endoftext_without_yielding_it():
+def test_generation_stops_at_endoftext_without_yielding_it(tiny_model, monkeypatch):
+    import generate as gen
     assert list(generate_tokens(eot_model(), [1, 2, 3], SamplingParams(max_tokens=10, **GREEDY))) == []
+    script = iter([5, EOT, 7, 8])  # the sampler's picks: what comes after <|endoftext|> must never show
+
+    def scripted(logits, *args, **kwargs):
+        return torch.tensor([next(script)])
+    monkeypatch.setattr(gen, "sample", scripted)
+    assert list(generate_tokens(tiny_model, [1, 2, 3], SamplingParams(max_tokens=10))) == [5]
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -200,7 +207,7 @@ def piped(monkeypatch, data):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(data)))
 
 
-def test_chat_answers_each_piped_line_and_stops_at_endoftext(monkeypatch, capsys, enc):
+def test_chat_answers_each_piped_line_and_skips_blank_ones(monkeypatch, capsys, enc):
     piped(monkeypatch, b"hello\n\nhow are you?\n")
     messages = chat(eot_model(), enc, SamplingParams(max_tokens=20, **GREEDY))
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
@@ -257,8 +264,14 @@ def test_ctrl_c_during_an_answer_ends_that_answer_not_the_chat(tiny_model, monke
     monkeypatch.setattr(gen, "generate", interrupted_once)
     monkeypatch.setattr(tiny_model, "checkpoint_info", {"template": "chat"}, raising=False)
     piped(monkeypatch, b"first\nsecond\n")
-    messages = chat(tiny_model, enc, SamplingParams(max_tokens=4, **GREEDY))
+    params = SamplingParams(max_tokens=4, **GREEDY)
+    messages = chat(tiny_model, enc, params)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert [m["content"] for m in messages if m["role"] == "user"] == ["first", "second"]
+    assert messages[1]["content"] == ""  # the interrupted answer: nothing was said
+    # the chat went on: the second answer is the model's answer to the whole conversation so far
+    second = "".join(real(tiny_model, encode_prompt(messages[:3], "chat", enc), params, enc)).strip()
+    assert messages[3]["content"] == second
 
 
 def test_a_system_prompt_that_fills_the_context_is_refused_up_front(tiny_model, monkeypatch, capsys, enc):
@@ -503,12 +516,16 @@ def test_pack_for_cpu_without_onednn_never_tries_it(tiny_model, monkeypatch):
     import generate
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
 
+    tried = []
+
     def missing(*args):  # what looking up an op of a library the build lacks raises
+        tried.append(args)
         raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_reorder_linear_weight'")
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing, raising=False)
     assert generate.pack_for_cpu(copy.deepcopy(tiny_model), layout="onednn").cpu_layout == "linear"
     model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
     assert model.cpu_layout in ("linear", "in_out")
+    assert tried == []  # oneDNN was never tried, not tried and failed
     assert all(m.layout == "in_out" for m in model.modules() if isinstance(m, generate.CpuLinear))
 
 

@@ -212,6 +212,7 @@ def test_num_splits_grow_for_small_batches_and_long_contexts():
     one_short = kernels.default_num_splits(batch=1, n_head=2, max_context=64, device="cpu")
     assert many == 1 and one_short == 1
     assert one_long > 1 and one_long <= 1024 // kernels.MIN_SPLIT_TOKENS
+    assert kernels.default_num_splits(batch=1, n_head=4, max_context=1000, device="cpu") == 2  # (a DECODE_CASES row)
 
 
 @interpreted

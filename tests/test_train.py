@@ -16,7 +16,7 @@ import torch
 
 import data
 import train
-from conftest import file_size_limit, one_line_error
+from conftest import SHARED, file_size_limit, one_line_error
 from gpt import EOT, GPT, GPTConfig, encode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,8 +31,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 @pytest.fixture(scope="module")
 def story_data(tmp_path_factory):
     """tinystories_sample.txt tokenized once for the whole module."""
-    path = os.path.join(os.path.dirname(ROOT), "shared", "data", "tinystories_sample.txt")
-    assert os.path.exists(path), f"{path} is missing (see ../shared/README.md)"
+    path = SHARED / "data" / "tinystories_sample.txt"
+    assert path.exists(), f"{path} is missing (see ../shared/README.md)"
     return data.prepare_pretrain_data(path, tmp_path_factory.mktemp("data") / "stories")
 
 
@@ -202,8 +202,11 @@ def test_training_state_round_trip(tmp_path, tiny_model):
     assert (step, extra) == (7, {"data_position": 123})
     for a, b in zip(tiny_model.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
-    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
-    assert all(torch.equal(s1[k]["exp_avg_sq"], s2[k]["exp_avg_sq"]) for k in s1)
+    s1, s2 = opt.state_dict(), opt2.state_dict()
+    assert s1["param_groups"] == s2["param_groups"] and s1["state"].keys() == s2["state"].keys()
+    for k in s1["state"]:  # every moment and step count of every parameter
+        assert s1["state"][k].keys() == s2["state"][k].keys()
+        assert all(torch.equal(s1["state"][k][name], s2["state"][k][name]) for name in s1["state"][k])
 
 
 # ----------------------------------------------------------------------------- train.py end to end
