@@ -1388,6 +1388,10 @@ def main(argv=None):
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)  # systemd, `docker stop`, `kill`: stop as on Ctrl-C
+
     # Listen first, so /health can say "loading" (503) while the weights come in.
     try:
         server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose)
@@ -1396,35 +1400,36 @@ def main(argv=None):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     host, port = server.server_address[:2]
     print(f"listening on http://{host}:{port}/ (loading {args.model})", flush=True)
-    model = load_model(args.model, device, dtype)  # (a bad checkpoint: a one-line error, exit 2)
-    template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
+    loop = None
     try:
-        engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-                        cuda_graph=not args.no_cuda_graph)
-    except ValueError as e:
-        die(str(e))
-    loop = EngineLoop(engine, args.max_waiting).start()
-    server.attach(loop, args.served_model_name or args.model, template)
-    print(f"ready: {args.model} on {device} ({dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} tokens "
-          f"= {len(engine.blocks.blocks) * BLOCK} tokens", flush=True)
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)  # systemd, `docker stop`, `kill`: shut down as on Ctrl-C
-    try:
+        model = load_model(args.model, device, dtype)  # (a bad checkpoint: a one-line error, exit 2)
+        template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
+        try:
+            engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                            kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+                            cuda_graph=not args.no_cuda_graph)
+        except ValueError as e:
+            die(str(e))
+        loop = EngineLoop(engine, args.max_waiting).start()
+        server.attach(loop, args.served_model_name or args.model, template)
+        print(f"ready: {args.model} on {device} ({dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} "
+              f"tokens = {len(engine.blocks.blocks) * BLOCK} tokens", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        # The engine thread stops first, between two steps: a process that exits while that thread is
-        # inside a torch kernel is aborted by the C++ runtime (SIGABRT) instead of ending. The requests
-        # still running are told why they end; then the listener closes.
+        # A second Ctrl-C or SIGTERM must not cut this short. The engine thread stops first, between
+        # two steps: a process that exits while that thread is inside a torch kernel is aborted by the
+        # C++ runtime (SIGABRT) instead of ending. The requests still running are told why they end;
+        # then the listener closes. (Stopped while loading, there is no engine yet.)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("shutting down", flush=True)
-        loop.stop()
-        for seq in engine.fail_all():
-            if seq.sink is not None:
-                seq.sink.put(RuntimeError("the server is shutting down"))
+        if loop is not None:
+            loop.stop()
+            for seq in loop.engine.fail_all():
+                if seq.sink is not None:
+                    seq.sink.put(RuntimeError("the server is shutting down"))
         server.shutdown()
-
 
 if __name__ == "__main__":
     main()

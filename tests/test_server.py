@@ -450,8 +450,9 @@ def test_command_line_serves_a_checkpoint(tmp_path, stop):
         assert status == 200 and json.loads(data)["model"] == str(tmp_path)
         # the prompt is in the checkpoint's template (alpaca's preamble), not the default chat one
         assert json.loads(data)["usage"]["prompt_tokens"] == len(encode_prompt(messages, "alpaca", get_tokenizer()))
-        # Ctrl-C or SIGTERM while a request streams: the server stops its engine first and exits cleanly
-        # (it used to leave the engine thread mid-step, and the process died with SIGABRT; SIGTERM killed it)
+        # Ctrl-C or SIGTERM (twice) while a request streams: the server stops its engine first and exits
+        # cleanly (it used to leave the engine thread mid-step and die with SIGABRT; SIGTERM killed it; a
+        # second signal interrupted the shutdown)
         c = conn()
         c.request("POST", "/v1/completions", body=json.dumps({"prompt": "Go", "max_tokens": 100, "n": 16,
                                                                  "stream": True}),
@@ -459,9 +460,29 @@ def test_command_line_serves_a_checkpoint(tmp_path, stop):
         r = c.getresponse()
         assert r.status == 200 and r.fp.readline().startswith(b"data: ")  # the answer is under way
         proc.send_signal(stop)
+        time.sleep(0.05)
+        proc.send_signal(stop)  # impatient: a second one must not cut the shutdown short
         assert proc.wait(timeout=60) == 0
         out = proc.stdout.read()
         assert "shutting down" in out and "terminate called" not in out and "Traceback" not in out, out
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_command_line_stopped_while_loading_exits_cleanly(tmp_path):
+    """SIGTERM before the server is ready (a 2 GB KV cache takes seconds to build here): no traceback."""
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path), "--port", "0",
+                             "--kv-cache-memory", "2GB"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        assert proc.stdout.readline().startswith("listening on")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        out = proc.stdout.read()
+        assert "shutting down" in out and "ready:" not in out and "Traceback" not in out, out
     finally:
         proc.kill()
         proc.wait(timeout=30)
