@@ -169,7 +169,7 @@ def jinja_template(template):
     """The template as a Jinja chat template, for the exports (Hugging Face's tokenizer_config.json,
     GGUF's tokenizer.chat_template): other runtimes format a conversation with it the way
     format_prompt does. It shares the preambles with _pieces but spells out the other strings
-    again, so tests/test_export.py checks that the two render every conversation alike."""
+    again, so tests/test_export.py checks that the two render its sample conversations alike."""
     q = json.dumps  # a Python string as a Jinja string literal (JSON string syntax is valid Jinja)
     system = "{%- for m in messages if m.role == 'system' %}{{ m.content + " + q("\n\n") + " }}{% endfor %}"
     if template == "alpaca":
@@ -457,8 +457,6 @@ def _run_pretrain_command(args):
         die(str(e))
     meta = json.loads((out / "meta.json").read_text())
     print(f"{out}: {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} validation tokens")
-
-
 
 
 def main(argv=None):

@@ -211,7 +211,7 @@ def test_not_a_path_or_name(tmp_path):
     # a train.py run directory: the error names the checkpoint inside it
     (tmp_path / "checkpoint").mkdir()
     (tmp_path / "checkpoint" / "model.safetensors").touch()
-    with pytest.raises(CheckpointError, match=re.escape(f"no model.safetensors (a model is in {tmp_path / 'checkpoint'})") + "$"):
+    with pytest.raises(CheckpointError, match=re.escape(f"no model.safetensors (models inside it: {tmp_path / 'checkpoint'})") + "$"):
         GPT.from_pretrained(tmp_path)
 
 
