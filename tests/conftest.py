@@ -52,6 +52,17 @@ def one_line_error(capsys):
     return err
 
 
+def context_sensitive(model, scale=5.0):
+    """Scale a random model's matrices up, in place, and return it. At GPT-2's 0.02 init a random
+    model's greedy text is one token repeated, whatever came before, so a KV cache that lost old
+    keys would reproduce it just as well; scaled, the next token depends on the context."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return model
+
+
 @pytest.fixture
 def one_thread():
     with single_thread():

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, context_sensitive
 from data import encode_prompt
 from gpt import EOT, GPT, GPTConfig, encode, get_tokenizer
 from generate import (KVCache, PromptTooLong, SamplingParams, StaticStep, TextStream, chat, fit_conversation,
@@ -50,20 +50,8 @@ def eot_model():
 
 # ----------------------------------------------------------------------------- the KV cache
 
-def context_sensitive(model, scale=5.0):
-    """The model with its matrices scaled up: at GPT-2's 0.02 init a random model's greedy text is one
-    token repeated, which a cache that loses old keys would reproduce just as well. Scaled, the next
-    token depends on the context (dozens of distinct tokens in 100)."""
-    model = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(scale)
-    return model
-
-
 def test_cached_greedy_equals_uncached_greedy_for_100_tokens(tiny_model, enc):
-    model = context_sensitive(tiny_model)
+    model = context_sensitive(copy.deepcopy(tiny_model))
     prompt = encode("The quick brown fox jumps over", enc)
     expected = greedy_without_cache(model, prompt, 100)
     assert len(expected) == 100  # the random model never says EOT here: all 100 tokens are compared

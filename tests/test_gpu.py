@@ -21,6 +21,7 @@ import kernels
 import serve
 import train
 from generate import SamplingParams, generate_tokens
+from conftest import context_sensitive
 from gpt import EOT, GPT, GPTConfig
 from serve import Engine
 from test_kernels import DECODE_CASES, PREFILL_CASES, make_paged
@@ -33,16 +34,11 @@ TIE = 1e-4  # two fp32 logits this close may swap places between kernels that ro
 @pytest.fixture(scope="module")
 def model():
     """A small GPT-2 with the real vocabulary, random weights, fp32, on the GPU (full fp32 matmuls:
-    TF32 would round the two sides of a comparison differently; train.py turns it on). Its matrices
-    are scaled up 3x: at the 0.02 init greedy text is one token repeated, which a cache that loses
-    old keys would reproduce just as well; scaled, about half of 100 greedy tokens are distinct."""
+    TF32 would round the two sides of a comparison differently; train.py turns it on), scaled so
+    that its output depends on the context (about half of 100 greedy tokens are distinct)."""
     tf32, torch.backends.cuda.matmul.allow_tf32 = torch.backends.cuda.matmul.allow_tf32, False
     torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256)).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.mul_(3.0)
+    model = context_sensitive(GPT(GPTConfig(n_layer=4, n_head=4, n_embd=128, block_size=256)).eval(), 3.0)
     yield model.cuda()
     torch.backends.cuda.matmul.allow_tf32 = tf32
 

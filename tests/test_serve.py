@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import serve
+from conftest import context_sensitive
 from generate import SamplingParams, generate_tokens
 from gpt import GPT, GPTConfig
 from serve import BLOCK, Engine, parse_memory
@@ -16,8 +17,9 @@ from serve import BLOCK, Engine, parse_memory
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    # a small vocabulary keeps the output layer cheap; ids below it are real GPT-2 tokens all the same
-    return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=VOCAB)).eval()
+    # a small vocabulary keeps the output layer cheap; ids below it are real GPT-2 tokens all the same;
+    # scaled so that the tokens depend on the whole context (a lost KV block changes them)
+    return context_sensitive(GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128, vocab_size=VOCAB)).eval())
 
 
 VOCAB = 1024
