@@ -174,7 +174,8 @@ def jinja_template(template):
     system = "{%- for m in messages if m.role == 'system' %}{{ m.content + " + q("\n\n") + " }}{% endfor %}"
     if template == "alpaca":
         return ("{%- set ns = namespace(has_input=false) %}"
-                "{%- for m in messages if m.input is defined and m.input %}{% set ns.has_input = true %}{% endfor %}"
+                "{%- for m in messages if m.role != 'system' and m.input is defined and m.input %}"
+                "{% set ns.has_input = true %}{% endfor %}"
                 + system +
                 "{{ " + q(ALPACA_PREAMBLE_INPUT) + " if ns.has_input else " + q(ALPACA_PREAMBLE) + " }}"
                 "{%- for m in messages if m.role != 'system' %}"

@@ -307,6 +307,8 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
          {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Name a color."}],
         [{"role": "user", "content": "Fix the spelling.", "input": "teh cat"}],  # alpaca's Input section
+        # an "input" on a system message: neither side takes alpaca's with-input preamble for it
+        [{"role": "system", "content": "Be brief.", "input": "x"}, {"role": "user", "content": "Hi"}],
     ]
     for messages in conversations:
         assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
