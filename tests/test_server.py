@@ -422,16 +422,34 @@ def test_chat_page_streams_an_answer_in_headless_chromium(server):
     assert answers == ["msg user:hello", "msg assistant:" + expected]
 
 
+def serve_command(checkpoint, *flags):
+    """`python serve.py --model CHECKPOINT --port 0 FLAGS` as a process, its output (stdout and stderr) on a pipe."""
+    return subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(checkpoint), "--port", "0", *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def stops_cleanly(proc, *signals):
+    """Send the signals 50 ms apart; the server must exit 0 having said so, with no traceback or abort.
+    Returns its output."""
+    for i, sig in enumerate(signals):
+        if i:
+            time.sleep(0.05)
+        proc.send_signal(sig)
+    assert proc.wait(timeout=60) == 0
+    out = proc.stdout.read()
+    assert "shutting down" in out and "terminate called" not in out and "Traceback" not in out, out
+    return out
+
+
 @pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a process manager's stop
 def test_command_line_serves_a_checkpoint(tmp_path, stop):
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(tmp_path, template="alpaca")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    bad = subprocess.run([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path), "--port", "0",
-                          "--kv-cache-memory", "64KB"], capture_output=True, text=True, env=env, timeout=120)
-    assert bad.returncode == 2 and "one full-context sequence needs" in bad.stderr and "Traceback" not in bad.stderr
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path), "--port", "0",
-                             "--api-key", "k"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    bad = serve_command(tmp_path, "--kv-cache-memory", "64KB")
+    out = bad.communicate(timeout=120)[0]
+    assert bad.returncode == 2 and "one full-context sequence needs" in out and "Traceback" not in out
+    proc = serve_command(tmp_path, "--api-key", "k")
     try:
         line = proc.stdout.readline()
         port = int(re.search(r":(\d+)/", line).group(1))
@@ -459,12 +477,7 @@ def test_command_line_serves_a_checkpoint(tmp_path, stop):
                   headers={"Authorization": "Bearer k"})
         r = c.getresponse()
         assert r.status == 200 and r.fp.readline().startswith(b"data: ")  # the answer is under way
-        proc.send_signal(stop)
-        time.sleep(0.05)
-        proc.send_signal(stop)  # impatient: a second one must not cut the shutdown short
-        assert proc.wait(timeout=60) == 0
-        out = proc.stdout.read()
-        assert "shutting down" in out and "terminate called" not in out and "Traceback" not in out, out
+        stops_cleanly(proc, stop, stop)  # impatient: a second signal must not cut the shutdown short
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -474,15 +487,10 @@ def test_command_line_stopped_while_loading_exits_cleanly(tmp_path):
     """SIGTERM before the server is ready (a 2 GB KV cache takes seconds to build here): no traceback."""
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(tmp_path)
-    proc = subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(tmp_path), "--port", "0",
-                             "--kv-cache-memory", "2GB"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = serve_command(tmp_path, "--kv-cache-memory", "2GB")
     try:
         assert proc.stdout.readline().startswith("listening on")
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        out = proc.stdout.read()
-        assert "shutting down" in out and "ready:" not in out and "Traceback" not in out, out
+        assert "ready:" not in stops_cleanly(proc, signal.SIGTERM)
     finally:
         proc.kill()
         proc.wait(timeout=30)
