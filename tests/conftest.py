@@ -63,6 +63,16 @@ def context_sensitive(model, scale=5.0):
     return model
 
 
+def refused_before_any_work(main, argv, out, message, capsys):
+    """A script's main(argv) with a bad flag: exit 2, a one-line error containing `message`, and no
+    output directory `out` (nothing was started). Patch the script's data loading to fail first."""
+    with pytest.raises(SystemExit) as e:
+        main([*argv, "--out", str(out)])
+    assert e.value.code == 2
+    assert message in one_line_error(capsys)
+    assert not out.exists()
+
+
 @pytest.fixture
 def one_thread():
     with single_thread():

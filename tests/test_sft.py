@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sft
-from conftest import ROOT, file_size_limit, one_line_error, single_thread
+from conftest import ROOT, file_size_limit, one_line_error, refused_before_any_work, single_thread
 from data import collate, encode_examples
 from gpt import GPT, GPTConfig
 from sft import LoRALinear, add_lora, lora_merged, merge_lora
@@ -192,11 +192,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
 ])
 def test_bad_flag_value_is_one_line_error_before_loading_anything(tmp_path, monkeypatch, capsys, flag, value, message):
     monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before the flags were checked"))
-    with pytest.raises(SystemExit) as e:
-        sft.main([flag, value, "--out", str(tmp_path / "out")])
-    assert e.value.code == 2
-    assert message in one_line_error(capsys)
-    assert not (tmp_path / "out").exists()
+    refused_before_any_work(sft.main, [flag, value], tmp_path / "out", message, capsys)
 
 
 # ----------------------------------------------------------------------------- exact resume

@@ -16,7 +16,7 @@ import torch
 
 import data
 import train
-from conftest import SHARED, file_size_limit, one_line_error
+from conftest import SHARED, file_size_limit, one_line_error, refused_before_any_work
 from gpt import EOT, GPT, GPTConfig, encode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -108,11 +108,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, message):
 ])
 def test_bad_flag_value_is_a_one_line_error_before_loading_anything(tmp_path, monkeypatch, capsys, flag, value, message):
     monkeypatch.setattr(train, "resolve_data", lambda source: pytest.fail("data loaded before the flags were checked"))
-    with pytest.raises(SystemExit) as e:
-        train.main([flag, value, "--out", str(tmp_path / "run")])
-    assert e.value.code == 2
-    assert message in one_line_error(capsys)
-    assert not (tmp_path / "run").exists()
+    refused_before_any_work(train.main, [flag, value], tmp_path / "run", message, capsys)
 
 
 def test_get_batch_targets_are_inputs_shifted():
