@@ -493,7 +493,8 @@ def resolve_weights(name_or_path):
         if not p.exists():
             # a train.py run directory keeps its model one level down, in checkpoint/
             inside = sorted(str(q.parent) for q in Path(name).glob("*/model.safetensors"))
-            hint = f" (models inside it: {', '.join(inside[:3])}{', ...' if len(inside) > 3 else ''})" if inside else ""
+            more = ", ..." if len(inside) > 3 else ""
+            hint = f" (models inside it: {', '.join(inside[:3])}{more})" if inside else ""
             raise CheckpointError(f"{name_or_path}: directory has no model.safetensors{hint}")
         return p
     if not p.exists():
