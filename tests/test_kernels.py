@@ -319,7 +319,7 @@ def test_kernels_compile_for_h100():
         aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n in ("head_dim", "row_size")]
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": kernels.FP_FUSION})
         assert compiled.asm["cubin"], f"{fn} produced no cubin"
         return compiled.asm["ptx"]
 
