@@ -29,6 +29,7 @@ when the context is full.
 
 import argparse
 import codecs
+import itertools
 import math
 import os
 import shutil
@@ -204,11 +205,15 @@ class StaticStep:
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
                 self.logits = self._forward()
+            cache.static_mask = None  # (recorded in the graph) leave the cache usable by the eager prefill
 
     def _forward(self):
         self.cache.static_mask = self.cache.positions[None] <= self.pos  # keys 0..pos, (1, max_len)
         h = self.model.hidden(self.idx, pos=self.pos, cache=self.cache)
         return self.model.lm_head(h[:, -1])
+
+    def __deepcopy__(self, memo):  # (kept on a model by decode_step) a copied model makes its own:
+        return None                 # a CUDA graph cannot be copied
 
     def __call__(self, tokens):
         if self.cache.length >= self.cache.max_len:
@@ -318,6 +323,28 @@ def pack_for_cpu(model, layout=None):
     return model
 
 
+def decode_step(model, needed, graph):
+    """The StaticStep for `model` over a batch-1 KV cache of at least `needed` tokens, made on the first
+    call and kept on the model (as model.decode_step) for the calls after it. Capturing a CUDA graph
+    takes two warm-up steps and a recording, so a chat, sft.py's test answers or a benchmark that
+    generates again replays the graph it already has instead (vLLM too captures its graphs once).
+    The cache is rounded up to a power of two, so a longer prompt seldom needs a new capture; what an
+    earlier call left in it lies beyond the new prompt, where the step's mask hides it until it is
+    overwritten. A graph reads the weights where they were at capture: so the step is made again when
+    a parameter was replaced rather than updated in place (or the model was moved, cast or switched to
+    train mode), never replayed over freed memory."""
+    weights = (model.training, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
+    step = getattr(model, "decode_step", None)
+    if step is None or step.weights != weights or step.cache.max_len < needed or (step.graph is not None) != graph:
+        model.decode_step = None  # free the old graph and cache before making new ones
+        size = min(model.config.block_size, 1 << max(6, (needed - 1).bit_length()))
+        cache = KVCache(model.config, 1, size, model_device(model), model.wte.weight.dtype)
+        step = model.decode_step = StaticStep(model, cache, graph)
+        step.weights = weights
+    step.cache.length = 0
+    return step
+
+
 class PromptTooLong(ValueError):
     pass
 
@@ -341,7 +368,8 @@ def generate_tokens(model, prompt_ids, params, static=None):
     """Yield new token ids one at a time, starting from `prompt_ids` (list of ints). Stops after
     params.max_tokens tokens, when the context is full, or at <|endoftext|> (which is not yielded).
     Stop strings are text, not tokens: see TextStream and `generate`. `static`: use StaticStep for
-    decoding (default: on CUDA, as a CUDA graph). On CPU, pack_for_cpu(model) first is faster."""
+    decoding, made once per model by decode_step (default: on CUDA, as a CUDA graph). On CPU,
+    pack_for_cpu(model) first is faster."""
     device = model_device(model)
     n_ctx = model.config.block_size
     check_prompt(prompt_ids, n_ctx)
@@ -351,14 +379,15 @@ def generate_tokens(model, prompt_ids, params, static=None):
     generator = None
     if params.seed is not None:
         generator = torch.Generator(device=device).manual_seed(params.seed)
-    dtype = model.wte.weight.dtype
-    cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, dtype)
+    step = None
+    if ((device.type == "cuda") if static is None else static) and budget > 1:
+        step = decode_step(model, len(prompt_ids) + budget, graph=device.type == "cuda")
+        cache = step.cache
+    else:
+        cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, model.wte.weight.dtype)
     # prefill: the whole prompt in one forward pass, logits for the last position only
     idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
     logits = model.lm_head(model.hidden(idx, pos=cache.positions[:len(prompt_ids)], cache=cache)[:, -1])
-    step = None
-    if (device.type == "cuda") if static is None else static:
-        step = StaticStep(model, cache, graph=device.type == "cuda" and budget > 1)
     for i in range(budget):
         token = sample(logits, params.temperature, params.top_k, params.top_p, generator)
         t = int(token[0])

@@ -61,6 +61,27 @@ def test_cached_greedy_equals_uncached_greedy_for_100_tokens(tiny_model, enc):
         assert list(generate_tokens(model, prompt, params, static=static)) == expected, f"static={static}"
 
 
+def test_the_decode_step_is_made_once_per_model_and_reused_while_its_weights_stay(tiny_model):
+    # A CUDA graph is captured once and replayed by later calls (here its CPU twin, the static step):
+    # a later, shorter prompt must not see the keys an earlier call left beyond it.
+    model = context_sensitive(copy.deepcopy(tiny_model))
+    long_prompt, short_prompt = list(range(1000, 1040)), list(range(2000, 2005))
+    params = SamplingParams(max_tokens=60, **GREEDY)
+    assert list(generate_tokens(model, long_prompt, params, static=True)) == greedy_without_cache(model, long_prompt, 60)
+    step = model.decode_step
+    assert step.cache.max_len == 128  # 100 tokens, rounded up to a power of two
+    assert list(generate_tokens(model, short_prompt, params, static=True)) == greedy_without_cache(model, short_prompt, 60)
+    assert model.decode_step is step
+    assert copy.deepcopy(model).decode_step is None  # a copy makes its own (a CUDA graph cannot be copied)
+    with torch.no_grad():
+        model.ln_f.weight.mul_(2)  # updated in place: a graph reads the new values, the step stays
+    assert list(generate_tokens(model, short_prompt, params, static=True)) == greedy_without_cache(model, short_prompt, 60)
+    assert model.decode_step is step
+    model.ln_f.weight = torch.nn.Parameter(model.ln_f.weight * 2)  # replaced: a graph would read freed memory
+    assert list(generate_tokens(model, short_prompt, params, static=True)) == greedy_without_cache(model, short_prompt, 60)
+    assert model.decode_step is not step
+
+
 def test_prefill_in_two_chunks_equals_one_chunk(tiny_model):
     # new tokens after a cached prefix need the offset causal mask
     idx = torch.randint(0, 50257, (1, 20))

@@ -89,16 +89,23 @@ def recording(cls):
 
 # ----------------------------------------------------------------------------- generate.py
 
-def test_cuda_graph_decode_equals_uncached_greedy_for_100_tokens(model):
+def test_cuda_graph_decode_equals_uncached_greedy_for_100_tokens_and_later_calls_replay_it(model):
     prompt = list(range(1000, 1020))
     want = greedy_without_cache(model, prompt, 100)
     assert len(want) == 100 and len(set(want)) > 20  # (the output depends on the context)
+    model.decode_step = None  # (whatever an earlier test left)
     with recording(generate.StaticStep) as steps:
         got = list(generate_tokens(model, prompt, SamplingParams(max_tokens=100, temperature=0.0)))
     assert len(steps) == 1 and steps[0].graph is not None, "the decode step was not captured as a CUDA graph"
     assert_same_greedy(model, prompt, got, want)
     eager = list(generate_tokens(model, prompt, SamplingParams(max_tokens=100, temperature=0.0), static=False))
     assert_same_greedy(model, prompt, eager, want)
+    # a second, shorter prompt replays the same graph, over a cache that still holds the first call's keys
+    short = list(range(3000, 3005))
+    with recording(generate.StaticStep) as steps:
+        again = list(generate_tokens(model, short, SamplingParams(max_tokens=50, temperature=0.0)))
+    assert steps == [], "the second call captured a new graph instead of replaying the first"
+    assert_same_greedy(model, short, again, greedy_without_cache(model, short, 50))
 
 
 # ----------------------------------------------------------------------------- kernels.py on GPU tensors
