@@ -11,7 +11,7 @@ from conftest import ROOT, context_sensitive
 from data import encode_prompt
 from gpt import EOT, GPT, GPTConfig, encode, get_tokenizer
 from generate import (KVCache, PromptTooLong, SamplingParams, StaticStep, TextStream, chat, fit_conversation,
-                      generate, generate_tokens, sample, top_k_filter, top_p_filter)
+                      candidates, draw, generate, generate_tokens, sample)
 
 GREEDY = dict(temperature=0.0)
 
@@ -127,26 +127,68 @@ def test_generation_stops_at_endoftext_without_yielding_it(tiny_model, monkeypat
 
 # ----------------------------------------------------------------------------- sampling
 
+def kept(logits, top_k=0, top_p=1.0):
+    """Per row, the set of token ids `candidates` lets sampling draw."""
+    ids, probs = candidates(logits, top_k, top_p)
+    return [set(i[w > 0].tolist()) for i, w in zip(ids, probs)]
+
+
 def test_top_k_keeps_exactly_the_k_largest():
     logits = torch.tensor([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, -1.0, 7.0, 7.0, 7.0]])
-    kept = top_k_filter(logits, 2).isfinite()
-    assert kept[0].tolist() == [False, True, False, True, False]
-    assert kept[1].sum() == 2 and kept[1, :2].sum() == 0  # ties: still exactly k, from the tied best
-    assert torch.equal(top_k_filter(logits, 2)[0, [1, 3]], logits[0, [1, 3]])  # survivors unchanged
-    assert torch.equal(top_k_filter(logits, 0), logits)
+    first, second = kept(logits, top_k=2)
+    assert first == {1, 3}
+    assert len(second) == 2 and second <= {2, 3, 4}  # ties: still exactly k, from the tied best
+    ids, probs = candidates(logits, top_k=2)
+    torch.testing.assert_close(probs[0], torch.tensor([5.0, 4.0]).softmax(0))  # renormalized over the k
+    assert kept(logits) == [set(range(5))] * 2  # 0 = all
 
 
-@pytest.mark.parametrize("p, keep", [(0.3, {1}), (0.6, {1, 3}), (0.8, {0, 1, 3}), (0.9, {0, 1, 2, 3}),
-                                     (1e-9, {1})])
+@pytest.mark.parametrize("p, keep", [(0.3, {1}), (0.6, {1, 3}), (0.8, {1, 3, 2}), (0.95, {0, 1, 2, 3}),
+                                     (1e-9, {1}), (0.0, {1})])
 def test_top_p_keeps_the_smallest_set_reaching_p(p, keep):
-    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])  # sorted: 0.5 (1), 0.25 (3), then 0.125 twice
-    kept = top_p_filter(probs.log(), p).isfinite()[0]
-    assert {i for i in range(4) if kept[i]} == keep
+    probs = torch.tensor([[0.1, 0.5, 0.15, 0.25]])  # sorted: 0.5 (1), 0.25 (3), 0.15 (2), 0.1 (0)
+    assert kept(probs.log(), top_p=p) == [keep]
 
 
-def test_top_p_filters_each_row_on_its_own():
+def test_top_p_takes_one_of_two_tied_tokens_when_one_reaches_p():
+    probs = torch.tensor([[0.125, 0.5, 0.125, 0.25]])  # 0.5 + 0.25 + either 0.125 reaches 0.8
+    (got,) = kept(probs.log(), top_p=0.8)
+    assert len(got) == 3 and {1, 3} < got
+
+
+def test_top_p_filters_each_row_on_its_own_and_after_top_k():
     logits = torch.tensor([[0.5, 0.25, 0.125, 0.125], [0.05, 0.05, 0.1, 0.8]]).log()
-    assert top_p_filter(logits, 0.7).isfinite().tolist() == [[True, True, False, False], [False, False, False, True]]
+    assert kept(logits, top_p=0.7) == [{0, 1}, {3}]
+    # top_k=2 first: row 0 keeps 0.5 and 0.25, renormalized to 2/3 and 1/3, so p=0.7 needs both
+    assert kept(logits, top_k=2, top_p=0.7) == [{0, 1}, {3}]
+    assert kept(logits, top_k=2, top_p=0.6) == [{0}, {3}]
+
+
+def test_top_p_looks_among_the_likeliest_first_and_finds_the_same_set(monkeypatch):
+    import generate
+    sizes = set()
+    for scale in (1.0, 3.0, 8.0):  # flat to peaked: nuclei of 1 to ~4,500 of these 5,000 tokens
+        logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * scale
+        for p in (0.5, 0.9, 0.99):
+            monkeypatch.setattr(generate, "NUCLEUS_CANDIDATES", ())  # a full sort
+            want = kept(logits, top_p=p)
+            monkeypatch.setattr(generate, "NUCLEUS_CANDIDATES", (16, 256))
+            assert kept(logits, top_p=p) == want, f"scale {scale}, p={p}"
+            sizes |= {len(k) for k in want}
+    assert min(sizes) <= 16 and any(16 < n <= 256 for n in sizes) and max(sizes) > 256  # every stage ran
+
+
+def test_draw_picks_tokens_in_proportion_to_their_probabilities():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1) * 3  # (need not sum to 1)
+    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0)), minlength=6) / 20000
+    torch.testing.assert_close(counts, torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0]), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("u", [0.0, 1.0])  # torch.rand's least value, and what u * total may round up to
+def test_draw_never_picks_a_zero_probability_token(monkeypatch, u):
+    probs = torch.tensor([[0.0, 0.1, 0.7, 0.2, 0.0, 0.0], [0.0, 0.0, 1e-30, 3e-8, 1.0, 0.0]])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=kw.get("dtype")))
+    assert draw(probs).tolist() == ([1, 2] if u == 0 else [3, 4])
 
 
 def test_sample_greedy_seeded_and_filtered():
