@@ -56,7 +56,8 @@ from tqdm import tqdm
 
 from data import encode_prompt
 from generate import MAX_SEED, SamplingParams, TextStream, load_model, sample, strip_answer_start
-from gpt import EOT, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer
+from gpt import (EOT, SIZES, CheckpointError, HelpFormatter, default_dtype, die, encode, device_or_die, get_tokenizer,
+                 resolve_weights)
 from kernels import paged_decode_attention, paged_prefill_attention, write_kv
 
 BLOCK = 16  # tokens per KV block
@@ -1014,6 +1015,10 @@ class ClientGone(Exception):
     pass
 
 
+class ShuttingDown(Exception):
+    """Sent to the requests still running when the server stops (Ctrl-C, SIGTERM): a 503, not a failure."""
+
+
 class Handler(BaseHTTPRequestHandler):
     """One HTTP request (each in its own thread). Responses close the connection (HTTP/1.0 style),
     which keeps streaming simple: the stream ends when the socket does."""
@@ -1051,7 +1056,11 @@ class Handler(BaseHTTPRequestHandler):
         self.send_error_json(ApiError(code, message or self.responses.get(code, ("error",))[0]))
 
     def send_error_json(self, e):
-        self.send_json(e.status, {"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}})
+        try:
+            self.send_json(e.status, {"error": {"message": e.message, "type": e.type, "param": e.param,
+                                                "code": e.code}})
+        except OSError:  # the client left without reading it (a reset): nothing to answer, nothing to log
+            self.close_connection = True
 
     def client_gone(self, streaming):
         """Has the client gone away? An end of file on the read side alone does not say: a client may
@@ -1136,10 +1145,7 @@ class Handler(BaseHTTPRequestHandler):
             pass  # the client left (or stopped reading); nothing to answer
         except Exception as e:  # a bug must not take the server down, nor leave the client hanging
             traceback.print_exc()
-            try:
-                self.send_error_json(ApiError(500, f"internal error: {e}", type="server_error"))
-            except OSError:
-                pass
+            self.send_error_json(ApiError(500, f"internal error: {e}", type="server_error"))
 
     def _drain_body(self):
         """Read and drop a body not read yet (a refused request's): a client still sending it when the
@@ -1166,6 +1172,9 @@ class Handler(BaseHTTPRequestHandler):
             self.connection.settimeout(self.timeout)
 
     def _body(self):
+        if len(set(self.headers.get_all("Content-Length", []))) > 1:  # which one frames the body? (RFC 9110)
+            self.close_connection = True
+            raise ApiError(400, "the request has conflicting Content-Length headers")
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
@@ -1182,6 +1191,9 @@ class Handler(BaseHTTPRequestHandler):
         except TimeoutError:
             self.close_connection = True
             raise ApiError(408, f"the request body did not arrive within {self.timeout} s") from None
+        if len(raw) < length:  # the client closed its side early: the body is cut, whatever it parses as
+            raise ApiError(400, f"the request body ended after {len(raw)} of the {length} bytes its "
+                                "Content-Length announced")
         try:
             return json.loads(raw)
         except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
@@ -1284,11 +1296,14 @@ class Handler(BaseHTTPRequestHandler):
             except queue.Empty:
                 continue
             if isinstance(out, Exception):
-                error = ApiError(500, f"the engine failed: {out}", type="server_error")
+                if isinstance(out, ShuttingDown):
+                    error = ApiError(503, str(out), type="server_error", code="shutting_down")
+                else:
+                    error = ApiError(500, f"the engine failed: {out}", type="server_error")
                 if not stream:
                     raise error
                 # the 200 and the headers are sent already: report it in the stream, then end it
-                self._event({"error": {"message": error.message, "type": error.type, "param": None, "code": None}})
+                self._event({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
                 return
             if out.finish_reason:
                 done += 1
@@ -1385,6 +1400,13 @@ def main(argv=None):
         die("--max-waiting must be >= 1")
     if not 0 <= args.port < 65536:
         die("--port must be in 0..65535")
+    if args.api_key == "":  # (an empty key would silently turn authentication off)
+        die("--api-key is empty: give a key, or leave the flag out to serve without one")
+    if args.model not in SIZES or Path(args.model).exists():  # a path: check it before listening
+        try:                                                   # (a hub name downloads while loading)
+            resolve_weights(args.model)
+        except CheckpointError as e:
+            die(str(e))
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
 
@@ -1392,16 +1414,16 @@ def main(argv=None):
         raise KeyboardInterrupt
     signal.signal(signal.SIGTERM, interrupt)  # systemd, `docker stop`, `kill`: stop as on Ctrl-C
 
-    # Listen first, so /health can say "loading" (503) while the weights come in.
+    server = loop = None
     try:
-        server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose)
-    except OSError as e:
-        die(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    host, port = server.server_address[:2]
-    print(f"listening on http://{host}:{port}/ (loading {args.model})", flush=True)
-    loop = None
-    try:
+        # Listen first, so /health can say "loading" (503) while the weights come in.
+        try:
+            server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose)
+        except OSError as e:
+            die(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        host, port = server.server_address[:2]
+        print(f"listening on http://{host}:{port}/ (loading {args.model})", flush=True)
         model = load_model(args.model, device, dtype)  # (a bad checkpoint: a one-line error, exit 2)
         template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
         try:
@@ -1426,10 +1448,15 @@ def main(argv=None):
         print("shutting down", flush=True)
         if loop is not None:
             loop.stop()
-            for seq in loop.engine.fail_all():
-                if seq.sink is not None:
-                    seq.sink.put(RuntimeError("the server is shutting down"))
-        server.shutdown()
+            sinks = {id(seq.sink): seq.sink for seq in loop.engine.fail_all() if seq.sink is not None}.values()
+            for sink in sinks:
+                sink.put(ShuttingDown("the server is shutting down"))
+            # the handlers are daemon threads, gone when main returns: let them take it to their clients
+            deadline = time.monotonic() + 2
+            while any(not sink.empty() for sink in sinks) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        if server is not None:
+            server.shutdown()
 
 if __name__ == "__main__":
     main()

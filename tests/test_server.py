@@ -8,6 +8,7 @@ import select
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -295,6 +296,14 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
     r = conn.getresponse()
     assert r.status == 413 and "limit" in json.loads(r.read())["error"]["message"]
     conn.close()
+    # a body cut short (the client half-closes early), and two Content-Lengths that disagree
+    body = json.dumps({"prompt": "x", "max_tokens": 1}).encode()
+    for head in (b"Content-Length: 1000\r\n", b"Content-Length: %d\r\nContent-Length: 9\r\n" % len(body)):
+        with socket.create_connection(server.server_address[:2]) as s:
+            s.sendall(b"POST /v1/completions HTTP/1.1\r\n" + head + b"\r\n" + body)
+            s.shutdown(socket.SHUT_WR)
+            reply = s.makefile("rb").read()
+        assert reply.startswith(b"HTTP/1.0 400") and (b"ended after" in reply or b"conflicting" in reply), reply
     # garbage instead of HTTP
     with socket.create_connection(server.server_address[:2]) as s:
         s.sendall(b"\x00\x01garbage\r\n\r\n")
@@ -449,6 +458,11 @@ def test_command_line_serves_a_checkpoint(tmp_path, stop):
     bad = serve_command(tmp_path, "--kv-cache-memory", "64KB")
     out = bad.communicate(timeout=120)[0]
     assert bad.returncode == 2 and "one full-context sequence needs" in out and "Traceback" not in out
+    for flags, message in [(["--api-key", ""], "--api-key is empty"),  # (would turn authentication off)
+                           (["--model", str(tmp_path / "nothing")], "no such file")]:  # refused before listening
+        bad = serve_command(tmp_path, *flags)
+        out = bad.communicate(timeout=120)[0]
+        assert bad.returncode == 2 and message in out and "listening" not in out and "Traceback" not in out, out
     proc = serve_command(tmp_path, "--api-key", "k")
     try:
         line = proc.stdout.readline()
@@ -478,6 +492,10 @@ def test_command_line_serves_a_checkpoint(tmp_path, stop):
         r = c.getresponse()
         assert r.status == 200 and r.fp.readline().startswith(b"data: ")  # the answer is under way
         stops_cleanly(proc, stop, stop)  # impatient: a second signal must not cut the shutdown short
+        events = [json.loads(line[6:]) for line in r.read().decode().splitlines()
+                  if line.startswith("data: {")]  # the stream tells why it ends: not an engine failure
+        assert events[-1]["error"] == {"message": "the server is shutting down", "type": "server_error",
+                                       "param": None, "code": "shutting_down"}, events[-1]
     finally:
         proc.kill()
         proc.wait(timeout=30)
@@ -609,6 +627,23 @@ def test_a_refused_request_with_a_body_reliably_gets_its_error(server):
         for _ in range(20):  # (without the draining, about half of these were a BrokenPipeError)
             status, r = call(server, "POST", path, raw=data)
             assert status == code and r["error"]["message"]
+
+
+def test_a_client_that_resets_before_reading_its_error_leaves_no_traceback(server, capfd):
+    """A client that sends a bad request and resets the connection: the server has no one to answer,
+    and must neither log a traceback per such request (a log flood) nor stop serving."""
+    before = threading.active_count()
+    for raw in (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 3\r\n\r\n{x}", b"GET /nope HTTP/1.1\r\n\r\n",
+                b"BREW / HTCPCP/1.0\r\n\r\n"):
+        for _ in range(5):
+            s = socket.create_connection(server.server_address[:2])
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = reset
+            s.sendall(raw)
+            s.close()
+    assert wait_until(lambda: threading.active_count() <= before)  # every handler thread has finished
+    assert call(server, "GET", "/health")[0] == 200
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception occurred" not in err, err
 
 
 def test_head_has_no_body_and_options_is_refused(server):
