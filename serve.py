@@ -764,16 +764,19 @@ class Engine:
             raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
         seqs = self.add_requests([(p, sp, None) for p, sp in zip(prompts, sampling_params)], ignore_eos)
         texts = {s.seq_id: [] for s in seqs}
-        with tqdm(total=len(seqs), desc="generating", unit="req", disable=not use_tqdm) as bar:
+        # The bar counts tokens, not requests: requests batched together finish together, at the end.
+        # Its total is every request's token budget, less what those that stopped early left unused.
+        budget = {s.seq_id: min(s.params.max_tokens, self.n_ctx - s.prompt_len) for s in seqs}
+        with tqdm(total=sum(budget.values()), desc="generating", unit="tok", disable=not use_tqdm) as bar:
             done = 0
             while done < len(seqs):
                 for out in self.step():
                     if out.seq.seq_id not in texts:  # someone else's request in the same engine
                         continue
                     texts[out.seq.seq_id].append(out.text)
-                    if out.finish_reason:
-                        done += 1
-                        bar.update(1)
+                    done += out.finish_reason is not None
+                bar.total = sum(len(s.output_ids) if s.finish_reason else budget[s.seq_id] for s in seqs)
+                bar.update(sum(len(s.output_ids) for s in seqs) - bar.n)
         return [RequestOutput("".join(texts[s.seq_id]), s.output_ids, s.finish_reason) for s in seqs]
 
 

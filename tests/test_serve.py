@@ -47,6 +47,30 @@ def test_greedy_batch_matches_one_at_a_time(model):
     assert all(o.finish_reason == "length" and len(o.token_ids) == p.max_tokens for o, p in zip(outs, params))
 
 
+def test_offline_generate_shows_progress_in_tokens_and_drops_what_early_stops_leave(model, monkeypatch):
+    import serve
+    bars = []
+
+    class Bar:  # records what tqdm would show
+        def __init__(self, total, **kwargs):
+            self.total, self.n, self.totals = total, 0, [total]
+            bars.append(self)
+
+        def update(self, k):
+            self.n += k
+            self.totals.append(self.total)
+
+        __enter__ = lambda self: self  # noqa: E731
+        __exit__ = lambda self, *exc: None  # noqa: E731
+    monkeypatch.setattr(serve, "tqdm", Bar)
+    prompts = random_prompts(3, seed=3)
+    params = [greedy(20), greedy(30), SamplingParams(max_tokens=40, temperature=0.0, stop=["e"])]
+    outs = Engine(model).generate(prompts, params)
+    (bar,) = bars
+    assert bar.totals[0] == 90 and bar.n == bar.total == sum(len(o.token_ids) for o in outs)
+    assert outs[2].finish_reason == "stop" and bar.total < 90  # the stopped request's rest left the total
+
+
 @pytest.mark.parametrize("layout", ["in_out", "onednn"])
 def test_a_model_in_each_cpu_layout_serves_the_same_tokens(model, layout):
     import copy
