@@ -495,7 +495,9 @@ def chat(model, enc, params, system=None):
         except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, as Ctrl-D does
             print(file=sys.stderr)
             break
-        if not raw:
+        if not raw:  # Ctrl-D (end of input)
+            if tty:
+                print()  # end the prompt's line, so the shell's prompt starts on its own
             break
         try:
             line = (raw.decode("utf-8") if isinstance(raw, bytes) else raw).strip()

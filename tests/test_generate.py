@@ -280,6 +280,15 @@ def test_chat_answers_each_piped_line_and_skips_blank_ones(monkeypatch, capsys, 
     assert [m["content"] for m in messages] == ["hello", "", "how are you?", ""]  # EOT at once: empty answers
 
 
+def test_chat_in_a_terminal_ends_its_prompt_line_at_ctrl_d(monkeypatch, capsys, enc):
+    class Terminal(io.TextIOWrapper):
+        def isatty(self):
+            return True
+    monkeypatch.setattr(sys, "stdin", Terminal(io.BytesIO(b"hello\n")))  # a line, then Ctrl-D
+    chat(eot_model(), enc, SamplingParams(max_tokens=5, **GREEDY))
+    assert capsys.readouterr().out.endswith("\n> \n")  # the shell's prompt then starts on a line of its own
+
+
 def test_chat_answers_in_the_context_of_the_whole_conversation(tiny_model, monkeypatch, capsys, enc):
     params = SamplingParams(max_tokens=8, **GREEDY)
     monkeypatch.setattr(tiny_model, "checkpoint_info", {"template": "chat"}, raising=False)
