@@ -60,57 +60,106 @@ class SamplingParams:
 NUCLEUS_CANDIDATES = (1024, 8192)  # top_p looks among the 1024 most likely tokens first, then the 8192
 
 
+def per_row(value, rows):
+    """One setting for every row, or already a list of one per row -> a list of one per row."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * rows
+
+
 def candidates(logits, top_k=0, top_p=1.0):
     """The tokens that sampling may draw from each row of logits (B, V), most likely first: (ids,
     probs), both (B, n), probs zero where a filter drops the token (`draw` takes them as they are:
     they need not sum to 1). top_k keeps exactly the k most likely tokens (0 = all); top_p then
     keeps the smallest set of most likely tokens whose probability, renormalized over the top_k set,
-    reaches p. Sorting a 50,257-token row takes milliseconds on a CPU, more than a whole decode step
-    of a small model, while a trained model's nucleus is usually a small part of the vocabulary: so
-    it is looked for among the 1024 most likely tokens first (a partial sort, torch.topk: a tenth of
-    the time or less), then the 8192 most likely, and among all only when those hold less than p."""
+    reaches p. Each is one value, or a list of one per row. Sorting a 50,257-token row takes
+    milliseconds on a CPU, more than a whole decode step of a small model, while a trained model's
+    nucleus is usually a small part of the vocabulary: so it is looked for among the 1024 most likely
+    tokens first (a partial sort, torch.topk: a tenth of the time or less), then the 8192 most
+    likely, and among all only when those hold less than p."""
     logits = logits.float()
-    V = logits.size(-1)
-    k = top_k if 0 < top_k < V else V
-    sizes = [n for n in NUCLEUS_CANDIDATES if n < V] + [V] if k == V and top_p < 1.0 else [k]
+    B, V = logits.shape
+    k = torch.tensor([n if 0 < n < V else V for n in per_row(top_k, B)], device=logits.device)[:, None]
+    p = torch.tensor(per_row(top_p, B), device=logits.device, dtype=torch.float32)[:, None]
+    search = (k == V) & (p < 1.0)  # the rows whose nucleus is looked for among the likeliest first
+    sizes = [int(k.max())]
+    if search.any() and not ((k == V) & (p >= 1.0)).any():  # (a row without filters needs every token)
+        least = int(k[k < V].max()) if (k < V).any() else 0  # (a row with top_k needs its k tokens)
+        sizes = [n for n in NUCLEUS_CANDIDATES if least <= n < V] + [V]
     for n in sizes:
-        values, ids = torch.topk(logits, n, dim=-1)  # sorted: most likely first
-        probs = (values - torch.logsumexp(logits if k == V else values, -1, keepdim=True)).exp()
-        if top_p >= 1.0:
-            return ids, probs
-        if n == sizes[-1] or bool((probs.sum(-1) >= top_p).all()):  # the nucleus is among these n
+        # most likely first (a full sort when all are needed: faster than a top-k of every token)
+        values, ids = torch.sort(logits, dim=-1, descending=True) if n == V else torch.topk(logits, n, dim=-1)
+        in_top_k = torch.arange(n, device=logits.device) < k
+        # each row's probabilities over its top_k set (the whole vocabulary without top_k)
+        norm = torch.where(k == V, torch.logsumexp(logits, -1, keepdim=True),
+                           torch.logsumexp(values.masked_fill(~in_top_k, float("-inf")), -1, keepdim=True))
+        probs = (values - norm).exp() * in_top_k
+        if n == sizes[-1] or bool((probs.sum(-1, keepdim=True) >= p)[search].all()):  # the nuclei are in
             break
-    keep = probs.cumsum(-1) - probs < top_p  # the more likely tokens had not yet reached p
-    keep[..., 0] = True  # the most likely token always stays (even with top_p 0)
+    keep = (probs.cumsum(-1) - probs < p) | (p >= 1.0)  # the more likely tokens had not yet reached p
+    keep[:, 0] = True  # the most likely token always stays (even with top_p 0)
     return ids, probs * keep
 
 
-def draw(probs, generator=None):
-    """One index per row of probs (B, n), drawn in proportion to them (they need not sum to 1): where
-    a uniform draw falls in their running sum (inverse-CDF sampling). What torch.multinomial does,
-    in a twentieth of its time on a CPU for a 50,257-token row (0.12 ms against 2.7 ms, one thread)."""
+def draw(probs, u):
+    """One index per row of probs (B, n), drawn in proportion to them (they need not sum to 1), given
+    a uniform number u in [0, 1) per row (B,): where u falls in their running sum (inverse-CDF
+    sampling). What torch.multinomial does, in a twentieth of its time on a CPU for a 50,257-token
+    row (0.12 ms against 2.7 ms, one thread); and the random numbers come in, so that each row can
+    take its own from its own generator (see uniforms)."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
-    u = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype) * total
-    index = torch.searchsorted(cdf, u, right=True)  # the first token whose running sum passes u
-    # u * total can round up to total itself: then take the last token with a nonzero probability
-    return torch.minimum(index, (cdf < total).sum(-1, keepdim=True)).squeeze(-1)
+    # u * total can round up to total itself: kept just below it, the first running sum past it is
+    # always that of a token with a nonzero probability
+    x = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, x, right=True).squeeze(-1)  # the first token whose running sum passes x
+
+
+def uniforms(generators, device):
+    """A uniform number in [0, 1) for each row, from that row's own generator where it has one (a
+    seeded request's draws then do not depend on which requests share its batch), else from
+    PyTorch's global one, in one call for all those rows."""
+    u = torch.empty(len(generators), device=device)
+    shared = [i for i, g in enumerate(generators) if g is None]
+    if shared:
+        u[shared] = torch.rand(len(shared), device=device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            u[i] = torch.rand(1, generator=g, device=device)[0]
+    return u
 
 
 def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
-    """Logits (B, V) -> next token ids (B,). Temperature 0 picks the argmax; top_k and top_p as in
-    `candidates`."""
-    if temperature <= 0:
+    """Logits (B, V) -> next token ids (B,). temperature 0 picks the argmax; top_k and top_p as in
+    `candidates`. Each setting, and the generator, is one value for all rows, or a list of one per
+    row: serve.py samples a whole batch of requests, each with its own settings and seed, at once."""
+    B = logits.size(0)
+    temperature, top_k, top_p, generator = (per_row(x, B) for x in (temperature, top_k, top_p, generator))
+    rows = [i for i in range(B) if temperature[i] > 0]
+    greedy = [i for i in range(B) if temperature[i] <= 0]
+    if not rows:
         return logits.argmax(-1)
+    tokens = torch.empty(B, dtype=torch.long, device=logits.device)
+    if greedy:
+        tokens[greedy] = logits[greedy].argmax(-1)
     # shifted so the largest logit is 0 before dividing: a tiny temperature then sends the others
     # to -inf (nearly greedy) instead of overflowing every logit to inf (NaN probabilities)
     # (and the divisor no smaller than float32's least normal: 1e-300 would round to 0, and 0 / 0 is NaN)
-    logits = logits.float()
-    logits = (logits - logits.max(-1, keepdim=True).values) / max(temperature, torch.finfo(torch.float32).tiny)
-    if 0 < top_k < logits.size(-1) or top_p < 1.0:  # draw among the few that may be drawn
-        ids, probs = candidates(logits, top_k, top_p)
-        return ids.gather(-1, draw(probs, generator)[:, None]).squeeze(-1)
-    return draw(F.softmax(logits, dim=-1), generator)
+    logits = (logits if len(rows) == B else logits[rows]).float()
+    t = torch.tensor([max(temperature[i], torch.finfo(torch.float32).tiny) for i in rows], device=logits.device)
+    logits = (logits - logits.max(-1, keepdim=True).values).div_(t[:, None])
+    u = uniforms([generator[i] for i in rows], logits.device)
+    V = logits.size(-1)
+    has_filter = [0 < top_k[i] < V or top_p[i] < 1.0 for i in rows]
+    filtered = [j for j, f in enumerate(has_filter) if f]
+    plain = [j for j, f in enumerate(has_filter) if not f]
+    drawn = torch.empty(len(rows), dtype=torch.long, device=logits.device)
+    pick = lambda some: logits if len(some) == len(rows) else logits[some]  # noqa: E731 (no copy when all)
+    if filtered:  # drawn among the few tokens that may be drawn
+        ids, probs = candidates(pick(filtered), [top_k[rows[j]] for j in filtered], [top_p[rows[j]] for j in filtered])
+        drawn[filtered] = ids.gather(-1, draw(probs, u[filtered])[:, None]).squeeze(-1)
+    if plain:  # drawn among all tokens, in vocabulary order (no sort needed); exp(logit - the largest)
+        drawn[plain] = draw(pick(plain).exp(), u[plain])  # is the probability times a constant: enough to draw
+    tokens[rows] = drawn
+    return tokens
 
 
 class TextStream:

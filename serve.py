@@ -688,25 +688,24 @@ class Engine:
         return outputs
 
     def _sample(self, batch, logits):
-        """Greedy rows in one argmax; sampled rows one by one (each may have its own seed). Returns
-        (token per row, {row: exception}): a row whose sampling raises (odd parameters, a bug) fails
-        alone, its token None, instead of failing the step and with it every request in flight."""
-        tokens = torch.zeros(len(batch), dtype=torch.long, device=logits.device)
-        greedy = [i for i, s in enumerate(batch) if s.params.temperature <= 0]
-        errors = {}
-        if greedy:
-            tokens[greedy] = sample(logits[greedy], 0.0)  # (an argmax: nothing request-specific to fail)
-        for i, s in enumerate(batch):
-            if s.params.temperature > 0:
-                p = s.params
-                try:
-                    tokens[i] = sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0]
-                except Exception as e:
-                    traceback.print_exc()
-                    errors[i] = e
-        tokens = tokens.tolist()
-        for i in errors:
-            tokens[i] = None
+        """Every row at once, each with its own settings and seed. Returns (token per row, {row:
+        exception}): if that raises (odd parameters, a bug), the rows are sampled one by one, so
+        that a row that fails fails alone, its token None, instead of failing the step and with it
+        every request in flight."""
+        params = [s.params for s in batch]
+        try:
+            return sample(logits, [p.temperature for p in params], [p.top_k for p in params],
+                          [p.top_p for p in params], [s.generator for s in batch]).tolist(), {}
+        except Exception:
+            pass
+        tokens, errors = [], {}
+        for i, (s, p) in enumerate(zip(batch, params)):
+            try:
+                tokens.append(int(sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0]))
+            except Exception as e:
+                traceback.print_exc()
+                tokens.append(None)
+                errors[i] = e
         return tokens, errors
 
     def _logprobs(self, batch, logits, tokens):

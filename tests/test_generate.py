@@ -180,15 +180,35 @@ def test_top_p_looks_among_the_likeliest_first_and_finds_the_same_set(monkeypatc
 
 def test_draw_picks_tokens_in_proportion_to_their_probabilities():
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1) * 3  # (need not sum to 1)
-    counts = torch.bincount(draw(probs, torch.Generator().manual_seed(0)), minlength=6) / 20000
+    counts = torch.bincount(draw(probs, torch.rand(20000, generator=torch.Generator().manual_seed(0))), minlength=6) / 20000
     torch.testing.assert_close(counts, torch.tensor([0.0, 0.5, 0.0, 0.3, 0.2, 0.0]), atol=0.015, rtol=0)
 
 
 @pytest.mark.parametrize("u", [0.0, 1.0])  # torch.rand's least value, and what u * total may round up to
-def test_draw_never_picks_a_zero_probability_token(monkeypatch, u):
+def test_draw_never_picks_a_zero_probability_token(u):
     probs = torch.tensor([[0.0, 0.1, 0.7, 0.2, 0.0, 0.0], [0.0, 0.0, 1e-30, 3e-8, 1.0, 0.0]])
-    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, u, dtype=kw.get("dtype")))
-    assert draw(probs).tolist() == ([1, 2] if u == 0 else [3, 4])
+    assert draw(probs, torch.full((2,), u)).tolist() == ([1, 2] if u == 0 else [3, 4])
+
+
+def test_a_batch_with_its_own_settings_and_seeds_per_row_samples_as_each_row_alone():
+    # serve.py samples every request of a step in one call; each must get what it would get alone
+    logits = torch.randn(7, 3000, generator=torch.Generator().manual_seed(1)) * 4
+    settings = [(0.0, 0, 1.0), (1.0, 0, 1.0), (0.7, 50, 1.0), (1.2, 0, 0.9), (0.9, 100, 0.5), (1e-30, 0, 0.95),
+                (1.0, 2000, 1.0)]  # (temperature, top_k, top_p); the last needs more than the first 1024 looked at
+    temperature, top_k, top_p = (list(x) for x in zip(*settings))
+    for draws in range(3):
+        seeds = [10 * draws + i for i in range(7)]
+        batch = sample(logits, temperature, top_k, top_p, [torch.Generator().manual_seed(s) for s in seeds])
+        alone = [int(sample(logits[i:i + 1], *settings[i], torch.Generator().manual_seed(seeds[i]))) for i in range(7)]
+        assert batch.tolist() == alone
+        assert batch[0] == logits[0].argmax() and batch[5] == logits[5].argmax()  # greedy, nearly greedy
+        assert batch[2] in logits[2].topk(50).indices and batch[4] in logits[4].topk(100).indices
+    rows = [2, 3, 4, 6]  # the filtered ones: their candidates and probabilities, in one call and alone
+    together = candidates(logits[rows], [top_k[i] for i in rows], [top_p[i] for i in rows])
+    for i, ids, probs in zip(rows, *together):
+        ids1, probs1 = candidates(logits[i:i + 1], top_k[i], top_p[i])
+        alone = {int(t): float(w) for t, w in zip(ids1[0], probs1[0]) if w > 0}
+        assert {int(t): float(w) for t, w in zip(ids, probs) if w > 0} == pytest.approx(alone, rel=1e-5), i
 
 
 def test_sample_greedy_seeded_and_filtered():
