@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from data import jinja_template
-from gpt import CONV1D, EOT, GPT, CheckpointError, die, get_tokenizer, write_json_atomic, write_safetensors
+from gpt import CONV1D, EOT, CheckpointError, die, get_tokenizer, load_or_die, write_json_atomic, write_safetensors
 
 EOT_TEXT = "<|endoftext|>"
 
@@ -337,15 +337,15 @@ def main(argv=None):
     if fmt not in ("hf", "gguf"):
         die(f"--to: unknown format {fmt!r}; choose hf or gguf")
 
+    model = load_or_die(args.checkpoint)  # a bad checkpoint or failed download: "cannot load model ..."
     try:
-        model = GPT.from_pretrained(args.checkpoint)
         if fmt == "hf":
             export_hf(model, out, args.dtype)
         else:
             export_gguf(model, out, args.dtype, name=Path(str(args.checkpoint).rstrip("/\\")).name or "gpt2")
     except CheckpointError as e:
         die(str(e))
-    except OSError as e:  # an unwritable path, a full disk, a failed download ...
+    except OSError as e:  # an unwritable path, a full disk ...
         die(f"{e.filename}: {e.strerror}" if e.filename else str(e))
     print(f"wrote {out} ({fmt}, {args.dtype})")
 

@@ -319,3 +319,17 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
     assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.chat_template") == jinja_template(template)
     export.export_hf(tiny, tmp_path / "base")
     assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+
+
+def test_cli_failed_download_says_which_model(tmp_path, monkeypatch, capsys):
+    """Offline, a named model's download fails with the message every other script gives."""
+    import requests
+
+    import gpt
+
+    def offline(url, dest, **kwargs):
+        raise requests.ConnectionError("HTTPSConnectionPool(host='huggingface.co', port=443): Max retries")
+    monkeypatch.setattr(gpt, "download", offline)
+    err = run_cli_error(capsys, "gpt2", "--to", "gguf", tmp_path / "m.gguf")
+    assert err.startswith("error: cannot load model 'gpt2': ") and "huggingface.co" in err
+    assert not (tmp_path / "m.gguf").exists()
