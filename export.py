@@ -322,6 +322,19 @@ def check_vocab(config):
 
 # ----------------------------------------------------------------------------- command line
 
+def check_output(fmt, out):
+    """Die, before the model is loaded, on an output path that cannot be what `fmt` writes: an empty
+    one (an unset shell variable; it would mean the current directory), a directory where the GGUF
+    file goes, a file where the Hugging Face directory goes."""
+    if not out:
+        die(f"--to {fmt}: the output path is empty")
+    path = Path(out)
+    if fmt == "gguf" and (path.is_dir() or out.endswith(("/", os.sep))):
+        die(f"--to gguf {out}: is a directory; give the file to write, e.g. {path / 'model.gguf'}")
+    if fmt == "hf" and path.exists() and not path.is_dir():
+        die(f"--to hf {out}: is a file; give the directory to write")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face directory or a GGUF file.",
                                 epilog="examples:  python export.py out/sft --to hf exported/\n"
@@ -336,6 +349,7 @@ def main(argv=None):
     fmt, out = args.to
     if fmt not in ("hf", "gguf"):
         die(f"--to: unknown format {fmt!r}; choose hf or gguf")
+    check_output(fmt, out)
 
     model = load_or_die(args.checkpoint)  # a bad checkpoint or failed download: "cannot load model ..."
     try:

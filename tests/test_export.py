@@ -333,3 +333,21 @@ def test_cli_failed_download_says_which_model(tmp_path, monkeypatch, capsys):
     err = run_cli_error(capsys, "gpt2", "--to", "gguf", tmp_path / "m.gguf")
     assert err.startswith("error: cannot load model 'gpt2': ") and "huggingface.co" in err
     assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("fmt,dest,message", [
+    ("hf", "", "--to hf: the output path is empty"),
+    ("gguf", "", "--to gguf: the output path is empty"),
+    ("gguf", ".", "--to gguf .: is a directory"),
+    ("gguf", "sub/", "--to gguf sub/: is a directory"),
+    ("hf", "notes.txt", "--to hf notes.txt: is a file"),
+])
+def test_cli_output_path_that_cannot_be_written_is_refused_before_loading(tmp_path, monkeypatch, capsys,
+                                                                          fmt, dest, message):
+    """An empty path (an unset shell variable) does not mean the current directory; a directory is
+    not a GGUF file nor a file an HF directory. Refused first: the checkpoint does not even exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+    err = run_cli_error(capsys, tmp_path / "missing", "--to", fmt, dest)
+    assert err.startswith(f"error: {message}")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
