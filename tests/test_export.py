@@ -351,3 +351,32 @@ def test_cli_output_path_that_cannot_be_written_is_refused_before_loading(tmp_pa
     err = run_cli_error(capsys, tmp_path / "missing", "--to", fmt, dest)
     assert err.startswith(f"error: {message}")
     assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_hf_export_writes_exactly_its_listed_files(hf_dir):
+    assert sorted(os.listdir(hf_dir)) == sorted(export.HF_FILES)
+
+
+def test_cli_full_disk_leaves_the_old_export_whole_and_names_the_file(tmp_path, tiny, monkeypatch, capsys):
+    """A write that fails midway (a full disk) removes its .tmp files, leaves the previous export as
+    it was (no new weights beside old tokenizer files), and says which file could not be written."""
+    from conftest import file_size_limit
+    tiny.save_checkpoint(tmp_path / "ckpt")
+    hf, gguf_file = tmp_path / "hf", tmp_path / "old.gguf"
+    export.main([str(tmp_path / "ckpt"), "--to", "hf", str(hf)])
+    gguf_file.write_bytes(b"the previous export")
+    before = {name: (hf / name).read_bytes() for name in os.listdir(hf)}
+
+    def full_disk(path, tensors, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "write_safetensors", full_disk)
+    err = run_cli_error(capsys, tmp_path / "ckpt", "--to", "hf", hf)
+    assert err == f"error: {hf / 'model.safetensors'}: No space left on device"
+    assert {name: (hf / name).read_bytes() for name in os.listdir(hf)} == before
+
+    with file_size_limit(1_000_000):  # a real failed write: the tokenizer header alone is larger
+        err = run_cli_error(capsys, tmp_path / "ckpt", "--to", "gguf", gguf_file)
+    assert err == f"error: {gguf_file}: File too large"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "old.gguf"]
+    assert gguf_file.read_bytes() == b"the previous export"
