@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from data import jinja_template
-from gpt import CONV1D, EOT, CheckpointError, die, get_tokenizer, load_or_die, write_safetensors
+from gpt import CONV1D, EOT, CheckpointError, die, get_tokenizer, load_or_die, resolve_weights, write_safetensors
 
 EOT_TEXT = "<|endoftext|>"
 
@@ -366,6 +366,20 @@ def check_output(fmt, out):
         die(f"--to hf {out}: is a file; give the directory to write")
 
 
+def check_not_source(fmt, out, checkpoint):
+    """Die if the export would write over a file the (loaded) checkpoint is read from, its weights or
+    the config.json beside them: `export.py S --to gguf S/model.safetensors`, or `--to hf S`, would
+    replace the model with its export and lose what only our config.json holds (the chat template).
+    Compared as files (os.path.samefile), so another spelling of the path or a link to it is caught too."""
+    weights = resolve_weights(checkpoint)  # already loaded: a local path, nothing is downloaded
+    targets = [Path(out) / name for name in HF_FILES] if fmt == "hf" else [Path(out)]
+    for source in (weights, weights.parent / "config.json"):
+        for target in targets + [t.with_name(t.name + ".tmp") for t in targets]:
+            if source.exists() and target.exists() and os.path.samefile(source, target):
+                die(f"--to {fmt} {out} would overwrite {source}, part of the checkpoint being exported; "
+                    f"choose another path")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face directory or a GGUF file.",
                                 epilog="examples:  python export.py out/sft --to hf exported/\n"
@@ -383,6 +397,7 @@ def main(argv=None):
     check_output(fmt, out)
 
     model = load_or_die(args.checkpoint)  # a bad checkpoint or failed download: "cannot load model ..."
+    check_not_source(fmt, out, args.checkpoint)
     try:
         if fmt == "hf":
             export_hf(model, out, args.dtype)

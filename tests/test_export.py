@@ -380,3 +380,27 @@ def test_cli_full_disk_leaves_the_old_export_whole_and_names_the_file(tmp_path, 
     assert err == f"error: {gguf_file}: File too large"
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "old.gguf"]
     assert gguf_file.read_bytes() == b"the previous export"
+
+
+@pytest.mark.parametrize("fmt,dest", [
+    ("gguf", "ckpt/model.safetensors"),
+    ("gguf", "ckpt/config.json"),
+    ("gguf", "ckpt/../ckpt/model.safetensors"),
+    ("gguf", "hardlink.safetensors"),  # the same file under another name
+    ("hf", "ckpt"),
+    ("hf", "ckpt/."),
+    ("hf", "link"),  # a symlink to the checkpoint directory
+])
+def test_cli_refuses_to_overwrite_the_checkpoint_it_exports(tmp_path, tiny, monkeypatch, capsys, fmt, dest):
+    """The export never replaces the files it reads: the checkpoint keeps its weights and its
+    config.json (with the chat template, which the HF layout would lose)."""
+    monkeypatch.chdir(tmp_path)
+    tiny.save_checkpoint(tmp_path / "ckpt", template="chat")
+    os.link(tmp_path / "ckpt" / "model.safetensors", tmp_path / "hardlink.safetensors")
+    (tmp_path / "link").symlink_to(tmp_path / "ckpt")
+    before = {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")}
+    err = run_cli_error(capsys, "ckpt", "--to", fmt, dest)
+    assert err.startswith(f"error: --to {fmt} {dest} would overwrite ") and "part of the checkpoint" in err
+    assert {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")} == before
+    assert GPT.from_pretrained(tmp_path / "ckpt").checkpoint_info["template"] == "chat"
+
