@@ -366,13 +366,18 @@ def check_output(fmt, out):
         die(f"--to hf {out}: is a file; give the directory to write")
 
 
+def output_files(fmt, out):
+    """The files an export to `out` writes."""
+    return [Path(out) / name for name in HF_FILES] if fmt == "hf" else [Path(out)]
+
+
 def check_not_source(fmt, out, checkpoint):
     """Die if the export would write over a file the (loaded) checkpoint is read from, its weights or
     the config.json beside them: `export.py S --to gguf S/model.safetensors`, or `--to hf S`, would
     replace the model with its export and lose what only our config.json holds (the chat template).
     Compared as files (os.path.samefile), so another spelling of the path or a link to it is caught too."""
     weights = resolve_weights(checkpoint)  # already loaded: a local path, nothing is downloaded
-    targets = [Path(out) / name for name in HF_FILES] if fmt == "hf" else [Path(out)]
+    targets = output_files(fmt, out)
     for source in (weights, weights.parent / "config.json"):
         for target in targets + [t.with_name(t.name + ".tmp") for t in targets]:
             if source.exists() and target.exists() and os.path.samefile(source, target):
@@ -398,6 +403,11 @@ def main(argv=None):
 
     model = load_or_die(args.checkpoint)  # a bad checkpoint or failed download: "cannot load model ..."
     check_not_source(fmt, out, args.checkpoint)
+    # an earlier export is replaced, as llama.cpp's converter and save_pretrained do, but not silently
+    old = [p for p in output_files(fmt, out) if p.exists()]
+    if old:
+        print(f"note: replacing existing {out}" if fmt == "gguf" else
+              f"note: replacing existing {', '.join(p.name for p in old)} in {out}")
     try:
         if fmt == "hf":
             export_hf(model, out, args.dtype)

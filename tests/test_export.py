@@ -404,3 +404,18 @@ def test_cli_refuses_to_overwrite_the_checkpoint_it_exports(tmp_path, tiny, monk
     assert {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")} == before
     assert GPT.from_pretrained(tmp_path / "ckpt").checkpoint_info["template"] == "chat"
 
+
+
+def test_cli_notes_an_earlier_export_it_replaces(tmp_path, tiny, capsys):
+    """Exporting again over an earlier export replaces it, as llama.cpp's converter and save_pretrained
+    do, with a one-line note naming what is replaced; other files in the directory are left alone."""
+    tiny.save_checkpoint(tmp_path / "ckpt")
+    for fmt, dest in (("gguf", tmp_path / "m.gguf"), ("hf", tmp_path / "hf")):
+        export.main([str(tmp_path / "ckpt"), "--to", fmt, str(dest)])
+        assert "replacing" not in capsys.readouterr().out
+    (tmp_path / "hf" / "README.md").write_text("mine")
+    export.main([str(tmp_path / "ckpt"), "--to", "gguf", str(tmp_path / "m.gguf")])
+    assert f"note: replacing existing {tmp_path / 'm.gguf'}\n" in capsys.readouterr().out
+    export.main([str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")])
+    assert f"note: replacing existing {', '.join(export.HF_FILES)} in {tmp_path / 'hf'}\n" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "README.md").read_text() == "mine"
