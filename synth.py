@@ -237,13 +237,34 @@ def build(cfg, generate):
         records.append({"messages": messages, "word": word})
         text_blocks.append(as_text(messages, word, cfg))
         kept += 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:  # all of a run's records at once: an interrupted run writes nothing
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if cfg.get("text_output"):
-        with open(cfg["text_output"], "a", encoding="utf-8") as f:
-            f.writelines(text_blocks)
+    # all of a run's records at once, at the end: an interrupted run writes nothing
+    texts = {out: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)}
+    if cfg.get("text_output") is not None:
+        texts[Path(cfg["text_output"])] = "".join(text_blocks)
+    append_all(texts)
     return kept, dropped
+
+
+def append_all(texts):
+    """Append {path: text} to each file, all or nothing: when a write fails (a full disk) or is
+    interrupted, every file is cut back to its old length, leaving no half line that would stop the
+    next run from resuming and no conversations in one file but not the other. Errors name the file."""
+    old = {}  # path -> its length before, None if it is new
+    try:
+        for path, text in texts.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            old[path] = path.stat().st_size if path.exists() else None
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+    except BaseException as e:
+        for p, size in old.items():
+            if size is None:
+                p.unlink(missing_ok=True)
+            else:
+                os.truncate(p, size)
+        if isinstance(e, OSError):
+            e.filename = str(path)
+        raise
 
 
 def engine_generate(model, device=None):
@@ -278,8 +299,10 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, output=args.output, model=args.model)
         kept, dropped = build(cfg, engine_generate(cfg["model"], args.device))
-    except (ValueError, OSError) as e:  # a bad config or output file, or a KV cache that does not fit
+    except ValueError as e:  # a bad config or output file, or a KV cache that does not fit
         die(str(e))
+    except OSError as e:  # an unreadable output, a full disk ...
+        die(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
     total = kept + sum(dropped.values())
     print(f"kept {kept} of {total} conversations -> {cfg['output']}")
     for reason, n in dropped.most_common():

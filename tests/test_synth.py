@@ -258,3 +258,24 @@ def test_cli_bad_output_is_refused_before_the_model_is_loaded(tmp_path, capsys):
     assert one_line_error(capsys) == f"error: {tmp_path / 'latin1.jsonl'}: not UTF-8 (byte 13), " \
                                      "so not conversations written by synth.py"
 
+
+def test_a_failed_append_leaves_both_outputs_as_they_were(tmp_path):
+    """A write that fails at the end of a run (a full disk) cuts both files back to their old length:
+    no half record that would stop the next run from resuming, no conversation in the text file but
+    not the JSONL. The error names the file."""
+    from conftest import file_size_limit
+    out, txt = tmp_path / "c.jsonl", tmp_path / "c.txt"
+    cfg = {**CFG, "words": ["cat"], "output": str(out), "text_output": str(txt),
+           "prompt_lines": ["About {word}:", "STUDENT:"]}
+    gen, _ = fake_generate([" What is a cat?\nTEACHER: A pet."])
+    txt.write_text("x" * 1000)
+    with file_size_limit(1010), pytest.raises(OSError) as e:  # the JSONL fits, the text does not
+        build(cfg, gen)
+    assert e.value.filename == str(txt) and not out.exists() and txt.read_text() == "x" * 1000
+    done = '{"messages": [], "word": "dog"}\n'
+    out.write_text(done)
+    with file_size_limit(len(done) + 10), pytest.raises(OSError) as e:  # the JSONL's new line is cut
+        build(cfg, gen)
+    assert e.value.filename == str(out) and out.read_text() == done and txt.read_text() == "x" * 1000
+    assert build(cfg, gen)[0] == 1
+    assert out.read_text().startswith(done) and txt.read_text().startswith("x" * 1000 + "TERM: cat\n")
