@@ -29,6 +29,7 @@ the same thing: neither format has a bias-free GPT-2.
 
 import argparse
 import functools
+import json
 import os
 import struct
 from pathlib import Path
@@ -37,7 +38,7 @@ import numpy as np
 import torch
 
 from data import jinja_template
-from gpt import CONV1D, EOT, GPT, CheckpointError, die, get_tokenizer, write_json_atomic, write_safetensors
+from gpt import CONV1D, EOT, CheckpointError, die, get_tokenizer, load_or_die, resolve_weights, write_safetensors
 
 EOT_TEXT = "<|endoftext|>"
 
@@ -149,6 +150,10 @@ def template_name(model):
     return getattr(model, "checkpoint_info", {}).get("template")
 
 
+HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
+            "special_tokens_map.json", "tokenizer_config.json")
+
+
 def export_hf(model, directory, dtype="f32"):
     """Write a directory that transformers' AutoModelForCausalLM / AutoTokenizer (and vLLM) load."""
     check_vocab(model.config)
@@ -159,30 +164,55 @@ def export_hf(model, directory, dtype="f32"):
         if name.endswith(CONV1D):
             t = t.t()  # nn.Linear [out, in] -> Conv1D [in, out]
         state["transformer." + name] = t.to(TORCH_DTYPES[dtype])
-    tmp = directory / "model.safetensors.tmp"
-    write_safetensors(tmp, state, metadata={"format": "pt"})  # "pt": transformers checks for it
-    os.replace(tmp, directory / "model.safetensors")
-    write_json_atomic(directory / "config.json", hf_config(model.config, dtype))
-    write_json_atomic(directory / "generation_config.json", {"bos_token_id": EOT, "eos_token_id": EOT})
-
     tokens, merges = gpt2_vocab()
-    write_json_atomic(directory / "vocab.json", {t: i for i, t in enumerate(tokens)})
-    tmp = directory / "merges.txt.tmp"
-    tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    os.replace(tmp, directory / "merges.txt")
     special = {"bos_token": EOT_TEXT, "eos_token": EOT_TEXT, "unk_token": EOT_TEXT}
-    write_json_atomic(directory / "special_tokens_map.json", special)
-    write_json_atomic(directory / "tokenizer_config.json", {
-        "tokenizer_class": "GPT2Tokenizer",
-        "model_max_length": model.config.block_size,
-        "add_prefix_space": False,
-        "add_bos_token": False,  # GPT-2 never starts a text with <|endoftext|> by itself
-        "added_tokens_decoder": {str(EOT): {"content": EOT_TEXT, "special": True, "lstrip": False,
-                                            "rstrip": False, "normalized": True, "single_word": False}},
-        **special,
-        **({"chat_template": jinja_template(template_name(model))} if template_name(model) else {}),
-    })
+    files = {
+        # "pt": transformers checks for it
+        "model.safetensors": lambda tmp: write_safetensors(tmp, state, metadata={"format": "pt"}),
+        "config.json": json_file(hf_config(model.config, dtype)),
+        "generation_config.json": json_file({"bos_token_id": EOT, "eos_token_id": EOT}),
+        "vocab.json": json_file({t: i for i, t in enumerate(tokens)}),
+        "merges.txt": lambda tmp: tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"),
+        "special_tokens_map.json": json_file(special),
+        "tokenizer_config.json": json_file({
+            "tokenizer_class": "GPT2Tokenizer",
+            "model_max_length": model.config.block_size,
+            "add_prefix_space": False,
+            "add_bos_token": False,  # GPT-2 never starts a text with <|endoftext|> by itself
+            "added_tokens_decoder": {str(EOT): {"content": EOT_TEXT, "special": True, "lstrip": False,
+                                                "rstrip": False, "normalized": True, "single_word": False}},
+            **special,
+            **({"chat_template": jinja_template(template_name(model))} if template_name(model) else {}),
+        }),
+    }
+    write_files(directory, files)
     return directory
+
+
+def json_file(obj):
+    """A writer for write_files: `obj` as indented JSON."""
+    return lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def write_files(directory, files):
+    """Write {name: write(path)} into `directory`, all or nothing: each file goes to NAME.tmp, and only
+    when every one is written are they renamed into place. A failed write (a full disk) removes the
+    .tmp files and leaves the directory as it was, never a new model beside an old tokenizer config;
+    its error names the file (a full disk's error names none, an open's names the .tmp)."""
+    directory = Path(directory)
+    tmps = []
+    try:
+        for name, write in files.items():
+            tmps.append(directory / (name + ".tmp"))
+            write(tmps[-1])
+    except BaseException as e:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            e.filename = str(directory / name)
+        raise
+    for name, tmp in zip(files, tmps):
+        os.replace(tmp, directory / name)
 
 
 # ----------------------------------------------------------------------------- GGUF
@@ -242,14 +272,15 @@ def write_gguf(path, metadata, tensors):
                    struct.pack("<IQ", kind, offset)]
         offset += a.nbytes + (-a.nbytes % ALIGNMENT)
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        head = b"".join(header)
-        f.write(head + bytes(-len(head) % ALIGNMENT))
-        for a in tqdm(tensors.values(), desc=path.name, unit="tensor", disable=None):
-            data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
-            f.write(data + bytes(-len(data) % ALIGNMENT))
-    os.replace(tmp, path)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            head = b"".join(header)
+            f.write(head + bytes(-len(head) % ALIGNMENT))
+            for a in tqdm(tensors.values(), desc=path.name, unit="tensor", disable=None):
+                data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
+                f.write(data + bytes(-len(data) % ALIGNMENT))
+    write_files(path.parent, {path.name: write})
     return path
 
 
@@ -322,6 +353,38 @@ def check_vocab(config):
 
 # ----------------------------------------------------------------------------- command line
 
+def check_output(fmt, out):
+    """Die, before the model is loaded, on an output path that cannot be what `fmt` writes: an empty
+    one (an unset shell variable; it would mean the current directory), a directory where the GGUF
+    file goes, a file where the Hugging Face directory goes."""
+    if not out:
+        die(f"--to {fmt}: the output path is empty")
+    path = Path(out)
+    if fmt == "gguf" and (path.is_dir() or out.endswith(("/", os.sep))):
+        die(f"--to gguf {out}: is a directory; give the file to write, e.g. {path / 'model.gguf'}")
+    if fmt == "hf" and path.exists() and not path.is_dir():
+        die(f"--to hf {out}: is a file; give the directory to write")
+
+
+def output_files(fmt, out):
+    """The files an export to `out` writes."""
+    return [Path(out) / name for name in HF_FILES] if fmt == "hf" else [Path(out)]
+
+
+def check_not_source(fmt, out, checkpoint):
+    """Die if the export would write over a file the (loaded) checkpoint is read from, its weights or
+    the config.json beside them: `export.py S --to gguf S/model.safetensors`, or `--to hf S`, would
+    replace the model with its export and lose what only our config.json holds (the chat template).
+    Compared as files (os.path.samefile), so another spelling of the path or a link to it is caught too."""
+    weights = resolve_weights(checkpoint)  # already loaded: a local path, nothing is downloaded
+    targets = output_files(fmt, out)
+    for source in (weights, weights.parent / "config.json"):
+        for target in targets + [t.with_name(t.name + ".tmp") for t in targets]:
+            if source.exists() and target.exists() and os.path.samefile(source, target):
+                die(f"--to {fmt} {out} would overwrite {source}, part of the checkpoint being exported; "
+                    f"choose another path")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a checkpoint as a Hugging Face directory or a GGUF file.",
                                 epilog="examples:  python export.py out/sft --to hf exported/\n"
@@ -336,17 +399,24 @@ def main(argv=None):
     fmt, out = args.to
     if fmt not in ("hf", "gguf"):
         die(f"--to: unknown format {fmt!r}; choose hf or gguf")
+    check_output(fmt, out)
 
+    model = load_or_die(args.checkpoint)  # a bad checkpoint or failed download: "cannot load model ..."
+    check_not_source(fmt, out, args.checkpoint)
+    # an earlier export is replaced, as llama.cpp's converter and save_pretrained do, but not silently
+    old = [p for p in output_files(fmt, out) if p.exists()]
+    if old:
+        print(f"note: replacing existing {out}" if fmt == "gguf" else
+              f"note: replacing existing {', '.join(p.name for p in old)} in {out}")
     try:
-        model = GPT.from_pretrained(args.checkpoint)
         if fmt == "hf":
             export_hf(model, out, args.dtype)
         else:
             export_gguf(model, out, args.dtype, name=Path(str(args.checkpoint).rstrip("/\\")).name or "gpt2")
     except CheckpointError as e:
         die(str(e))
-    except OSError as e:  # an unwritable path, a full disk, a failed download ...
-        die(f"{e.filename}: {e.strerror}" if e.filename else str(e))
+    except OSError as e:  # an unwritable path, a full disk ...
+        die(f"{e.filename}: {e.strerror or e}" if e.filename else f"{out}: {e}")
     print(f"wrote {out} ({fmt}, {args.dtype})")
 
 

@@ -24,6 +24,7 @@ grow without redoing it, and a conversation already in the file is never written
 
 import argparse
 import json
+import os
 import random
 import re
 from collections import Counter
@@ -36,6 +37,9 @@ DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [],
             "output": "conversations.jsonl", "text_output": None}
 REQUIRED = ("model", "prompt_lines", "words")
 CHECKS = [  # (key, type, test, what the error says it must be)
+    ("model", str, lambda v: v != "", "a model name or checkpoint path"),
+    ("output", str, lambda v: v != "", "a file path"),
+    ("text_output", (str, type(None)), lambda v: v != "", "a file path or null"),
     ("words", list, lambda v: all(isinstance(w, str) and w.strip() for w in v), "a list of non-empty strings"),
     ("exclude", list, lambda v: all(isinstance(w, str) for w in v), "a list of strings"),
     ("conversations_per_word", int, lambda v: v >= 1, "an integer >= 1"),
@@ -48,7 +52,10 @@ CHECKS = [  # (key, type, test, what the error says it must be)
 QUOTES = [('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’")]
 
 
-def load_config(path):
+def load_config(path, **overrides):
+    """The config at `path`, with the command line's non-None overrides (output=, model=) applied, every
+    key checked: a bad one is an error naming the file (or the flag) and the key, raised before any
+    model is loaded or text generated, whose work a late error would lose."""
     try:
         cfg = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -58,7 +65,15 @@ def load_config(path):
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"{path}: config is missing {', '.join(missing)}")
-    cfg = {**DEFAULTS, **cfg}
+    unknown = [k for k in cfg if k not in DEFAULTS and k not in REQUIRED]
+    if unknown:  # a misspelt "ouput" would otherwise write to the default file
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; the keys are {', '.join([*REQUIRED, *DEFAULTS])}")
+    flags = {k: f"--{k}" for k, v in overrides.items() if v is not None}
+    cfg = {**DEFAULTS, **cfg, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def name(key):
+        return flags.get(key) or f"{path}: {key}"
+
     if not isinstance(cfg["prompt_lines"], list) or not cfg["prompt_lines"] \
             or not all(isinstance(line, str) for line in cfg["prompt_lines"]):
         raise ValueError(f"{path}: prompt_lines must be a non-empty list of strings")
@@ -72,8 +87,39 @@ def load_config(path):
         raise ValueError(f"{path}: roles must map one speaker to 'user' and one to 'assistant'")
     for key, kind, ok, rule in CHECKS:
         if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool) or not ok(cfg[key]):
-            raise ValueError(f"{path}: {key} must be {rule}, not {cfg[key]!r}")
+            raise ValueError(f"{name(key)} must be {rule}, not {cfg[key]!r}")
+    outputs = [k for k in ("output", "text_output") if cfg[k] is not None]
+    for key in outputs:
+        check_appendable(cfg[key], name(key))
+        if same_file(cfg[key], path):
+            raise ValueError(f"{name(key)} {cfg[key]!r} is the config file itself")
+    if len(outputs) == 2 and same_file(cfg["output"], cfg["text_output"]):
+        raise ValueError(f"{name('text_output')} {cfg['text_output']!r} is the same file as output")
     return cfg
+
+
+def check_appendable(value, where):
+    """A ValueError naming `where` unless `value` is a file synth can append to: an existing regular
+    file it may write, or a new one whose nearest existing parent is a directory it may write in."""
+    path = Path(value)
+    if path.exists():
+        if not path.is_file():
+            raise ValueError(f"{where} {value!r} is {'a directory' if path.is_dir() else 'not a regular file'}")
+        if not os.access(path, os.W_OK):
+            raise ValueError(f"{where} {value!r} is not writable")
+        return
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{where} {value!r} cannot be created: {parent} is a file")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{where} {value!r} cannot be created: {parent} is not writable")
+
+
+def same_file(a, b):
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def build_prompt(cfg, word):
@@ -147,7 +193,11 @@ def read_existing(path):
     words, seen = set(), set()
     if path.exists():
         # "\n" only: splitlines() would also cut at a U+2028 or U+0085 that ensure_ascii=False left in a text
-        for n, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 (byte {e.start}), so not conversations written by synth.py") from None
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -187,24 +237,50 @@ def build(cfg, generate):
         records.append({"messages": messages, "word": word})
         text_blocks.append(as_text(messages, word, cfg))
         kept += 1
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a", encoding="utf-8") as f:  # all of a run's records at once: an interrupted run writes nothing
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-    if cfg.get("text_output"):
-        with open(cfg["text_output"], "a", encoding="utf-8") as f:
-            f.writelines(text_blocks)
+    # all of a run's records at once, at the end: an interrupted run writes nothing
+    texts = {out: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)}
+    if cfg.get("text_output") is not None:
+        texts[Path(cfg["text_output"])] = "".join(text_blocks)
+    append_all(texts)
     return kept, dropped
 
 
+def append_all(texts):
+    """Append {path: text} to each file, all or nothing: when a write fails (a full disk) or is
+    interrupted, every file is cut back to its old length, leaving no half line that would stop the
+    next run from resuming and no conversations in one file but not the other. Errors name the file."""
+    old = {}  # path -> its length before, None if it is new
+    try:
+        for path, text in texts.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            old[path] = path.stat().st_size if path.exists() else None
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(text)
+    except BaseException as e:
+        for p, size in old.items():
+            if size is None:
+                p.unlink(missing_ok=True)
+            else:
+                os.truncate(p, size)
+        if isinstance(e, OSError):
+            e.filename = str(path)
+        raise
+
+
 def engine_generate(model, device=None):
-    """generate() for `build`, backed by serve.py's Engine: every prompt in one batched call."""
+    """generate() for `build`, backed by serve.py's Engine: every prompt in one batched call. The model
+    is loaded at the first call, once `build` has read the output back: a bad output file is found
+    first, and a run with no words left to do loads nothing."""
     from generate import SamplingParams, load_model
     from serve import Engine
 
     device = device_or_die(device)
-    engine = Engine(load_model(model, device, default_dtype(device)))  # a bad checkpoint: one-line error
+    engine = None
 
     def generate(prompts, cfg):
+        nonlocal engine
+        if engine is None:
+            engine = Engine(load_model(model, device, default_dtype(device)))  # a bad checkpoint: one-line error
         rng = random.Random(cfg["seed"])
         params = [SamplingParams(max_tokens=cfg["max_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                                  top_p=cfg["top_p"], seed=rng.randrange(2**31)) for _ in prompts]
@@ -221,14 +297,12 @@ def main(argv=None):
     ap.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config)
-        if args.output:
-            cfg["output"] = args.output
-        if args.model:
-            cfg["model"] = args.model
+        cfg = load_config(args.config, output=args.output, model=args.model)
         kept, dropped = build(cfg, engine_generate(cfg["model"], args.device))
-    except (ValueError, OSError) as e:  # a bad config or output file, or a KV cache that does not fit
+    except ValueError as e:  # a bad config or output file, or a KV cache that does not fit
         die(str(e))
+    except OSError as e:  # an unreadable output, a full disk ...
+        die(f"{e.filename}: {e.strerror}" if e.filename and e.strerror else str(e))
     total = kept + sum(dropped.values())
     print(f"kept {kept} of {total} conversations -> {cfg['output']}")
     for reason, n in dropped.most_common():

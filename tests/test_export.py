@@ -319,3 +319,103 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
     assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.chat_template") == jinja_template(template)
     export.export_hf(tiny, tmp_path / "base")
     assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+
+
+def test_cli_failed_download_says_which_model(tmp_path, monkeypatch, capsys):
+    """Offline, a named model's download fails with the message every other script gives."""
+    import requests
+
+    import gpt
+
+    def offline(url, dest, **kwargs):
+        raise requests.ConnectionError("HTTPSConnectionPool(host='huggingface.co', port=443): Max retries")
+    monkeypatch.setattr(gpt, "download", offline)
+    err = run_cli_error(capsys, "gpt2", "--to", "gguf", tmp_path / "m.gguf")
+    assert err.startswith("error: cannot load model 'gpt2': ") and "huggingface.co" in err
+    assert not (tmp_path / "m.gguf").exists()
+
+
+@pytest.mark.parametrize("fmt,dest,message", [
+    ("hf", "", "--to hf: the output path is empty"),
+    ("gguf", "", "--to gguf: the output path is empty"),
+    ("gguf", ".", "--to gguf .: is a directory"),
+    ("gguf", "sub/", "--to gguf sub/: is a directory"),
+    ("hf", "notes.txt", "--to hf notes.txt: is a file"),
+])
+def test_cli_output_path_that_cannot_be_written_is_refused_before_loading(tmp_path, monkeypatch, capsys,
+                                                                          fmt, dest, message):
+    """An empty path (an unset shell variable) does not mean the current directory; a directory is
+    not a GGUF file nor a file an HF directory. Refused first: the checkpoint does not even exist."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("keep me")
+    err = run_cli_error(capsys, tmp_path / "missing", "--to", fmt, dest)
+    assert err.startswith(f"error: {message}")
+    assert sorted(os.listdir(tmp_path)) == ["notes.txt"] and (tmp_path / "notes.txt").read_text() == "keep me"
+
+
+def test_hf_export_writes_exactly_its_listed_files(hf_dir):
+    assert sorted(os.listdir(hf_dir)) == sorted(export.HF_FILES)
+
+
+def test_cli_full_disk_leaves_the_old_export_whole_and_names_the_file(tmp_path, tiny, monkeypatch, capsys):
+    """A write that fails midway (a full disk) removes its .tmp files, leaves the previous export as
+    it was (no new weights beside old tokenizer files), and says which file could not be written."""
+    from conftest import file_size_limit
+    tiny.save_checkpoint(tmp_path / "ckpt")
+    hf, gguf_file = tmp_path / "hf", tmp_path / "old.gguf"
+    export.main([str(tmp_path / "ckpt"), "--to", "hf", str(hf)])
+    gguf_file.write_bytes(b"the previous export")
+    before = {name: (hf / name).read_bytes() for name in os.listdir(hf)}
+
+    def full_disk(path, tensors, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(export, "write_safetensors", full_disk)
+    err = run_cli_error(capsys, tmp_path / "ckpt", "--to", "hf", hf)
+    assert err == f"error: {hf / 'model.safetensors'}: No space left on device"
+    assert {name: (hf / name).read_bytes() for name in os.listdir(hf)} == before
+
+    with file_size_limit(1_000_000):  # a real failed write: the tokenizer header alone is larger
+        err = run_cli_error(capsys, tmp_path / "ckpt", "--to", "gguf", gguf_file)
+    assert err == f"error: {gguf_file}: File too large"
+    assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "old.gguf"]
+    assert gguf_file.read_bytes() == b"the previous export"
+
+
+@pytest.mark.parametrize("fmt,dest", [
+    ("gguf", "ckpt/model.safetensors"),
+    ("gguf", "ckpt/config.json"),
+    ("gguf", "ckpt/../ckpt/model.safetensors"),
+    ("gguf", "hardlink.safetensors"),  # the same file under another name
+    ("hf", "ckpt"),
+    ("hf", "ckpt/."),
+    ("hf", "link"),  # a symlink to the checkpoint directory
+])
+def test_cli_refuses_to_overwrite_the_checkpoint_it_exports(tmp_path, tiny, monkeypatch, capsys, fmt, dest):
+    """The export never replaces the files it reads: the checkpoint keeps its weights and its
+    config.json (with the chat template, which the HF layout would lose)."""
+    monkeypatch.chdir(tmp_path)
+    tiny.save_checkpoint(tmp_path / "ckpt", template="chat")
+    os.link(tmp_path / "ckpt" / "model.safetensors", tmp_path / "hardlink.safetensors")
+    (tmp_path / "link").symlink_to(tmp_path / "ckpt")
+    before = {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")}
+    err = run_cli_error(capsys, "ckpt", "--to", fmt, dest)
+    assert err.startswith(f"error: --to {fmt} {dest} would overwrite ") and "part of the checkpoint" in err
+    assert {name: (tmp_path / "ckpt" / name).read_bytes() for name in os.listdir(tmp_path / "ckpt")} == before
+    assert GPT.from_pretrained(tmp_path / "ckpt").checkpoint_info["template"] == "chat"
+
+
+
+def test_cli_notes_an_earlier_export_it_replaces(tmp_path, tiny, capsys):
+    """Exporting again over an earlier export replaces it, as llama.cpp's converter and save_pretrained
+    do, with a one-line note naming what is replaced; other files in the directory are left alone."""
+    tiny.save_checkpoint(tmp_path / "ckpt")
+    for fmt, dest in (("gguf", tmp_path / "m.gguf"), ("hf", tmp_path / "hf")):
+        export.main([str(tmp_path / "ckpt"), "--to", fmt, str(dest)])
+        assert "replacing" not in capsys.readouterr().out
+    (tmp_path / "hf" / "README.md").write_text("mine")
+    export.main([str(tmp_path / "ckpt"), "--to", "gguf", str(tmp_path / "m.gguf")])
+    assert f"note: replacing existing {tmp_path / 'm.gguf'}\n" in capsys.readouterr().out
+    export.main([str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")])
+    assert f"note: replacing existing {', '.join(export.HF_FILES)} in {tmp_path / 'hf'}\n" in capsys.readouterr().out
+    assert (tmp_path / "hf" / "README.md").read_text() == "mine"

@@ -195,3 +195,87 @@ def test_cli_bad_config_is_one_line_error(tmp_path):
                        cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().count("\n") == 0 and "missing" in r.stderr
+
+
+def write_config(tmp_path, **over):
+    p = tmp_path / "cfg.json"
+    p.write_text(json.dumps({"model": "gpt2", "words": ["cat"], "prompt_lines": ["STUDENT:"], **over}))
+    return p
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("output", 5, "output must be a file path, not 5"),
+    ("output", {"a": 1}, "output must be a file path, not {'a': 1}"),
+    ("output", "", "output must be a file path, not ''"),
+    ("text_output", {"a": 1}, "text_output must be a file path or null, not {'a': 1}"),
+    ("text_output", True, "text_output must be a file path or null, not True"),  # not file descriptor 1
+    ("model", 5, "model must be a model name or checkpoint path, not 5"),
+    ("ouput", "x.jsonl", "unknown key 'ouput'; the keys are model, prompt_lines, words, roles"),
+    ("output", "{tmp}/afile/x.jsonl", "output '{tmp}/afile/x.jsonl' cannot be created: {tmp}/afile is a file"),
+    ("text_output", "{tmp}", "text_output '{tmp}' is a directory"),
+    ("text_output", "{tmp}/conversations.jsonl", "text_output '{tmp}/conversations.jsonl' is the same file as output"),
+    ("output", "{tmp}/cfg.json", "output '{tmp}/cfg.json' is the config file itself"),
+])
+def test_config_keys_and_output_paths_are_checked(tmp_path, monkeypatch, key, value, message):
+    """Every key's type, and that both outputs can be appended to, are checked when the config is
+    read, before any generation; the error names the config file and the key."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "afile").write_text("a file")
+    if isinstance(value, str):
+        value = value.replace("{tmp}", str(tmp_path))
+    p = write_config(tmp_path, **{key: value})
+    with pytest.raises(ValueError) as e:
+        load_config(p)
+    assert str(e.value).startswith(f"{p}: ") and message.replace("{tmp}", str(tmp_path)) in str(e.value)
+
+
+def test_command_line_output_is_checked_and_named_as_the_flag(tmp_path):
+    (tmp_path / "afile").write_text("a file")
+    p = write_config(tmp_path)
+    assert load_config(p, output=str(tmp_path / "o.jsonl"), model=None)["output"] == str(tmp_path / "o.jsonl")
+    with pytest.raises(ValueError, match=f"^--output '{tmp_path}/afile/o.jsonl' cannot be created"):
+        load_config(p, output=str(tmp_path / "afile" / "o.jsonl"))
+
+
+def test_cli_bad_output_is_refused_before_the_model_is_loaded(tmp_path, capsys):
+    """A bad output path, or an existing output that is not UTF-8, is reported before any model is
+    loaded or text generated (the model here does not even exist), and the file is named."""
+    import synth
+    from conftest import one_line_error
+    (tmp_path / "afile").write_text("a file")
+    missing = str(tmp_path / "no-model")
+    for over, named in (({"output": str(tmp_path / "afile" / "x.jsonl")}, "output"),
+                        ({"output": str(tmp_path / "o.jsonl"), "text_output": str(tmp_path)}, "text_output")):
+        with pytest.raises(SystemExit) as e:
+            synth.main([str(write_config(tmp_path, model=missing, **over)), "--device", "cpu"])
+        assert e.value.code == 2
+        err = one_line_error(capsys)
+        assert f"cfg.json: {named} " in err and "no-model" not in err
+        assert not (tmp_path / "o.jsonl").exists()
+    (tmp_path / "latin1.jsonl").write_bytes('{"word": "café"}\n'.encode("latin-1"))
+    with pytest.raises(SystemExit):
+        synth.main([str(write_config(tmp_path, model=missing, output=str(tmp_path / "latin1.jsonl"))), "--device", "cpu"])
+    assert one_line_error(capsys) == f"error: {tmp_path / 'latin1.jsonl'}: not UTF-8 (byte 13), " \
+                                     "so not conversations written by synth.py"
+
+
+def test_a_failed_append_leaves_both_outputs_as_they_were(tmp_path):
+    """A write that fails at the end of a run (a full disk) cuts both files back to their old length:
+    no half record that would stop the next run from resuming, no conversation in the text file but
+    not the JSONL. The error names the file."""
+    from conftest import file_size_limit
+    out, txt = tmp_path / "c.jsonl", tmp_path / "c.txt"
+    cfg = {**CFG, "words": ["cat"], "output": str(out), "text_output": str(txt),
+           "prompt_lines": ["About {word}:", "STUDENT:"]}
+    gen, _ = fake_generate([" What is a cat?\nTEACHER: A pet."])
+    txt.write_text("x" * 1000)
+    with file_size_limit(1010), pytest.raises(OSError) as e:  # the JSONL fits, the text does not
+        build(cfg, gen)
+    assert e.value.filename == str(txt) and not out.exists() and txt.read_text() == "x" * 1000
+    done = '{"messages": [], "word": "dog"}\n'
+    out.write_text(done)
+    with file_size_limit(len(done) + 10), pytest.raises(OSError) as e:  # the JSONL's new line is cut
+        build(cfg, gen)
+    assert e.value.filename == str(out) and out.read_text() == done and txt.read_text() == "x" * 1000
+    assert build(cfg, gen)[0] == 1
+    assert out.read_text().startswith(done) and txt.read_text().startswith("x" * 1000 + "TERM: cat\n")
