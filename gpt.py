@@ -193,7 +193,11 @@ class GPT(nn.Module):
         else:
             config = infer_hub_config(path, header, name_or_path)
             config.dropout = dropout
-        check_config(config, ckpt_dir / "config.json" if (ckpt_dir / "config.json").exists() else path)
+        where = ckpt_dir / "config.json" if (ckpt_dir / "config.json").exists() else path
+        check_config(config, where)
+        # before anything is built: building 1e7 layers takes minutes even on the meta device, and
+        # to_empty below allocates whatever the config says (terabytes for a block_size of 1e12)
+        check_config_fits_weights(config, header, where, path)
         # Build on the meta device (no memory, no random init), then materialize directly in the
         # target dtype/device and fill each tensor from the memory-mapped file: never two full copies.
         with torch.device("meta"):
@@ -440,6 +444,27 @@ def check_config(config, where):
         raise CheckpointError(f"{where}: bias must be true or false, not {config.bias!r}")
 
 
+def check_config_fits_weights(config, header, where, path):
+    """A CheckpointError naming the config key (in `where`, the config's file) unless the vocabulary,
+    width, context and layer count are those of the weights in `path`, read from its header alone.
+    These are the sizes that decide how much the model allocates; the shape of every other tensor
+    follows from them and is checked as it is loaded."""
+    shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+    for key, sizes in (("wte.weight", ("vocab_size", "n_embd")), ("wpe.weight", ("block_size", "n_embd"))):
+        if key not in shapes:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        if len(shapes[key]) != 2:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
+        for size, dim in zip(sizes, shapes[key]):
+            if getattr(config, size) != dim:
+                raise CheckpointError(f"{where}: {size} {getattr(config, size)} disagrees with the weights: "
+                                      f"{path.name} holds {key!r} of shape {shapes[key]}")
+    layers = {k.split(".")[1] for k in shapes if k.startswith("h.")}
+    if config.n_layer != len(layers):
+        raise CheckpointError(f"{where}: n_layer {config.n_layer} disagrees with the weights: "
+                              f"{path.name} holds {len(layers)} layer{'s' if len(layers) != 1 else ''}")
+
+
 def infer_hub_config(path, header, name):
     """The GPTConfig of a hub-layout file: from its HF config.json when there is one, else from the
     tensor shapes (the head count, which shapes do not show, from the released sizes' widths)."""
@@ -464,7 +489,7 @@ def infer_hub_config(path, header, name):
     bad = next((k for k in layers if not k.isdigit()), None)
     if bad is not None:
         raise CheckpointError(f"{path}: tensor names 'h.{bad}...' do not number their layer")
-    n_layer = 1 + max(map(int, layers), default=-1)
+    n_layer = len(set(layers))  # (not 1 + the highest number: a stray 'h.9999999.' would build 10**7 layers)
     heads = {s["n_embd"]: s["n_head"] for s in SIZES.values()}
     if n_embd not in heads:
         raise CheckpointError(f"{path}: width {n_embd} is not a released GPT-2 size; put a config.json with n_head beside it")

@@ -226,6 +226,9 @@ def test_corrupt_checkpoint_config(tmp_path):
     ("n_layer", "2", r"n_layer must be a positive integer, not '2'"),
     ("n_layer", None, r"n_layer must be a positive integer, not None"),
     ("block_size", -1, r"block_size must be a positive integer, not -1"),
+    ("n_embd", 0, r"n_embd must be a positive integer, not 0"),
+    ("block_size", 1e12, r"block_size must be a positive integer, not 1000000000000.0"),  # (JSON's 1e12 is a float)
+    ("n_layer", 1.0, r"n_layer must be a positive integer, not 1.0"),
     ("n_head", 3, r"n_embd 32 is not a multiple of n_head 3"),
     ("bias", "yes", r"bias must be true or false"),
 ])
@@ -238,6 +241,55 @@ def test_checkpoint_config_with_impossible_values(tmp_path, field, value, messag
     path.write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match=r"config.json: " + message):
         GPT.from_pretrained(tmp_path / "ok")
+
+
+def never_built(monkeypatch):
+    """Make building a GPT fail the test: what a config must be checked before (building 10**7 layers
+    takes minutes, even on the meta device, and to_empty allocates whatever the config says)."""
+    def build(self, config):
+        raise AssertionError(f"a model was built for {config}")
+    monkeypatch.setattr(GPT, "__init__", build)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("block_size", 10**12, r"block_size 1000000000000 disagrees with the weights: model.safetensors holds "
+                           r"'wpe.weight' of shape \[16, 32\]$"),
+    ("n_embd", 2**20, r"n_embd 1048576 disagrees with the weights: model.safetensors holds 'wte.weight' of shape \[50257, 32\]$"),
+    ("vocab_size", 10**10, r"vocab_size 10000000000 disagrees with the weights: model.safetensors holds 'wte.weight'"),
+    ("n_layer", 10**7, r"n_layer 10000000 disagrees with the weights: model.safetensors holds 1 layer$"),
+])
+def test_config_sizes_that_disagree_with_the_weights_fail_before_the_model_is_built(tmp_path, monkeypatch, field, value, message):
+    small_valid(tmp_path)
+    path = tmp_path / "ok" / "config.json"
+    info = json.loads(path.read_text())
+    info["config"][field] = value
+    path.write_text(json.dumps(info))
+    never_built(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"config.json: " + message):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_hub_config_json_with_absurd_layer_count_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    d = hub_layout_file(tmp_path, random_hf(1, 12, 768, n_positions=16))
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "n_layer": 10**7}))
+    never_built(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"config.json: n_layer 10000000 disagrees with the weights: model.safetensors holds 1 layer$"):
+        GPT.from_pretrained(d)
+
+
+def test_hub_file_with_a_stray_high_layer_number_builds_no_more_layers_than_it_holds(tmp_path, monkeypatch):
+    hf = random_hf(1, 12, 768, n_positions=16)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["h.9999999.ln_1.weight"] = torch.ones(768)
+    write_safetensors(tmp_path / "w.safetensors", state)
+    build = GPT.__init__
+    def small_only(self, config):
+        assert config.n_layer <= 2, f"a model of {config.n_layer} layers was built"
+        build(self, config)
+    monkeypatch.setattr(GPT, "__init__", small_only)
+    with pytest.raises(CheckpointError, match=r"w.safetensors: unexpected tensor 'h.9999999.ln_1.weight'"):
+        GPT.from_pretrained(tmp_path / "w.safetensors")
 
 
 def test_hub_config_json_with_impossible_head_count(tmp_path):
