@@ -410,12 +410,21 @@ def load_state_from_file(model, path, transposed):
         if tuple(t.shape) != tuple(params[key].shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(t.shape)}, "
                                   f"the model expects {list(params[key].shape)}")
+        if t.is_floating_point() and not all_finite(t):  # else generation fails at the first token
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf values (a diverged training run?)")
         with torch.no_grad():
             params[key].copy_(t)
         seen.add(key)
     missing = sorted(set(params) - seen)
     if missing:
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+
+
+def all_finite(t):
+    """Whether tensor `t` holds no NaN or inf. A sum is NaN or inf when any element is, and costs a
+    fraction of isfinite's pass (no bool tensor the size of the weights); only a sum that overflowed
+    from finite values (huge weights, or float16's small range) needs the exact check."""
+    return math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
 
 
 def read_checkpoint_json(directory):

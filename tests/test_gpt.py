@@ -203,6 +203,27 @@ def test_misshapen_tensor(tmp_path):
         GPT.from_pretrained(d)
 
 
+@pytest.mark.parametrize("dtype, bad", [(torch.float32, float("nan")), (torch.bfloat16, float("-inf"))])
+def test_weights_holding_nan_or_inf_are_refused_naming_the_first_such_tensor(tmp_path, dtype, bad):
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).to(dtype)
+    with torch.no_grad():
+        model.h[1].mlp.c_fc.weight[3, 5] = bad  # what a diverged training run saves
+        model.ln_f.weight[0] = bad
+    model.save_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'model.safetensors'}: tensor 'h.1.mlp.c_fc.weight' "
+                                                        "holds NaN or inf values (a diverged training run?)") + "$"):
+        GPT.from_pretrained(tmp_path, dtype=dtype)
+
+
+def test_finite_weights_whose_sum_overflows_still_load(tmp_path):
+    # float16 sums 65504 * 2 to inf: a quick sum flags such a tensor, and the exact check clears it
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).to(torch.float16)
+    with torch.no_grad():
+        model.wpe.weight.fill_(65504.0)
+    model.save_checkpoint(tmp_path)
+    assert torch.equal(GPT.from_pretrained(tmp_path, dtype=torch.float16).wpe.weight, model.wpe.weight)
+
+
 def test_not_a_path_or_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"no such file or directory, and not one of gpt2"):
         GPT.from_pretrained(tmp_path / "nope")
