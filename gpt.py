@@ -185,9 +185,8 @@ class GPT(nn.Module):
         """gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a checkpoint directory, or a .safetensors file."""
         path = resolve_weights(name_or_path)
         header, _ = read_safetensors_header(path)
-        meta = header.get("__metadata__") or {}
         ckpt_dir = path.parent
-        info = read_checkpoint_json(ckpt_dir) if meta.get("layout") == LAYOUT else {}
+        info = read_checkpoint_json(ckpt_dir) if is_our_layout(path, header) else {}
         if info:
             config = GPTConfig(**{**info["config"], "dropout": dropout})
         else:
@@ -274,7 +273,8 @@ def default_dtype(device):
 # Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
 # [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes, offsets relative to there.
 
-LAYOUT = "gpt2-chatbot/v1"  # marks our own files: nn.Linear [out, in] weights, no transpose needed
+FAMILY = "gpt2-chatbot/"  # our layouts' prefix: a later version's files are refused, never misread
+LAYOUT = FAMILY + "v1"  # marks our own files: nn.Linear [out, in] weights, no transpose needed
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
@@ -428,15 +428,50 @@ def all_finite(t):
 
 
 def read_checkpoint_json(directory):
+    """Our config.json: {"format": LAYOUT, "config": {every GPTConfig field but dropout}, metadata...}.
+    Every size must be there: a default filled in for a missing one would describe another model."""
     path = Path(directory) / "config.json"
     try:
         info = json.loads(path.read_text())
-        known = {f.name for f in fields(GPTConfig)}
-        if not isinstance(info.get("config"), dict) or not set(info["config"]) <= known:
-            raise ValueError("no 'config' object with GPTConfig fields")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a valid checkpoint config ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: not a valid checkpoint config (not a JSON object)")
+    if info.get("format") != LAYOUT:
+        found = f"format {info['format']!r} is unknown" if "format" in info else "no \"format\" key"
+        raise CheckpointError(f"{path}: {found}; this version reads {LAYOUT!r} checkpoints")
+    config = info.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a valid checkpoint config (no \"config\" object)")
+    known = [f.name for f in fields(GPTConfig)]
+    unknown = [k for k in config if k not in known]
+    if unknown:
+        raise CheckpointError(f"{path}: unknown config key {unknown[0]!r} (GPTConfig has {', '.join(known)})")
+    missing = [k for k in known if k not in config and k != "dropout"]  # (dropout is a training choice)
+    if missing:
+        raise CheckpointError(f"{path}: the config has no {', '.join(missing)}")
     return info
+
+
+def is_our_layout(path, header):
+    """Whether `path` holds our layout (nn.Linear weights, a GPTConfig in config.json beside it), as
+    its metadata says, rather than the hub's. Refused: a later version of our layout, and weights
+    beside our config.json that lost the marker (re-saved by another tool): whether they are [out, in]
+    or transposed is then unknown, and square matrices would load either way, wrong."""
+    layout = (header.get("__metadata__") or {}).get("layout")
+    if layout == LAYOUT:
+        return True
+    if layout is not None and layout.startswith(FAMILY):
+        raise CheckpointError(f"{path}: layout {layout!r} is not one this version reads ({LAYOUT!r})")
+    try:
+        fmt = json.loads((path.parent / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # no config.json, or not ours: infer_hub_config reads it or says what is wrong
+    if isinstance(fmt, str) and fmt.startswith(FAMILY):
+        raise CheckpointError(f"{path}: no \"layout\" in its __metadata__ (re-saved by another tool?), though "
+                              f"config.json beside it is a {fmt} checkpoint's; our weights need "
+                              f"{{\"layout\": \"{LAYOUT}\"}} there")
+    return False
 
 
 def check_config(config, where):
@@ -483,10 +518,13 @@ def infer_hub_config(path, header, name):
     if hf.exists():
         try:
             c = json.loads(hf.read_text())
-            return GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                             block_size=c.get("n_positions", c.get("n_ctx", 1024)), vocab_size=c["vocab_size"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{hf}: not a GPT-2 config ({e!r} missing or malformed)") from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{hf}: not valid JSON ({e})") from None
+        missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if not isinstance(c, dict) or k not in c]
+        if missing:
+            raise CheckpointError(f"{hf}: not a GPT-2 config: it has no {', '.join(missing)}")
+        return GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                         block_size=c.get("n_positions", c.get("n_ctx", 1024)), vocab_size=c["vocab_size"])
     shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
     for key in ("wte.weight", "wpe.weight"):
         if key not in shapes:

@@ -238,9 +238,74 @@ def test_not_a_path_or_name(tmp_path):
 
 def test_corrupt_checkpoint_config(tmp_path):
     small_valid(tmp_path)
-    (tmp_path / "ok" / "config.json").write_text('{"format": "x", "config": {"n_layers": 3}}')
-    with pytest.raises(CheckpointError, match=r"config.json: not a valid checkpoint config"):
+    (tmp_path / "ok" / "config.json").write_text('{"format": "gpt2-chatbot/v1", "config": [3]}')
+    with pytest.raises(CheckpointError, match=r'config.json: not a valid checkpoint config \(no "config" object\)$'):
         GPT.from_pretrained(tmp_path / "ok")
+
+
+def edit_config(directory, edit):
+    """Apply edit(info) to the checkpoint's config.json, as a hand edit or another tool would."""
+    path = directory / "config.json"
+    info = json.loads(path.read_text())
+    edit(info)
+    path.write_text(json.dumps(info))
+
+
+def test_checkpoint_config_missing_a_size_names_it_instead_of_filling_a_default(tmp_path):
+    small_valid(tmp_path)
+    edit_config(tmp_path / "ok", lambda info: info["config"].pop("n_head"))
+    with pytest.raises(CheckpointError, match=r"config.json: the config has no n_head$"):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_checkpoint_config_with_an_unknown_key_names_it(tmp_path):
+    small_valid(tmp_path)
+    edit_config(tmp_path / "ok", lambda info: info["config"].update(n_layers=3))
+    with pytest.raises(CheckpointError, match=r"config.json: unknown config key 'n_layers' \(GPTConfig has n_layer, n_head, "):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info.update(format="other/v9"), "format 'other/v9' is unknown"),
+    (lambda info: info.update(format="gpt2-chatbot/v2"), "format 'gpt2-chatbot/v2' is unknown"),
+    (lambda info: info.pop("format"), 'no "format" key'),
+])
+def test_checkpoint_config_of_another_format_is_refused_naming_it(tmp_path, edit, message):
+    small_valid(tmp_path)
+    edit_config(tmp_path / "ok", edit)
+    with pytest.raises(CheckpointError, match=f"config.json: {message}; this version reads 'gpt2-chatbot/v1' checkpoints$"):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_weights_of_a_later_layout_are_refused_not_misread(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    model.save_checkpoint(tmp_path)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    write_safetensors(tmp_path / "model.safetensors", state, metadata={"layout": "gpt2-chatbot/v2"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: layout 'gpt2-chatbot/v2' is not one this version reads "
+                                              r"\('gpt2-chatbot/v1'\)$"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_checkpoint_resaved_without_its_metadata_says_what_is_missing(tmp_path):
+    # a tool that rewrites the safetensors file (a converter, safetensors' own save_file) drops our
+    # metadata, and with it what says the weights are [out, in], not the hub's transposed layout
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    model.save_checkpoint(tmp_path)
+    write_safetensors(tmp_path / "model.safetensors", {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    with pytest.raises(CheckpointError, match=r'model.safetensors: no "layout" in its __metadata__ \(re-saved by another '
+                                              r'tool\?\), though config.json beside it is a gpt2-chatbot/v1 checkpoint\'s; '
+                                              r'our weights need \{"layout": "gpt2-chatbot/v1"\} there$'):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_hub_config_json_missing_a_size_names_it(tmp_path):
+    d = hub_layout_file(tmp_path, random_hf(1, 12, 768, n_positions=16))
+    c = json.loads((d / "config.json").read_text())
+    del c["n_head"]
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match=r"config.json: not a GPT-2 config: it has no n_head$"):
+        GPT.from_pretrained(d)
 
 
 @pytest.mark.parametrize("field, value, message", [
