@@ -664,6 +664,29 @@ def load_or_die(name, **kwargs):
         die(f"cannot load model {name!r}: {e}")
 
 
+def brief(value, width=200):
+    """`value` as JSON in about `width` characters. Longer, it is cut at a clean boundary and ends in
+    "…": an object or list after its last whole item, a string after a character."""
+    text = json.dumps(value)
+    if len(text) <= width:
+        return text
+    if isinstance(value, (dict, list)):
+        items = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()] if isinstance(value, dict) \
+            else [json.dumps(v) for v in value]
+        text = "{" if isinstance(value, dict) else "["
+        for item in items:
+            if len(text) + len(item) + 2 > width:
+                break
+            text += item + ", "
+        return text + "…"
+    if isinstance(value, str):  # the longest start whose JSON (escapes and all) fits
+        n = width
+        while len(json.dumps(value[:n])) > width:
+            n -= 1
+        return json.dumps(value[:n])[:-1] + "…"  # (without its closing quote: the string goes on)
+    return text[:width] + "…"  # (a number of 200 digits)
+
+
 def main(argv=None):
     """`python gpt.py MODEL`: load a model as every script does and describe it (a quick check that a
     checkpoint, a hub file or a downloaded name is whole and what it holds)."""
@@ -677,7 +700,7 @@ def main(argv=None):
           f"vocabulary {c.vocab_size}; {model.num_params(non_embedding=False):,} parameters")
     for key, value in model.checkpoint_info.items():
         if key != "config":
-            print(f"  {key}: {json.dumps(value)[:200]}")
+            print(f"  {key}: {brief(value)}")
 
 
 if __name__ == "__main__":

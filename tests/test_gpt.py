@@ -10,7 +10,8 @@ import torch
 import transformers  # a dev requirement (requirements-dev.txt): parity is checked against it, never skipped
 
 from conftest import ROOT
-from gpt import GPT, GPTConfig, CheckpointError, encode, get_tokenizer, read_safetensors_header, write_safetensors
+from gpt import (GPT, GPTConfig, CheckpointError, encode, get_tokenizer, main, read_safetensors_header,
+                 write_safetensors)
 
 
 def hub_layout_file(tmp_path, hf_model, with_config=True):
@@ -423,3 +424,18 @@ def test_command_line_describes_a_checkpoint_or_says_in_one_line_what_is_wrong(t
     assert "1 layers, 2 heads, 32 wide, context 16, vocabulary 50257" in r.stdout and '  template: "chat"' in r.stdout
     r = run(str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_command_line_cuts_long_metadata_after_a_whole_item_with_an_ellipsis(tmp_path, capsys):
+    train_args = {"data": "data/shakespeare", "init": None, **{f"flag_{i}": i * 1.5 for i in range(40)}, "n_layer": None}
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).save_checkpoint(
+        tmp_path, train_args=train_args, note="é" * 300, short=[1, 2])
+    main([str(tmp_path)])
+    lines = dict(line.strip().split(": ", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    shown = lines["train_args"]
+    assert shown.endswith(", …") and len(shown) <= 202, shown
+    kept = json.loads(shown.removesuffix(", …") + "}")  # whole items only: the rest parses
+    assert 5 < len(kept) < len(train_args) and list(kept.items()) == list(train_args.items())[:len(kept)]
+    note = lines["note"]  # a string: cut after a whole character (not inside an escape like \u00e9)
+    assert note.endswith("…") and len(note) <= 201 and "é" * 30 in json.loads(note.removesuffix("…") + '"'), note
+    assert lines["short"] == "[1, 2]"  # what fits is printed whole
