@@ -29,7 +29,10 @@ A checkpoint is a directory with `model.safetensors` (our own writer, nn.Linear 
 in the file's metadata) and `config.json` (the GPTConfig plus metadata such as the chat template).
 `GPT.from_pretrained` loads that, a Hugging Face hub directory or .safetensors file, or one of the
 names gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded once into a cache). Loading never
-unpickles anything: safetensors is a JSON header and raw bytes, parsed here by hand.
+unpickles anything: safetensors is a JSON header and raw bytes, parsed here by hand. It checks
+before it trusts: the header's offsets, the config's sizes against the header's shapes (before the
+model is built or allocated), then each tensor's shape and that it holds no NaN or inf. A problem
+is a CheckpointError naming the file and the key or tensor.
 """
 
 import argparse
