@@ -29,7 +29,10 @@ A checkpoint is a directory with `model.safetensors` (our own writer, nn.Linear 
 in the file's metadata) and `config.json` (the GPTConfig plus metadata such as the chat template).
 `GPT.from_pretrained` loads that, a Hugging Face hub directory or .safetensors file, or one of the
 names gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded once into a cache). Loading never
-unpickles anything: safetensors is a JSON header and raw bytes, parsed here by hand.
+unpickles anything: safetensors is a JSON header and raw bytes, parsed here by hand. It checks
+before it trusts: the header's offsets, the config's sizes against the header's shapes (before the
+model is built or allocated), then each tensor's shape and that it holds no NaN or inf. A problem
+is a CheckpointError naming the file and the key or tensor.
 """
 
 import argparse
@@ -185,15 +188,18 @@ class GPT(nn.Module):
         """gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a checkpoint directory, or a .safetensors file."""
         path = resolve_weights(name_or_path)
         header, _ = read_safetensors_header(path)
-        meta = header.get("__metadata__") or {}
         ckpt_dir = path.parent
-        info = read_checkpoint_json(ckpt_dir) if meta.get("layout") == LAYOUT else {}
+        info = read_checkpoint_json(ckpt_dir) if is_our_layout(path, header) else {}
         if info:
             config = GPTConfig(**{**info["config"], "dropout": dropout})
         else:
             config = infer_hub_config(path, header, name_or_path)
             config.dropout = dropout
-        check_config(config, ckpt_dir / "config.json" if (ckpt_dir / "config.json").exists() else path)
+        where = ckpt_dir / "config.json" if (ckpt_dir / "config.json").exists() else path
+        check_config(config, where)
+        # before anything is built: building 1e7 layers takes minutes even on the meta device, and
+        # to_empty below allocates whatever the config says (terabytes for a block_size of 1e12)
+        check_config_fits_weights(config, header, where, path)
         # Build on the meta device (no memory, no random init), then materialize directly in the
         # target dtype/device and fill each tensor from the memory-mapped file: never two full copies.
         with torch.device("meta"):
@@ -270,7 +276,8 @@ def default_dtype(device):
 # Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
 # [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes, offsets relative to there.
 
-LAYOUT = "gpt2-chatbot/v1"  # marks our own files: nn.Linear [out, in] weights, no transpose needed
+FAMILY = "gpt2-chatbot/"  # our layouts' prefix: a later version's files are refused, never misread
+LAYOUT = FAMILY + "v1"  # marks our own files: nn.Linear [out, in] weights, no transpose needed
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
           "U8": torch.uint8, "BOOL": torch.bool}
@@ -406,6 +413,8 @@ def load_state_from_file(model, path, transposed):
         if tuple(t.shape) != tuple(params[key].shape):
             raise CheckpointError(f"{path}: tensor {name!r} has shape {list(t.shape)}, "
                                   f"the model expects {list(params[key].shape)}")
+        if t.is_floating_point() and not all_finite(t):  # else generation fails at the first token
+            raise CheckpointError(f"{path}: tensor {name!r} holds NaN or inf values (a diverged training run?)")
         with torch.no_grad():
             params[key].copy_(t)
         seen.add(key)
@@ -414,16 +423,58 @@ def load_state_from_file(model, path, transposed):
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
+def all_finite(t):
+    """Whether tensor `t` holds no NaN or inf. A sum is NaN or inf when any element is, and costs a
+    fraction of isfinite's pass (no bool tensor the size of the weights); only a sum that overflowed
+    from finite values (huge weights, or float16's small range) needs the exact check."""
+    return math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
+
+
 def read_checkpoint_json(directory):
+    """Our config.json: {"format": LAYOUT, "config": {every GPTConfig field but dropout}, metadata...}.
+    Every size must be there: a default filled in for a missing one would describe another model."""
     path = Path(directory) / "config.json"
     try:
         info = json.loads(path.read_text())
-        known = {f.name for f in fields(GPTConfig)}
-        if not isinstance(info.get("config"), dict) or not set(info["config"]) <= known:
-            raise ValueError("no 'config' object with GPTConfig fields")
-    except (OSError, ValueError, AttributeError) as e:
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{path}: not a valid checkpoint config ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: not a valid checkpoint config (not a JSON object)")
+    if info.get("format") != LAYOUT:
+        found = f"format {info['format']!r} is unknown" if "format" in info else "no \"format\" key"
+        raise CheckpointError(f"{path}: {found}; this version reads {LAYOUT!r} checkpoints")
+    config = info.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a valid checkpoint config (no \"config\" object)")
+    known = [f.name for f in fields(GPTConfig)]
+    unknown = [k for k in config if k not in known]
+    if unknown:
+        raise CheckpointError(f"{path}: unknown config key {unknown[0]!r} (GPTConfig has {', '.join(known)})")
+    missing = [k for k in known if k not in config and k != "dropout"]  # (dropout is a training choice)
+    if missing:
+        raise CheckpointError(f"{path}: the config has no {', '.join(missing)}")
     return info
+
+
+def is_our_layout(path, header):
+    """Whether `path` holds our layout (nn.Linear weights, a GPTConfig in config.json beside it), as
+    its metadata says, rather than the hub's. Refused: a later version of our layout, and weights
+    beside our config.json that lost the marker (re-saved by another tool): whether they are [out, in]
+    or transposed is then unknown, and square matrices would load either way, wrong."""
+    layout = (header.get("__metadata__") or {}).get("layout")
+    if layout == LAYOUT:
+        return True
+    if layout is not None and layout.startswith(FAMILY):
+        raise CheckpointError(f"{path}: layout {layout!r} is not one this version reads ({LAYOUT!r})")
+    try:
+        fmt = json.loads((path.parent / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # no config.json, or not ours: infer_hub_config reads it or says what is wrong
+    if isinstance(fmt, str) and fmt.startswith(FAMILY):
+        raise CheckpointError(f"{path}: no \"layout\" in its __metadata__ (re-saved by another tool?), though "
+                              f"config.json beside it is a {fmt} checkpoint's; our weights need "
+                              f"{{\"layout\": \"{LAYOUT}\"}} there")
+    return False
 
 
 def check_config(config, where):
@@ -440,6 +491,27 @@ def check_config(config, where):
         raise CheckpointError(f"{where}: bias must be true or false, not {config.bias!r}")
 
 
+def check_config_fits_weights(config, header, where, path):
+    """A CheckpointError naming the config key (in `where`, the config's file) unless the vocabulary,
+    width, context and layer count are those of the weights in `path`, read from its header alone.
+    These are the sizes that decide how much the model allocates; the shape of every other tensor
+    follows from them and is checked as it is loaded."""
+    shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+    for key, sizes in (("wte.weight", ("vocab_size", "n_embd")), ("wpe.weight", ("block_size", "n_embd"))):
+        if key not in shapes:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        if len(shapes[key]) != 2:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
+        for size, dim in zip(sizes, shapes[key]):
+            if getattr(config, size) != dim:
+                raise CheckpointError(f"{where}: {size} {getattr(config, size)} disagrees with the weights: "
+                                      f"{path.name} holds {key!r} of shape {shapes[key]}")
+    layers = {k.split(".")[1] for k in shapes if k.startswith("h.")}
+    if config.n_layer != len(layers):
+        raise CheckpointError(f"{where}: n_layer {config.n_layer} disagrees with the weights: "
+                              f"{path.name} holds {len(layers)} layer{'s' if len(layers) != 1 else ''}")
+
+
 def infer_hub_config(path, header, name):
     """The GPTConfig of a hub-layout file: from its HF config.json when there is one, else from the
     tensor shapes (the head count, which shapes do not show, from the released sizes' widths)."""
@@ -449,10 +521,13 @@ def infer_hub_config(path, header, name):
     if hf.exists():
         try:
             c = json.loads(hf.read_text())
-            return GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
-                             block_size=c.get("n_positions", c.get("n_ctx", 1024)), vocab_size=c["vocab_size"])
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{hf}: not a GPT-2 config ({e!r} missing or malformed)") from None
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{hf}: not valid JSON ({e})") from None
+        missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if not isinstance(c, dict) or k not in c]
+        if missing:
+            raise CheckpointError(f"{hf}: not a GPT-2 config: it has no {', '.join(missing)}")
+        return GPTConfig(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                         block_size=c.get("n_positions", c.get("n_ctx", 1024)), vocab_size=c["vocab_size"])
     shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
     for key in ("wte.weight", "wpe.weight"):
         if key not in shapes:
@@ -464,7 +539,7 @@ def infer_hub_config(path, header, name):
     bad = next((k for k in layers if not k.isdigit()), None)
     if bad is not None:
         raise CheckpointError(f"{path}: tensor names 'h.{bad}...' do not number their layer")
-    n_layer = 1 + max(map(int, layers), default=-1)
+    n_layer = len(set(layers))  # (not 1 + the highest number: a stray 'h.9999999.' would build 10**7 layers)
     heads = {s["n_embd"]: s["n_head"] for s in SIZES.values()}
     if n_embd not in heads:
         raise CheckpointError(f"{path}: width {n_embd} is not a released GPT-2 size; put a config.json with n_head beside it")
@@ -592,6 +667,29 @@ def load_or_die(name, **kwargs):
         die(f"cannot load model {name!r}: {e}")
 
 
+def brief(value, width=200):
+    """`value` as JSON in about `width` characters. Longer, it is cut at a clean boundary and ends in
+    "…": an object or list after its last whole item, a string after a character."""
+    text = json.dumps(value)
+    if len(text) <= width:
+        return text
+    if isinstance(value, (dict, list)):
+        items = [f"{json.dumps(k)}: {json.dumps(v)}" for k, v in value.items()] if isinstance(value, dict) \
+            else [json.dumps(v) for v in value]
+        text = "{" if isinstance(value, dict) else "["
+        for item in items:
+            if len(text) + len(item) + 2 > width:
+                break
+            text += item + ", "
+        return text + "…"
+    if isinstance(value, str):  # the longest start whose JSON (escapes and all) fits
+        n = width
+        while len(json.dumps(value[:n])) > width:
+            n -= 1
+        return json.dumps(value[:n])[:-1] + "…"  # (without its closing quote: the string goes on)
+    return text[:width] + "…"  # (a number of 200 digits)
+
+
 def main(argv=None):
     """`python gpt.py MODEL`: load a model as every script does and describe it (a quick check that a
     checkpoint, a hub file or a downloaded name is whole and what it holds)."""
@@ -605,7 +703,7 @@ def main(argv=None):
           f"vocabulary {c.vocab_size}; {model.num_params(non_embedding=False):,} parameters")
     for key, value in model.checkpoint_info.items():
         if key != "config":
-            print(f"  {key}: {json.dumps(value)[:200]}")
+            print(f"  {key}: {brief(value)}")
 
 
 if __name__ == "__main__":

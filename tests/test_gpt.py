@@ -10,7 +10,8 @@ import torch
 import transformers  # a dev requirement (requirements-dev.txt): parity is checked against it, never skipped
 
 from conftest import ROOT
-from gpt import GPT, GPTConfig, CheckpointError, encode, get_tokenizer, read_safetensors_header, write_safetensors
+from gpt import (GPT, GPTConfig, CheckpointError, encode, get_tokenizer, main, read_safetensors_header,
+                 write_safetensors)
 
 
 def hub_layout_file(tmp_path, hf_model, with_config=True):
@@ -203,6 +204,27 @@ def test_misshapen_tensor(tmp_path):
         GPT.from_pretrained(d)
 
 
+@pytest.mark.parametrize("dtype, bad", [(torch.float32, float("nan")), (torch.bfloat16, float("-inf"))])
+def test_weights_holding_nan_or_inf_are_refused_naming_the_first_such_tensor(tmp_path, dtype, bad):
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16)).to(dtype)
+    with torch.no_grad():
+        model.h[1].mlp.c_fc.weight[3, 5] = bad  # what a diverged training run saves
+        model.ln_f.weight[0] = bad
+    model.save_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'model.safetensors'}: tensor 'h.1.mlp.c_fc.weight' "
+                                                        "holds NaN or inf values (a diverged training run?)") + "$"):
+        GPT.from_pretrained(tmp_path, dtype=dtype)
+
+
+def test_finite_weights_whose_sum_overflows_still_load(tmp_path):
+    # float16 sums 65504 * 2 to inf: a quick sum flags such a tensor, and the exact check clears it
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).to(torch.float16)
+    with torch.no_grad():
+        model.wpe.weight.fill_(65504.0)
+    model.save_checkpoint(tmp_path)
+    assert torch.equal(GPT.from_pretrained(tmp_path, dtype=torch.float16).wpe.weight, model.wpe.weight)
+
+
 def test_not_a_path_or_name(tmp_path):
     with pytest.raises(CheckpointError, match=r"no such file or directory, and not one of gpt2"):
         GPT.from_pretrained(tmp_path / "nope")
@@ -217,15 +239,83 @@ def test_not_a_path_or_name(tmp_path):
 
 def test_corrupt_checkpoint_config(tmp_path):
     small_valid(tmp_path)
-    (tmp_path / "ok" / "config.json").write_text('{"format": "x", "config": {"n_layers": 3}}')
-    with pytest.raises(CheckpointError, match=r"config.json: not a valid checkpoint config"):
+    (tmp_path / "ok" / "config.json").write_text('{"format": "gpt2-chatbot/v1", "config": [3]}')
+    with pytest.raises(CheckpointError, match=r'config.json: not a valid checkpoint config \(no "config" object\)$'):
         GPT.from_pretrained(tmp_path / "ok")
+
+
+def edit_config(directory, edit):
+    """Apply edit(info) to the checkpoint's config.json, as a hand edit or another tool would."""
+    path = directory / "config.json"
+    info = json.loads(path.read_text())
+    edit(info)
+    path.write_text(json.dumps(info))
+
+
+def test_checkpoint_config_missing_a_size_names_it_instead_of_filling_a_default(tmp_path):
+    small_valid(tmp_path)
+    edit_config(tmp_path / "ok", lambda info: info["config"].pop("n_head"))
+    with pytest.raises(CheckpointError, match=r"config.json: the config has no n_head$"):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_checkpoint_config_with_an_unknown_key_names_it(tmp_path):
+    small_valid(tmp_path)
+    edit_config(tmp_path / "ok", lambda info: info["config"].update(n_layers=3))
+    with pytest.raises(CheckpointError, match=r"config.json: unknown config key 'n_layers' \(GPTConfig has n_layer, n_head, "):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda info: info.update(format="other/v9"), "format 'other/v9' is unknown"),
+    (lambda info: info.update(format="gpt2-chatbot/v2"), "format 'gpt2-chatbot/v2' is unknown"),
+    (lambda info: info.pop("format"), 'no "format" key'),
+])
+def test_checkpoint_config_of_another_format_is_refused_naming_it(tmp_path, edit, message):
+    small_valid(tmp_path)
+    edit_config(tmp_path / "ok", edit)
+    with pytest.raises(CheckpointError, match=f"config.json: {message}; this version reads 'gpt2-chatbot/v1' checkpoints$"):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_weights_of_a_later_layout_are_refused_not_misread(tmp_path):
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    model.save_checkpoint(tmp_path)
+    state = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    write_safetensors(tmp_path / "model.safetensors", state, metadata={"layout": "gpt2-chatbot/v2"})
+    with pytest.raises(CheckpointError, match=r"model.safetensors: layout 'gpt2-chatbot/v2' is not one this version reads "
+                                              r"\('gpt2-chatbot/v1'\)$"):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_checkpoint_resaved_without_its_metadata_says_what_is_missing(tmp_path):
+    # a tool that rewrites the safetensors file (a converter, safetensors' own save_file) drops our
+    # metadata, and with it what says the weights are [out, in], not the hub's transposed layout
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16))
+    model.save_checkpoint(tmp_path)
+    write_safetensors(tmp_path / "model.safetensors", {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"})
+    with pytest.raises(CheckpointError, match=r'model.safetensors: no "layout" in its __metadata__ \(re-saved by another '
+                                              r'tool\?\), though config.json beside it is a gpt2-chatbot/v1 checkpoint\'s; '
+                                              r'our weights need \{"layout": "gpt2-chatbot/v1"\} there$'):
+        GPT.from_pretrained(tmp_path)
+
+
+def test_hub_config_json_missing_a_size_names_it(tmp_path):
+    d = hub_layout_file(tmp_path, random_hf(1, 12, 768, n_positions=16))
+    c = json.loads((d / "config.json").read_text())
+    del c["n_head"]
+    (d / "config.json").write_text(json.dumps(c))
+    with pytest.raises(CheckpointError, match=r"config.json: not a GPT-2 config: it has no n_head$"):
+        GPT.from_pretrained(d)
 
 
 @pytest.mark.parametrize("field, value, message", [
     ("n_layer", "2", r"n_layer must be a positive integer, not '2'"),
     ("n_layer", None, r"n_layer must be a positive integer, not None"),
     ("block_size", -1, r"block_size must be a positive integer, not -1"),
+    ("n_embd", 0, r"n_embd must be a positive integer, not 0"),
+    ("block_size", 1e12, r"block_size must be a positive integer, not 1000000000000.0"),  # (JSON's 1e12 is a float)
+    ("n_layer", 1.0, r"n_layer must be a positive integer, not 1.0"),
     ("n_head", 3, r"n_embd 32 is not a multiple of n_head 3"),
     ("bias", "yes", r"bias must be true or false"),
 ])
@@ -238,6 +328,55 @@ def test_checkpoint_config_with_impossible_values(tmp_path, field, value, messag
     path.write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match=r"config.json: " + message):
         GPT.from_pretrained(tmp_path / "ok")
+
+
+def never_built(monkeypatch):
+    """Make building a GPT fail the test: what a config must be checked before (building 10**7 layers
+    takes minutes, even on the meta device, and to_empty allocates whatever the config says)."""
+    def build(self, config):
+        raise AssertionError(f"a model was built for {config}")
+    monkeypatch.setattr(GPT, "__init__", build)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("block_size", 10**12, r"block_size 1000000000000 disagrees with the weights: model.safetensors holds "
+                           r"'wpe.weight' of shape \[16, 32\]$"),
+    ("n_embd", 2**20, r"n_embd 1048576 disagrees with the weights: model.safetensors holds 'wte.weight' of shape \[50257, 32\]$"),
+    ("vocab_size", 10**10, r"vocab_size 10000000000 disagrees with the weights: model.safetensors holds 'wte.weight'"),
+    ("n_layer", 10**7, r"n_layer 10000000 disagrees with the weights: model.safetensors holds 1 layer$"),
+])
+def test_config_sizes_that_disagree_with_the_weights_fail_before_the_model_is_built(tmp_path, monkeypatch, field, value, message):
+    small_valid(tmp_path)
+    path = tmp_path / "ok" / "config.json"
+    info = json.loads(path.read_text())
+    info["config"][field] = value
+    path.write_text(json.dumps(info))
+    never_built(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"config.json: " + message):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+def test_hub_config_json_with_absurd_layer_count_fails_before_the_model_is_built(tmp_path, monkeypatch):
+    d = hub_layout_file(tmp_path, random_hf(1, 12, 768, n_positions=16))
+    c = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**c, "n_layer": 10**7}))
+    never_built(monkeypatch)
+    with pytest.raises(CheckpointError, match=r"config.json: n_layer 10000000 disagrees with the weights: model.safetensors holds 1 layer$"):
+        GPT.from_pretrained(d)
+
+
+def test_hub_file_with_a_stray_high_layer_number_builds_no_more_layers_than_it_holds(tmp_path, monkeypatch):
+    hf = random_hf(1, 12, 768, n_positions=16)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    state["h.9999999.ln_1.weight"] = torch.ones(768)
+    write_safetensors(tmp_path / "w.safetensors", state)
+    build = GPT.__init__
+    def small_only(self, config):
+        assert config.n_layer <= 2, f"a model of {config.n_layer} layers was built"
+        build(self, config)
+    monkeypatch.setattr(GPT, "__init__", small_only)
+    with pytest.raises(CheckpointError, match=r"w.safetensors: unexpected tensor 'h.9999999.ln_1.weight'"):
+        GPT.from_pretrained(tmp_path / "w.safetensors")
 
 
 def test_hub_config_json_with_impossible_head_count(tmp_path):
@@ -285,3 +424,18 @@ def test_command_line_describes_a_checkpoint_or_says_in_one_line_what_is_wrong(t
     assert "1 layers, 2 heads, 32 wide, context 16, vocabulary 50257" in r.stdout and '  template: "chat"' in r.stdout
     r = run(str(tmp_path / "nope"))
     assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_command_line_cuts_long_metadata_after_a_whole_item_with_an_ellipsis(tmp_path, capsys):
+    train_args = {"data": "data/shakespeare", "init": None, **{f"flag_{i}": i * 1.5 for i in range(40)}, "n_layer": None}
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).save_checkpoint(
+        tmp_path, train_args=train_args, note="é" * 300, short=[1, 2])
+    main([str(tmp_path)])
+    lines = dict(line.strip().split(": ", 1) for line in capsys.readouterr().out.splitlines()[1:])
+    shown = lines["train_args"]
+    assert shown.endswith(", …") and len(shown) <= 202, shown
+    kept = json.loads(shown.removesuffix(", …") + "}")  # whole items only: the rest parses
+    assert 5 < len(kept) < len(train_args) and list(kept.items()) == list(train_args.items())[:len(kept)]
+    note = lines["note"]  # a string: cut after a whole character (not inside an escape like \u00e9)
+    assert note.endswith("…") and len(note) <= 201 and "é" * 30 in json.loads(note.removesuffix("…") + '"'), note
+    assert lines["short"] == "[1, 2]"  # what fits is printed whole
