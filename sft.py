@@ -63,7 +63,7 @@ from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die,
                  read_checkpoint_json, write_json_atomic)
 from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, STATE_FILE, check_flags, checkpoint_dir, evaluate,
                    load_training_state, lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_unfinished,
-                   save_training_state, train_step, write_or_die)
+                   refuse_to_overwrite_weights, save_training_state, train_step, write_or_die)
 
 # ----------------------------------------------------------------------------- LoRA
 
@@ -262,6 +262,8 @@ def parse_args(argv=None):
                 max_test=NON_NEGATIVE)
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1) or args.val_frac == 0:
         die("--val-frac must be in (0, 1) and --test-frac in [0, 1)")
+    # the best checkpoint goes into OUT itself and the state into OUT/last: neither may be the base model
+    refuse_to_overwrite_weights("--model", args.model, args.out, [args.out, Path(args.out) / STATE_DIR])
     if args.quick:
         args.max_steps = args.max_steps or 20
         args.max_test = min(args.max_test, 10)

@@ -265,6 +265,22 @@ def refuse_to_overwrite_unfinished(out, state, args_key):
             f"--resume {shlex.quote(str(out))}, or delete it / choose another --out")
 
 
+def refuse_to_overwrite_weights(flag, name, out, written):
+    """Die if the weights `name` (the value of `flag`: a local checkpoint directory or .safetensors
+    file) lie in a directory in `written`, one this run saves its checkpoint into (or its .tmp/.old
+    while saving): the run's first save would replace the model it starts from. A model name (gpt2)
+    is a download in the cache, which no run writes."""
+    path = Path(name)
+    if not path.exists():
+        return
+    home = (path if path.is_dir() else path.parent).resolve()
+    for directory in map(Path, written):
+        directory = directory.resolve()
+        if home in (directory, directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")):
+            die(f"{flag} {name} is the checkpoint this run would write in --out {out}, so saving would replace "
+                "the weights it starts from: choose another --out")
+
+
 def make_run_dir(out):
     """Create the output directory and check that a file can be written in it, or die in one line:
     better before training than at the first save, minutes or hours later."""
@@ -497,6 +513,8 @@ def parse_args(argv):
         die(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr down to --min-lr")
     if args.init and args.model:
         die("give --model (from scratch) or --init (from weights), not both")
+    if args.init and args.out and not args.resume:  # before the data is tokenized; main checks a default --out
+        refuse_to_overwrite_weights("--init", args.init, args.out, [Path(args.out) / "checkpoint"])
     return args
 
 
@@ -559,6 +577,8 @@ def main(argv=None):
     out = Path(args.out or Path("runs") / Path(data_dir).name).resolve()
     args.data, args.out = str(Path(data_dir).resolve()), str(out)  # saved with the run: --resume works from anywhere
     ckpt = out / "checkpoint"
+    if args.init and not args.resume:  # (parse_args checked a --out given; this is the default one)
+        refuse_to_overwrite_weights("--init", args.init, out, [ckpt])
     if not args.resume:  # a new run would overwrite an interrupted one's log and checkpoint: make that a choice
         refuse_to_overwrite_unfinished(out, ckpt, "train_args")
 

@@ -195,6 +195,21 @@ def test_bad_flag_value_is_one_line_error_before_loading_anything(tmp_path, monk
     refused_before_any_work(sft.main, [flag, value], tmp_path / "out", message, capsys)
 
 
+@pytest.mark.parametrize("model", ["out", "out/model.safetensors", "out/last"])
+def test_fine_tuning_a_model_into_its_own_directory_is_refused(tmp_path, monkeypatch, capsys, model):
+    # `--model X --out X` used to save the fine-tuned weights over X's model.safetensors (out/last: the state)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before --out was checked"))
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).save_checkpoint(
+        tmp_path / ("out/last" if model == "out/last" else "out"))
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--quick", "--model", model, "--out", "out"])
+    assert e.value.code == 2
+    assert f"--model {tmp_path / model} is the checkpoint this run would write in --out out" in one_line_error(capsys)
+    assert snapshot(tmp_path / "out") == before
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 def write_small_instruction_data(path, n=16):

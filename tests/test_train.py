@@ -350,6 +350,20 @@ def test_resume_skips_a_last_log_line_cut_by_a_kill_and_refuses_a_bad_one_before
     assert sorted(losses) == [0, 1, 2] and sorted(val_losses) == [0, 3]
 
 
+@pytest.mark.parametrize("init", ["checkpoint", "checkpoint/model.safetensors"])
+def test_init_from_the_checkpoint_the_run_would_write_is_refused(tmp_path, monkeypatch, capsys, init):
+    # `--init R/checkpoint --out R` used to train, then save over R/checkpoint: the starting weights lost
+    run = tmp_path / "run"
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).save_checkpoint(run / "checkpoint")
+    before = snapshot(run)
+    monkeypatch.setattr(train, "resolve_data", lambda source: pytest.fail("data loaded before --out was checked"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--init", str(run / init), "--out", str(run)])
+    assert e.value.code == 2
+    assert f"--init {run / init} is the checkpoint this run would write in --out {run}" in one_line_error(capsys)
+    assert snapshot(run) == before
+
+
 def test_out_that_is_a_file_is_a_one_line_error_before_training(story_data, tmp_path, monkeypatch, capsys):
     out = tmp_path / "taken"
     out.write_text("someone's file")
