@@ -553,6 +553,14 @@ def resolve_data(source):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.resume:  # a run already at --max-steps: nothing to train, so nothing to evaluate or save again
+        step = read_checkpoint_json(checkpoint_dir(Path(args.out) / "checkpoint")).get("step", 0)
+        if step >= args.max_steps:
+            if os.environ.get("RANK", "0") == "0":  # (under torchrun, one note, not one per process)
+                print(f"note: the run in {args.out} already finished at step {step}"
+                      + (f" of {step}" if step == args.max_steps else f", past --max-steps {args.max_steps}")
+                      + "; raise --max-steps to train on")
+            return
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
     master = rank == 0  # only rank 0 prints and writes
     device_type = "cuda" if device.startswith("cuda") else "cpu"  # (mps too: no fused AdamW, no compile by default)
@@ -674,7 +682,7 @@ def main(argv=None):
     stats, saved_at = {}, None
     try:
         while True:
-            last = step >= args.max_steps  # >=: a run resumed past a lowered --max-steps stops too
+            last = step >= args.max_steps
             if step % args.eval_every == 0 or last:
                 val_loss = evaluate(model, val_batches, autocast)
                 log({"step": step, "val_loss": val_loss})

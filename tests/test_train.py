@@ -313,6 +313,22 @@ def test_a_new_run_refuses_to_overwrite_an_unfinished_one(stopped_run, tmp_path,
     train.main([*flags, "--out", str(run)])  # a finished run is not protected: a new run may replace it
 
 
+def test_resuming_a_finished_run_says_so_and_redoes_nothing_unless_max_steps_is_raised(stopped_run, tmp_path, capsys):
+    run, _ = copy_of(stopped_run, tmp_path)
+    train.main(["--resume", str(run)])  # runs to its end, step 3
+    before = snapshot(run)
+    capsys.readouterr()
+    train.main(["--resume", str(run)])  # used to evaluate and save step 3 again without a word
+    assert capsys.readouterr().out == f"note: the run in {run} already finished at step 3 of 3; raise --max-steps to train on\n"
+    assert snapshot(run) == before
+    train.main(["--resume", str(run), "--max-steps", "2"])
+    assert "already finished at step 3, past --max-steps 2" in capsys.readouterr().out
+    assert snapshot(run) == before
+    train.main(["--resume", str(run), "--max-steps", "4"])  # a raised --max-steps trains on
+    assert sorted(read_log(run)[0]) == [0, 1, 2, 3]
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 4
+
+
 @pytest.mark.parametrize("other", ["narrower", "fewer layers"])
 def test_resume_with_the_optimizer_state_of_another_model_is_a_one_line_error(stopped_run, tmp_path, capsys, other):
     run, _ = copy_of(stopped_run, tmp_path)
