@@ -63,7 +63,8 @@ from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die,
                  read_checkpoint_json, write_json_atomic)
 from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, STATE_FILE, check_flags, checkpoint_dir, evaluate,
                    load_training_state, lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_unfinished,
-                   refuse_to_overwrite_weights, save_training_state, train_step, write_or_die)
+                   refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts,
+                   write_or_die)
 
 # ----------------------------------------------------------------------------- LoRA
 
@@ -362,6 +363,8 @@ def main(argv=None):
     micro_per_epoch = math.ceil(len(train_ex) / args.batch_size)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * micro_per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
+    if args.warmup_steps is not None:  # (the default is shorter than any run of 2 steps or more)
+        warn_if_warmup_outlasts("--warmup-steps", warmup, max_steps, args.lr)
     eval_interval = args.eval_interval or max(1, max_steps // 10)
     if args.quick:
         eval_interval = args.eval_interval or 5

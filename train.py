@@ -281,6 +281,15 @@ def refuse_to_overwrite_weights(flag, name, out, written):
                 "the weights it starts from: choose another --out")
 
 
+def warn_if_warmup_outlasts(flag, warmup, max_steps, lr):
+    """A warmup as long as the run never decays the learning rate, and a longer one never reaches
+    --lr at all: legal, but rarely meant (--lr 6e-5 --max-steps 2 with the default warmup of 50)."""
+    if warmup >= max_steps:
+        peak = lr * max_steps / warmup  # lr_at's value at the last step
+        print(f"warning: {flag} {warmup} is not shorter than --max-steps {max_steps}: the learning rate only rises, "
+              f"to {peak:.2e} of --lr {lr:.2e}, and never decays")
+
+
 def make_run_dir(out):
     """Create the output directory and check that a file can be written in it, or die in one line:
     better before training than at the first save, minutes or hours later."""
@@ -620,6 +629,8 @@ def main(argv=None):
     if n_val_batches < 1:
         die(f"the validation data ({len(val_tokens):,} tokens) is smaller than one batch of {B} x {T}")
     min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    if master:
+        warn_if_warmup_outlasts("--warmup", args.warmup, args.max_steps, args.lr)
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device_type=device_type, verbose=master)
     step, position = 0, 0  # optimizer steps done; where in train_tokens the next step starts

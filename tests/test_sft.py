@@ -299,6 +299,13 @@ def test_lora_interrupted_by_ctrl_c_and_resumed_equals_uninterrupted(tmp_path, m
         "losses"]["best_step"]
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    sft.main([*resume_run(tmp_path), "--max-steps", "2", "--warmup-steps", "4", "--out", "out"])
+    assert ("warning: --warmup-steps 4 is not shorter than --max-steps 2: the learning rate only rises, to 5.00e-04 "
+            "of --lr 1.00e-03, and never decays") in capsys.readouterr().out
+
+
 @pytest.fixture(scope="module")
 def stopped_lora_run(tmp_path_factory):
     """A LoRA run stopped at step 2 of 8, in a directory that each test copies before changing it."""

@@ -217,6 +217,16 @@ def test_training_lowers_validation_loss(tmp_path, story_data):
     assert model.checkpoint_info["step"] == 40
 
 
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, story_data, capsys):
+    # --lr 6e-5 --max-steps 2 with the default --warmup 50: the peak was silently never reached
+    train.main(["--data", str(story_data), "--out", str(tmp_path / "run"), *TINY, "--warmup", "50", "--max-steps", "2",
+                "--lr", "6e-5"])
+    assert ("warning: --warmup 50 is not shorter than --max-steps 2: the learning rate only rises, to 2.40e-06 of "
+            "--lr 6.00e-05, and never decays") in capsys.readouterr().out
+    train.main(["--data", str(story_data), "--out", str(tmp_path / "run2"), *TINY, "--max-steps", "3"])  # warmup 2
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, story_data):
     common = ["--data", str(story_data), "--max-steps", "8", "--eval-every", "3", "--dropout", "0.1",
               "--batch-tokens", "256", *TINY]  # 2 micro-batches of 4 x 32 per step, dropout on
