@@ -528,10 +528,11 @@ def parse_args(argv):
 
 
 def log_lines_before(log_path, step):
-    """The lines of log.jsonl for steps before `step`: what a run resumed at `step` keeps. A last
-    line that is not a record is skipped rather than refused: it is one cut short by a kill in the
-    middle of a write, and as the log is written before the checkpoint, it is from a step at or after
-    the checkpoint's, one the resumed run redoes anyway. A bad line anywhere else is an error."""
+    """The lines of log.jsonl a run resumed after `step` steps keeps: the training records of steps
+    1 to `step` and the evaluations before `step` (the one at `step` is redone). A last line that is
+    not a record is skipped rather than refused: it is one cut short by a kill in the middle of a
+    write, and as the log is written before the checkpoint, it is from a step the resumed run redoes
+    anyway. A bad line anywhere else is an error."""
     if not log_path.exists():
         return []
     try:
@@ -541,7 +542,8 @@ def log_lines_before(log_path, step):
     kept = []
     for number, line in enumerate(lines, 1):
         try:
-            keep = json.loads(line)["step"] < step
+            record = json.loads(line)
+            keep = record["step"] < step or (record["step"] == step and "val_loss" not in record)
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 break
@@ -717,15 +719,15 @@ def main(argv=None):
             position += batch_tokens
             lr = lr_at(step, args.lr, args.warmup, args.max_steps, min_lr)
             loss = train_step(model, optimizer, micro_batches, lr, args.grad_clip, autocast, stats)
-            step += 1
+            step += 1  # steps done: the log and the printed line of the 40th step say step 40, as its evaluation does
             dt = time.time() - t0
             tok_per_sec = batch_tokens / dt
             util = mfu(flops_tok, tok_per_sec / world, peak)
-            log({"step": step - 1, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_sec": tok_per_sec,
+            log({"step": step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_sec": tok_per_sec,
                  "mfu": util, "ms": dt * 1000})
             if master and (step % args.log_every == 0 or step == 1):
                 mfu_text = f"{100 * util:.1f}%" if util is not None else "n/a"
-                print(f"step {step - 1:6d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {stats['grad_norm']:.2f} | "
+                print(f"step {step:6d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {stats['grad_norm']:.2f} | "
                       f"{tok_per_sec:,.0f} tok/s | mfu {mfu_text} | {dt * 1000:.0f} ms", flush=True)
             if step % args.save_every == 0:
                 save(step)

@@ -217,6 +217,17 @@ def test_training_lowers_validation_loss(tmp_path, story_data):
     assert model.checkpoint_info["step"] == 40
 
 
+def test_steps_are_counted_from_1_in_the_log_and_printed_lines_as_in_evaluations(tmp_path, story_data, capsys):
+    # the 3rd step's line said "step 2/3" and its log record step 2, beside the evaluation's "step 3"
+    run = tmp_path / "run"
+    train.main(["--data", str(story_data), "--out", str(run), *TINY, "--max-steps", "3", "--log-every", "1"])
+    printed = capsys.readouterr().out
+    losses, val = read_log(run)
+    assert sorted(losses) == [1, 2, 3] and sorted(val) == [0, 3]
+    assert f"step      3/3 | loss {losses[3]:.4f}" in printed and "step      3 | val loss" in printed
+    assert "step      0/3" not in printed
+
+
 def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, story_data, capsys):
     # --lr 6e-5 --max-steps 2 with the default --warmup 50: the peak was silently never reached
     train.main(["--data", str(story_data), "--out", str(tmp_path / "run"), *TINY, "--warmup", "50", "--max-steps", "2",
@@ -233,11 +244,11 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, story_data):
     train.main([*common, "--out", str(tmp_path / "whole")])
     train.main([*common, "--out", str(tmp_path / "parts"), "--stop-at-step", "5"])
     stopped, _ = read_log(tmp_path / "parts")
-    assert sorted(stopped) == [0, 1, 2, 3, 4]
+    assert sorted(stopped) == [1, 2, 3, 4, 5]  # a record per step done, numbered from 1
     train.main(["--resume", str(tmp_path / "parts")])  # everything else comes from the saved run
     whole, whole_val = read_log(tmp_path / "whole")
     parts, parts_val = read_log(tmp_path / "parts")
-    assert sorted(whole) == list(range(8))
+    assert sorted(whole) == list(range(1, 9))
     assert parts == whole  # bit for bit, every step before and after the stop
     assert parts_val == whole_val
     # resumed with a --max-steps it has already passed, the run stops at once instead of running on
@@ -276,7 +287,7 @@ def test_ddp_two_processes_match_one(tmp_path, story_data):
     train.main([*common, "--out", str(tmp_path / "one")])
     ddp_losses, ddp_val = read_log(tmp_path / "ddp")
     one_losses, one_val = read_log(tmp_path / "one")
-    assert sorted(ddp_losses) == sorted(one_losses) == [0, 1, 2, 3]
+    assert sorted(ddp_losses) == sorted(one_losses) == [1, 2, 3, 4]
     for step in one_losses:
         assert ddp_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5)
     assert sorted(ddp_val) == [0, 2, 4]
@@ -335,7 +346,7 @@ def test_resuming_a_finished_run_says_so_and_redoes_nothing_unless_max_steps_is_
     assert "already finished at step 3, past --max-steps 2" in capsys.readouterr().out
     assert snapshot(run) == before
     train.main(["--resume", str(run), "--max-steps", "4"])  # a raised --max-steps trains on
-    assert sorted(read_log(run)[0]) == [0, 1, 2, 3]
+    assert sorted(read_log(run)[0]) == [1, 2, 3, 4]
     assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 4
 
 
@@ -365,15 +376,15 @@ def test_resume_skips_a_last_log_line_cut_by_a_kill_and_refuses_a_bad_one_before
     run, _ = copy_of(stopped_run, tmp_path)
     log = run / "log.jsonl"
     complete = log.read_text()
-    log.write_text('{"step": 0, "lo\n' + complete)  # a bad line that is not the last: a real problem
+    log.write_text('{"step": 1, "lo\n' + complete)  # a bad line that is not the last: a real problem
     with pytest.raises(SystemExit):
         train.main(["--resume", str(run)])
     assert f"{log}:1: not a log record" in one_line_error(capsys)
-    assert log.read_text() == '{"step": 0, "lo\n' + complete  # not rewritten
-    log.write_text(complete + '{"step": 1, "loss": 4.2')  # a kill in the middle of writing the last record
+    assert log.read_text() == '{"step": 1, "lo\n' + complete  # not rewritten
+    log.write_text(complete + '{"step": 2, "loss": 4.2')  # a kill in the middle of writing the last record
     train.main(["--resume", str(run)])
     losses, val_losses = read_log(run)
-    assert sorted(losses) == [0, 1, 2] and sorted(val_losses) == [0, 3]
+    assert sorted(losses) == [1, 2, 3] and sorted(val_losses) == [0, 3]
 
 
 @pytest.mark.parametrize("init", ["checkpoint", "checkpoint/model.safetensors"])
@@ -413,5 +424,5 @@ def test_a_failed_save_is_a_one_line_error_that_leaves_the_last_checkpoint_intac
     assert not [p for p in run.parent.rglob("*") if ".tmp" in p.name]  # no half-written checkpoint.tmp left
     assert snapshot(run / "checkpoint") == before
     train.main(["--resume", str(run)])  # once there is room, the run goes on from that checkpoint
-    assert sorted(read_log(run)[0]) == [0, 1, 2]
+    assert sorted(read_log(run)[0]) == [1, 2, 3]
 
