@@ -519,6 +519,8 @@ def read_records(path):
                     yield n, json.loads(row)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
+                    raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
         return
     # one JSON list: decode it element by element (raw_decode) to know where each record starts
     decoder, space = json.JSONDecoder(), re.compile(r"\s*")
@@ -541,6 +543,8 @@ def read_records(path):
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     except IndexError:
         raise DataError(f"{path}: the JSON list is never closed (truncated file?)") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line}: JSON nested too deeply to read") from None
     # the list closes at text[i]; anything but whitespace after it (a second list pasted on, a stray
     # record) would otherwise be dropped without a word
     rest = space.match(text, i + 1).end()

@@ -296,6 +296,18 @@ def test_malformed_record_names_file_and_line(tmp_path, name, text, where, what)
     assert str(path) + where in str(e.value) and what in str(e.value)
 
 
+@pytest.mark.parametrize("name, text, where", [
+    ("deep.json", "[" * 100000 + "]" * 100000, ":1:"),
+    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n' + "[" * 100000 + "]" * 100000, ":2:"),
+])
+def test_json_nested_too_deeply_names_the_file_not_a_recursion_error(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match="nested too deeply") as e:
+        load_conversations(path)
+    assert str(e.value).startswith(str(path) + where)
+
+
 def test_jsonl_lines_are_split_at_newlines_only(tmp_path):
     """U+2028, U+2029, U+0085 and form feeds may stand unescaped inside JSON strings (ensure_ascii=False
     writes them so); they are no line breaks. Windows line ends are read too, and line numbers stay right."""
