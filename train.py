@@ -490,25 +490,66 @@ def build_parser():
 
 
 NOT_RESUMED = {"resume", "stop_at_step", "preset"}  # flags that belong to one invocation, not to the run
+SHAPE = ("model", "n_layer", "n_head", "n_embd", "block_size")  # flags that make a model from scratch
+
+
+def flags_given(argv):
+    """The flags on the command line (their dest names), told apart from defaults and saved values
+    by parsing again with every default replaced by a marker no flag can produce."""
+    parser, unset = build_parser(), object()
+    parser.set_defaults(**{k: unset for k in vars(parser.parse_args(argv))})
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
+def check_saved_flags(parser, saved, where):
+    """Die if a saved flag's value is not one its flag could have produced (a hand-edited or corrupt
+    config.json): argparse would otherwise report it as a bad command-line flag the user never gave."""
+    for action in parser._actions:
+        value = saved.get(action.dest)
+        if value is None or action.dest in NOT_RESUMED or action.dest == "help":
+            continue
+        if action.type in (int, float):
+            ok = type(value) is int or (action.type is float and type(value) is float)
+        else:  # --compile/--no-compile: a bool; the rest: text
+            ok = isinstance(value, bool if isinstance(action, argparse.BooleanOptionalAction) else str)
+        if not ok or (action.choices and value not in action.choices):
+            die(f"--resume: the saved run in {where} is corrupt: train_args {action.dest} is {value!r}, "
+                f"not a value of {action.option_strings[0]}")
 
 
 def parse_args(argv):
     """Flags, over the preset's defaults, over (with --resume) the run's saved flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = flags_given(argv)
     if args.preset:  # the recipe's model is from scratch; with --init the weights say what it is
         parser.set_defaults(**{k: v for k, v in PRESETS[args.preset].items() if not (k == "model" and args.init)})
     if args.resume:
         run = Path(args.resume)
         if (run / STATE_FILE).exists() and not (run / "checkpoint").exists():
             run = run.parent  # given the checkpoint directory itself
+        if "out" in given and Path(given["out"]).resolve() != run.resolve():
+            die(f"--resume {args.resume} continues the run in {run}; --out {given['out']} names another "
+                "(leave --out out to resume, or drop --resume to start a new run there)")
         try:
-            saved = read_checkpoint_json(checkpoint_dir(run / "checkpoint")).get("train_args")
+            where = checkpoint_dir(run / "checkpoint")
+            saved = read_checkpoint_json(where).get("train_args")
         except CheckpointError as e:
             die(f"--resume {args.resume}: {e}")
         if not isinstance(saved, dict):
             die(f"--resume {args.resume}: no training run saved there")
+        check_saved_flags(parser, saved, where / "config.json")
+        for name in ("init", *SHAPE):  # the model is the checkpoint's: these flags cannot change it now
+            if name in given and given[name] != saved.get(name):
+                die(f"--resume: --{name.replace('_', '-')} {given[name]} differs from the saved run's "
+                    f"{saved.get(name) or ('none' if name == 'init' else 'default')} (a resumed run keeps its model; "
+                    "start a new run with another --out to change it)")
         parser.set_defaults(**{**{k: v for k, v in saved.items() if k not in NOT_RESUMED}, "out": str(run)})
+    elif args.init:
+        for name in SHAPE[1:]:  # (--model with --init is refused below)
+            if name in given:
+                die(f"--{name.replace('_', '-')} cannot be combined with --init: the model's shape comes from "
+                    f"the weights of {args.init}")
     args = parser.parse_args(argv)
     # before any data or model is loaded: a bad value is a one-line error, not a traceback or a
     # silently different run (a negative --grad-clip would reverse the gradients)

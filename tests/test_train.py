@@ -350,6 +350,38 @@ def test_resuming_a_finished_run_says_so_and_redoes_nothing_unless_max_steps_is_
     assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 4
 
 
+def test_init_with_a_shape_flag_is_refused_before_loading_anything(tmp_path, monkeypatch, capsys):
+    # the run used the weights' 12 layers and saved n_layer 3 in its train_args
+    monkeypatch.setattr(train, "resolve_data", lambda source: pytest.fail("data loaded before the flags were checked"))
+    refused_before_any_work(train.main, ["--init", "gpt2", "--n-layer", "3"], tmp_path / "run",
+                            "--n-layer cannot be combined with --init: the model's shape comes from the weights of gpt2",
+                            capsys)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-layer", "3"], "--resume: --n-layer 3 differs from the saved run's 2 (a resumed run keeps its model"),
+    (["--init", "gpt2"], "--resume: --init gpt2 differs from the saved run's none"),
+    (["--model", "gpt2"], "--resume: --model gpt2 differs from the saved run's default"),
+    (["--out", "elsewhere"], "continues the run in RUN; --out elsewhere names another"),
+    ("corrupt", "--resume: the saved run in RUN/checkpoint/config.json is corrupt: train_args batch_size is 'x', "
+                "not a value of --batch-size"),
+])
+def test_resume_refuses_flags_it_would_ignore_and_names_a_corrupt_saved_run(stopped_run, tmp_path, capsys, extra,
+                                                                            message):
+    run, _ = copy_of(stopped_run, tmp_path)
+    if extra == "corrupt":  # argparse said "argument --batch-size: invalid int value", a flag nobody gave
+        config = run / "checkpoint" / "config.json"
+        info = json.loads(config.read_text())
+        config.write_text(json.dumps({**info, "train_args": {**info["train_args"], "batch_size": "x"}}))
+        extra = []
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run), *extra])
+    assert e.value.code == 2
+    assert message.replace("RUN", str(run)) in one_line_error(capsys)
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("other", ["narrower", "fewer layers"])
 def test_resume_with_the_optimizer_state_of_another_model_is_a_one_line_error(stopped_run, tmp_path, capsys, other):
     run, _ = copy_of(stopped_run, tmp_path)
