@@ -210,6 +210,17 @@ def test_fine_tuning_a_model_into_its_own_directory_is_refused(tmp_path, monkeyp
     assert snapshot(tmp_path / "out") == before
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--val-frac", "0.6"], "--val-frac cannot be combined with --quick, which splits its 120 conversations"),
+    (["--quick", "--test-frac", "0.6"], "--test-frac cannot be combined with --quick"),
+    (["--lora-alpha", "32"], "--lora-alpha needs --lora-rank above 0"),
+    (["--lora-targets", "c_fc"], "--lora-targets needs --lora-rank above 0"),
+])
+def test_a_flag_that_would_be_ignored_is_refused_before_loading_anything(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before the flags were checked"))
+    refused_before_any_work(sft.main, argv, tmp_path / "out", message, capsys)
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 def write_small_instruction_data(path, n=16):
