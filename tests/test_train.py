@@ -111,6 +111,18 @@ def test_bad_flag_value_is_a_one_line_error_before_loading_anything(tmp_path, mo
     refused_before_any_work(train.main, [flag, value], tmp_path / "run", message, capsys)
 
 
+def test_a_token_file_of_odd_size_is_named_in_a_one_line_error(tmp_path, story_data, capsys):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(story_data, prepared)
+    with open(prepared / "val.bin", "ab") as f:
+        f.write(b"\0")  # half a token: np.memmap said "Size of available data is not a multiple of ..."
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(prepared), "--out", str(tmp_path / "run"), *TINY])
+    assert e.value.code == 2
+    assert f"{prepared / 'val.bin'}: " in (err := one_line_error(capsys)) and "an odd number, so not uint16 tokens" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_get_batch_targets_are_inputs_shifted():
     tokens = np.arange(100, dtype=np.uint16)
     x, y = data.get_batch(tokens, 10, 2, 5)
