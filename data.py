@@ -378,6 +378,8 @@ def prepare_pretrain_data(source, out_dir=None, val_fraction=None, workers=None)
     DEFAULT_VAL_FRACTION for a new one)."""
     name, (train_src, val_src) = resolve_pretrain_source(source)
     out = Path(out_dir) if out_dir else DATA_CACHE / name
+    if out.exists() and not out.is_dir():  # (mkdir would say "File exists")
+        raise ValueError(f"{out} is a file, not a directory for the token files")
     out.mkdir(parents=True, exist_ok=True)
     texts = []
     for src in (train_src, val_src):
@@ -423,6 +425,9 @@ def load_tokens(directory, split):
     path = Path(directory) / f"{split}.bin"
     if not path.is_file() or path.stat().st_size < 4:
         raise ValueError(f"{path}: missing or empty; prepare it with: python data.py pretrain <source> --out {directory}")
+    if path.stat().st_size % 2:  # (np.memmap's own error names no file)
+        raise ValueError(f"{path}: {path.stat().st_size:,} bytes, an odd number, so not uint16 tokens (a cut or "
+                         f"foreign file?); prepare it again with: python data.py pretrain <source> --out {directory}")
     return np.memmap(path, dtype=np.uint16, mode="r")
 
 
@@ -507,7 +512,10 @@ def read_records(path):
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is skipped, not an error
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:  # the line, not the byte offset Python's message gives
+        line = e.object.count(b"\n", 0, e.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
+    except OSError as e:
         raise DataError(f"{path}: cannot read ({e})") from None
     if not text.lstrip().startswith("["):  # JSONL: one record per line, blank lines allowed
         # split on "\n" only: str.splitlines() also splits on U+2028, U+0085, \x0c ..., which JSON
@@ -519,6 +527,8 @@ def read_records(path):
                     yield n, json.loads(row)
                 except json.JSONDecodeError as e:
                     raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+                except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
+                    raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
         return
     # one JSON list: decode it element by element (raw_decode) to know where each record starts
     decoder, space = json.JSONDecoder(), re.compile(r"\s*")
@@ -541,6 +551,8 @@ def read_records(path):
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     except IndexError:
         raise DataError(f"{path}: the JSON list is never closed (truncated file?)") from None
+    except RecursionError:
+        raise DataError(f"{path}:{line}: JSON nested too deeply to read") from None
     # the list closes at text[i]; anything but whitespace after it (a second list pasted on, a stray
     # record) would otherwise be dropped without a word
     rest = space.match(text, i + 1).end()
@@ -645,6 +657,8 @@ def resolve_dataset(name_or_path):
             return download(url, cache_dir() / "data" / url.rsplit("/", 1)[1])
         except Exception as e:  # requests' errors, disk errors: all mean "could not get the data"
             raise DataError(f"could not download the {name} dataset from {url} ({e})") from None
+    if Path(name).is_dir():
+        raise DataError(f"{name}: a directory, not a data file (a JSON or JSONL file)")
     if not Path(name).is_file():
         raise DataError(f"{name}: no such file, and not one of {', '.join(DATASETS)}")
     return Path(name)

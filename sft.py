@@ -63,7 +63,8 @@ from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die,
                  read_checkpoint_json, write_json_atomic)
 from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, STATE_FILE, check_flags, checkpoint_dir, evaluate,
                    load_training_state, lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_unfinished,
-                   save_training_state, train_step, write_or_die)
+                   refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts,
+                   write_or_die)
 
 # ----------------------------------------------------------------------------- LoRA
 
@@ -227,15 +228,14 @@ def parse_args(argv=None):
     """Flags; with --resume, the saved run's flags, which flags given now may repeat but not change."""
     parser = build_parser()
     args = absolute_paths(parser.parse_args(argv))
+    unset = object()  # a default no flag can produce: what is left at it was not on the command line
+    parser.set_defaults(**{k: unset for k in vars(args) if k != "data"})  # --data appends: None stays
+    given = {k: v for k, v in vars(absolute_paths(parser.parse_args(argv))).items() if v is not unset and v is not None}
     if args.resume is not None:
         out = Path(args.resume or args.out)
         state = state_dir_of(out)
         out = state.parent
         saved = read_saved_run(state)["sft_args"]
-        unset = object()  # a default no flag can produce: what is left at it was not on the command line
-        parser.set_defaults(**{k: unset for k in vars(args) if k != "data"})  # --data appends: None stays
-        given = {k: v for k, v in vars(absolute_paths(parser.parse_args(argv))).items()
-                 if v is not unset and v is not None}
         for k, v in given.items():
             if k not in RESUMABLE_CHANGES and k in saved and v != saved[k]:
                 die(f"--resume: --{k.replace('_', '-')} {v} differs from the saved run's "
@@ -262,6 +262,15 @@ def parse_args(argv=None):
                 max_test=NON_NEGATIVE)
     if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1) or args.val_frac == 0:
         die("--val-frac must be in (0, 1) and --test-frac in [0, 1)")
+    for flag in ("val_frac", "test_frac"):  # --quick's own split would replace them without a word
+        if args.quick and flag in given:
+            die(f"--{flag.replace('_', '-')} cannot be combined with --quick, which splits its 120 conversations "
+                "100 / 10 / 10")
+    for flag in ("lora_alpha", "lora_targets"):  # (settings of an adapter that rank 0 does not make)
+        if args.lora_rank == 0 and flag in given:
+            die(f"--{flag.replace('_', '-')} needs --lora-rank above 0 (without it the whole model is fine-tuned)")
+    # the best checkpoint goes into OUT itself and the state into OUT/last: neither may be the base model
+    refuse_to_overwrite_weights("--model", args.model, args.out, [args.out, Path(args.out) / STATE_DIR])
     if args.quick:
         args.max_steps = args.max_steps or 20
         args.max_test = min(args.max_test, 10)
@@ -360,6 +369,8 @@ def main(argv=None):
     micro_per_epoch = math.ceil(len(train_ex) / args.batch_size)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * micro_per_epoch / args.grad_accum))
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
+    if args.warmup_steps is not None:  # (the default is shorter than any run of 2 steps or more)
+        warn_if_warmup_outlasts("--warmup-steps", warmup, max_steps, args.lr)
     eval_interval = args.eval_interval or max(1, max_steps // 10)
     if args.quick:
         eval_interval = args.eval_interval or 5

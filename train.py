@@ -265,6 +265,31 @@ def refuse_to_overwrite_unfinished(out, state, args_key):
             f"--resume {shlex.quote(str(out))}, or delete it / choose another --out")
 
 
+def refuse_to_overwrite_weights(flag, name, out, written):
+    """Die if the weights `name` (the value of `flag`: a local checkpoint directory or .safetensors
+    file) lie in a directory in `written`, one this run saves its checkpoint into (or its .tmp/.old
+    while saving): the run's first save would replace the model it starts from. A model name (gpt2)
+    is a download in the cache, which no run writes."""
+    path = Path(name)
+    if not path.exists():
+        return
+    home = (path if path.is_dir() else path.parent).resolve()
+    for directory in map(Path, written):
+        directory = directory.resolve()
+        if home in (directory, directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")):
+            die(f"{flag} {name} is the checkpoint this run would write in --out {out}, so saving would replace "
+                "the weights it starts from: choose another --out")
+
+
+def warn_if_warmup_outlasts(flag, warmup, max_steps, lr):
+    """A warmup as long as the run never decays the learning rate, and a longer one never reaches
+    --lr at all: legal, but rarely meant (--lr 6e-5 --max-steps 2 with the default warmup of 50)."""
+    if warmup >= max_steps:
+        peak = lr * max_steps / warmup  # lr_at's value at the last step
+        print(f"warning: {flag} {warmup} is not shorter than --max-steps {max_steps}: the learning rate only rises, "
+              f"to {peak:.2e} of --lr {lr:.2e}, and never decays")
+
+
 def make_run_dir(out):
     """Create the output directory and check that a file can be written in it, or die in one line:
     better before training than at the first save, minutes or hours later."""
@@ -465,25 +490,66 @@ def build_parser():
 
 
 NOT_RESUMED = {"resume", "stop_at_step", "preset"}  # flags that belong to one invocation, not to the run
+SHAPE = ("model", "n_layer", "n_head", "n_embd", "block_size")  # flags that make a model from scratch
+
+
+def flags_given(argv):
+    """The flags on the command line (their dest names), told apart from defaults and saved values
+    by parsing again with every default replaced by a marker no flag can produce."""
+    parser, unset = build_parser(), object()
+    parser.set_defaults(**{k: unset for k in vars(parser.parse_args(argv))})
+    return {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
+def check_saved_flags(parser, saved, where):
+    """Die if a saved flag's value is not one its flag could have produced (a hand-edited or corrupt
+    config.json): argparse would otherwise report it as a bad command-line flag the user never gave."""
+    for action in parser._actions:
+        value = saved.get(action.dest)
+        if value is None or action.dest in NOT_RESUMED or action.dest == "help":
+            continue
+        if action.type in (int, float):
+            ok = type(value) is int or (action.type is float and type(value) is float)
+        else:  # --compile/--no-compile: a bool; the rest: text
+            ok = isinstance(value, bool if isinstance(action, argparse.BooleanOptionalAction) else str)
+        if not ok or (action.choices and value not in action.choices):
+            die(f"--resume: the saved run in {where} is corrupt: train_args {action.dest} is {value!r}, "
+                f"not a value of {action.option_strings[0]}")
 
 
 def parse_args(argv):
     """Flags, over the preset's defaults, over (with --resume) the run's saved flags."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    given = flags_given(argv)
     if args.preset:  # the recipe's model is from scratch; with --init the weights say what it is
         parser.set_defaults(**{k: v for k, v in PRESETS[args.preset].items() if not (k == "model" and args.init)})
     if args.resume:
         run = Path(args.resume)
         if (run / STATE_FILE).exists() and not (run / "checkpoint").exists():
             run = run.parent  # given the checkpoint directory itself
+        if "out" in given and Path(given["out"]).resolve() != run.resolve():
+            die(f"--resume {args.resume} continues the run in {run}; --out {given['out']} names another "
+                "(leave --out out to resume, or drop --resume to start a new run there)")
         try:
-            saved = read_checkpoint_json(checkpoint_dir(run / "checkpoint")).get("train_args")
+            where = checkpoint_dir(run / "checkpoint")
+            saved = read_checkpoint_json(where).get("train_args")
         except CheckpointError as e:
             die(f"--resume {args.resume}: {e}")
         if not isinstance(saved, dict):
             die(f"--resume {args.resume}: no training run saved there")
+        check_saved_flags(parser, saved, where / "config.json")
+        for name in ("init", *SHAPE):  # the model is the checkpoint's: these flags cannot change it now
+            if name in given and given[name] != saved.get(name):
+                die(f"--resume: --{name.replace('_', '-')} {given[name]} differs from the saved run's "
+                    f"{saved.get(name) or ('none' if name == 'init' else 'default')} (a resumed run keeps its model; "
+                    "start a new run with another --out to change it)")
         parser.set_defaults(**{**{k: v for k, v in saved.items() if k not in NOT_RESUMED}, "out": str(run)})
+    elif args.init:
+        for name in SHAPE[1:]:  # (--model with --init is refused below)
+            if name in given:
+                die(f"--{name.replace('_', '-')} cannot be combined with --init: the model's shape comes from "
+                    f"the weights of {args.init}")
     args = parser.parse_args(argv)
     # before any data or model is loaded: a bad value is a one-line error, not a traceback or a
     # silently different run (a negative --grad-clip would reverse the gradients)
@@ -497,14 +563,17 @@ def parse_args(argv):
         die(f"--min-lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr down to --min-lr")
     if args.init and args.model:
         die("give --model (from scratch) or --init (from weights), not both")
+    if args.init and args.out and not args.resume:  # before the data is tokenized; main checks a default --out
+        refuse_to_overwrite_weights("--init", args.init, args.out, [Path(args.out) / "checkpoint"])
     return args
 
 
 def log_lines_before(log_path, step):
-    """The lines of log.jsonl for steps before `step`: what a run resumed at `step` keeps. A last
-    line that is not a record is skipped rather than refused: it is one cut short by a kill in the
-    middle of a write, and as the log is written before the checkpoint, it is from a step at or after
-    the checkpoint's, one the resumed run redoes anyway. A bad line anywhere else is an error."""
+    """The lines of log.jsonl a run resumed after `step` steps keeps: the training records of steps
+    1 to `step` and the evaluations before `step` (the one at `step` is redone). A last line that is
+    not a record is skipped rather than refused: it is one cut short by a kill in the middle of a
+    write, and as the log is written before the checkpoint, it is from a step the resumed run redoes
+    anyway. A bad line anywhere else is an error."""
     if not log_path.exists():
         return []
     try:
@@ -514,7 +583,8 @@ def log_lines_before(log_path, step):
     kept = []
     for number, line in enumerate(lines, 1):
         try:
-            keep = json.loads(line)["step"] < step
+            record = json.loads(line)
+            keep = record["step"] < step or (record["step"] == step and "val_loss" not in record)
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 break
@@ -535,6 +605,14 @@ def resolve_data(source):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.resume:  # a run already at --max-steps: nothing to train, so nothing to evaluate or save again
+        step = read_checkpoint_json(checkpoint_dir(Path(args.out) / "checkpoint")).get("step", 0)
+        if step >= args.max_steps:
+            if os.environ.get("RANK", "0") == "0":  # (under torchrun, one note, not one per process)
+                print(f"note: the run in {args.out} already finished at step {step}"
+                      + (f" of {step}" if step == args.max_steps else f", past --max-steps {args.max_steps}")
+                      + "; raise --max-steps to train on")
+            return
     ddp, rank, local_rank, world, device = setup_distributed(args.device)
     master = rank == 0  # only rank 0 prints and writes
     device_type = "cuda" if device.startswith("cuda") else "cpu"  # (mps too: no fused AdamW, no compile by default)
@@ -559,6 +637,8 @@ def main(argv=None):
     out = Path(args.out or Path("runs") / Path(data_dir).name).resolve()
     args.data, args.out = str(Path(data_dir).resolve()), str(out)  # saved with the run: --resume works from anywhere
     ckpt = out / "checkpoint"
+    if args.init and not args.resume:  # (parse_args checked a --out given; this is the default one)
+        refuse_to_overwrite_weights("--init", args.init, out, [ckpt])
     if not args.resume:  # a new run would overwrite an interrupted one's log and checkpoint: make that a choice
         refuse_to_overwrite_unfinished(out, ckpt, "train_args")
 
@@ -592,6 +672,8 @@ def main(argv=None):
     if n_val_batches < 1:
         die(f"the validation data ({len(val_tokens):,} tokens) is smaller than one batch of {B} x {T}")
     min_lr = args.min_lr if args.min_lr is not None else args.lr / 10
+    if master:
+        warn_if_warmup_outlasts("--warmup", args.warmup, args.max_steps, args.lr)
 
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device_type=device_type, verbose=master)
     step, position = 0, 0  # optimizer steps done; where in train_tokens the next step starts
@@ -654,7 +736,7 @@ def main(argv=None):
     stats, saved_at = {}, None
     try:
         while True:
-            last = step >= args.max_steps  # >=: a run resumed past a lowered --max-steps stops too
+            last = step >= args.max_steps
             if step % args.eval_every == 0 or last:
                 val_loss = evaluate(model, val_batches, autocast)
                 log({"step": step, "val_loss": val_loss})
@@ -678,15 +760,15 @@ def main(argv=None):
             position += batch_tokens
             lr = lr_at(step, args.lr, args.warmup, args.max_steps, min_lr)
             loss = train_step(model, optimizer, micro_batches, lr, args.grad_clip, autocast, stats)
-            step += 1
+            step += 1  # steps done: the log and the printed line of the 40th step say step 40, as its evaluation does
             dt = time.time() - t0
             tok_per_sec = batch_tokens / dt
             util = mfu(flops_tok, tok_per_sec / world, peak)
-            log({"step": step - 1, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_sec": tok_per_sec,
+            log({"step": step, "loss": loss, "lr": lr, "grad_norm": stats["grad_norm"], "tokens_per_sec": tok_per_sec,
                  "mfu": util, "ms": dt * 1000})
             if master and (step % args.log_every == 0 or step == 1):
                 mfu_text = f"{100 * util:.1f}%" if util is not None else "n/a"
-                print(f"step {step - 1:6d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {stats['grad_norm']:.2f} | "
+                print(f"step {step:6d}/{args.max_steps} | loss {loss:.4f} | lr {lr:.2e} | norm {stats['grad_norm']:.2f} | "
                       f"{tok_per_sec:,.0f} tok/s | mfu {mfu_text} | {dt * 1000:.0f} ms", flush=True)
             if step % args.save_every == 0:
                 save(step)

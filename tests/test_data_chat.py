@@ -296,6 +296,29 @@ def test_malformed_record_names_file_and_line(tmp_path, name, text, where, what)
     assert str(path) + where in str(e.value) and what in str(e.value)
 
 
+@pytest.mark.parametrize("name, text, where", [
+    ("deep.json", "[" * 100000 + "]" * 100000, ":1:"),
+    ("deep.jsonl", '{"instruction": "a", "output": "b"}\n' + "[" * 100000 + "]" * 100000, ":2:"),
+])
+def test_json_nested_too_deeply_names_the_file_not_a_recursion_error(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match="nested too deeply") as e:
+        load_conversations(path)
+    assert str(e.value).startswith(str(path) + where)
+
+
+def test_non_utf8_data_names_the_line_and_a_directory_is_not_missing(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"instruction": "a", "output": "b"}\n\n{"instruction": "caf\xe9", "output": "c"}\n')
+    with pytest.raises(DataError) as e:  # was "... can't decode byte 0xe9 in position 46"
+        load_conversations(path)
+    assert str(e.value) == f"{path}:3: not UTF-8 text (byte 0xe9)"
+    with pytest.raises(DataError) as e:  # was "no such file"
+        load_conversations(tmp_path)
+    assert str(e.value) == f"{tmp_path}: a directory, not a data file (a JSON or JSONL file)"
+
+
 def test_jsonl_lines_are_split_at_newlines_only(tmp_path):
     """U+2028, U+2029, U+0085 and form feeds may stand unescaped inside JSON strings (ensure_ascii=False
     writes them so); they are no line breaks. Windows line ends are read too, and line numbers stay right."""
@@ -342,6 +365,17 @@ def test_prepare_is_redone_when_val_fraction_changes(tmp_path, shared_data):
     data.prepare_pretrain_data(src, out)  # no split asked for (train.py): whatever is there is kept
     assert (out / "train.bin").stat().st_mtime_ns == mtime
     assert json.loads((out / "meta.json").read_text())["val_fraction"] == 0.25
+
+
+def test_prepare_into_a_file_is_a_one_line_error(tmp_path, capsys):
+    src, out = tmp_path / "a.txt", tmp_path / "taken"
+    src.write_text("Some text.\n")
+    out.write_text("someone's file")
+    with pytest.raises(SystemExit) as e:
+        data.main([str(src), "--out", str(out)])  # was "[Errno 17] File exists"
+    assert e.value.code == 2
+    assert capsys.readouterr().err == f"error: {out} is a file, not a directory for the token files\n"
+    assert out.read_text() == "someone's file"
 
 
 def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_path, shared_data):

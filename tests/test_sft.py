@@ -195,6 +195,32 @@ def test_bad_flag_value_is_one_line_error_before_loading_anything(tmp_path, monk
     refused_before_any_work(sft.main, [flag, value], tmp_path / "out", message, capsys)
 
 
+@pytest.mark.parametrize("model", ["out", "out/model.safetensors", "out/last"])
+def test_fine_tuning_a_model_into_its_own_directory_is_refused(tmp_path, monkeypatch, capsys, model):
+    # `--model X --out X` used to save the fine-tuned weights over X's model.safetensors (out/last: the state)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before --out was checked"))
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).save_checkpoint(
+        tmp_path / ("out/last" if model == "out/last" else "out"))
+    before = snapshot(tmp_path / "out")
+    with pytest.raises(SystemExit) as e:
+        sft.main(["--quick", "--model", model, "--out", "out"])
+    assert e.value.code == 2
+    assert f"--model {tmp_path / model} is the checkpoint this run would write in --out out" in one_line_error(capsys)
+    assert snapshot(tmp_path / "out") == before
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--quick", "--val-frac", "0.6"], "--val-frac cannot be combined with --quick, which splits its 120 conversations"),
+    (["--quick", "--test-frac", "0.6"], "--test-frac cannot be combined with --quick"),
+    (["--lora-alpha", "32"], "--lora-alpha needs --lora-rank above 0"),
+    (["--lora-targets", "c_fc"], "--lora-targets needs --lora-rank above 0"),
+])
+def test_a_flag_that_would_be_ignored_is_refused_before_loading_anything(tmp_path, monkeypatch, capsys, argv, message):
+    monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before the flags were checked"))
+    refused_before_any_work(sft.main, argv, tmp_path / "out", message, capsys)
+
+
 # ----------------------------------------------------------------------------- exact resume
 
 def write_small_instruction_data(path, n=16):
@@ -282,6 +308,13 @@ def test_lora_interrupted_by_ctrl_c_and_resumed_equals_uninterrupted(tmp_path, m
     merged = GPT.from_pretrained(tmp_path / "parts")  # the exported checkpoint is still a plain (merged) one
     assert merged.checkpoint_info["step"] == json.loads((tmp_path / "parts/training_metadata.json").read_text())[
         "losses"]["best_step"]
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    sft.main([*resume_run(tmp_path), "--max-steps", "2", "--warmup-steps", "4", "--out", "out"])
+    assert ("warning: --warmup-steps 4 is not shorter than --max-steps 2: the learning rate only rises, to 5.00e-04 "
+            "of --lr 1.00e-03, and never decays") in capsys.readouterr().out
 
 
 @pytest.fixture(scope="module")

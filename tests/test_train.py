@@ -111,6 +111,18 @@ def test_bad_flag_value_is_a_one_line_error_before_loading_anything(tmp_path, mo
     refused_before_any_work(train.main, [flag, value], tmp_path / "run", message, capsys)
 
 
+def test_a_token_file_of_odd_size_is_named_in_a_one_line_error(tmp_path, story_data, capsys):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(story_data, prepared)
+    with open(prepared / "val.bin", "ab") as f:
+        f.write(b"\0")  # half a token: np.memmap said "Size of available data is not a multiple of ..."
+    with pytest.raises(SystemExit) as e:
+        train.main(["--data", str(prepared), "--out", str(tmp_path / "run"), *TINY])
+    assert e.value.code == 2
+    assert f"{prepared / 'val.bin'}: " in (err := one_line_error(capsys)) and "an odd number, so not uint16 tokens" in err
+    assert not (tmp_path / "run").exists()
+
+
 def test_get_batch_targets_are_inputs_shifted():
     tokens = np.arange(100, dtype=np.uint16)
     x, y = data.get_batch(tokens, 10, 2, 5)
@@ -217,17 +229,38 @@ def test_training_lowers_validation_loss(tmp_path, story_data):
     assert model.checkpoint_info["step"] == 40
 
 
+def test_steps_are_counted_from_1_in_the_log_and_printed_lines_as_in_evaluations(tmp_path, story_data, capsys):
+    # the 3rd step's line said "step 2/3" and its log record step 2, beside the evaluation's "step 3"
+    run = tmp_path / "run"
+    train.main(["--data", str(story_data), "--out", str(run), *TINY, "--max-steps", "3", "--log-every", "1"])
+    printed = capsys.readouterr().out
+    losses, val = read_log(run)
+    assert sorted(losses) == [1, 2, 3] and sorted(val) == [0, 3]
+    assert f"step      3/3 | loss {losses[3]:.4f}" in printed and "step      3 | val loss" in printed
+    assert "step      0/3" not in printed
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, story_data, capsys):
+    # --lr 6e-5 --max-steps 2 with the default --warmup 50: the peak was silently never reached
+    train.main(["--data", str(story_data), "--out", str(tmp_path / "run"), *TINY, "--warmup", "50", "--max-steps", "2",
+                "--lr", "6e-5"])
+    assert ("warning: --warmup 50 is not shorter than --max-steps 2: the learning rate only rises, to 2.40e-06 of "
+            "--lr 6.00e-05, and never decays") in capsys.readouterr().out
+    train.main(["--data", str(story_data), "--out", str(tmp_path / "run2"), *TINY, "--max-steps", "3"])  # warmup 2
+    assert "warning" not in capsys.readouterr().out
+
+
 def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, story_data):
     common = ["--data", str(story_data), "--max-steps", "8", "--eval-every", "3", "--dropout", "0.1",
               "--batch-tokens", "256", *TINY]  # 2 micro-batches of 4 x 32 per step, dropout on
     train.main([*common, "--out", str(tmp_path / "whole")])
     train.main([*common, "--out", str(tmp_path / "parts"), "--stop-at-step", "5"])
     stopped, _ = read_log(tmp_path / "parts")
-    assert sorted(stopped) == [0, 1, 2, 3, 4]
+    assert sorted(stopped) == [1, 2, 3, 4, 5]  # a record per step done, numbered from 1
     train.main(["--resume", str(tmp_path / "parts")])  # everything else comes from the saved run
     whole, whole_val = read_log(tmp_path / "whole")
     parts, parts_val = read_log(tmp_path / "parts")
-    assert sorted(whole) == list(range(8))
+    assert sorted(whole) == list(range(1, 9))
     assert parts == whole  # bit for bit, every step before and after the stop
     assert parts_val == whole_val
     # resumed with a --max-steps it has already passed, the run stops at once instead of running on
@@ -266,7 +299,7 @@ def test_ddp_two_processes_match_one(tmp_path, story_data):
     train.main([*common, "--out", str(tmp_path / "one")])
     ddp_losses, ddp_val = read_log(tmp_path / "ddp")
     one_losses, one_val = read_log(tmp_path / "one")
-    assert sorted(ddp_losses) == sorted(one_losses) == [0, 1, 2, 3]
+    assert sorted(ddp_losses) == sorted(one_losses) == [1, 2, 3, 4]
     for step in one_losses:
         assert ddp_losses[step] == pytest.approx(one_losses[step], rel=1e-5, abs=1e-5)
     assert sorted(ddp_val) == [0, 2, 4]
@@ -313,6 +346,54 @@ def test_a_new_run_refuses_to_overwrite_an_unfinished_one(stopped_run, tmp_path,
     train.main([*flags, "--out", str(run)])  # a finished run is not protected: a new run may replace it
 
 
+def test_resuming_a_finished_run_says_so_and_redoes_nothing_unless_max_steps_is_raised(stopped_run, tmp_path, capsys):
+    run, _ = copy_of(stopped_run, tmp_path)
+    train.main(["--resume", str(run)])  # runs to its end, step 3
+    before = snapshot(run)
+    capsys.readouterr()
+    train.main(["--resume", str(run)])  # used to evaluate and save step 3 again without a word
+    assert capsys.readouterr().out == f"note: the run in {run} already finished at step 3 of 3; raise --max-steps to train on\n"
+    assert snapshot(run) == before
+    train.main(["--resume", str(run), "--max-steps", "2"])
+    assert "already finished at step 3, past --max-steps 2" in capsys.readouterr().out
+    assert snapshot(run) == before
+    train.main(["--resume", str(run), "--max-steps", "4"])  # a raised --max-steps trains on
+    assert sorted(read_log(run)[0]) == [1, 2, 3, 4]
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 4
+
+
+def test_init_with_a_shape_flag_is_refused_before_loading_anything(tmp_path, monkeypatch, capsys):
+    # the run used the weights' 12 layers and saved n_layer 3 in its train_args
+    monkeypatch.setattr(train, "resolve_data", lambda source: pytest.fail("data loaded before the flags were checked"))
+    refused_before_any_work(train.main, ["--init", "gpt2", "--n-layer", "3"], tmp_path / "run",
+                            "--n-layer cannot be combined with --init: the model's shape comes from the weights of gpt2",
+                            capsys)
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--n-layer", "3"], "--resume: --n-layer 3 differs from the saved run's 2 (a resumed run keeps its model"),
+    (["--init", "gpt2"], "--resume: --init gpt2 differs from the saved run's none"),
+    (["--model", "gpt2"], "--resume: --model gpt2 differs from the saved run's default"),
+    (["--out", "elsewhere"], "continues the run in RUN; --out elsewhere names another"),
+    ("corrupt", "--resume: the saved run in RUN/checkpoint/config.json is corrupt: train_args batch_size is 'x', "
+                "not a value of --batch-size"),
+])
+def test_resume_refuses_flags_it_would_ignore_and_names_a_corrupt_saved_run(stopped_run, tmp_path, capsys, extra,
+                                                                            message):
+    run, _ = copy_of(stopped_run, tmp_path)
+    if extra == "corrupt":  # argparse said "argument --batch-size: invalid int value", a flag nobody gave
+        config = run / "checkpoint" / "config.json"
+        info = json.loads(config.read_text())
+        config.write_text(json.dumps({**info, "train_args": {**info["train_args"], "batch_size": "x"}}))
+        extra = []
+    before = snapshot(run)
+    with pytest.raises(SystemExit) as e:
+        train.main(["--resume", str(run), *extra])
+    assert e.value.code == 2
+    assert message.replace("RUN", str(run)) in one_line_error(capsys)
+    assert snapshot(run) == before
+
+
 @pytest.mark.parametrize("other", ["narrower", "fewer layers"])
 def test_resume_with_the_optimizer_state_of_another_model_is_a_one_line_error(stopped_run, tmp_path, capsys, other):
     run, _ = copy_of(stopped_run, tmp_path)
@@ -339,15 +420,29 @@ def test_resume_skips_a_last_log_line_cut_by_a_kill_and_refuses_a_bad_one_before
     run, _ = copy_of(stopped_run, tmp_path)
     log = run / "log.jsonl"
     complete = log.read_text()
-    log.write_text('{"step": 0, "lo\n' + complete)  # a bad line that is not the last: a real problem
+    log.write_text('{"step": 1, "lo\n' + complete)  # a bad line that is not the last: a real problem
     with pytest.raises(SystemExit):
         train.main(["--resume", str(run)])
     assert f"{log}:1: not a log record" in one_line_error(capsys)
-    assert log.read_text() == '{"step": 0, "lo\n' + complete  # not rewritten
-    log.write_text(complete + '{"step": 1, "loss": 4.2')  # a kill in the middle of writing the last record
+    assert log.read_text() == '{"step": 1, "lo\n' + complete  # not rewritten
+    log.write_text(complete + '{"step": 2, "loss": 4.2')  # a kill in the middle of writing the last record
     train.main(["--resume", str(run)])
     losses, val_losses = read_log(run)
-    assert sorted(losses) == [0, 1, 2] and sorted(val_losses) == [0, 3]
+    assert sorted(losses) == [1, 2, 3] and sorted(val_losses) == [0, 3]
+
+
+@pytest.mark.parametrize("init", ["checkpoint", "checkpoint/model.safetensors"])
+def test_init_from_the_checkpoint_the_run_would_write_is_refused(tmp_path, monkeypatch, capsys, init):
+    # `--init R/checkpoint --out R` used to train, then save over R/checkpoint: the starting weights lost
+    run = tmp_path / "run"
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).save_checkpoint(run / "checkpoint")
+    before = snapshot(run)
+    monkeypatch.setattr(train, "resolve_data", lambda source: pytest.fail("data loaded before --out was checked"))
+    with pytest.raises(SystemExit) as e:
+        train.main(["--init", str(run / init), "--out", str(run)])
+    assert e.value.code == 2
+    assert f"--init {run / init} is the checkpoint this run would write in --out {run}" in one_line_error(capsys)
+    assert snapshot(run) == before
 
 
 def test_out_that_is_a_file_is_a_one_line_error_before_training(story_data, tmp_path, monkeypatch, capsys):
@@ -373,5 +468,5 @@ def test_a_failed_save_is_a_one_line_error_that_leaves_the_last_checkpoint_intac
     assert not [p for p in run.parent.rglob("*") if ".tmp" in p.name]  # no half-written checkpoint.tmp left
     assert snapshot(run / "checkpoint") == before
     train.main(["--resume", str(run)])  # once there is room, the run goes on from that checkpoint
-    assert sorted(read_log(run)[0]) == [0, 1, 2]
+    assert sorted(read_log(run)[0]) == [1, 2, 3]
 
