@@ -12,14 +12,15 @@ through gpt.py's seam, `cache.attend(layer, q, k, v)`.
 
 The decode step has two forms. The eager step attends over the cache slice filled so far. The
 static step never changes shape (it attends over the whole buffer with a mask and takes its
-position from a tensor), which is what a CUDA graph needs: on CUDA the step is recorded once and
-replayed, so a token costs one graph launch instead of hundreds of kernel launches. The static step
+position from a tensor), which is what a CUDA graph needs: on CUDA the step is recorded once per
+model (decode_step keeps it for later calls) and replayed, so a token costs one graph launch instead
+of hundreds of kernel launches. The static step
 runs on CPU too, which is how its correctness is tested on a machine without a GPU.
 On a CPU the step is bound by reading the weights, and `pack_for_cpu` stores them in the layout
 this CPU's matrix libraries read fastest, measured at load (see the README for what it gives).
 
-Sampling (temperature, top-k, top-p) and TextStream (bytes -> text that is safe to print, and stop
-strings) live here once; serve.py imports them.
+Sampling (temperature, top-k, top-p, per row of a batch) and TextStream (bytes -> text that is safe
+to print, and stop strings) live here once; serve.py imports them.
 
 A prompt that leaves no room in the context is an error (we never silently drop the start of what
 you wrote); in --chat the oldest turns are dropped to make room, and only a single message too long
