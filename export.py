@@ -198,21 +198,26 @@ def write_files(directory, files):
     """Write {name: write(path)} into `directory`, all or nothing: each file goes to NAME.tmp, and only
     when every one is written are they renamed into place. A failed write (a full disk) removes the
     .tmp files and leaves the directory as it was, never a new model beside an old tokenizer config;
-    its error names the file (a full disk's error names none, an open's names the .tmp)."""
+    its error names the file (a full disk's error names none, an open's names the .tmp). The renames
+    themselves cannot fail halfway for want of space; a target that is a directory, the one thing
+    that would make one fail, is refused before anything is written."""
     directory = Path(directory)
+    for name in files:
+        if (directory / name).is_dir():
+            raise IsADirectoryError(21, "is a directory, not a file this export can replace", str(directory / name))
     tmps = []
     try:
         for name, write in files.items():
             tmps.append(directory / (name + ".tmp"))
             write(tmps[-1])
+        for name, tmp in zip(files, tmps):
+            os.replace(tmp, directory / name)
     except BaseException as e:
         for tmp in tmps:
             tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
             e.filename = str(directory / name)
         raise
-    for name, tmp in zip(files, tmps):
-        os.replace(tmp, directory / name)
 
 
 # ----------------------------------------------------------------------------- GGUF

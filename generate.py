@@ -36,7 +36,9 @@ import os
 import shutil
 import sys
 import textwrap
+import threading
 import time
+import weakref
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -108,6 +110,8 @@ def draw(probs, u):
     take its own from its own generator (see uniforms)."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
+    if not bool(((total > 0) & torch.isfinite(total)).all()):  # else an id past the end would come out
+        raise ValueError("the logits hold NaN or inf (a diverged model?): nothing to sample from")
     # u * total can round up to total itself: kept just below it, the first running sum past it is
     # always that of a token with a nonzero probability
     x = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))
@@ -259,7 +263,10 @@ class StaticStep:
     The tests run the static step on CPU; the graph capture itself needs a GPU to be exercised."""
 
     def __init__(self, model, cache, graph=False):
-        self.model, self.cache, self.graph = model, cache, None
+        # (a weak reference: decode_step keeps the step on the model, and a cycle would keep a deleted
+        # model's weights and graph memory on the GPU until Python's cycle collector runs)
+        self.model, self.cache, self.graph = weakref.proxy(model), cache, None
+        self.lock = threading.Lock()  # held by the generation using it (see decode_step)
         device = cache.k.device
         B = cache.k.size(1)
         self.idx = torch.zeros(B, 1, dtype=torch.long, device=device)
@@ -267,7 +274,7 @@ class StaticStep:
         cache.static_pos = self.pos
         if graph:
             # Warm up on a side stream (as CUDA graphs require), then record. Both only write k, v at
-            # position cache.length, which the first real step overwrites: the cache is unharmed.
+            # position cache.length, which the prefill or the first real step overwrites.
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -404,15 +411,24 @@ def decode_step(model, needed, graph):
     earlier call left in it lies beyond the new prompt, where the step's mask hides it until it is
     overwritten. A graph reads the weights where they were at capture: so the step is made again when
     a parameter was replaced rather than updated in place (or the model was moved, cast or switched to
-    train mode), never replayed over freed memory."""
+    train mode), never replayed over freed memory. The caller holds the step's lock until it is done
+    with it: a second generation at the same time (an interleaved generator, a thread) gets a step
+    of its own, not kept, instead of sharing a cache."""
     weights = (model.training, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
+    size = min(model.config.block_size, 1 << max(6, (needed - 1).bit_length()))
+
+    def new_step():
+        cache = KVCache(model.config, 1, size, model_device(model), model.wte.weight.dtype)
+        step = StaticStep(model, cache, graph)
+        step.weights = weights
+        return step
     step = getattr(model, "decode_step", None)
     if step is None or step.weights != weights or step.cache.max_len < needed or (step.graph is not None) != graph:
-        model.decode_step = None  # free the old graph and cache before making new ones
-        size = min(model.config.block_size, 1 << max(6, (needed - 1).bit_length()))
-        cache = KVCache(model.config, 1, size, model_device(model), model.wte.weight.dtype)
-        step = model.decode_step = StaticStep(model, cache, graph)
-        step.weights = weights
+        model.decode_step = None  # free the old graph and cache before making new ones (unless in use)
+        step = model.decode_step = new_step()
+    if not step.lock.acquire(blocking=False):  # in use by another generation
+        step = new_step()
+        step.lock.acquire()
     step.cache.length = 0
     return step
 
@@ -457,22 +473,26 @@ def generate_tokens(model, prompt_ids, params, static=None):
         cache = step.cache
     else:
         cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, model.wte.weight.dtype)
-    # prefill: the whole prompt in one forward pass, logits for the last position only
-    idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-    logits = model.lm_head(model.hidden(idx, pos=cache.positions[:len(prompt_ids)], cache=cache)[:, -1])
-    for i in range(budget):
-        token = sample(logits, params.temperature, params.top_k, params.top_p, generator)
-        t = int(token[0])
-        if t == EOT:
-            return
-        yield t
-        if i == budget - 1:
-            return
-        if step is not None:
-            logits = step(token)
-        else:  # eager decode: attend over the filled part of the cache
-            pos = cache.positions[cache.length:cache.length + 1]
-            logits = model.lm_head(model.hidden(token.view(1, 1), pos=pos, cache=cache)[:, -1])
+    try:
+        # prefill: the whole prompt in one forward pass, logits for the last position only
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        logits = model.lm_head(model.hidden(idx, pos=cache.positions[:len(prompt_ids)], cache=cache)[:, -1])
+        for i in range(budget):
+            token = sample(logits, params.temperature, params.top_k, params.top_p, generator)
+            t = int(token[0])
+            if t == EOT:
+                return
+            yield t
+            if i == budget - 1:
+                return
+            if step is not None:
+                logits = step(token)
+            else:  # eager decode: attend over the filled part of the cache
+                pos = cache.positions[cache.length:cache.length + 1]
+                logits = model.lm_head(model.hidden(token.view(1, 1), pos=pos, cache=cache)[:, -1])
+    finally:
+        if step is not None:  # (also when the caller stops early: closing a generator runs this)
+            step.lock.release()
 
 
 def generate(model, prompt_ids, params, enc=None, **kwargs):

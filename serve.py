@@ -689,15 +689,16 @@ class Engine:
 
     def _sample(self, batch, logits):
         """Every row at once, each with its own settings and seed. Returns (token per row, {row:
-        exception}): if that raises (odd parameters, a bug), the rows are sampled one by one, so
-        that a row that fails fails alone, its token None, instead of failing the step and with it
-        every request in flight."""
+        exception}): if that raises (NaN logits, odd parameters, a bug), the rows are sampled one by
+        one, so that a row that fails fails alone, its token None, instead of failing the step and
+        with it every request in flight. (The seeded rows then draw again: after such a failure,
+        their random streams have moved on by one draw.)"""
         params = [s.params for s in batch]
         try:
             return sample(logits, [p.temperature for p in params], [p.top_k for p in params],
                           [p.top_p for p in params], [s.generator for s in batch]).tolist(), {}
         except Exception:
-            pass
+            traceback.print_exc()
         tokens, errors = [], {}
         for i, (s, p) in enumerate(zip(batch, params)):
             try:
@@ -785,6 +786,10 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(Exception):
+    """Sent to the requests still running when the server stops (Ctrl-C, SIGTERM): a 503, not a failure."""
+
+
 class EngineLoop:
     """Runs Engine.step() in one background thread. An HTTP handler submits its sequences with a
     queue of its own and reads StepOutputs from it; abort() cancels them (client gone)."""
@@ -814,6 +819,8 @@ class EngineLoop:
             raise ValueError(f"this request has {len(requests)} sequences (prompts x n); the server queues at "
                              f"most {self.max_waiting} (--max-waiting)")
         with self.submit_lock:
+            if self.stopped:  # (the server is shutting down: the engine takes nothing more)
+                raise ShuttingDown("the server is shutting down")
             if self.engine.num_waiting + len(requests) > self.max_waiting:
                 raise QueueFull(f"the server is busy ({self.engine.num_waiting} requests waiting); try again later")
             seqs = self.engine.add_requests(requests, sink=sink)
@@ -1017,10 +1024,6 @@ class ClientGone(Exception):
     pass
 
 
-class ShuttingDown(Exception):
-    """Sent to the requests still running when the server stops (Ctrl-C, SIGTERM): a 503, not a failure."""
-
-
 class Handler(BaseHTTPRequestHandler):
     """One HTTP request (each in its own thread). Responses close the connection (HTTP/1.0 style),
     which keeps streaming simple: the stream ends when the socket does."""
@@ -1212,6 +1215,8 @@ class Handler(BaseHTTPRequestHandler):
             seqs = api.loop.submit(requests, sink)
         except QueueFull as e:
             raise ApiError(503, str(e), type="server_error", code="queue_full") from None
+        except ShuttingDown as e:
+            raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
         except ValueError as e:  # (parse() checks first; the engine's own checks are the last word)
             raise ApiError(400, str(e)) from None
         index = {s.seq_id: i for i, s in enumerate(seqs)}  # choice index = prompt * n + sample
@@ -1448,6 +1453,8 @@ def main(argv=None):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("shutting down", flush=True)
+        if server is not None:
+            server.shutdown()  # no new connections (a request already in a handler gets a 503)
         if loop is not None:
             loop.stop()
             sinks = {id(seq.sink): seq.sink for seq in loop.engine.fail_all() if seq.sink is not None}.values()
@@ -1457,8 +1464,6 @@ def main(argv=None):
             deadline = time.monotonic() + 2
             while any(not sink.empty() for sink in sinks) and time.monotonic() < deadline:
                 time.sleep(0.01)
-        if server is not None:
-            server.shutdown()
 
 if __name__ == "__main__":
     main()

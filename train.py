@@ -568,9 +568,11 @@ def parse_args(argv):
     return args
 
 
-def log_lines_before(log_path, step):
+def log_lines_before(log_path, step, evaluates_at_step=True):
     """The lines of log.jsonl a run resumed after `step` steps keeps: the training records of steps
-    1 to `step` and the evaluations before `step` (the one at `step` is redone). A last line that is
+    1 to `step`, the evaluations before `step`, and the one at `step` unless the resumed run
+    evaluates there again (it does not when a finished run goes on past a step that is not a
+    multiple of --eval-every: its final evaluation stays). A last line that is
     not a record is skipped rather than refused: it is one cut short by a kill in the middle of a
     write, and as the log is written before the checkpoint, it is from a step the resumed run redoes
     anyway. A bad line anywhere else is an error."""
@@ -584,7 +586,8 @@ def log_lines_before(log_path, step):
     for number, line in enumerate(lines, 1):
         try:
             record = json.loads(line)
-            keep = record["step"] < step or (record["step"] == step and "val_loss" not in record)
+            keep = record["step"] < step or (record["step"] == step and ("val_loss" not in record
+                                                                            or not evaluates_at_step))
         except (ValueError, KeyError, TypeError):
             if number == len(lines):
                 break
@@ -703,7 +706,8 @@ def main(argv=None):
     log_path = out / "log.jsonl"
     if master:
         make_run_dir(out)  # every input is checked; now --out must be writable, before any training
-        kept = log_lines_before(log_path, step) if args.resume else []
+        evaluates = step % args.eval_every == 0 or step >= args.max_steps  # (as the loop below decides)
+        kept = log_lines_before(log_path, step, evaluates) if args.resume else []
         with write_or_die(log_path):  # replaced whole or not at all
             replace_atomically(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
 

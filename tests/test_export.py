@@ -381,6 +381,14 @@ def test_cli_full_disk_leaves_the_old_export_whole_and_names_the_file(tmp_path, 
     assert sorted(os.listdir(tmp_path)) == ["ckpt", "hf", "old.gguf"]
     assert gguf_file.read_bytes() == b"the previous export"
 
+    monkeypatch.undo()  # a directory in the way of one of the files: refused before any is replaced
+    (hf / "vocab.json").unlink()
+    (hf / "vocab.json").mkdir()
+    before = {name: (hf / name).read_bytes() for name in os.listdir(hf) if name != "vocab.json"}
+    err = run_cli_error(capsys, tmp_path / "ckpt", "--to", "hf", hf)
+    assert err.startswith(f"error: {hf / 'vocab.json'}: is a directory")
+    assert {name: (hf / name).read_bytes() for name in os.listdir(hf) if name != "vocab.json"} == before
+
 
 @pytest.mark.parametrize("fmt,dest", [
     ("gguf", "ckpt/model.safetensors"),

@@ -66,20 +66,34 @@ def test_the_decode_step_is_made_once_per_model_and_reused_while_its_weights_sta
     # a later, shorter prompt must not see the keys an earlier call left beyond it.
     model = context_sensitive(copy.deepcopy(tiny_model))
     long_prompt, short_prompt = list(range(1000, 1040)), list(range(2000, 2005))
-    params = SamplingParams(max_tokens=60, **GREEDY)
-    assert list(generate_tokens(model, long_prompt, params, static=True)) == greedy_without_cache(model, long_prompt, 60)
+    params = SamplingParams(max_tokens=20, **GREEDY)
+    solo = lambda prompt, n=20: greedy_without_cache(model, prompt, n)  # noqa: E731
+    assert list(generate_tokens(model, long_prompt, params, static=True)) == solo(long_prompt)
     step = model.decode_step
-    assert step.cache.max_len == 128  # 100 tokens, rounded up to a power of two
-    assert list(generate_tokens(model, short_prompt, params, static=True)) == greedy_without_cache(model, short_prompt, 60)
+    assert step.cache.max_len == 64  # 60 tokens, rounded up to a power of two (the context holds 128)
+    assert list(generate_tokens(model, short_prompt, params, static=True)) == solo(short_prompt)
     assert model.decode_step is step
     assert copy.deepcopy(model).decode_step is None  # a copy makes its own (a CUDA graph cannot be copied)
     with torch.no_grad():
         model.ln_f.weight.mul_(2)  # updated in place: a graph reads the new values, the step stays
-    assert list(generate_tokens(model, short_prompt, params, static=True)) == greedy_without_cache(model, short_prompt, 60)
+    assert list(generate_tokens(model, short_prompt, params, static=True)) == solo(short_prompt)
     assert model.decode_step is step
     model.ln_f.weight = torch.nn.Parameter(model.ln_f.weight * 2)  # replaced: a graph would read freed memory
-    assert list(generate_tokens(model, short_prompt, params, static=True)) == greedy_without_cache(model, short_prompt, 60)
+    assert list(generate_tokens(model, short_prompt, params, static=True)) == solo(short_prompt)
     assert model.decode_step is not step
+    longer = SamplingParams(max_tokens=80, **GREEDY)  # 85 tokens: more than the 64 the cache holds
+    assert list(generate_tokens(model, short_prompt, longer, static=True)) == solo(short_prompt, 80)
+    assert model.decode_step.cache.max_len == 128
+
+
+def test_two_generations_at_once_on_one_model_do_not_share_a_cache(tiny_model):
+    model = context_sensitive(copy.deepcopy(tiny_model))
+    a, b = list(range(1000, 1010)), list(range(3000, 3004))
+    params = SamplingParams(max_tokens=30, **GREEDY)
+    together = list(zip(generate_tokens(model, a, params, static=True), generate_tokens(model, b, params, static=True)))
+    assert [x for x, _ in together] == greedy_without_cache(model, a, 30)
+    assert [y for _, y in together] == greedy_without_cache(model, b, 30)
+    assert not model.decode_step.lock.locked()  # released when each generation ended
 
 
 def test_prefill_in_two_chunks_equals_one_chunk(tiny_model):
@@ -188,6 +202,14 @@ def test_draw_picks_tokens_in_proportion_to_their_probabilities():
 def test_draw_never_picks_a_zero_probability_token(u):
     probs = torch.tensor([[0.0, 0.1, 0.7, 0.2, 0.0, 0.0], [0.0, 0.0, 1e-30, 3e-8, 1.0, 0.0]])
     assert draw(probs, torch.full((2,), u)).tolist() == ([1, 2] if u == 0 else [3, 4])
+
+
+@pytest.mark.parametrize("filters", [{}, {"top_p": 0.9}, {"top_k": 5}])
+def test_nan_logits_are_an_error_not_a_token_past_the_vocabulary(filters):
+    logits = torch.randn(2, 100)
+    logits[1, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sample(logits, 1.0, **filters)
 
 
 def test_a_batch_with_its_own_settings_and_seeds_per_row_samples_as_each_row_alone():

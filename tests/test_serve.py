@@ -430,3 +430,14 @@ def test_bench_serve_refuses_bad_flags_before_building_a_model(argv, message, ca
         bench_serve.main(["--random-init", "--device", "cpu", "--max-len", "64", "--max-out", "32", *argv])
     err = capsys.readouterr().err
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_stopped_engine_loop_takes_no_more_requests(model):
+    """During a shutdown, a request that reaches the engine after it stopped is told so (a 503 over
+    HTTP), instead of waiting forever for an engine that no longer runs."""
+    import queue
+    from serve import EngineLoop, ShuttingDown
+    loop = EngineLoop(Engine(model)).start()
+    loop.stop()
+    with pytest.raises(ShuttingDown):
+        loop.submit([([1, 2, 3], greedy(2), None)], queue.Queue())

@@ -470,3 +470,14 @@ def test_a_failed_save_is_a_one_line_error_that_leaves_the_last_checkpoint_intac
     train.main(["--resume", str(run)])  # once there is room, the run goes on from that checkpoint
     assert sorted(read_log(run)[0]) == [1, 2, 3]
 
+
+
+def test_a_resumed_run_keeps_the_log_up_to_its_checkpoint_and_an_evaluation_it_will_not_redo(tmp_path):
+    from train import log_lines_before
+    records = [{"step": 0, "val_loss": 9.0}, {"step": 1, "loss": 8.0}, {"step": 2, "loss": 7.0},
+               {"step": 2, "val_loss": 7.5}, {"step": 3, "loss": 6.0}]  # (a checkpoint at step 2)
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in records))
+    kept = lambda evaluates: [json.loads(line) for line in log_lines_before(log, 2, evaluates)]  # noqa: E731
+    assert kept(True) == records[:3]  # the evaluation at step 2 is done again on resume
+    assert kept(False) == records[:4]  # (a finished run resumed further, 2 not a multiple of --eval-every)
