@@ -9,7 +9,8 @@ weights: its continuous-batching manager (`init_continuous_batching`, as `genera
 the installed version has one and the device is CUDA, else padded static batches of --hf-batch-size
 (--hf-mode picks).
 Every request generates exactly its output length (<|endoftext|> is ignored on both sides), so both
-produce the same number of tokens. Reported: output tokens/s over the whole run, mean and p50/p90
+produce the same number of tokens: greedily, or sampled with --temperature and --top-p on both sides
+(which then times the samplers too). Reported: output tokens/s over the whole run, mean and p50/p90
 time to first token (from submission, so queueing counts), and the ratio of throughputs.
 transformers is a test-only dependency of this project: this script is a developer's tool.
 """
@@ -40,12 +41,13 @@ def summary(name, tokens, seconds, ttfts):
     return tokens / seconds
 
 
-def bench_engine(engine, requests):
+def bench_engine(engine, requests, args):
     model = engine.model  # (for sync)
-    engine.generate([[1, 2, 3]] * 2, SamplingParams(max_tokens=4, temperature=0), use_tqdm=False)  # warm-up
+    params = lambda n: SamplingParams(max_tokens=n, temperature=args.temperature, top_p=args.top_p)  # noqa: E731
+    engine.generate([[1, 2, 3]] * 2, params(4), use_tqdm=False)  # warm-up
     sync(model)
     start = time.perf_counter()
-    seqs = [engine.add_request(ids, SamplingParams(max_tokens=n, temperature=0), ignore_eos=True) for ids, n in requests]
+    seqs = [engine.add_request(ids, params(n), ignore_eos=True) for ids, n in requests]
     pending = len(seqs)
     while pending:
         pending -= sum(1 for out in engine.step() if out.finish_reason)
@@ -78,7 +80,8 @@ def hf_model(model):
 def bench_hf_continuous(hf, requests, args):
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
-    gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), do_sample=False, eos_token_id=None, pad_token_id=0)
+    gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), eos_token_id=None, pad_token_id=0,
+                          **hf_sampling(args))
     # transformers sizes its own batch and cache from the free memory; these two flags override it
     opts = {"max_batch_tokens": args.hf_max_batch_tokens, "num_blocks": args.hf_num_blocks,
             "max_requests_per_batch": args.max_num_seqs}
@@ -126,14 +129,21 @@ def bench_hf_static(hf, requests, args):
                 pass
 
         out = hf.generate(input_ids=idx, attention_mask=mask, max_new_tokens=max(n for _, n in chunk),
-                          min_new_tokens=max(n for _, n in chunk), do_sample=False, pad_token_id=0,
-                          streamer=FirstToken())
+                          min_new_tokens=max(n for _, n in chunk), pad_token_id=0, streamer=FirstToken(),
+                          **hf_sampling(args))
         sync(hf)
         t_first = first[0] if first else time.perf_counter()
         ttfts += [t_first - start] * len(chunk)
         tokens += sum(n for _, n in chunk)  # only what each request asked for counts
         assert out.shape[1] - width >= max(n for _, n in chunk)
     return tokens, time.perf_counter() - start, ttfts
+
+
+def hf_sampling(args):
+    """transformers' generate() flags for the same sampling as ours."""
+    if args.temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": 0}
 
 
 def sync(model):
@@ -163,8 +173,12 @@ def main(argv=None):
     p.add_argument("--hf-batch-size", type=int, default=32, help="static batches' size")
     p.add_argument("--hf-num-blocks", type=int, default=None, help="transformers' KV blocks (default: its own sizing)")
     p.add_argument("--hf-max-batch-tokens", type=int, default=None, help="transformers' tokens per step (default: its own)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0, both sides sample")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling on both sides (with --temperature)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    if args.temperature < 0 or not 0 < args.top_p <= 1:
+        die("--temperature must be >= 0 and --top-p in (0, 1]")
     if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
         die("need 1 <= --min-len <= --max-len, 1 <= --min-out <= --max-out and --num-requests >= 1")
     try:  # (before any model is built: a typo should not cost a model load first)
@@ -193,8 +207,9 @@ def main(argv=None):
         die(f"--max-len + --max-out = {args.max_len + args.max_out} exceeds the context ({n_ctx})")
     requests = make_requests(args.num_requests, args.min_len, args.max_len, args.min_out, args.max_out,
                              model.config.vocab_size - 1, args.seed)
+    sampling = "greedy" if args.temperature == 0 else f"sampled at temperature {args.temperature}, top_p {args.top_p}"
     print(f"{args.num_requests} requests, prompts {args.min_len}..{args.max_len}, outputs {args.min_out}..{args.max_out} "
-          f"tokens; {args.model} on {device} ({dtype})", flush=True)
+          f"tokens, {sampling}; {args.model} on {device} ({dtype})", flush=True)
     try:  # a KV cache too small for the model or too large for the memory: found before transformers'
         # copy of the model is built (the engine itself comes after it: on CUDA it takes most free memory)
         kv_cache_blocks(model, args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
@@ -217,7 +232,7 @@ def main(argv=None):
                         kv_cache_memory=args.kv_cache_memory, cuda_graph=not args.no_cuda_graph)
     except ValueError as e:  # (the memory may have changed since the check)
         die(str(e))
-    tokens, seconds, ttfts = bench_engine(engine, requests)
+    tokens, seconds, ttfts = bench_engine(engine, requests, args)
     ours = summary("serve.Engine", tokens, seconds, ttfts)
     print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
     del engine
