@@ -38,7 +38,8 @@ import numpy as np
 import torch
 
 from data import jinja_template
-from gpt import CONV1D, EOT, CheckpointError, die, get_tokenizer, load_or_die, resolve_weights, write_safetensors
+from gpt import (CONV1D, EOT, CheckpointError, die, get_tokenizer, load_or_die, resolve_weights, same_file,
+                 write_safetensors)
 
 EOT_TEXT = "<|endoftext|>"
 
@@ -380,12 +381,12 @@ def check_not_source(fmt, out, checkpoint):
     """Die if the export would write over a file the (loaded) checkpoint is read from, its weights or
     the config.json beside them: `export.py S --to gguf S/model.safetensors`, or `--to hf S`, would
     replace the model with its export and lose what only our config.json holds (the chat template).
-    Compared as files (os.path.samefile), so another spelling of the path or a link to it is caught too."""
+    Compared as files (gpt.same_file), so another spelling of the path or a link to it is caught too."""
     weights = resolve_weights(checkpoint)  # already loaded: a local path, nothing is downloaded
     targets = output_files(fmt, out)
     for source in (weights, weights.parent / "config.json"):
         for target in targets + [t.with_name(t.name + ".tmp") for t in targets]:
-            if source.exists() and target.exists() and os.path.samefile(source, target):
+            if same_file(source, target):
                 die(f"--to {fmt} {out} would overwrite {source}, part of the checkpoint being exported; "
                     f"choose another path")
 

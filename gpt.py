@@ -650,6 +650,14 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if nothing else super()._get_help_string(action)
 
 
+def same_file(a, b):
+    """Whether paths `a` and `b` name one file or directory: the same path once resolved (".."; links;
+    relative to here), or, both existing, one file under two names (a hard link). What the scripts
+    check before writing, so that an output never replaces the input it was made from."""
+    a, b = Path(a), Path(b)
+    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+
+
 def die(message):
     """Print a one-line error and exit: what the scripts do with bad input instead of a traceback."""
     print(f"error: {message}", file=sys.stderr)

@@ -30,7 +30,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from gpt import default_dtype, device_or_die, die
+from gpt import default_dtype, device_or_die, die, same_file
 
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
             "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 256, "seed": 0,
@@ -115,11 +115,6 @@ def check_appendable(value, where):
         raise ValueError(f"{where} {value!r} cannot be created: {parent} is a file")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{where} {value!r} cannot be created: {parent} is not writable")
-
-
-def same_file(a, b):
-    a, b = Path(a), Path(b)
-    return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
 
 
 def build_prompt(cfg, word):

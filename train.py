@@ -47,7 +47,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data import IGNORE, get_batch, load_tokens, prepare_pretrain_data
 from generate import sample
 from gpt import (EOT, GPT, SIZES, CheckpointError, GPTConfig, HelpFormatter, die, get_tokenizer, device_or_die,
-                 load_state_from_file, read_checkpoint_json, replace_atomically)
+                 load_state_from_file, read_checkpoint_json, replace_atomically, same_file)
 
 
 # ----------------------------------------------------------------------------- the shared training API
@@ -273,10 +273,10 @@ def refuse_to_overwrite_weights(flag, name, out, written):
     path = Path(name)
     if not path.exists():
         return
-    home = (path if path.is_dir() else path.parent).resolve()
+    home = path if path.is_dir() else path.parent
     for directory in map(Path, written):
-        directory = directory.resolve()
-        if home in (directory, directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")):
+        if any(same_file(home, d) for d in (directory, directory.with_name(directory.name + ".tmp"),
+                                            directory.with_name(directory.name + ".old"))):
             die(f"{flag} {name} is the checkpoint this run would write in --out {out}, so saving would replace "
                 "the weights it starts from: choose another --out")
 
