@@ -789,6 +789,9 @@ class QueueFull(Exception):
 class ShuttingDown(Exception):
     """Sent to the requests still running when the server stops (Ctrl-C, SIGTERM): a 503, not a failure."""
 
+    def api_error(self):
+        return ApiError(503, str(self), type="server_error", code="shutting_down")
+
 
 class EngineLoop:
     """Runs Engine.step() in one background thread. An HTTP handler submits its sequences with a
@@ -1216,7 +1219,7 @@ class Handler(BaseHTTPRequestHandler):
         except QueueFull as e:
             raise ApiError(503, str(e), type="server_error", code="queue_full") from None
         except ShuttingDown as e:
-            raise ApiError(503, str(e), type="server_error", code="shutting_down") from None
+            raise e.api_error() from None
         except ValueError as e:  # (parse() checks first; the engine's own checks are the last word)
             raise ApiError(400, str(e)) from None
         index = {s.seq_id: i for i, s in enumerate(seqs)}  # choice index = prompt * n + sample
@@ -1303,10 +1306,8 @@ class Handler(BaseHTTPRequestHandler):
             except queue.Empty:
                 continue
             if isinstance(out, Exception):
-                if isinstance(out, ShuttingDown):
-                    error = ApiError(503, str(out), type="server_error", code="shutting_down")
-                else:
-                    error = ApiError(500, f"the engine failed: {out}", type="server_error")
+                error = (out.api_error() if isinstance(out, ShuttingDown)
+                         else ApiError(500, f"the engine failed: {out}", type="server_error"))
                 if not stream:
                     raise error
                 # the 200 and the headers are sent already: report it in the stream, then end it
@@ -1446,10 +1447,10 @@ def main(argv=None):
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        # A second Ctrl-C or SIGTERM must not cut this short. The engine thread stops first, between
-        # two steps: a process that exits while that thread is inside a torch kernel is aborted by the
-        # C++ runtime (SIGABRT) instead of ending. The requests still running are told why they end;
-        # then the listener closes. (Stopped while loading, there is no engine yet.)
+        # A second Ctrl-C or SIGTERM must not cut this short. The listener closes first; then the
+        # engine thread stops, between two steps (a process that exits while that thread is inside a
+        # torch kernel is aborted by the C++ runtime, SIGABRT, instead of ending); then the requests
+        # still running are told why they end. (Stopped while loading, there is no engine yet.)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         print("shutting down", flush=True)
@@ -1464,6 +1465,7 @@ def main(argv=None):
             deadline = time.monotonic() + 2
             while any(not sink.empty() for sink in sinks) and time.monotonic() < deadline:
                 time.sleep(0.01)
+
 
 if __name__ == "__main__":
     main()
