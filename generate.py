@@ -157,12 +157,13 @@ def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
     filtered = [j for j, f in enumerate(has_filter) if f]
     plain = [j for j, f in enumerate(has_filter) if not f]
     drawn = torch.empty(len(rows), dtype=torch.long, device=logits.device)
-    pick = lambda some: logits if len(some) == len(rows) else logits[some]  # noqa: E731 (no copy when all)
     if filtered:  # drawn among the few tokens that may be drawn
-        ids, probs = candidates(pick(filtered), [top_k[rows[j]] for j in filtered], [top_p[rows[j]] for j in filtered])
+        some = logits if not plain else logits[filtered]  # (no copy when every row is filtered)
+        ids, probs = candidates(some, [top_k[rows[j]] for j in filtered], [top_p[rows[j]] for j in filtered])
         drawn[filtered] = ids.gather(-1, draw(probs, u[filtered])[:, None]).squeeze(-1)
-    if plain:  # drawn among all tokens, in vocabulary order (no sort needed); exp(logit - the largest)
-        drawn[plain] = draw(pick(plain).exp(), u[plain])  # is the probability times a constant: enough to draw
+    if plain:  # drawn among all tokens, in vocabulary order (no sort needed)
+        some = logits if not filtered else logits[plain]
+        drawn[plain] = draw(some.exp(), u[plain])  # exp(logit - the largest): the probability times a constant
     tokens[rows] = drawn
     return tokens
 
