@@ -18,9 +18,11 @@ import time
 
 import torch
 
-from generate import CpuLinear, SamplingParams, generate_tokens, pack_for_cpu
-from gpt import GPT, HelpFormatter, device_or_die, die, write_safetensors
-
+from checkpoint import write_safetensors
+from common import HelpFormatter, device_or_die, die
+from gpt import GPT
+from inference import CpuLinear, generate_tokens, pack_for_cpu
+from sampling import SamplingParams
 
 def sync(device):
     if device.type == "cuda":

@@ -19,9 +19,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import die
 import kernels
-from gpt import die
-
 BLOCK_SIZE = 16
 
 

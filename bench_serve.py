@@ -22,10 +22,13 @@ import time
 
 import torch
 
-from gpt import GPT, SIZES, CheckpointError, GPTConfig, device_or_die, die
-from generate import SamplingParams, pack_for_cpu
-from serve import Engine, check_engine_limits, kv_cache_blocks
-
+from checkpoint import CheckpointError
+from common import device_or_die, die
+from engine import Engine, check_engine_limits
+from gpt import GPT, GPTConfig, SIZES
+from inference import pack_for_cpu
+from runner import kv_cache_blocks
+from sampling import SamplingParams
 
 def make_requests(n, min_len, max_len, min_out, max_out, vocab, seed):
     rng = random.Random(seed)

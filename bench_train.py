@@ -21,10 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gpt import GPT, GPTConfig, HelpFormatter, device_or_die, die
-from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, check_flags, device_peak_flops, flops_per_token, make_optimizer,
-                   mfu, train_step)
-
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, check_flags, device_or_die, die
+from gpt import GPT, GPTConfig
+from training import device_peak_flops, flops_per_token, make_optimizer, mfu, train_step
 
 def build_ours(device):
     return GPT(GPTConfig()).to(device)

@@ -37,10 +37,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data import jinja_template
-from gpt import (CONV1D, EOT, CheckpointError, die, get_tokenizer, load_or_die, resolve_weights, same_file,
-                 write_safetensors)
-
+from checkpoint import CheckpointError, resolve_weights, write_safetensors
+from common import die, same_file
+from gpt import CONV1D, SIZES, load_or_die
+from tokenizer import EOT, get_tokenizer, jinja_template
 EOT_TEXT = "<|endoftext|>"
 
 
@@ -382,7 +382,7 @@ def check_not_source(fmt, out, checkpoint):
     the config.json beside them: `export.py S --to gguf S/model.safetensors`, or `--to hf S`, would
     replace the model with its export and lose what only our config.json holds (the chat template).
     Compared as files (gpt.same_file), so another spelling of the path or a link to it is caught too."""
-    weights = resolve_weights(checkpoint)  # already loaded: a local path, nothing is downloaded
+    weights = resolve_weights(checkpoint, SIZES)  # already loaded: a local path, nothing is downloaded
     targets = output_files(fmt, out)
     for source in (weights, weights.parent / "config.json"):
         for target in targets + [t.with_name(t.name + ".tmp") for t in targets]:

@@ -40,7 +40,6 @@ cannot be exact (another model, data, template, LoRA rank, device type, a change
 """
 
 import argparse
-import contextlib
 import hashlib
 import math
 import pickle
@@ -53,90 +52,22 @@ from array import array
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 from tqdm import tqdm
 
-from data import (TEMPLATES, DataError, default_template, encode_examples, eval_batches, format_prompt,
-                  iterate_batches, load_conversations, split_dataset)
-from generate import PromptTooLong, SamplingParams, fit_conversation, generate_tokens
-from gpt import (GPT, SIZES, CheckpointError, HelpFormatter, device_or_die, die, get_tokenizer, load_or_die,
-                 read_checkpoint_json, write_json_atomic)
-from train import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, STATE_FILE, check_flags, checkpoint_dir, evaluate,
-                   load_training_state, lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_unfinished,
-                   refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts,
-                   write_or_die)
-
+from checkpoint import CheckpointError, read_checkpoint_json
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, autocast_for, check_flags,
+                    device_or_die, die, write_json_atomic, write_or_die)
+from data import (DataError, default_template, encode_examples, eval_batches, iterate_batches, load_conversations,
+                  split_dataset)
+from gpt import GPT, SIZES, load_or_die
+from inference import generate_tokens
+from lora import add_lora, lora_merged
+from sampling import SamplingParams
+from tokenizer import TEMPLATES, PromptTooLong, fit_conversation, format_prompt, get_tokenizer
+from training import (STATE_FILE, checkpoint_dir, evaluate, load_training_state, lr_at, make_optimizer, make_run_dir,
+                      refuse_to_overwrite_unfinished, refuse_to_overwrite_weights, save_training_state, train_step,
+                      warn_if_warmup_outlasts)
 # ----------------------------------------------------------------------------- LoRA
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + (alpha/r) * x A^T B^T.
-    B starts at zero, so training starts from exactly the base model; A starts random so the
-    gradient of B is not zero."""
-
-    def __init__(self, base, rank, alpha):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        self.scale = alpha / rank
-        w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=w.device, dtype=w.dtype))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # nn.Linear's own init
-
-    def forward(self, x):
-        return self.base(x) + (x @ self.lora_A.t() @ self.lora_B.t()) * self.scale
-
-    def delta(self):
-        """The update to the base weight, (out, in), the same layout as nn.Linear.weight."""
-        return (self.lora_B @ self.lora_A) * self.scale
-
-
-def add_lora(model, rank, alpha, targets):
-    """Freeze every parameter, then wrap the linear layers whose name ends with one of `targets`
-    ("c_attn", "c_proj" = both attn.c_proj and mlp.c_proj, "mlp.c_proj", "c_fc", ...) in LoRALinear.
-    Returns the wrapped layers' names."""
-    model.requires_grad_(False)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(module, rank, alpha))
-            wrapped.append(name)
-    if not wrapped:
-        raise ValueError(f"--lora-targets {','.join(targets)} match no linear layer "
-                         f"(try c_attn, c_proj, c_fc, attn.c_proj, mlp.c_proj)")
-    return wrapped
-
-
-def _lora_layers(model):
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
-
-
-@torch.no_grad()
-def merge_lora(model):
-    """Fold every adapter into its base weight and put the plain nn.Linear back: a plain GPT."""
-    for name, m in _lora_layers(model):
-        m.base.weight += m.delta()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, m.base)
-    return model
-
-
-@contextlib.contextmanager
-def lora_merged(model):
-    """Temporarily a plain GPT (adapters folded in), e.g. to save a checkpoint in the middle of
-    training; afterwards the adapters and the exact original base weights are back."""
-    layers = _lora_layers(model)
-    saved = [m.base.weight.detach().clone() for _, m in layers]
-    merge_lora(model)
-    try:
-        yield model
-    finally:
-        with torch.no_grad():
-            for (name, m), w in zip(layers, saved):
-                m.base.weight.copy_(w)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, m)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -287,13 +218,6 @@ def data_fingerprint(*example_lists):
         for ids, labels in examples:
             h.update(array("q", [len(ids), *ids, *labels]).tobytes())
     return h.hexdigest()
-
-
-def autocast_for(device):
-    """bf16 autocast on CUDA (the weights stay fp32 for the optimizer); fp32 elsewhere."""
-    if torch.device(device).type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
 
 
 def answer_test_prompts(model, conversations, template, max_new_tokens, enc):

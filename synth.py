@@ -30,8 +30,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from gpt import default_dtype, device_or_die, die, same_file
-
+from common import default_dtype, device_or_die, die, same_file
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
             "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 256, "seed": 0,
             "output": "conversations.jsonl", "text_output": None}
@@ -266,8 +265,9 @@ def engine_generate(model, device=None):
     """generate() for `build`, backed by serve.py's Engine: every prompt in one batched call. The model
     is loaded at the first call, once `build` has read the output back: a bad output file is found
     first, and a run with no words left to do loads nothing."""
-    from generate import SamplingParams, load_model
-    from serve import Engine
+    from inference import load_model
+    from sampling import SamplingParams
+    from engine import Engine
 
     device = device_or_die(device)
     engine = None

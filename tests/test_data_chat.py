@@ -20,12 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from data import (DataError, collate, default_template, encode_examples, eval_batches, iterate_batches,
+                  load_conversations, read_records, split_dataset)
 import data
-from data import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, IGNORE, DataError, collate, default_template,
-                  encode_conversation, encode_examples, encode_prompt, eval_batches, iterate_batches,
-                  jinja_template, load_conversations, read_records, split_dataset)
-from gpt import EOT, encode, get_tokenizer
-
+from tokenizer import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, EOT, IGNORE, encode, encode_conversation, encode_prompt,
+                       get_tokenizer, jinja_template)
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,7 @@ import threading
 
 import pytest
 
-from gpt import download
-
+from checkpoint import download
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
 

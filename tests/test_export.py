@@ -15,8 +15,8 @@ import regex
 import torch
 
 import export
-from gpt import EOT, GPT, GPTConfig, get_tokenizer
-
+from gpt import GPT, GPTConfig
+from tokenizer import EOT, get_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 SAMPLES = [
@@ -81,7 +81,7 @@ def test_hf_config_describes_the_model(hf_dir, tiny):
         (2, 4, 64, 128, 128, 50257)
     assert cfg["activation_function"] == "gelu_new" and cfg["layer_norm_epsilon"] == 1e-5
     assert cfg["tie_word_embeddings"] is True and cfg["bos_token_id"] == cfg["eos_token_id"] == EOT
-    from gpt import read_safetensors_header
+    from checkpoint import read_safetensors_header
     header, _ = read_safetensors_header(hf_dir / "model.safetensors")
     assert header["__metadata__"] == {"format": "pt"}
     # transformers' layout: prefixed names, Conv1D [in, out] weights
@@ -125,7 +125,7 @@ def test_hf_export_loads_back_into_our_model(hf_dir, tiny):
 
 def test_hf_f16_export(tmp_path, tiny):
     export.export_hf(tiny, tmp_path, dtype="f16")
-    from gpt import read_safetensors_header
+    from checkpoint import read_safetensors_header
     header, _ = read_safetensors_header(tmp_path / "model.safetensors")
     assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float16"
@@ -297,7 +297,7 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
     import gguf
     from transformers import AutoTokenizer
 
-    from data import encode_prompt, format_prompt, jinja_template
+    from tokenizer import encode_prompt, format_prompt, jinja_template
     tiny.save_checkpoint(tmp_path / "ckpt", template=template)
     model = GPT.from_pretrained(tmp_path / "ckpt")
     export.export_hf(model, tmp_path / "hf")
@@ -325,11 +325,11 @@ def test_cli_failed_download_says_which_model(tmp_path, monkeypatch, capsys):
     """Offline, a named model's download fails with the message every other script gives."""
     import requests
 
-    import gpt
+    import checkpoint
 
     def offline(url, dest, **kwargs):
         raise requests.ConnectionError("HTTPSConnectionPool(host='huggingface.co', port=443): Max retries")
-    monkeypatch.setattr(gpt, "download", offline)
+    monkeypatch.setattr(checkpoint, "download", offline)
     err = run_cli_error(capsys, "gpt2", "--to", "gguf", tmp_path / "m.gguf")
     assert err.startswith("error: cannot load model 'gpt2': ") and "huggingface.co" in err
     assert not (tmp_path / "m.gguf").exists()

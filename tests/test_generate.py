@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from conftest import ROOT, context_sensitive
-from data import encode_prompt
-from gpt import EOT, GPT, GPTConfig, encode, get_tokenizer
-from generate import (KVCache, PromptTooLong, SamplingParams, StaticStep, TextStream, chat, fit_conversation,
-                      candidates, draw, generate, generate_tokens, sample)
-
+from generate import chat
+from gpt import GPT, GPTConfig
+from inference import KVCache, StaticStep, generate, generate_tokens
+from sampling import SamplingParams, TextStream, candidates, draw, sample
+from tokenizer import EOT, PromptTooLong, encode, encode_prompt, fit_conversation, get_tokenizer
 GREEDY = dict(temperature=0.0)
 
 
@@ -129,7 +129,7 @@ def test_generation_stops_at_the_context_limit_and_rejects_overlong_prompts(tiny
 
 
 def test_generation_stops_at_endoftext_without_yielding_it(tiny_model, monkeypatch):
-    import generate as gen
+    import inference as gen
     assert list(generate_tokens(eot_model(), [1, 2, 3], SamplingParams(max_tokens=10, **GREEDY))) == []
     script = iter([5, EOT, 7, 8])  # the sampler's picks: what comes after <|endoftext|> must never show
 
@@ -179,14 +179,14 @@ def test_top_p_filters_each_row_on_its_own_and_after_top_k():
 
 
 def test_top_p_looks_among_the_likeliest_first_and_finds_the_same_set(monkeypatch):
-    import generate
+    import sampling
     sizes = set()
     for scale in (1.0, 3.0, 8.0):  # flat to peaked: nuclei of 1 to ~4,500 of these 5,000 tokens
         logits = torch.randn(3, 5000, generator=torch.Generator().manual_seed(0)) * scale
         for p in (0.5, 0.9, 0.99):
-            monkeypatch.setattr(generate, "NUCLEUS_CANDIDATES", ())  # a full sort
+            monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", ())  # a full sort
             want = kept(logits, top_p=p)
-            monkeypatch.setattr(generate, "NUCLEUS_CANDIDATES", (16, 256))
+            monkeypatch.setattr(sampling, "NUCLEUS_CANDIDATES", (16, 256))
             assert kept(logits, top_p=p) == want, f"scale {scale}, p={p}"
             sizes |= {len(k) for k in want}
     assert min(sizes) <= 16 and any(16 < n <= 256 for n in sizes) and max(sizes) > 256  # every stage ran
@@ -561,7 +561,7 @@ def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, 
 @pytest.mark.parametrize("layout", ["in_out", "onednn"])
 def test_each_cpu_layout_computes_the_same_logits_and_greedy_tokens(tiny_model, layout):
     import copy
-    from generate import CpuLinear, pack_for_cpu
+    from inference import CpuLinear, pack_for_cpu
     packed = pack_for_cpu(copy.deepcopy(tiny_model), layout=layout)
     assert packed.cpu_layout == layout
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())  # every matmul is swapped
@@ -580,10 +580,10 @@ def test_each_cpu_layout_computes_the_same_logits_and_greedy_tokens(tiny_model, 
 def test_pack_for_cpu_keeps_the_layout_that_measured_fastest(tiny_model, monkeypatch):
     import copy
     from types import SimpleNamespace
-    import generate
+    import inference
     clock = iter(range(1_000_000))  # each perf_counter() call advances 1 s ...
     slow = {"linear": 5, "in_out": 1, "onednn": 3}  # ... plus a per-layout cost charged by each matmul
-    linear_forward, cpu_forward = torch.nn.Linear.forward, generate.CpuLinear.forward
+    linear_forward, cpu_forward = torch.nn.Linear.forward, inference.CpuLinear.forward
 
     def charged(forward, layout_of):
         def f(self, x):
@@ -591,46 +591,46 @@ def test_pack_for_cpu_keeps_the_layout_that_measured_fastest(tiny_model, monkeyp
                 next(clock)
             return forward(self, x)
         return f
-    monkeypatch.setattr(generate, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(inference, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     monkeypatch.setattr(torch.nn.Linear, "forward", charged(linear_forward, lambda m: "linear"))
-    monkeypatch.setattr(generate.CpuLinear, "forward", charged(cpu_forward, lambda m: m.layout))
-    model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
+    monkeypatch.setattr(inference.CpuLinear, "forward", charged(cpu_forward, lambda m: m.layout))
+    model = inference.pack_for_cpu(copy.deepcopy(tiny_model))
     assert model.cpu_layout == "in_out"
-    swapped = [m for m in model.modules() if isinstance(m, generate.CpuLinear)]
+    swapped = [m for m in model.modules() if isinstance(m, inference.CpuLinear)]
     assert len(swapped) == 2 * 4 + 1 and all(m.layout == "in_out" for m in swapped)
     slow["onednn"] = 0
-    assert generate.pack_for_cpu(copy.deepcopy(tiny_model)).cpu_layout == "onednn"
+    assert inference.pack_for_cpu(copy.deepcopy(tiny_model)).cpu_layout == "onednn"
     slow["linear"] = 0
-    model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
-    assert model.cpu_layout == "linear" and not any(isinstance(m, generate.CpuLinear) for m in model.modules())
+    model = inference.pack_for_cpu(copy.deepcopy(tiny_model))
+    assert model.cpu_layout == "linear" and not any(isinstance(m, inference.CpuLinear) for m in model.modules())
 
 
 def test_only_the_first_weights_are_timed(monkeypatch):
-    import generate
-    monkeypatch.setattr(generate, "TUNE_BYTES", 3 * 64 * 64 * 4)
+    import inference
+    monkeypatch.setattr(inference, "TUNE_BYTES", 3 * 64 * 64 * 4)
     timed = []
-    monkeypatch.setattr(generate.CpuLinear, "forward", lambda self, x: timed.append(self.weight.shape))
+    monkeypatch.setattr(inference.CpuLinear, "forward", lambda self, x: timed.append(self.weight.shape))
     linears = [torch.nn.Linear(64, 64) for _ in range(10)]
-    generate.fastest_layout(linears, ["in_out"])
+    inference.fastest_layout(linears, ["in_out"])
     assert len(timed) == 3  # one sweep over the first 3 (one candidate: no warm-up, no repeat)
 
 
 def test_pack_for_cpu_skips_a_layout_that_cannot_run(tiny_model, monkeypatch):
-    import generate
+    import inference
     linears = [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)]
 
     def refuse(self, x):
         raise RuntimeError("unsupported")
-    monkeypatch.setattr(generate.CpuLinear, "forward", refuse)  # no layout but nn.Linear's runs
-    assert generate.pack_for_cpu(tiny_model).cpu_layout == "linear"
+    monkeypatch.setattr(inference.CpuLinear, "forward", refuse)  # no layout but nn.Linear's runs
+    assert inference.pack_for_cpu(tiny_model).cpu_layout == "linear"
     assert [m for m in tiny_model.modules() if isinstance(m, torch.nn.Linear)] == linears  # nothing half-swapped
     with pytest.raises(ValueError, match="unknown layout 'packed'"):
-        generate.pack_for_cpu(tiny_model, layout="packed")
+        inference.pack_for_cpu(tiny_model, layout="packed")
 
 
 def test_pack_for_cpu_without_onednn_never_tries_it(tiny_model, monkeypatch):
     import copy
-    import generate
+    import inference
     monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
 
     tried = []
@@ -639,11 +639,11 @@ def test_pack_for_cpu_without_onednn_never_tries_it(tiny_model, monkeypatch):
         tried.append(args)
         raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_reorder_linear_weight'")
     monkeypatch.setattr(torch.ops.mkldnn, "_reorder_linear_weight", missing, raising=False)
-    assert generate.pack_for_cpu(copy.deepcopy(tiny_model), layout="onednn").cpu_layout == "linear"
-    model = generate.pack_for_cpu(copy.deepcopy(tiny_model))
+    assert inference.pack_for_cpu(copy.deepcopy(tiny_model), layout="onednn").cpu_layout == "linear"
+    model = inference.pack_for_cpu(copy.deepcopy(tiny_model))
     assert model.cpu_layout in ("linear", "in_out")
     assert tried == []  # oneDNN was never tried, not tried and failed
-    assert all(m.layout == "in_out" for m in model.modules() if isinstance(m, generate.CpuLinear))
+    assert all(m.layout == "in_out" for m in model.modules() if isinstance(m, inference.CpuLinear))
 
 
 def test_cli_help_shows_each_default_once(capsys):

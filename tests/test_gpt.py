@@ -9,10 +9,10 @@ import pytest
 import torch
 import transformers  # a dev requirement (requirements-dev.txt): parity is checked against it, never skipped
 
+from checkpoint import CheckpointError, read_safetensors_header, write_safetensors
 from conftest import ROOT
-from gpt import (GPT, GPTConfig, CheckpointError, encode, get_tokenizer, main, read_safetensors_header,
-                 write_safetensors)
-
+from gpt import GPT, GPTConfig, main
+from tokenizer import encode, get_tokenizer
 
 def hub_layout_file(tmp_path, hf_model, with_config=True):
     """Save a transformers GPT2LMHeadModel exactly as the hub's model.safetensors is laid out: no

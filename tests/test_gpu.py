@@ -16,16 +16,17 @@ import contextlib
 import pytest
 import torch
 
-import generate
-import kernels
-import serve
-import train
-from generate import SamplingParams, generate_tokens
 from conftest import context_sensitive
-from gpt import EOT, GPT, GPTConfig
-from serve import Engine
+from engine import Engine
+import inference
+from gpt import GPT, GPTConfig
+from inference import generate_tokens
+import kernels
+from sampling import SamplingParams
+import runner
 from test_kernels import DECODE_CASES, PREFILL_CASES, make_paged
-
+from tokenizer import EOT
+import training
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by .ci/gpu)")
 
 TIE = 1e-4  # two fp32 logits this close may swap places between kernels that round differently
@@ -94,7 +95,7 @@ def test_cuda_graph_decode_equals_uncached_greedy_for_100_tokens_and_later_calls
     want = greedy_without_cache(model, prompt, 100)
     assert len(want) == 100 and len(set(want)) > 20  # (the output depends on the context)
     model.decode_step = None  # (whatever an earlier test left)
-    with recording(generate.StaticStep) as steps:
+    with recording(inference.StaticStep) as steps:
         got = list(generate_tokens(model, prompt, SamplingParams(max_tokens=100, temperature=0.0)))
     assert len(steps) == 1 and steps[0].graph is not None, "the decode step was not captured as a CUDA graph"
     assert_same_greedy(model, prompt, got, want)
@@ -102,7 +103,7 @@ def test_cuda_graph_decode_equals_uncached_greedy_for_100_tokens_and_later_calls
     assert_same_greedy(model, prompt, eager, want)
     # a second, shorter prompt replays the same graph, over a cache that still holds the first call's keys
     short = list(range(3000, 3005))
-    with recording(generate.StaticStep) as steps:
+    with recording(inference.StaticStep) as steps:
         again = list(generate_tokens(model, short, SamplingParams(max_tokens=50, temperature=0.0)))
     assert steps == [], "the second call captured a new graph instead of replaying the first"
     assert_same_greedy(model, short, again, greedy_without_cache(model, short, 50))
@@ -165,7 +166,7 @@ def test_engine_with_cuda_graphs_matches_generate(model, monkeypatch):
     engine = Engine(model, max_num_seqs=6, max_num_batched_tokens=32, num_blocks=256)  # (not 90% of the GPU)
     assert sorted(engine.runner.graphs) == [1, 2, 4, 6], "decode graphs were not captured"
     prefills = []
-    monkeypatch.setattr(serve, "paged_prefill_attention",
+    monkeypatch.setattr(runner, "paged_prefill_attention",
                         lambda q, *args: prefills.append(q.is_cuda) or kernels.paged_prefill_attention(q, *args))
     outs = engine.generate(prompts, params, use_tqdm=False)
     assert prefills and all(prefills), "no chunk went through the prefill kernel"
@@ -185,11 +186,11 @@ def test_compiled_bf16_train_step_learns_a_batch():
     torch.manual_seed(0)
     raw = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=128, block_size=64)).cuda()
     model = torch.compile(raw)
-    optimizer = train.make_optimizer(raw, lr=1e-3, device_type="cuda", verbose=False)
+    optimizer = training.make_optimizer(raw, lr=1e-3, device_type="cuda", verbose=False)
     autocast = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
     x = torch.randint(0, 50257, (4, 64), device="cuda")
     y = torch.roll(x, -1, 1)
-    losses = [train.train_step(model, optimizer, [(x, y)], 1e-3, autocast=autocast) for _ in range(30)]
+    losses = [training.train_step(model, optimizer, [(x, y)], 1e-3, autocast=autocast) for _ in range(30)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < 0.5 * losses[0], losses
     assert raw.wte.weight.dtype == torch.float32

@@ -7,12 +7,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import serve
 from conftest import context_sensitive
-from generate import SamplingParams, generate_tokens
+from engine import Engine
 from gpt import GPT, GPTConfig
-from serve import BLOCK, Engine, parse_memory
-
+from inference import generate_tokens
+from runner import BLOCK, parse_memory
+from sampling import SamplingParams
+import engine as engine_module
+import runner
+import serve
 
 @pytest.fixture(scope="module")
 def model():
@@ -48,7 +51,6 @@ def test_greedy_batch_matches_one_at_a_time(model):
 
 
 def test_offline_generate_shows_progress_in_tokens_and_drops_what_early_stops_leave(model, monkeypatch):
-    import serve
     bars = []
 
     class Bar:  # records what tqdm would show
@@ -62,7 +64,7 @@ def test_offline_generate_shows_progress_in_tokens_and_drops_what_early_stops_le
 
         __enter__ = lambda self: self  # noqa: E731
         __exit__ = lambda self, *exc: None  # noqa: E731
-    monkeypatch.setattr(serve, "tqdm", Bar)
+    monkeypatch.setattr(engine_module, "tqdm", Bar)
     prompts = random_prompts(3, seed=3)
     params = [greedy(20), greedy(30), SamplingParams(max_tokens=40, temperature=0.0, stop=["e"])]
     outs = Engine(model).generate(prompts, params)
@@ -74,7 +76,7 @@ def test_offline_generate_shows_progress_in_tokens_and_drops_what_early_stops_le
 @pytest.mark.parametrize("layout", ["in_out", "onednn"])
 def test_a_model_in_each_cpu_layout_serves_the_same_tokens(model, layout):
     import copy
-    from generate import pack_for_cpu
+    from inference import pack_for_cpu
     packed = pack_for_cpu(copy.deepcopy(model), layout=layout)  # serve.py's CLI takes the fastest on a CPU
     assert not any(isinstance(m, torch.nn.Linear) for m in packed.modules())
     prompts = random_prompts(6, seed=7)
@@ -115,7 +117,7 @@ def test_whole_prompt_cached_still_computes_one_token(model):
 
 
 def test_hash_collision_never_returns_wrong_kv(model, monkeypatch):
-    monkeypatch.setattr(serve, "block_hash", lambda parent, ids: 0)  # every block collides
+    monkeypatch.setattr(engine_module, "block_hash", lambda parent, ids: 0)  # every block collides
     prompts = random_prompts(6, seed=6, lo=33, hi=60)
     prompts.append(prompts[0][:40] + [7, 8])  # a genuine shared prefix too
     params = [greedy(10)] * len(prompts)
@@ -223,7 +225,7 @@ def test_kv_cache_sizing():
 def test_cuda_graphs_cover_every_decode_batch_up_to_the_cap():
     """A decode batch of B replays the smallest captured graph of at least B rows; every batch the
     engine can form (1..max_num_seqs) must have one, up to 256, with no size captured twice."""
-    sizes = serve.ModelRunner.graph_batch_sizes
+    sizes = runner.ModelRunner.graph_batch_sizes
     assert sizes(1) == [1] and sizes(6) == [1, 2, 4, 6] and sizes(64) == [1, 2, 4, 8, 16, 32, 64]
     for cap in (1, 3, 6, 64, 100, 256, 300):
         captured = sizes(cap)
@@ -403,8 +405,8 @@ def test_a_kv_cache_larger_than_memory_is_refused_before_allocating(model, monke
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB\nmore details")
 
-    monkeypatch.setattr(serve, "available_memory", lambda device: None)
-    monkeypatch.setattr(serve.torch, "zeros", no_memory)
+    monkeypatch.setattr(runner, "available_memory", lambda device: None)
+    monkeypatch.setattr(runner.torch, "zeros", no_memory)
     with pytest.raises(ValueError, match=r"cannot allocate the KV cache \(.*\): CUDA out of memory. Tried .*GiB;"):
         Engine(model, kv_cache_memory="1MB")
 

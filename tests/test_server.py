@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from data import encode_prompt
-from generate import SamplingParams, generate
-from gpt import EOT, GPT, GPTConfig, get_tokenizer
-from serve import Engine, make_server
-
+from engine import Engine
+from gpt import GPT, GPTConfig
+from inference import generate
+from sampling import SamplingParams
+from serve import make_server
+from tokenizer import EOT, encode_prompt, get_tokenizer
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -530,15 +531,15 @@ def test_engine_failure_answers_500_and_the_server_recovers(server, monkeypatch)
 def test_a_request_whose_sampling_fails_fails_alone(server, monkeypatch):
     """A sampler error in one row ends that request with a 500 (or an error event); the requests
     batched with it go on to their normal end."""
-    import serve
-    real = serve.sample
+    import engine as engine_module
+    real = engine_module.sample
 
     def flaky(logits, temperature, *args, **kwargs):  # (the engine samples its whole batch in one call)
         if 1.25 in (temperature if isinstance(temperature, list) else [temperature]):
             raise RuntimeError("sampler exploded")
         return real(logits, temperature, *args, **kwargs)
 
-    monkeypatch.setattr(serve, "sample", flaky)
+    monkeypatch.setattr(engine_module, "sample", flaky)
     slow_engine(server, monkeypatch)
     engine = server.api.loop.engine
     result = {}

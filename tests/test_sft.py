@@ -11,13 +11,12 @@ import sys
 import pytest
 import torch
 
-import sft
 from conftest import ROOT, file_size_limit, one_line_error, refused_before_any_work, single_thread
 from data import collate, encode_examples
 from gpt import GPT, GPTConfig
-from sft import LoRALinear, add_lora, lora_merged, merge_lora
-from train import make_optimizer, train_step
-
+from lora import LoRALinear, add_lora, lora_merged, merge_lora
+import sft
+from training import make_optimizer, train_step
 
 def conversations_of_uneven_length():
     """8 single-turn conversations whose answers run from 1 word to ~60: the case where averaging
@@ -244,7 +243,7 @@ def resume_run(root, lora=False):
 
 
 def tensors(path):
-    from gpt import iter_safetensors
+    from checkpoint import iter_safetensors
     return {name: t.clone() for name, t in iter_safetensors(path)}
 
 

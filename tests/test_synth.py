@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 
 from synth import DEFAULTS, build, clean_conversation, load_config
-
 CFG = {**DEFAULTS, "model": "x", "prompt_lines": ["Talk about {word}.", "STUDENT:"],
        "words": ["black hole"], "exclude": ["as an AI"]}
 
@@ -136,9 +135,10 @@ def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):
     import torch
 
     from data import load_conversations
-    from gpt import GPT, GPTConfig, get_tokenizer
+    from gpt import GPT, GPTConfig
+    from tokenizer import get_tokenizer
     from synth import engine_generate
-    from train import make_optimizer, train_step
+    from training import make_optimizer, train_step
 
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=64))

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-import data
-import train
 from conftest import SHARED, file_size_limit, one_line_error, refused_before_any_work
-from gpt import EOT, GPT, GPTConfig, encode
-
+import data
+from gpt import GPT, GPTConfig
+from tokenizer import EOT, encode
+import train
+import training
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "64", "--batch-size", "4",
         "--seq-len", "32", "--warmup", "2", "--lr", "3e-3", "--eval-iters", "4", "--sample-tokens", "8",
@@ -134,19 +135,19 @@ def test_get_batch_targets_are_inputs_shifted():
 
 def test_lr_schedule_warms_up_linearly_then_follows_a_cosine():
     kw = dict(max_lr=1.0, warmup_steps=10, max_steps=110, min_lr=0.1)
-    assert train.lr_at(0, **kw) == pytest.approx(0.1)  # 1/10 of the way up
-    assert train.lr_at(4, **kw) == pytest.approx(0.5)
-    assert train.lr_at(9, **kw) == pytest.approx(1.0)
-    assert train.lr_at(10, **kw) == pytest.approx(1.0)  # the cosine starts at the top
-    assert train.lr_at(60, **kw) == pytest.approx(0.55)  # halfway: min + (max - min) / 2
-    assert train.lr_at(35, **kw) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
-    assert train.lr_at(110, **kw) == pytest.approx(0.1)
-    assert train.lr_at(500, **kw) == pytest.approx(0.1)
+    assert training.lr_at(0, **kw) == pytest.approx(0.1)  # 1/10 of the way up
+    assert training.lr_at(4, **kw) == pytest.approx(0.5)
+    assert training.lr_at(9, **kw) == pytest.approx(1.0)
+    assert training.lr_at(10, **kw) == pytest.approx(1.0)  # the cosine starts at the top
+    assert training.lr_at(60, **kw) == pytest.approx(0.55)  # halfway: min + (max - min) / 2
+    assert training.lr_at(35, **kw) == pytest.approx(0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2)
+    assert training.lr_at(110, **kw) == pytest.approx(0.1)
+    assert training.lr_at(500, **kw) == pytest.approx(0.1)
 
 
 def test_weight_decay_applies_to_matrices_only_and_skips_frozen(tiny_model):
     tiny_model.h[0].attn.c_attn.weight.requires_grad_(False)  # frozen, as under LoRA
-    opt = train.make_optimizer(tiny_model, lr=1e-3, weight_decay=0.1, verbose=False)
+    opt = training.make_optimizer(tiny_model, lr=1e-3, weight_decay=0.1, verbose=False)
     names = {id(p): n for n, p in tiny_model.named_parameters()}
     decayed = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.1 for p in g["params"]}
     plain = {names[id(p)] for g in opt.param_groups if g["weight_decay"] == 0.0 for p in g["params"]}
@@ -166,10 +167,10 @@ def test_flops_and_mfu_of_gpt2_124m():
     n = V * d + 12 * block + 2 * d
     assert model.num_params() == n == 123_653_376
     expected = 6 * n + 12 * 12 * 12 * 64 * 1024  # 6N + 12 * layers * heads * head_dim * T
-    assert train.flops_per_token(model.config, model.num_params(), 1024) == expected == 855_166_464
+    assert training.flops_per_token(model.config, model.num_params(), 1024) == expected == 855_166_464
     # 100k tokens/s on an H100 (989 TFLOP/s bf16)
-    assert train.mfu(expected, 100_000, 989e12) == pytest.approx(expected * 1e5 / 989e12)
-    assert train.mfu(expected, 100_000, None) is None  # unknown peak: no MFU, not a made-up one
+    assert training.mfu(expected, 100_000, 989e12) == pytest.approx(expected * 1e5 / 989e12)
+    assert training.mfu(expected, 100_000, None) is None  # unknown peak: no MFU, not a made-up one
 
 
 def test_accumulating_4_by_2_equals_one_batch_of_8(tiny_model):
@@ -184,7 +185,7 @@ def test_accumulating_4_by_2_equals_one_batch_of_8(tiny_model):
         model = copy.deepcopy(tiny_model).train()
         before = [p.detach().clone() for p in model.parameters()]
         opt = torch.optim.SGD(model.parameters(), lr=1.0)  # the update IS the gradient
-        loss = train.train_step(model, opt, micro, lr=1.0, grad_clip=0)
+        loss = training.train_step(model, opt, micro, lr=1.0, grad_clip=0)
         results.append((loss, [b - p.detach() for b, p in zip(before, model.parameters())]))
         assert all(p.grad is None for p in model.parameters())  # zeroed for the next step
     (loss8, grads8), (loss42, grads42) = results
@@ -197,16 +198,16 @@ def test_accumulating_4_by_2_equals_one_batch_of_8(tiny_model):
 
 
 def test_training_state_round_trip(tmp_path, tiny_model):
-    opt = train.make_optimizer(tiny_model, lr=1e-3, verbose=False)
+    opt = training.make_optimizer(tiny_model, lr=1e-3, verbose=False)
     x = torch.randint(0, 50257, (2, 8))
-    train.train_step(tiny_model.train(), opt, [(x, x)], lr=1e-3)
-    train.save_training_state(tmp_path / "ck", tiny_model, opt, 7, {"data_position": 123}, template="chat")
+    training.train_step(tiny_model.train(), opt, [(x, x)], lr=1e-3)
+    training.save_training_state(tmp_path / "ck", tiny_model, opt, 7, {"data_position": 123}, template="chat")
     assert json.loads((tmp_path / "ck" / "config.json").read_text())["template"] == "chat"
     assert not (tmp_path / "ck.tmp").exists() and not (tmp_path / "ck.old").exists()
     torch.manual_seed(5)
     other = GPT(tiny_model.config)
-    opt2 = train.make_optimizer(other, lr=1e-3, verbose=False)
-    step, extra = train.load_training_state(tmp_path / "ck", other, opt2)
+    opt2 = training.make_optimizer(other, lr=1e-3, verbose=False)
+    step, extra = training.load_training_state(tmp_path / "ck", other, opt2)
     assert (step, extra) == (7, {"data_position": 123})
     for a, b in zip(tiny_model.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
@@ -400,17 +401,17 @@ def test_resume_with_the_optimizer_state_of_another_model_is_a_one_line_error(st
     torch.manual_seed(0)
     shape = dict(n_layer=2, n_embd=32) if other == "narrower" else dict(n_layer=1, n_embd=64)
     model = GPT(GPTConfig(n_head=4, block_size=64, **shape))
-    opt = train.make_optimizer(model, 1e-3, verbose=False)
+    opt = training.make_optimizer(model, 1e-3, verbose=False)
     x = torch.randint(0, 50257, (1, 8))
-    train.train_step(model, opt, [(x, x)], lr=1e-3)  # AdamW's moments exist after a step
+    training.train_step(model, opt, [(x, x)], lr=1e-3)  # AdamW's moments exist after a step
     # the weights are this run's; the optimizer state is another model's
     torch.save({"step": 1, "optimizer": opt.state_dict(), "extra": {"data_position": 128}},
-               run / "checkpoint" / train.STATE_FILE)
+               run / "checkpoint" / training.STATE_FILE)
     with pytest.raises(SystemExit) as e:
         train.main(["--resume", str(run)])
     assert e.value.code == 2
     err = one_line_error(capsys)
-    assert f"{run / 'checkpoint' / train.STATE_FILE}: " in err
+    assert f"{run / 'checkpoint' / training.STATE_FILE}: " in err
     # the narrower state passes load_state_dict (it compares tensor counts only), and would crash the first step
     assert ("the optimizer's exp_avg for wte.weight has shape [50257, 32], the parameter [50257, 64]" in err
             if other == "narrower" else "not a training state for this model (ValueError" in err)

@@ -1,0 +1,347 @@
+"""Weights on disk: safetensors read and written by hand, the checks that run before a file is
+trusted, our checkpoint format, and the download of OpenAI's released files.
+
+safetensors is 8 bytes of little-endian header length N, N bytes of JSON {name: {dtype, shape,
+data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes (offsets count
+from there). Loading never unpickles anything. Every offset is bounds-checked, and the config's
+sizes are checked against the header's shapes before a model is built or allocated.
+
+Our checkpoint is a directory: `model.safetensors` (nn.Linear layout, marked {"layout": LAYOUT} in
+its metadata) and `config.json` ({"format": LAYOUT, "config": GPTConfig fields, metadata...}: the
+chat template, a training run's flags). gpt.py's GPT.from_pretrained and save_checkpoint use it.
+"""
+
+import hashlib
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+
+import torch
+
+
+
+FAMILY = "gpt2-chatbot/"  # our layouts' prefix: a later version's files are refused, never misread
+
+
+LAYOUT = FAMILY + "v1"  # marks our own files: nn.Linear [out, in] weights, no transpose needed
+
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+          "U8": torch.uint8, "BOOL": torch.bool}
+
+
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A weights file or checkpoint that cannot be loaded; the message names the file and tensor."""
+
+
+def read_safetensors_header(path):
+    """Parse and bounds-check a safetensors header. Returns (header dict, offset of the data)."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: truncated file ({size} bytes), not a safetensors file")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header is not a JSON object")
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
+    data_start, data_len = 8 + n, size - 8 - n
+    spans = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+                or not all(isinstance(o, int) for o in (begin, end)):
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+        if not 0 <= begin <= end <= data_len:
+            raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] lie outside the "
+                                  f"{data_len} data bytes (truncated file?)")
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but "
+                                  f"{dtype}{shape} needs {nbytes}")
+        spans.append((begin, end, name))
+    spans.sort()
+    for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+        if b1 < e0:
+            raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
+    return header, data_start
+
+
+def iter_safetensors(path):
+    """Yield (name, tensor) from a safetensors file. Tensors are views of a copy-on-write memory map,
+    so the file's pages are read lazily and never held twice; copy what you keep."""
+    header, data_start = read_safetensors_header(path)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        dtype = DTYPES[info["dtype"]]
+        count = (end - begin) // dtype.itemsize
+        t = torch.frombuffer(mm, dtype=dtype, count=count, offset=data_start + begin) if count else \
+            torch.empty(0, dtype=dtype)
+        yield name, t.view(info["shape"])
+
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write {name: tensor} as safetensors (tensors in name order, header padded to 8 bytes)."""
+    header, offset, items = {}, 0, []
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        items.append(t)
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # pad so the data starts 8-byte aligned
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for t in items:
+            if t.numel():
+                f.write(t.view(-1).view(torch.uint8).numpy().tobytes())
+
+
+def all_finite(t):
+    """Whether tensor `t` holds no NaN or inf. A sum is NaN or inf when any element is, and costs a
+    fraction of isfinite's pass (no bool tensor the size of the weights); only a sum that overflowed
+    from finite values (huge weights, or float16's small range) needs the exact check."""
+    return math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
+
+
+def read_checkpoint_json(directory, config_fields=None):
+    """Our config.json: {"format": LAYOUT, "config": {every GPTConfig field but dropout}, metadata...}.
+    With `config_fields` (GPTConfig's field names), the config must have every one of them but
+    dropout, and no other: a default filled in for a missing size would describe another model."""
+    path = Path(directory) / "config.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid checkpoint config ({e})") from None
+    if not isinstance(info, dict):
+        raise CheckpointError(f"{path}: not a valid checkpoint config (not a JSON object)")
+    if info.get("format") != LAYOUT:
+        found = f"format {info['format']!r} is unknown" if "format" in info else "no \"format\" key"
+        raise CheckpointError(f"{path}: {found}; this version reads {LAYOUT!r} checkpoints")
+    config = info.get("config")
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: not a valid checkpoint config (no \"config\" object)")
+    if config_fields is None:
+        return info
+    known = list(config_fields)
+    unknown = [k for k in config if k not in known]
+    if unknown:
+        raise CheckpointError(f"{path}: unknown config key {unknown[0]!r} (GPTConfig has {', '.join(known)})")
+    missing = [k for k in known if k not in config and k != "dropout"]  # (dropout is a training choice)
+    if missing:
+        raise CheckpointError(f"{path}: the config has no {', '.join(missing)}")
+    return info
+
+
+def is_our_layout(path, header):
+    """Whether `path` holds our layout (nn.Linear weights, a GPTConfig in config.json beside it), as
+    its metadata says, rather than the hub's. Refused: a later version of our layout, and weights
+    beside our config.json that lost the marker (re-saved by another tool): whether they are [out, in]
+    or transposed is then unknown, and square matrices would load either way, wrong."""
+    layout = (header.get("__metadata__") or {}).get("layout")
+    if layout == LAYOUT:
+        return True
+    if layout is not None and layout.startswith(FAMILY):
+        raise CheckpointError(f"{path}: layout {layout!r} is not one this version reads ({LAYOUT!r})")
+    try:
+        fmt = json.loads((path.parent / "config.json").read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        fmt = None  # no config.json, or not ours: infer_hub_config reads it or says what is wrong
+    if isinstance(fmt, str) and fmt.startswith(FAMILY):
+        raise CheckpointError(f"{path}: no \"layout\" in its __metadata__ (re-saved by another tool?), though "
+                              f"config.json beside it is a {fmt} checkpoint's; our weights need "
+                              f"{{\"layout\": \"{LAYOUT}\"}} there")
+    return False
+
+
+def check_config(config, where):
+    """A CheckpointError naming `where` unless the config describes a model that can be built: a
+    config.json edited by hand (or written by something else) fails here in one line, not deep in
+    nn.Module construction."""
+    for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise CheckpointError(f"{where}: {name} must be a positive integer, not {value!r}")
+    if config.n_embd % config.n_head:
+        raise CheckpointError(f"{where}: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
+    if not isinstance(config.bias, bool):
+        raise CheckpointError(f"{where}: bias must be true or false, not {config.bias!r}")
+
+
+def check_config_fits_weights(config, header, where, path):
+    """A CheckpointError naming the config key (in `where`, the config's file) unless the vocabulary,
+    width, context and layer count are those of the weights in `path`, read from its header alone.
+    These are the sizes that decide how much the model allocates; the shape of every other tensor
+    follows from them and is checked as it is loaded."""
+    shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+    for key, sizes in (("wte.weight", ("vocab_size", "n_embd")), ("wpe.weight", ("block_size", "n_embd"))):
+        if key not in shapes:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        if len(shapes[key]) != 2:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
+        for size, dim in zip(sizes, shapes[key]):
+            if getattr(config, size) != dim:
+                raise CheckpointError(f"{where}: {size} {getattr(config, size)} disagrees with the weights: "
+                                      f"{path.name} holds {key!r} of shape {shapes[key]}")
+    layers = {k.split(".")[1] for k in shapes if k.startswith("h.")}
+    if config.n_layer != len(layers):
+        raise CheckpointError(f"{where}: n_layer {config.n_layer} disagrees with the weights: "
+                              f"{path.name} holds {len(layers)} layer{'s' if len(layers) != 1 else ''}")
+
+
+def hub_config(path, header, released):
+    """The GPTConfig fields (a dict) of a hub-layout file: from its HF config.json when there is one,
+    else from the tensor shapes (the head count, which shapes do not show, from the widths of the
+    `released` sizes: {name: {n_layer, n_head, n_embd}})."""
+    hf = Path(path).parent / "config.json"
+    if hf.exists():
+        try:
+            c = json.loads(hf.read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{hf}: not valid JSON ({e})") from None
+        missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if not isinstance(c, dict) or k not in c]
+        if missing:
+            raise CheckpointError(f"{hf}: not a GPT-2 config: it has no {', '.join(missing)}")
+        return dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
+                    block_size=c.get("n_positions", c.get("n_ctx", 1024)), vocab_size=c["vocab_size"])
+    shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+    for key in ("wte.weight", "wpe.weight"):
+        if key not in shapes:
+            raise CheckpointError(f"{path}: missing tensor {key!r}")
+        if len(shapes[key]) != 2:
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
+    vocab, n_embd = shapes["wte.weight"]
+    layers = [k.split(".")[1] for k in shapes if k.startswith("h.")]
+    bad = next((k for k in layers if not k.isdigit()), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor names 'h.{bad}...' do not number their layer")
+    n_layer = len(set(layers))  # (not 1 + the highest number: a stray 'h.9999999.' would build 10**7 layers)
+    heads = {s["n_embd"]: s["n_head"] for s in released.values()}
+    if n_embd not in heads:
+        raise CheckpointError(f"{path}: width {n_embd} is not a released GPT-2 size; put a config.json with n_head beside it")
+    return dict(n_layer=n_layer, n_head=heads[n_embd], n_embd=n_embd, block_size=shapes["wpe.weight"][0], vocab_size=vocab)
+
+
+HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
+
+
+def cache_dir():
+    """Where downloads live: $GPT2_CACHE_DIR, else ~/.cache/gpt2-chatbot."""
+    return Path(os.environ.get("GPT2_CACHE_DIR") or Path.home() / ".cache" / "gpt2-chatbot")
+
+
+def resolve_weights(name_or_path, released=()):
+    """A name in `released` (downloaded into the cache once), a checkpoint directory, or a
+    .safetensors file -> the path of the .safetensors file to load."""
+    name = str(name_or_path)
+    if name in released and not Path(name).exists():
+        return download(HUB_URL.format(name=name), cache_dir() / name / "model.safetensors")
+    p = Path(name)
+    if p.is_dir():
+        p = p / "model.safetensors"
+        if not p.exists():
+            # a train.py run directory keeps its model one level down, in checkpoint/
+            inside = sorted(str(q.parent) for q in Path(name).glob("*/model.safetensors"))
+            more = ", ..." if len(inside) > 3 else ""
+            hint = f" (models inside it: {', '.join(inside[:3])}{more})" if inside else ""
+            raise CheckpointError(f"{name_or_path}: directory has no model.safetensors{hint}")
+        return p
+    if not p.exists():
+        raise CheckpointError(f"{name}: no such file or directory, and not one of {', '.join(released)}")
+    return p
+
+
+def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
+    """Download `url` to `dest` unless it is already there, with a progress bar.
+
+    The bytes go to `dest.part` and are renamed to `dest` only when complete and verified; if a
+    `.part` is left over from an interrupted run, the download resumes from its end with an HTTP
+    Range request. The size is checked against the server's (a connection cut where the size is
+    unknown is caught too), and the SHA-256 against `sha256` or, failing that, the hub's
+    `X-Linked-Etag` (the LFS object's SHA-256). A mismatch deletes the file."""
+    import requests
+    from tqdm import tqdm
+
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    # identity: sizes and Range offsets are then those of the file itself (requests would otherwise ask
+    # for gzip, and Content-Length would count the compressed bytes while we write decompressed ones)
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    cut = False
+    with requests.get(url, stream=True, headers=headers, timeout=timeout) as r:
+        if r.status_code == 416:  # our .part is already whole (or bogus): start again
+            part.unlink()
+            return download(url, dest, sha256, chunk_size, timeout)
+        r.raise_for_status()
+        encoded = r.headers.get("Content-Encoding", "identity").lower() != "identity"
+        if r.status_code != 206 or encoded:  # the server ignored the Range header (or compressed anyway,
+            have = 0                          # so offsets mean nothing): start from zero
+        if encoded:  # (what arrives is decompressed: the server's sizes don't apply)
+            total = None
+        elif r.status_code == 206 and "Content-Range" in r.headers:
+            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
+        else:
+            total = have + int(r.headers.get("Content-Length", 0)) or None
+        etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
+        expected = sha256 or (etag if len(etag) == 64 else None)
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                          desc=dest.name, disable=None) as bar:
+            try:
+                for chunk in r.iter_content(chunk_size):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except requests.exceptions.RequestException:
+                cut = True  # a cut connection: what arrived is kept in .part (resumable unless compressed)
+    size = part.stat().st_size
+    if cut or (total is not None and size != total):
+        if encoded:
+            part.unlink()
+        of = f" of {total}" if total is not None else ""
+        again = "run again to resume" if not encoded else "run again to start over"
+        raise IOError(f"download of {url} stopped at {size}{of} bytes; {again}")
+    if expected:
+        h = hashlib.sha256()
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        if h.hexdigest() != expected:
+            part.unlink()
+            raise IOError(f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {expected}; "
+                          f"the bad file was deleted")
+    os.replace(part, dest)
+    return dest

@@ -1,0 +1,535 @@
+"""The serving engine: many requests at once over a paged KV cache (the vLLM recipe, small).
+
+  BlockManager  The KV cache is a pool of fixed-size blocks (16 tokens each, the "pages" of
+                kernels.py). A sequence owns a block table: its i-th block holds tokens 16i..16i+15.
+                Memory is handed out 16 tokens at a time as sequences grow, so nothing is reserved
+                for a length a request may never reach. Full blocks are also remembered by their
+                content (prefix caching): a request that starts like an earlier one (a system
+                prompt, a chat history) reuses those blocks instead of computing them again.
+  Scheduler     Decides, at every step, which sequences run and how many tokens each computes:
+                each running sequence decodes one token, and prompts are prefilled in the same
+                forward pass while the token budget lasts (continuous batching: requests join and
+                leave the batch at any step). A prompt longer than what is left of the budget is
+                prefilled in chunks over several steps (chunked prefill), so one long prompt
+                never freezes the token streams of everyone else. When blocks run out, the
+                youngest sequence is preempted: its blocks are freed and it is recomputed later
+                (its generated tokens are kept).
+  ModelRunner   (runner.py) Owns the KV pool and runs the model on a packed batch.
+  Engine        Ties them together: add_request / step / abort, and generate() for offline batches.
+"""
+
+import itertools
+import math
+import threading
+import time
+import traceback
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from runner import BLOCK, ModelRunner, kv_cache_blocks, parse_memory
+from sampling import MAX_SEED, SamplingParams, TextStream, sample
+from tokenizer import EOT, encode, get_tokenizer
+
+
+
+WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
+
+
+class Sequence:
+    """One prompt and its growing completion. `tokens` is prompt + output; the first `num_computed`
+    of them have their keys and values in the cache (blocks of `block_table`). In a step, the
+    scheduler sets `num_new`: how many of the others this step computes (one for a decode, the whole
+    rest or a chunk of it for a prefill)."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids, params, enc, logprobs=None, ignore_eos=False, sink=None, device="cpu"):
+        self.seq_id = next(Sequence._ids)
+        self.prompt_len = len(prompt_ids)
+        self.tokens = list(prompt_ids)
+        self.params, self.logprobs, self.ignore_eos = params, logprobs, ignore_eos
+        self.sink = sink  # where the server wants this sequence's outputs (a queue.Queue), or None
+        self.stream = TextStream(enc, params.stop)  # token ids -> text, stop strings
+        self.generator = None
+        if params.seed is not None:  # a seeded request samples from its own random stream
+            self.generator = torch.Generator(device=device).manual_seed(params.seed)
+        self.status, self.finish_reason = WAITING, None
+        self.block_table, self.num_computed, self.num_new = [], 0, 0
+        self.num_hashed, self.last_hash = 0, None  # leading blocks registered in the prefix cache
+        self.arrival, self.first_token_time = time.perf_counter(), None
+
+    @property
+    def output_ids(self):
+        return self.tokens[self.prompt_len:]
+
+
+@dataclass
+class StepOutput:
+    """What one step did for one sequence: the token it sampled and the text that became printable."""
+    seq: Sequence
+    token: int | None  # None when the sequence was aborted or failed
+    text: str
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" | None while running
+    logprob: float | None = None
+    top_logprobs: list | None = None  # [(token id, logprob)], most likely first
+    error: Exception | None = None  # set (finish_reason "error") when this sequence alone failed
+
+
+def block_hash(parent_hash, token_ids):
+    """Chained hash of a full block: its tokens and (through the parent's hash) all tokens before it.
+    Only a lookup key: a hit is verified against the stored ids before it is trusted."""
+    return hash((parent_hash, token_ids))
+
+
+class KVBlock:
+    __slots__ = ("id", "ref", "hash", "token_ids", "parent", "gen")
+
+    def __init__(self, i):
+        self.id, self.ref = i, 0
+        self.hash = self.token_ids = self.parent = None  # set while registered in the prefix cache
+        self.gen = 0  # bumped each time the block is reused for other content
+
+
+class BlockManager:
+    """The pool of KV blocks: allocation, reference counts, and the prefix cache.
+
+    Free blocks wait in least-recently-freed order. A freed block keeps its content and stays
+    findable by hash until it is handed out again, so a prefix computed by a finished request can
+    still be reused by the next one. A hit is trusted only if the stored token ids match and the
+    block's parent is exactly the block matched just before it (same id, same generation): so a
+    hash collision costs a cache miss, never wrong keys and values."""
+
+    def __init__(self, num_blocks):
+        self.blocks = [KVBlock(i) for i in range(num_blocks)]
+        self.free = OrderedDict.fromkeys(range(num_blocks))  # ordered: evict the oldest first
+        self.by_hash = {}  # hash -> block id
+        self.hits = self.queries = 0  # prefix-cache counters, in blocks
+
+    @property
+    def num_free(self):
+        return len(self.free)
+
+    def match_prefix(self, tokens):
+        """Block ids holding a cached prefix of `tokens`. Only full blocks before the last token
+        count: at least one token is always computed, to produce the logits of the next one."""
+        hits, h, parent = [], None, None
+        for i in range((len(tokens) - 1) // BLOCK):
+            ids = tuple(tokens[i * BLOCK:(i + 1) * BLOCK])
+            h = block_hash(h, ids)
+            bid = self.by_hash.get(h)
+            if bid is None:
+                break
+            b = self.blocks[bid]
+            if b.token_ids != ids or b.parent != parent:
+                break
+            hits.append(bid)
+            parent = (bid, b.gen)
+        return hits
+
+    def can_allocate(self, num_tokens, hits):
+        # cached blocks nobody holds are in the free list: taking them uses up free blocks too
+        needed = math.ceil(num_tokens / BLOCK) - len(hits) + sum(self.blocks[b].ref == 0 for b in hits)
+        return needed <= self.num_free
+
+    def allocate(self, seq, hits):
+        """Give `seq` blocks for all its tokens, the cached prefix `hits` shared."""
+        self.queries += (len(seq.tokens) - 1) // BLOCK
+        self.hits += len(hits)
+        h = None
+        for bid in hits:
+            self._take(bid)
+            h = self.blocks[bid].hash
+        seq.block_table = list(hits) + [self._new() for _ in range(math.ceil(len(seq.tokens) / BLOCK) - len(hits))]
+        seq.num_computed = len(hits) * BLOCK
+        seq.num_hashed, seq.last_hash = len(hits), h
+
+    def needs_block(self, seq):
+        """Does `seq` need one more block for its next token?"""
+        return len(seq.tokens) > len(seq.block_table) * BLOCK
+
+    def append_block(self, seq):
+        seq.block_table.append(self._new())
+
+    def free_seq(self, seq):
+        # Release the last blocks first: they are evicted first, and a prefix's tail is useless
+        # without its head, while the head (a shared system prompt) may serve other requests.
+        for bid in reversed(seq.block_table):
+            b = self.blocks[bid]
+            b.ref -= 1
+            if b.ref == 0:
+                self.free[bid] = None
+        seq.block_table, seq.num_computed, seq.num_hashed, seq.last_hash = [], 0, 0, None
+
+    def register(self, seq):
+        """Enter `seq`'s newly completed blocks (full, their k/v computed) into the prefix cache."""
+        full = min(seq.num_computed, len(seq.tokens)) // BLOCK
+        for i in range(seq.num_hashed, full):
+            ids = tuple(seq.tokens[i * BLOCK:(i + 1) * BLOCK])
+            h = block_hash(seq.last_hash, ids)
+            b = self.blocks[seq.block_table[i]]
+            if h not in self.by_hash:  # (a duplicate computed alongside another copy stays private)
+                prev = self.blocks[seq.block_table[i - 1]] if i else None
+                b.hash, b.token_ids, b.parent = h, ids, (prev.id, prev.gen) if prev else None
+                self.by_hash[h] = b.id
+            seq.last_hash = h
+        seq.num_hashed = max(seq.num_hashed, full)
+
+    def _take(self, bid):
+        b = self.blocks[bid]
+        if b.ref == 0:
+            del self.free[bid]
+        b.ref += 1
+
+    def _new(self):
+        bid, _ = self.free.popitem(last=False)
+        b = self.blocks[bid]
+        if b.hash is not None:  # its old content is about to be overwritten: forget it
+            if self.by_hash.get(b.hash) == bid:
+                del self.by_hash[b.hash]
+            b.hash = b.token_ids = b.parent = None
+        b.gen += 1
+        b.ref = 1
+        return bid
+
+
+class Scheduler:
+    """Waiting and running queues, and a budget of `max_num_batched_tokens` tokens per step, spent
+    in this order:
+
+      1. Decodes: every running sequence whose prompt is computed gets its one next token, oldest
+         first (making room by preempting the youngest when blocks run out). They go first
+         because a user is watching each of those streams: a long prompt arriving must not
+         freeze them (it would, for as long as its whole prefill takes, without chunking).
+      2. Unfinished prefills (running sequences admitted in an earlier step) get their next chunk:
+         a prompt once started finishes before newer ones start, so its first token is not
+         postponed forever by newcomers.
+      3. Waiting sequences are admitted, oldest first, while the budget, the sequence cap and the
+         free blocks allow. The last one admitted gets what is left of the budget, which may be
+         only a chunk of its prompt: the rest follows in the next steps (chunked prefill). So a
+         prompt longer than the whole budget is fine, and a step never idles budget that a
+         waiting prompt could use.
+
+    A chunk costs little extra: attention over the cached earlier chunks, and every matmul sees
+    the same tokens it would have seen in one piece. A sequence samples its next token only in the
+    step that computes the last of its tokens; earlier chunks produce no output at all."""
+
+    def __init__(self, blocks, max_num_seqs, max_num_batched_tokens):
+        self.blocks = blocks
+        self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
+        self.waiting, self.running = deque(), []  # running: oldest first
+        self.num_preemptions = 0
+
+    def schedule(self):
+        """The sequences to run this step, in the order decodes, unfinished prefills, admissions;
+        each computes its tokens[num_computed:num_computed + num_new]."""
+        budget = self.max_num_batched_tokens
+        batch = []
+        for seq in list(self.running):  # 1. decodes
+            if seq.status != RUNNING or budget == 0:  # preempted (the youngest, so all after it too)
+                break  # or no budget left: the younger decodes wait for the next step
+            if len(seq.tokens) - seq.num_computed > 1:  # a prefill under way: its turn comes in 2.
+                continue
+            while seq.status == RUNNING and self.blocks.needs_block(seq) and self.blocks.num_free == 0:
+                self.preempt(self.running[-1])  # the youngest: never one already in this batch
+            if seq.status != RUNNING:  # it was the youngest itself
+                break
+            if self.blocks.needs_block(seq):
+                self.blocks.append_block(seq)
+            seq.num_new = 1
+            batch.append(seq)
+            budget -= 1
+        for seq in self.running:  # 2. unfinished prefills (their blocks were all given at admission)
+            left = len(seq.tokens) - seq.num_computed
+            if left > 1 and budget > 0:
+                seq.num_new = min(left, budget)
+                batch.append(seq)
+                budget -= seq.num_new
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3. admissions
+            seq = self.waiting[0]
+            hits = self.blocks.match_prefix(seq.tokens)
+            # Blocks for the whole prompt are taken now, not chunk by chunk: a prefill once started
+            # never waits for memory halfway (only decodes grow, one block at a time).
+            if not self.blocks.can_allocate(len(seq.tokens), hits):
+                break  # strictly first come, first served: nobody overtakes the head of the queue
+            self.blocks.allocate(seq, hits)
+            self.waiting.popleft()
+            seq.status = RUNNING
+            self.running.append(seq)
+            seq.num_new = min(len(seq.tokens) - seq.num_computed, budget)
+            batch.append(seq)
+            budget -= seq.num_new
+        return batch
+
+    def preempt(self, seq):
+        """Free a running sequence's blocks and put it at the front of the queue: it will be prefilled
+        again (prompt and the tokens generated so far), usually partly from the prefix cache. A
+        sequence halfway through a chunked prefill is preempted the same way: the blocks it has
+        computed stay in the prefix cache, the others were never registered."""
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq, reason):
+        if seq.status == RUNNING:
+            self.running.remove(seq)
+            self.blocks.free_seq(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status, seq.finish_reason = FINISHED, reason
+
+
+@dataclass
+class RequestOutput:
+    text: str
+    token_ids: list
+    finish_reason: str
+
+
+def check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory=None, flags=False):
+    """The Engine's limits, checked before any model is loaded: ValueError naming the argument or,
+    with flags=True, the command-line flag (serve.py's and bench_serve.py's). The KV-cache size
+    against the model and the memory is kv_cache_blocks' part, once there is a model."""
+    name = (lambda arg: "--" + arg.replace("_", "-")) if flags else (lambda arg: arg)  # noqa: E731
+    if max_num_seqs < 1:
+        raise ValueError(f"{name('max_num_seqs')} must be at least 1, not {max_num_seqs}")
+    if max_num_batched_tokens < 1:  # (any positive budget works: longer prompts are prefilled in chunks)
+        raise ValueError(f"{name('max_num_batched_tokens')} must be at least 1, not {max_num_batched_tokens}")
+    if max_num_batched_tokens < max_num_seqs:  # else the oldest streams would take the whole budget
+        raise ValueError(f"{name('max_num_batched_tokens')} ({max_num_batched_tokens}) must be at least "
+                         f"{name('max_num_seqs')} ({max_num_seqs}): every running sequence decodes one token per step")
+    if isinstance(kv_cache_memory, str):
+        try:
+            parse_memory(kv_cache_memory)
+        except ValueError as e:
+            raise ValueError(f"{name('kv_cache_memory')}: {e}") from None
+
+
+TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, for /metrics
+
+
+class Engine:
+    """add_request() queues a prompt; step() runs one forward pass for everything scheduled and
+    returns a StepOutput per sequence that moved; abort() cancels. add_request and abort may be
+    called from any thread (they go through an inbox that step() drains); step() from one only.
+
+    `max_num_batched_tokens` is the token budget of one step (forward pass); a prompt longer than
+    what is left of it is prefilled in chunks over several steps.
+
+    The KV pool gets `num_blocks` blocks, or as many as `kv_cache_memory` bytes hold; on CUDA the
+    default is `gpu_memory_utilization` of the free memory, elsewhere 1 GiB (capped at what
+    max_num_seqs full contexts need, and at half the memory available)."""
+
+    def __init__(self, model, enc=None, max_num_seqs=64, max_num_batched_tokens=None, num_blocks=None,
+                 kv_cache_memory=None, gpu_memory_utilization=0.9, cuda_graph=True):
+        self.model, self.enc = model, enc or get_tokenizer()
+        cfg = model.config
+        self.n_ctx = cfg.block_size
+        if max_num_batched_tokens is None:
+            max_num_batched_tokens = 2048
+        check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory)
+        device = model.wte.weight.device
+        num_blocks = kv_cache_blocks(model, max_num_seqs, num_blocks, kv_cache_memory, gpu_memory_utilization)
+        self.runner = ModelRunner(model, num_blocks, cuda_graph, max_graph_batch=max_num_seqs)  # (first: the big allocation)
+        self.blocks = BlockManager(num_blocks)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.device = device
+        self.lock = threading.Lock()
+        self.inbox, self.aborts = [], set()
+        self.seqs = {}  # seq_id -> Sequence, for every unfinished sequence
+        # counters for /metrics
+        self.prompt_tokens = self.generation_tokens = self.num_aborted = self.num_finished = 0
+        self.ttft_counts, self.ttft_sum = [0] * (len(TTFT_BUCKETS) + 1), 0.0  # a histogram, +Inf last
+
+    # --------------------------------------------------------------- the step-level API
+    def add_request(self, prompt, params=None, logprobs=None, ignore_eos=False, sink=None):
+        """Queue a prompt (str or token ids); returns its Sequence. `logprobs`: report the chosen
+        token's log-probability and the top-`logprobs` alternatives. `ignore_eos`: keep going past
+        <|endoftext|> (benchmarks that want an exact length). A bad request raises ValueError."""
+        return self.add_requests([(prompt, params, logprobs)], ignore_eos, sink)[0]
+
+    def add_requests(self, requests, ignore_eos=False, sink=None):
+        """Queue [(prompt, params, logprobs)] all together, or none of them: every request is checked
+        (ValueError) before any is queued, so a bad one never leaves the others behind."""
+        seqs = [self._new_sequence(prompt, params or SamplingParams(), logprobs, ignore_eos, sink)
+                for prompt, params, logprobs in requests]
+        with self.lock:
+            self.inbox += seqs
+            self.seqs.update((seq.seq_id, seq) for seq in seqs)
+        return seqs
+
+    def _new_sequence(self, prompt, params, logprobs, ignore_eos, sink):
+        ids = encode(prompt, self.enc) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not ids:
+            raise ValueError("the prompt is empty")
+        if len(ids) >= self.n_ctx:
+            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context holds {self.n_ctx} "
+                             f"(prompt plus new tokens)")
+        if not all(0 <= t < self.model.config.vocab_size for t in ids):
+            raise ValueError(f"a token id is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
+        if params.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
+            raise ValueError(f"the seed must be in 0..{MAX_SEED}, not {params.seed}")
+        return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device)
+
+    def abort(self, seq_id):
+        """Cancel a sequence; it leaves the engine (and frees its blocks) at the next step."""
+        with self.lock:
+            self.aborts.add(seq_id)
+
+    def has_work(self):
+        with self.lock:
+            return bool(self.seqs or self.inbox or self.aborts)
+
+    @property
+    def num_waiting(self):
+        return len(self.scheduler.waiting) + len(self.inbox)
+
+    @property
+    def num_running(self):
+        return len(self.scheduler.running)
+
+    def step(self):
+        """One forward pass over everything scheduled. Returns the StepOutputs of this step."""
+        outputs = []
+        with self.lock:
+            inbox, self.inbox = self.inbox, []
+            aborts, self.aborts = self.aborts, set()
+        self.scheduler.waiting.extend(inbox)
+        for seq in inbox:
+            self.prompt_tokens += seq.prompt_len
+        for seq_id in aborts:
+            seq = self.seqs.get(seq_id)
+            if seq is not None and seq.status != FINISHED:
+                self.num_aborted += 1  # (counted first: a watcher that sees the blocks free sees this too)
+                self._finish(seq, "abort")
+                outputs.append(StepOutput(seq, None, "", "abort"))
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        batch.sort(key=lambda s: s.num_new > 1)  # one-token rows (decodes) first, as the runner packs them (stable)
+        logits = self.runner.run(batch)
+        ready = []  # rows of the sequences now fully computed: only they sample a token
+        for i, seq in enumerate(batch):
+            seq.num_computed += seq.num_new
+            self.blocks.register(seq)  # (full blocks whose k/v are now written, and only those)
+            if seq.num_computed == len(seq.tokens):
+                ready.append(i)
+        if len(ready) < len(batch):  # a prefill chunk in the middle of a prompt: no token, no output
+            batch, logits = [batch[i] for i in ready], logits[ready]
+        if not batch:
+            return outputs
+        tokens, errors = self._sample(batch, logits)
+        logprobs = self._logprobs(batch, logits, tokens)
+        now = time.perf_counter()
+        for i, seq in enumerate(batch):
+            if i in errors:  # this row's sampling failed: it alone ends, with the error for its client
+                self._finish(seq, "error")
+                outputs.append(StepOutput(seq, None, "", "error", error=errors[i]))
+                continue
+            tok = tokens[i]  # (a Python int: _sample moved them to the host in one transfer)
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+                ttft = now - seq.arrival
+                self.ttft_sum += ttft
+                self.ttft_counts[next((j for j, b in enumerate(TTFT_BUCKETS) if ttft <= b), -1)] += 1
+            outputs.append(self._append(seq, tok, *logprobs.get(i, (None, None))))
+        return outputs
+
+    def _sample(self, batch, logits):
+        """Every row at once, each with its own settings and seed. Returns (token per row, {row:
+        exception}): if that raises (NaN logits, odd parameters, a bug), the rows are sampled one by
+        one, so that a row that fails fails alone, its token None, instead of failing the step and
+        with it every request in flight. (The seeded rows then draw again: after such a failure,
+        their random streams have moved on by one draw.)"""
+        params = [s.params for s in batch]
+        try:
+            return sample(logits, [p.temperature for p in params], [p.top_k for p in params],
+                          [p.top_p for p in params], [s.generator for s in batch]).tolist(), {}
+        except Exception:
+            traceback.print_exc()
+        tokens, errors = [], {}
+        for i, (s, p) in enumerate(zip(batch, params)):
+            try:
+                tokens.append(int(sample(logits[i:i + 1], p.temperature, p.top_k, p.top_p, s.generator)[0]))
+            except Exception as e:
+                traceback.print_exc()
+                tokens.append(None)
+                errors[i] = e
+        return tokens, errors
+
+    def _logprobs(self, batch, logits, tokens):
+        out = {}
+        rows = [i for i, s in enumerate(batch) if s.logprobs is not None and tokens[i] is not None]
+        if rows:
+            lp = F.log_softmax(logits[rows], dim=-1)
+            for j, i in enumerate(rows):
+                k = batch[i].logprobs
+                top = torch.topk(lp[j], k) if k else None
+                out[i] = (float(lp[j, tokens[i]]),
+                          list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
+        return out
+
+    def _append(self, seq, tok, logprob=None, top=None):
+        """Add a sampled token to `seq` and decide whether it is finished."""
+        p = seq.params
+        if tok == EOT and not seq.ignore_eos:  # the end of the answer: not part of the output
+            text, reason = seq.stream.finish(), "stop"
+        else:
+            seq.tokens.append(tok)
+            self.generation_tokens += 1
+            text, reason = seq.stream.push(tok), None
+            if seq.stream.stopped:
+                reason = "stop"
+            elif len(seq.tokens) - seq.prompt_len >= p.max_tokens or len(seq.tokens) >= self.n_ctx:
+                reason = "length"
+            if reason == "length":
+                text += seq.stream.finish()
+        if reason:
+            self._finish(seq, reason)
+        return StepOutput(seq, tok, text, reason, logprob, top)
+
+    def fail_all(self):
+        """After a failed step: finish every sequence (reason "error"), free its blocks, and return them."""
+        with self.lock:
+            self.inbox, self.aborts = [], set()
+        seqs = list(self.seqs.values())
+        for seq in seqs:
+            self._finish(seq, "error")
+        return seqs
+
+    def _finish(self, seq, reason):
+        self.scheduler.finish(seq, reason)
+        self.seqs.pop(seq.seq_id, None)
+        self.num_finished += 1
+
+    # --------------------------------------------------------------- the offline API
+    def generate(self, prompts, sampling_params=None, use_tqdm=True, ignore_eos=False):
+        """Complete a list of prompts (strings or token-id lists) with one SamplingParams for all or
+        one each. Returns a RequestOutput(text, token_ids, finish_reason) per prompt, in order."""
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            sampling_params = [sampling_params or SamplingParams()] * len(prompts)
+        if len(sampling_params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sampling_params)} sampling params")
+        seqs = self.add_requests([(p, sp, None) for p, sp in zip(prompts, sampling_params)], ignore_eos)
+        texts = {s.seq_id: [] for s in seqs}
+        # The bar counts tokens, not requests: requests batched together finish together, at the end.
+        # Its total is every request's token budget, less what those that stopped early left unused.
+        budget = {s.seq_id: min(s.params.max_tokens, self.n_ctx - s.prompt_len) for s in seqs}
+        with tqdm(total=sum(budget.values()), desc="generating", unit="tok", disable=not use_tqdm) as bar:
+            done = 0
+            while done < len(seqs):
+                for out in self.step():
+                    if out.seq.seq_id not in texts:  # someone else's request in the same engine
+                        continue
+                    texts[out.seq.seq_id].append(out.text)
+                    done += out.finish_reason is not None
+                bar.total = sum(len(s.output_ids) if s.finish_reason else budget[s.seq_id] for s in seqs)
+                bar.update(sum(len(s.output_ids) for s in seqs) - bar.n)
+        return [RequestOutput("".join(texts[s.seq_id]), s.output_ids, s.finish_reason) for s in seqs]

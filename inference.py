@@ -1,0 +1,317 @@
+"""Generating from one prompt: a contiguous KV cache, prefill then decode, CUDA graphs, CPU packing.
+
+Generating one token at a time would recompute attention over the whole prefix at every step. The
+KV cache keeps each layer's keys and values, so after the prompt ("prefill") every step feeds only
+the newest token ("decode"). Our cache is one contiguous tensor per k and v, preallocated at the
+full length, written in place: no allocation or concatenation per step. It plugs into the model
+through gpt.py's seam, `cache.attend(layer, q, k, v)`.
+
+The decode step has two forms. The eager step attends over the cache slice filled so far. The
+static step never changes shape (it attends over the whole buffer with a mask and takes its
+position from a tensor), which is what a CUDA graph needs: on CUDA the step is recorded once per
+model and replayed, so a token costs one graph launch instead of hundreds of kernel launches. The
+static step runs on CPU too, which is how its correctness is tested on a machine without a GPU.
+On a CPU the step is bound by reading the weights, and `pack_for_cpu` stores them in the layout
+this CPU's matrix libraries read fastest, measured at load.
+"""
+
+import itertools
+import math
+import threading
+import time
+import weakref
+
+import torch
+import torch.nn.functional as F
+
+from common import die
+from gpt import load_or_die
+from sampling import TextStream, sample
+from tokenizer import EOT, TEMPLATES, check_prompt, get_tokenizer
+
+
+class KVCache:
+    """Keys and values of every layer for B sequences of equal length, preallocated as two contiguous
+    (n_layer, B, n_head, max_len, head_dim) tensors and written in place."""
+
+    def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.n_layer, self.max_len = config.n_layer, max_len
+        self.length = 0  # tokens cached so far
+        self.positions = torch.arange(max_len, device=device)
+        self.static_pos = self.static_mask = None  # set by StaticStep: the fixed-shape path
+
+    def attend(self, layer, q, k, v):
+        if self.static_mask is not None:
+            return self._attend_static(layer, q, k, v)
+        start, end = self.length, self.length + q.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache is full ({self.max_len} tokens)")
+        self.k[layer, :, :, start:end] = k
+        self.v[layer, :, :, start:end] = v
+        keys, values = self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if q.size(2) == 1:  # one new token may see everything cached: no mask to build
+            y = F.scaled_dot_product_attention(q, keys, values)
+        elif start == 0:  # a fresh prompt: plain causal attention
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:  # new tokens after a cached prefix: query i sees keys 0..start+i
+            mask = torch.ones(q.size(2), end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        if layer == self.n_layer - 1:  # the last layer has stored its k, v: these tokens are cached
+            self.length = end
+        return y
+
+    def _attend_static(self, layer, q, k, v):
+        # Fixed shapes and no Python ints: the write position is a tensor, the mask hides the
+        # unwritten part of the buffer. StaticStep moves self.length forward.
+        pos = self.static_pos
+        self.k[layer].index_copy_(2, pos, k)
+        self.v[layer].index_copy_(2, pos, v)
+        return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=self.static_mask)
+
+
+class StaticStep:
+    """The one-token decode step with static shapes: logits = step(token ids (B,)). With graph=True
+    (CUDA only) the step is captured once as a CUDA graph and then replayed: its inputs are copied
+    into fixed buffers, and its output is always the same tensor (read it before the next call).
+    The tests run the static step on CPU; the graph capture itself needs a GPU to be exercised."""
+
+    def __init__(self, model, cache, graph=False):
+        # (a weak reference: decode_step keeps the step on the model, and a cycle would keep a deleted
+        # model's weights and graph memory on the GPU until Python's cycle collector runs)
+        self.model, self.cache, self.graph = weakref.proxy(model), cache, None
+        self.lock = threading.Lock()  # held by the generation using it (see decode_step)
+        device = cache.k.device
+        B = cache.k.size(1)
+        self.idx = torch.zeros(B, 1, dtype=torch.long, device=device)
+        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        cache.static_pos = self.pos
+        if graph:
+            # Warm up on a side stream (as CUDA graphs require), then record. Both only write k, v at
+            # position cache.length, which the prefill or the first real step overwrites.
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._forward()
+            torch.cuda.current_stream().wait_stream(stream)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.logits = self._forward()
+            cache.static_mask = None  # (recorded in the graph) leave the cache usable by the eager prefill
+
+    def _forward(self):
+        self.cache.static_mask = self.cache.positions[None] <= self.pos  # keys 0..pos, (1, max_len)
+        h = self.model.hidden(self.idx, pos=self.pos, cache=self.cache)
+        return self.model.lm_head(h[:, -1])
+
+    def __deepcopy__(self, memo):  # (kept on a model by decode_step) a copied model makes its own:
+        return None                 # a CUDA graph cannot be copied
+
+    def __call__(self, tokens):
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache is full ({self.cache.max_len} tokens)")
+        self.idx.copy_(tokens.view(-1, 1))
+        self.pos.fill_(self.cache.length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._forward()
+            self.cache.static_mask = None  # leave the cache usable by the eager path
+        self.cache.length += 1
+        return logits
+
+
+def decode_step(model, needed, graph):
+    """The StaticStep for `model` over a batch-1 KV cache of at least `needed` tokens, made on the first
+    call and kept on the model (as model.decode_step) for the calls after it. Capturing a CUDA graph
+    takes two warm-up steps and a recording, so a chat, sft.py's test answers or a benchmark that
+    generates again replays the graph it already has instead (vLLM too captures its graphs once).
+    The cache is rounded up to a power of two, so a longer prompt seldom needs a new capture; what an
+    earlier call left in it lies beyond the new prompt, where the step's mask hides it until it is
+    overwritten. A graph reads the weights where they were at capture: so the step is made again when
+    a parameter was replaced rather than updated in place (or the model was moved, cast or switched to
+    train mode), never replayed over freed memory. The caller holds the step's lock until it is done
+    with it: a second generation at the same time (an interleaved generator, a thread) gets a step
+    of its own, not kept, instead of sharing a cache."""
+    weights = (model.training, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
+    size = min(model.config.block_size, 1 << max(6, (needed - 1).bit_length()))
+
+    def new_step():
+        cache = KVCache(model.config, 1, size, model_device(model), model.wte.weight.dtype)
+        step = StaticStep(model, cache, graph)
+        step.weights = weights
+        return step
+    step = getattr(model, "decode_step", None)
+    if step is None or step.weights != weights or step.cache.max_len < needed or (step.graph is not None) != graph:
+        model.decode_step = None  # free the old graph and cache before making new ones (unless in use)
+        step = model.decode_step = new_step()
+    if not step.lock.acquire(blocking=False):  # in use by another generation
+        step = new_step()
+        step.lock.acquire()
+    step.cache.length = 0
+    return step
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids, params, static=None):
+    """Yield new token ids one at a time, starting from `prompt_ids` (list of ints). Stops after
+    params.max_tokens tokens, when the context is full, or at <|endoftext|> (which is not yielded).
+    Stop strings are text, not tokens: see TextStream and `generate`. `static`: use StaticStep for
+    decoding, made once per model by decode_step (default: on CUDA, as a CUDA graph). On CPU,
+    pack_for_cpu(model) first is faster."""
+    device = model_device(model)
+    n_ctx = model.config.block_size
+    check_prompt(prompt_ids, n_ctx)
+    budget = min(params.max_tokens, n_ctx - len(prompt_ids))
+    if budget <= 0:
+        return
+    generator = None
+    if params.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(params.seed)
+    step = None
+    if ((device.type == "cuda") if static is None else static) and budget > 1:
+        step = decode_step(model, len(prompt_ids) + budget, graph=device.type == "cuda")
+        cache = step.cache
+    else:
+        cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, model.wte.weight.dtype)
+    try:
+        # prefill: the whole prompt in one forward pass, logits for the last position only
+        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
+        logits = model.lm_head(model.hidden(idx, pos=cache.positions[:len(prompt_ids)], cache=cache)[:, -1])
+        for i in range(budget):
+            token = sample(logits, params.temperature, params.top_k, params.top_p, generator)
+            t = int(token[0])
+            if t == EOT:
+                return
+            yield t
+            if i == budget - 1:
+                return
+            if step is not None:
+                logits = step(token)
+            else:  # eager decode: attend over the filled part of the cache
+                pos = cache.positions[cache.length:cache.length + 1]
+                logits = model.lm_head(model.hidden(token.view(1, 1), pos=pos, cache=cache)[:, -1])
+    finally:
+        if step is not None:  # (also when the caller stops early: closing a generator runs this)
+            step.lock.release()
+
+
+def generate(model, prompt_ids, params, enc=None, **kwargs):
+    """Yield the generated text in printable pieces (whole characters, stop strings removed)."""
+    stream = TextStream(enc or get_tokenizer(), params.stop)
+    for t in generate_tokens(model, prompt_ids, params, **kwargs):
+        piece = stream.push(t)
+        if piece:
+            yield piece
+        if stream.stopped:
+            return
+    piece = stream.finish()
+    if piece:
+        yield piece
+
+
+def load_model(name, device, dtype):
+    model = load_or_die(name, device=device, dtype=dtype)
+    template = model.checkpoint_info.get("template")
+    if template is not None and template not in TEMPLATES:
+        die(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
+    return pack_for_cpu(model) if device.type == "cpu" else model
+
+
+class CpuLinear(torch.nn.Module):
+    """An nn.Linear for CPU inference, its weight stored in another layout that the CPU's matrix
+    libraries may read faster in a matrix-vector product (which one is faster depends on the CPU:
+    pack_for_cpu measures). The numbers are the same fp32 weights; only their order in memory
+    changes, so the output is what nn.Linear computes, to rounding. Layouts:
+
+      "in_out"  [in, out], as OpenAI's Conv1D stored it: x @ W is one addmm (what transformers runs)
+      "onednn"  pre-packed once by oneDNN, PyTorch's CPU kernel library, into the blocked layout its
+                matrix-vector kernel streams (the packing torch.compile does for frozen CPU models)
+    """
+
+    LAYOUTS = ("in_out", "onednn")
+
+    def __init__(self, linear, layout):
+        super().__init__()
+        weight = linear.weight.detach()
+        self.layout, self.out_features = layout, linear.out_features
+        if layout == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+        else:
+            self.weight = weight.t().contiguous()
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x):
+        if self.layout == "onednn":
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        rows = x.reshape(-1, x.shape[-1])
+        y = rows @ self.weight if self.bias is None else torch.addmm(self.bias, rows, self.weight)
+        return y.view(*x.shape[:-1], self.out_features)
+
+
+TUNE_BYTES = 512 * 2**20  # weights timed per layout: more than a CPU's last-level cache, so memory is measured
+
+
+def fastest_layout(linears, candidates):
+    """The candidate layout under which a one-row product through each of the first TUNE_BYTES of
+    these weights (all of GPT-2 124M's) takes least time: one warm-up sweep, then the best of two.
+    A layout this build or dtype cannot run (oneDNN with float16, say) is skipped; "linear" (nn.Linear
+    as it is) when none runs."""
+    sample, size = [], 0
+    for linear in linears:
+        if size >= TUNE_BYTES:
+            break
+        sample.append(linear)
+        size += linear.weight.numel() * linear.weight.element_size()
+    inputs = [torch.zeros(1, linear.in_features, dtype=linear.weight.dtype) for linear in sample]
+    best = (math.inf, "linear")
+    with torch.inference_mode():
+        for layout in candidates:
+            try:
+                modules = sample if layout == "linear" else [CpuLinear(linear, layout) for linear in sample]
+                times = []
+                for _ in range(3 if len(candidates) > 1 else 1):
+                    start = time.perf_counter()
+                    for module, x in zip(modules, inputs):
+                        module(x)
+                    times.append(time.perf_counter() - start)
+            except (RuntimeError, AttributeError):  # e.g. oneDNN with float16 weights, or its ops missing
+                continue
+            best = min(best, (min(times[1:] or times), layout))
+            del modules  # (one candidate's copy of the weights at a time)
+    return best[1]
+
+
+def pack_for_cpu(model, layout=None):
+    """Make a model faster to run on the CPU: store every nn.Linear's weight in the layout this CPU
+    reads fastest. A decode step multiplies one row by every weight matrix, so it is bound by
+    reading the weights (~500 MB per token for the 124M model), and how fast a matrix-vector product
+    streams them depends on the layout and the CPU: on one 2-core VM the oneDNN-packed layout read
+    them twice as fast as nn.Linear's BLAS call, on another it was the slowest of the three. So,
+    unless `layout` names one ("linear" keeps nn.Linear), each is timed (fastest_layout, about a
+    second at load) and the fastest is installed; a layout that cannot run here falls back to
+    "linear". Inference only: the new weights are not parameters, so training and state_dict no
+    longer see them, and the head gets its own copy of the token embedding. Sets model.cpu_layout
+    to the layout chosen; returns the model."""
+    if layout not in (None, "linear", *CpuLinear.LAYOUTS):
+        raise ValueError(f"unknown layout {layout!r}: linear, {', '.join(CpuLinear.LAYOUTS)}")
+    linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()
+               if isinstance(child, torch.nn.Linear) and child.weight.device.type == "cpu"]
+    if not linears:  # (a model on a GPU)
+        return model
+    candidates = [layout] if layout else ["linear", *CpuLinear.LAYOUTS]
+    if not torch.backends.mkldnn.is_available():  # a PyTorch build without oneDNN lacks its ops
+        candidates = [c for c in candidates if c != "onednn"]
+    model.cpu_layout = fastest_layout([linear for _, _, linear in linears], candidates)
+    while model.cpu_layout != "linear" and linears:  # popped: each old weight is freed once replaced,
+        module, name, linear = linears.pop()               # so memory peaks at one layer over the model
+        setattr(module, name, CpuLinear(linear, model.cpu_layout))
+    return model
