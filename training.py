@@ -1,8 +1,10 @@
-"""The training machinery train.py and sft.py share: AdamW groups, the learning-rate schedule, the
-training step, evaluation, the resumable training state, and the guards that keep a run from
-losing work (an unfinished run, the weights a run starts from, a --out that cannot be written).
+"""The training machinery train.py and sft.py share, in the order a step uses it: the optimizer and
+the learning-rate schedule, the training step, evaluation, the resumable training state, the
+guards that keep a run from losing work (an unfinished run, the weights it starts from, a --out
+that cannot be written, a resume with other flags), and measuring (FLOPs, MFU).
 """
 
+import argparse
 import contextlib
 import math
 import os
@@ -23,12 +25,7 @@ from gpt import load_state_from_file
 from tokenizer import IGNORE
 
 
-
-def unwrap(model):
-    """The GPT inside a DDP wrapper and/or a torch.compile wrapper."""
-    model = model.module if hasattr(model, "module") else model
-    return getattr(model, "_orig_mod", model)
-
+# ----------------------------------------------------------------------------- optimizer and schedule
 
 def make_optimizer(model, lr, weight_decay=0.1, betas=(0.9, 0.95), device_type="cpu", verbose=True):
     """AdamW with two groups: matrices (linear weights, embeddings) decay, vectors (biases, LayerNorm
@@ -56,6 +53,8 @@ def lr_at(step, max_lr, warmup_steps, max_steps, min_lr):
     progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)  # 0 -> 1
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (max_lr - min_lr)
 
+
+# ----------------------------------------------------------------------------- the step and evaluation
 
 def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=contextlib.nullcontext, stats=None):
     """One optimizer step over a list of (x, y) micro-batches; returns the loss (a float).
@@ -126,7 +125,15 @@ def evaluate(model, batches, autocast=contextlib.nullcontext):
     return float(total[0] / total[1])
 
 
+# ----------------------------------------------------------------------------- the resumable training state
+
 STATE_FILE = "training_state.pt"  # optimizer state, step and extras, beside the model checkpoint
+
+
+def unwrap(model):
+    """The GPT inside a DDP wrapper and/or a torch.compile wrapper."""
+    model = model.module if hasattr(model, "module") else model
+    return getattr(model, "_orig_mod", model)
 
 
 def save_torch_file(obj, path):
@@ -218,6 +225,8 @@ def load_training_state(directory, model, optimizer):
     return step, extra
 
 
+# ----------------------------------------------------------------------------- guarding a run
+
 def refuse_to_overwrite_unfinished(out, state, args_key):
     """Die if the checkpoint directory `state` of run directory `out` holds a run of this script (its
     flags under `args_key` in config.json) that stopped before its last step: a new run in `out`
@@ -272,6 +281,40 @@ def make_run_dir(out):
     except OSError as e:
         die(f"--out {out}: cannot write there ({e.strerror or e})")
 
+
+# ----------------------------------------------------------------------------- resuming with the saved flags
+
+def flags_given(build_parser, argv):
+    """The flags on the command line `argv`, as {dest: value} in the parser's order: told apart from
+    defaults (and from the values a resumed run takes from its saved flags) by parsing with a fresh
+    parser whose every default is SUPPRESS, which argparse leaves out of the result."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+    given = vars(parser.parse_args(argv))
+    return {action.dest: given[action.dest] for action in parser._actions if action.dest in given}
+
+
+def check_resumed_flags(given, saved, names, why, unset="default"):
+    """Die at the first flag of `names` given now (`given`, from flags_given) with a value other than
+    the saved run's (`saved`: its flags, by dest), `why` saying why the run needs it unchanged. A
+    flag the saved run left unset shows as `unset`."""
+    for name in names:
+        if name in given and given[name] != saved.get(name):
+            was = saved.get(name)
+            die(f"--resume: --{name.replace('_', '-')} {given[name]} differs from the saved run's "
+                f"{unset if was is None else was} ({why})")
+
+
+def refuse_another_out(resume, run, given):
+    """Die if --out was given and names another directory than `run`, the one --resume continues:
+    the run would go on in one of them, and the other flag would be silently ignored."""
+    if "out" in given and not same_file(given["out"], run):
+        die(f"--resume {resume} continues the run in {run}; --out {given['out']} names another "
+            "(leave --out out to resume, or drop --resume to start a new run there)")
+
+
+# ----------------------------------------------------------------------------- measuring
 
 def flops_per_token(config, n_params, seq_len):
     """Training FLOPs per token (forward + backward), PaLM appendix B: 6 per parameter (2 forward,
