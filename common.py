@@ -85,11 +85,15 @@ def default_dtype(device):
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def autocast_for(device):
-    """bf16 autocast on CUDA (the weights stay fp32 for the optimizer); fp32 elsewhere."""
-    if torch.device(device).type == "cuda":
-        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext
+def autocast_for(device, dtype=None):
+    """A function returning the context the forward passes run in: autocast to `dtype` (a torch
+    dtype or its name; default: default_dtype(device)), or no autocast at all for float32. Under
+    autocast the weights stay fp32 for the optimizer; only the matmuls run in the lower precision."""
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype or default_dtype(device)
+    if dtype == torch.float32:
+        return contextlib.nullcontext
+    device_type = torch.device(device).type
+    return lambda: torch.autocast(device_type, dtype=dtype)
 
 
 def capture_cuda_graph(forward, warmups=1, pool=None):
@@ -186,8 +190,10 @@ class StopSignal:
                 if stop.requested:
                     save(); break
 
-    The first signal sets `requested` and prints `message`; a second one raises KeyboardInterrupt,
-    for a user who wants out now. The previous handlers are back on exit."""
+    The first signal sets `requested` and writes "interrupted: `message`" (nothing when `message` is
+    None: a DDP process other than rank 0) through `write`, by default a print on a line of its own;
+    a second signal raises KeyboardInterrupt, for a user who wants out now. The previous handlers
+    are back on exit."""
 
     def __init__(self, message, signals=(signal.SIGINT,), write=None):
         self.message, self.signals, self.requested = message, signals, False
