@@ -9,7 +9,7 @@ Pretraining taught the model to continue text. Fine-tuning shows it conversation
 chat template (data.py) and trains it on the *answers* only: every prompt and user token has label
 -100, so the loss asks "given this request, what is the answer?" and never "predict the request".
 Each answer ends with one learned <|endoftext|>, which is how the model learns to stop. The loss is
-normalized by the number of learned tokens in the whole accumulated batch (train.train_step), so a
+normalized by the number of learned tokens in the whole accumulated batch (training.train_step), so a
 long answer counts as many tokens, not as one example.
 
 The data is split train/val/test with --seed; val loss is measured every --eval-interval steps and
@@ -26,7 +26,7 @@ Template default: alpaca when every conversation is single-turn, chat when any i
 Output layout, all in --out:
     model.safetensors, config.json   the best checkpoint so far (LoRA merged): load it with generate.py
     test_responses.json, training_metadata.json     written when training is done
-    last/                            the resumable training state (train.save_training_state): weights
+    last/                            the resumable training state (training.save_training_state): weights
                                      (with LoRA: the frozen base plus the unmerged adapters), AdamW
                                      moments, step, best val loss and the loss history
 
@@ -45,18 +45,18 @@ import math
 import pickle
 import random
 import shlex
-import signal
 import sys
 import time
 from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_checkpoint_json
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, autocast_for, check_flags,
-                    device_or_die, die, write_json_atomic, write_or_die)
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
+                    check_flags, device_or_die, die, write_json_atomic, write_or_die)
 from data import (DataError, default_template, encode_examples, eval_batches, iterate_batches, load_conversations,
                   split_dataset)
 from gpt import GPT, SIZES, load_or_die
@@ -64,20 +64,18 @@ from inference import generate_tokens
 from lora import add_lora, lora_merged
 from sampling import SamplingParams
 from tokenizer import TEMPLATES, PromptTooLong, fit_conversation, format_prompt, get_tokenizer
-from training import (STATE_FILE, checkpoint_dir, evaluate, load_training_state, lr_at, make_optimizer, make_run_dir,
-                      refuse_to_overwrite_unfinished, refuse_to_overwrite_weights, save_training_state, train_step,
-                      warn_if_warmup_outlasts)
-# ----------------------------------------------------------------------------- LoRA
+from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, evaluate, flags_given, load_training_state,
+                      lr_at, make_optimizer, make_run_dir, refuse_another_out, refuse_to_overwrite_unfinished,
+                      refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts)
 
-
-# ----------------------------------------------------------------------------- the run
-
+# ----------------------------------------------------------------------------- command line
 
 STATE_DIR = "last"  # the resumable training state, inside --out
-NOT_SAVED = {"resume", "stop_at_step", "out"}  # flags of one invocation, not of the run
+PER_INVOCATION = {"resume", "stop_at_step", "out"}  # flags of one invocation, not saved with the run
 # Flags a resumed run may change: they do not touch the numbers the training computes. (--device may
 # name another device of the same type, cuda:1 for cuda:0; a different type is refused at load.)
-RESUMABLE_CHANGES = NOT_SAVED | {"device", "save_every", "max_test", "max_new_tokens"}
+RESUMABLE_CHANGES = PER_INVOCATION | {"device", "save_every", "max_test", "max_new_tokens"}
+EXACT_RESUME = "an exact resume needs the same run; start a new one with another --out"
 
 
 def build_parser():
@@ -145,54 +143,41 @@ def read_saved_run(state):
     return info
 
 
-def absolute_paths(args):
-    """--model and --data as absolute paths where they name local files (names like gpt2 or alpaca stay):
-    they are saved with the run, and --resume must find them from any working directory."""
+def absolute_paths(flags):
+    """--model and --data in the dict `flags` as absolute paths where they name local files (names like
+    gpt2 or alpaca stay): they are saved with the run, and --resume must find them from any directory."""
     local = lambda v: str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v  # noqa: E731
-    args.model = local(args.model)
-    if isinstance(args.data, list):
-        args.data = [local(d) for d in args.data]
-    return args
+    if "model" in flags:
+        flags["model"] = local(flags["model"])
+    if isinstance(flags.get("data"), list):
+        flags["data"] = [local(d) for d in flags["data"]]
+    return flags
 
 
-def parse_args(argv=None):
-    """Flags; with --resume, the saved run's flags, which flags given now may repeat but not change."""
-    parser = build_parser()
-    args = absolute_paths(parser.parse_args(argv))
-    unset = object()  # a default no flag can produce: what is left at it was not on the command line
-    parser.set_defaults(**{k: unset for k in vars(args) if k != "data"})  # --data appends: None stays
-    given = {k: v for k, v in vars(absolute_paths(parser.parse_args(argv))).items() if v is not unset and v is not None}
-    if args.resume is not None:
-        out = Path(args.resume or args.out)
-        state = state_dir_of(out)
-        out = state.parent
-        saved = read_saved_run(state)["sft_args"]
-        for k, v in given.items():
-            if k not in RESUMABLE_CHANGES and k in saved and v != saved[k]:
-                die(f"--resume: --{k.replace('_', '-')} {v} differs from the saved run's "
-                    f"{'default' if saved[k] is None else saved[k]} "
-                    f"(an exact resume needs the same run; start a new one with another --out)")
-        if args.resume and "out" in given and Path(given["out"]) != out:
-            die(f"--resume {args.resume} and --out {given['out']} name different runs")
-        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in NOT_SAVED},
-                                     **given, "out": str(out), "resume": str(out)})
-    args.data = args.data or ["alpaca"]
-    args.lr = args.lr if args.lr is not None else (3e-4 if args.lora_rank > 0 else 3e-5)
-    if args.batch_size is None:
-        args.batch_size = 4 if args.quick else 8
-    if args.grad_accum is None:
-        args.grad_accum = 1 if args.quick else 4
-    # before any data or model is loaded: a bad value is a one-line error, not a traceback (--epochs
-    # inf) or a silently different run (a negative --grad-clip would reverse the gradients)
+def resumed_args(args, given):
+    """The saved run's flags, with the ones given now (which must agree with them, except
+    RESUMABLE_CHANGES) on top, for the run that --resume [OUT] (OUT: --out) continues."""
+    state = state_dir_of(args.resume or args.out)
+    out = state.parent
+    saved = read_saved_run(state)["sft_args"]
+    check_resumed_flags(given, saved, [k for k in given if k not in RESUMABLE_CHANGES], EXACT_RESUME)
+    if args.resume:
+        refuse_another_out(args.resume, out, given)
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in PER_INVOCATION},
+                                 **given, "out": str(out), "resume": str(out)})
+
+
+def check_values(args, given):
+    """Before any data or model is loaded: a bad value is a one-line error, not a traceback (--epochs
+    inf) or a silently different run (a negative --grad-clip would reverse the gradients)."""
     check_flags(args, **{flag: AT_LEAST_1 for flag in ("batch_size", "grad_accum", "max_new_tokens", "max_steps",
                                                       "eval_interval", "save_every", "stop_at_step")},
                 epochs=POSITIVE, lr=POSITIVE, warmup_steps=NON_NEGATIVE,
                 min_lr_ratio=(lambda v: 0 <= v <= 1, "between 0 and 1 (the schedule decays to it)"),
                 weight_decay=NON_NEGATIVE, grad_clip=NON_NEGATIVE, dropout=PROBABILITY,
                 max_len=(lambda v: v >= 2, "at least 2"), lora_rank=NON_NEGATIVE, lora_alpha=POSITIVE,
-                max_test=NON_NEGATIVE)
-    if not (0 <= args.val_frac < 1 and 0 <= args.test_frac < 1) or args.val_frac == 0:
-        die("--val-frac must be in (0, 1) and --test-frac in [0, 1)")
+                max_test=NON_NEGATIVE, val_frac=(lambda v: 0 < v < 1, "in (0, 1)"),
+                test_frac=(lambda v: 0 <= v < 1, "in [0, 1)"))
     for flag in ("val_frac", "test_frac"):  # --quick's own split would replace them without a word
         if args.quick and flag in given:
             die(f"--{flag.replace('_', '-')} cannot be combined with --quick, which splits its 120 conversations "
@@ -202,11 +187,64 @@ def parse_args(argv=None):
             die(f"--{flag.replace('_', '-')} needs --lora-rank above 0 (without it the whole model is fine-tuned)")
     # the best checkpoint goes into OUT itself and the state into OUT/last: neither may be the base model
     refuse_to_overwrite_weights("--model", args.model, args.out, [args.out, Path(args.out) / STATE_DIR])
+
+
+def parse_args(argv=None):
+    """Flags; with --resume, the saved run's flags, which flags given now may repeat but not change."""
+    args = argparse.Namespace(**absolute_paths(vars(build_parser().parse_args(argv))))
+    given = absolute_paths(flags_given(build_parser, argv))
+    if args.resume is not None:
+        args = resumed_args(args, given)
+    args.data = args.data or ["alpaca"]
+    args.lr = args.lr if args.lr is not None else (3e-4 if args.lora_rank > 0 else 3e-5)
+    if args.batch_size is None:
+        args.batch_size = 4 if args.quick else 8
+    if args.grad_accum is None:
+        args.grad_accum = 1 if args.quick else 4
+    check_values(args, given)
     if args.quick:
         args.max_steps = args.max_steps or 20
         args.max_test = min(args.max_test, 10)
         args.max_new_tokens = min(args.max_new_tokens, 64)
     return args
+
+
+# ----------------------------------------------------------------------------- setting up a run
+
+def read_conversations(args):
+    """The conversations of every --data, mixed in order, or a one-line error."""
+    conversations = []
+    try:
+        for name in args.data:
+            conversations += load_conversations(name)
+    except DataError as e:
+        die(str(e))
+    return conversations
+
+
+@dataclass
+class Split:
+    """The conversations split train / val / test, and the train and val ones encoded as examples."""
+    conversations: list
+    train: list
+    val: list
+    test: list
+    train_examples: list
+    val_examples: list
+    train_stats: dict
+    val_stats: dict
+
+
+def split_and_encode(args, conversations, template, max_len, enc):
+    try:
+        train_conv, val_conv, test_conv = split_dataset(conversations, args.val_frac, args.test_frac, args.seed)
+    except DataError as e:
+        die(str(e))
+    train_ex, train_stats = encode_examples(train_conv, template, max_len, enc)
+    val_ex, val_stats = encode_examples(val_conv, template, max_len, enc)
+    if not train_ex or not val_ex:
+        die(f"no training or validation example fits in --max-len {max_len}")
+    return Split(conversations, train_conv, val_conv, test_conv, train_ex, val_ex, train_stats, val_stats)
 
 
 def data_fingerprint(*example_lists):
@@ -219,6 +257,169 @@ def data_fingerprint(*example_lists):
             h.update(array("q", [len(ids), *ids, *labels]).tobytes())
     return h.hexdigest()
 
+
+def attach_lora(model, args):
+    """With --lora-rank > 0, freeze the model and wrap --lora-targets in adapters; print what trains.
+    Returns (the targets, parameters in all, trainable parameters)."""
+    targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    if args.lora_rank > 0:
+        try:
+            add_lora(model, args.lora_rank, args.lora_alpha, targets)
+        except ValueError as e:
+            die(str(e))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    print(f"model {args.model}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)"
+          + (f", LoRA rank {args.lora_rank} on {','.join(targets)}" if args.lora_rank else ""))
+    return targets, total, trainable
+
+
+def schedule(args, n_train_examples):
+    """(optimizer steps, warmup steps, steps between evaluations), from the flags or their defaults."""
+    micro_per_epoch = math.ceil(n_train_examples / args.batch_size)
+    max_steps = args.max_steps or max(1, math.ceil(args.epochs * micro_per_epoch / args.grad_accum))
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
+    if args.warmup_steps is not None:  # (the default is shorter than any run of 2 steps or more)
+        warn_if_warmup_outlasts("--warmup-steps", warmup, max_steps, args.lr)
+    eval_interval = args.eval_interval or max(1, max_steps // 10)
+    if args.quick:
+        eval_interval = args.eval_interval or 5
+    return max_steps, warmup, eval_interval
+
+
+@dataclass
+class Run:
+    """What main's loop works with, made by setup(): the model and optimizer, the data and its
+    batches, the schedule, and the progress a resumed run carries on from."""
+    args: argparse.Namespace
+    run_args: dict  # the flags saved with the state
+    device: str
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    autocast: object  # a function returning the forward's context (autocast_for)
+    enc: object
+    template: str
+    max_len: int
+    data: Split
+    lora_targets: list
+    parameters: dict  # {"total": ..., "trainable": ...}
+    max_steps: int
+    warmup: int
+    eval_interval: int
+    save_every: int
+    batches: object  # the seeded iterator of training micro-batches
+    val_batches: list
+    fingerprint: str
+    step: int = 0  # optimizer steps done
+    # The run's progress besides weights and optimizer: what a resumed run needs to carry on exactly.
+    progress: dict = field(default_factory=lambda: {"history": [], "best": float("inf"), "best_step": None,
+                                                    "train_loss": float("nan"), "train_time": 0.0, "resumed_at": []})
+    clock: float = 0.0  # when the training time not yet in progress["train_time"] started
+
+    @property
+    def out(self):
+        return Path(self.args.out)
+
+    @property
+    def state_dir(self):
+        return self.out / STATE_DIR
+
+    @property
+    def device_type(self):
+        return torch.device(self.device).type
+
+    def next_micro_batches(self):
+        return [(x.to(self.device), y.to(self.device))
+                for x, y in (next(self.batches) for _ in range(self.args.grad_accum))]
+
+    def save_best(self, val_loss):
+        """The output checkpoint: this model (LoRA merged), a plain GPT with its template."""
+        meta = dict(template=self.template, base_model=str(self.args.model), data=self.args.data, step=self.step,
+                    val_loss=val_loss)
+        with write_or_die(self.out):  # (save_checkpoint deletes its own half-written files)
+            with lora_merged(self.model):
+                self.model.save_checkpoint(self.out, **meta)
+
+    def save_state(self):
+        """The resumable state in OUT/last (LoRA: the frozen base plus the unmerged adapters); the
+        time spent saving is not training time."""
+        self.progress["train_time"] += time.time() - self.clock
+        with write_or_die(self.state_dir):  # (save_training_state deletes its own half-written copy)
+            save_training_state(self.state_dir, self.model, self.optimizer, self.step, self.progress,
+                                sft_args=self.run_args, data_fingerprint=self.fingerprint, max_steps=self.max_steps,
+                                template=self.template, lora_rank=self.args.lora_rank, device_type=self.device_type)
+        self.clock = time.time()
+
+
+def setup(args):
+    """Everything before the first step. Whatever can fail on bad input (model, data, flags) fails
+    before anything is written; the data first, as a typo in a data file should not cost a model
+    download."""
+    run_args = {k: v for k, v in vars(args).items() if k not in PER_INVOCATION}
+    if not args.resume:  # a new run would overwrite an interrupted one's state: make that a choice
+        refuse_to_overwrite_unfinished(Path(args.out), Path(args.out) / STATE_DIR, "sft_args")
+    torch.manual_seed(args.seed)
+    device = str(device_or_die(args.device))
+    enc = get_tokenizer()
+    conversations = read_conversations(args)
+    model = load_or_die(args.model, device=device, dropout=args.dropout)
+    if args.quick:  # a seeded handful: 100 to train on, 10 to validate, 10 to test
+        if len(conversations) > 120:
+            conversations = random.Random(args.seed).sample(conversations, 120)
+        args.val_frac = args.test_frac = 1 / 12
+    template = args.template or default_template(conversations)
+    block_size = model.config.block_size
+    max_len = args.max_len or (min(256, block_size) if args.quick else block_size)
+    if not 2 <= max_len <= block_size:
+        die(f"--max-len {max_len} must be between 2 and the model's context, {block_size}")
+    data = split_and_encode(args, conversations, template, max_len, enc)
+    lora_targets, total, trainable = attach_lora(model, args)
+    max_steps, warmup, eval_interval = schedule(args, len(data.train_examples))
+    print(f"data {', '.join(args.data)}: {len(data.train_examples)} train / {len(data.val_examples)} val / "
+          f"{len(data.test)} test examples, template {template!r}, max_len {max_len}; {max_steps} steps of "
+          f"{args.batch_size} x {args.grad_accum} examples on {device}")
+    optimizer = make_optimizer(model, args.lr, weight_decay=args.weight_decay, device_type=torch.device(device).type)
+    run = Run(args=args, run_args=run_args, device=device, model=model, optimizer=optimizer,
+              autocast=autocast_for(device), enc=enc, template=template, max_len=max_len, data=data,
+              lora_targets=lora_targets, parameters={"total": total, "trainable": trainable}, max_steps=max_steps,
+              warmup=warmup, eval_interval=eval_interval, save_every=args.save_every or eval_interval,
+              batches=iterate_batches(data.train_examples, args.batch_size, seed=args.seed),
+              val_batches=[(x.to(device), y.to(device)) for x, y in eval_batches(data.val_examples, args.batch_size)],
+              fingerprint=data_fingerprint(data.train_examples, data.val_examples))
+    if args.resume:
+        resume(run)
+    make_run_dir(run.out)  # every input is checked; now --out must be writable, before any training
+    return run
+
+
+def resume(run):
+    """The last checks a resume needs, then the weights (LoRA: base + unmerged adapters), AdamW's
+    moments and the progress from OUT/last; the batch iterator skips the batches already trained on."""
+    args, state_dir = run.args, run.state_dir
+    saved = read_saved_run(state_dir)
+    if saved["data_fingerprint"] != run.fingerprint:
+        die(f"--resume: the training data differs from the run saved in {state_dir} "
+            "(a changed data file or tokenization); nothing was written")
+    if saved.get("device_type", run.device_type) != run.device_type:  # other kernels, and bf16 autocast on CUDA only
+        die(f"--resume: the run was trained on {saved['device_type']} and would continue on {run.device_type}, "
+            f"which computes different numbers; pass --device {saved['device_type']}")
+    try:
+        run.step, run.progress = load_training_state(state_dir, run.model, run.optimizer)
+        run.progress["resumed_at"].append(run.step)
+    except (CheckpointError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        die(f"--resume: cannot load the training state in {state_dir}: {e}")
+    best_step = run.progress["best_step"]
+    if best_step is not None and not (run.out / "model.safetensors").exists():
+        die(f"--resume: the best checkpoint so far (step {best_step}) is missing from {run.out}; "
+            "the run cannot finish without it")
+    if args.stop_at_step is not None and args.stop_at_step <= run.step:
+        die(f"--stop-at-step {args.stop_at_step}: the saved run is already at step {run.step}")
+    for _ in range(run.step * args.grad_accum):  # the batch order is seeded: skip the batches already trained on
+        next(run.batches)
+    print(f"resumed at step {run.step} of {run.max_steps} from {state_dir}")
+
+
+# ----------------------------------------------------------------------------- after training: the test answers
 
 def answer_test_prompts(model, conversations, template, max_new_tokens, enc):
     """Greedy answers to each test conversation's last question. The prompt is the conversation up
@@ -243,207 +444,109 @@ def answer_test_prompts(model, conversations, template, max_new_tokens, enc):
     return results
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    t_start = time.time()
-    run_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}  # saved with the state
-    if not args.resume:  # a new run would overwrite an interrupted one's state: make that a choice
-        refuse_to_overwrite_unfinished(Path(args.out), Path(args.out) / STATE_DIR, "sft_args")
-    torch.manual_seed(args.seed)
-    device = str(device_or_die(args.device))
-    enc = get_tokenizer()
-
-    # Everything that can fail on bad input (model, data, flags) happens before anything is written.
-    # The data first: a typo in a data file should not cost a model download.
-    conversations = []
-    try:
-        for name in args.data:
-            conversations += load_conversations(name)
-    except DataError as e:
-        die(str(e))
-    model = load_or_die(args.model, device=device, dropout=args.dropout)
-    if args.quick:  # a seeded handful: 100 to train on, 10 to validate, 10 to test
-        if len(conversations) > 120:
-            conversations = random.Random(args.seed).sample(conversations, 120)
-        args.val_frac = args.test_frac = 1 / 12
-    template = args.template or default_template(conversations)
-    block_size = model.config.block_size
-    max_len = args.max_len or (min(256, block_size) if args.quick else block_size)
-    if not 2 <= max_len <= block_size:
-        die(f"--max-len {max_len} must be between 2 and the model's context, {block_size}")
-    try:
-        train_conv, val_conv, test_conv = split_dataset(conversations, args.val_frac, args.test_frac, args.seed)
-    except DataError as e:
-        die(str(e))
-    train_ex, train_stats = encode_examples(train_conv, template, max_len, enc)
-    val_ex, val_stats = encode_examples(val_conv, template, max_len, enc)
-    if not train_ex or not val_ex:
-        die(f"no training or validation example fits in --max-len {max_len}")
-    lora_targets = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    if args.lora_rank > 0:
-        try:
-            add_lora(model, args.lora_rank, args.lora_alpha, lora_targets)
-        except ValueError as e:
-            die(str(e))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    print(f"model {args.model}: {total:,} parameters, {trainable:,} trainable ({100 * trainable / total:.2f}%)"
-          + (f", LoRA rank {args.lora_rank} on {','.join(lora_targets)}" if args.lora_rank else ""))
-
-    micro_per_epoch = math.ceil(len(train_ex) / args.batch_size)
-    max_steps = args.max_steps or max(1, math.ceil(args.epochs * micro_per_epoch / args.grad_accum))
-    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, max_steps // 20)
-    if args.warmup_steps is not None:  # (the default is shorter than any run of 2 steps or more)
-        warn_if_warmup_outlasts("--warmup-steps", warmup, max_steps, args.lr)
-    eval_interval = args.eval_interval or max(1, max_steps // 10)
-    if args.quick:
-        eval_interval = args.eval_interval or 5
-    print(f"data {', '.join(args.data)}: {len(train_ex)} train / {len(val_ex)} val / {len(test_conv)} test "
-          f"examples, template {template!r}, max_len {max_len}; {max_steps} steps of "
-          f"{args.batch_size} x {args.grad_accum} examples on {device}")
-
-    device_type = torch.device(device).type
-    optimizer = make_optimizer(model, args.lr, weight_decay=args.weight_decay, device_type=device_type)
-    autocast = autocast_for(device)
-    batches = iterate_batches(train_ex, args.batch_size, seed=args.seed)
-    val_batches = [(x.to(device), y.to(device)) for x, y in eval_batches(val_ex, args.batch_size)]
-    out = Path(args.out)
-    state_dir = out / STATE_DIR
-    save_every = args.save_every or eval_interval
-    fingerprint = data_fingerprint(train_ex, val_ex)
-
-    # The run's progress besides weights and optimizer: what a resumed run needs to carry on exactly.
-    progress = {"history": [], "best": float("inf"), "best_step": None, "train_loss": float("nan"),
-                "train_time": 0.0, "resumed_at": []}
-    step = 0
-    if args.resume:  # the last checks, then the weights (LoRA: base + unmerged adapters) and AdamW moments
-        saved = read_saved_run(state_dir)
-        if saved["data_fingerprint"] != fingerprint:
-            die(f"--resume: the training data differs from the run saved in {state_dir} "
-                "(a changed data file or tokenization); nothing was written")
-        if saved.get("device_type", device_type) != device_type:  # other kernels, and bf16 autocast on CUDA only
-            die(f"--resume: the run was trained on {saved['device_type']} and would continue on {device_type}, "
-                f"which computes different numbers; pass --device {saved['device_type']}")
-        try:
-            step, progress = load_training_state(state_dir, model, optimizer)
-            progress["resumed_at"].append(step)
-        except (CheckpointError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
-            die(f"--resume: cannot load the training state in {state_dir}: {e}")
-        if progress["best_step"] is not None and not (out / "model.safetensors").exists():
-            die(f"--resume: the best checkpoint so far (step {progress['best_step']}) is missing from {out}; "
-                "the run cannot finish without it")
-        if args.stop_at_step is not None and args.stop_at_step <= step:
-            die(f"--stop-at-step {args.stop_at_step}: the saved run is already at step {step}")
-        for _ in range(step * args.grad_accum):  # the batch order is seeded: skip the batches already trained on
-            next(batches)
-        print(f"resumed at step {step} of {max_steps} from {state_dir}")
-    history = progress["history"]
-    make_run_dir(out)  # every input is checked; now --out must be writable, before any training
-
-    def save(step, val_loss):
-        meta = dict(template=template, base_model=str(args.model), data=args.data, step=step, val_loss=val_loss)
-        with write_or_die(out):  # (save_checkpoint deletes its own half-written files)
-            with lora_merged(model):
-                model.save_checkpoint(out, **meta)
-
-    def save_state(step):
-        progress["train_time"] += time.time() - t_train
-        with write_or_die(state_dir):  # (save_training_state deletes its own half-written copy)
-            save_training_state(state_dir, model, optimizer, step, progress, sft_args=run_args,
-                                data_fingerprint=fingerprint, max_steps=max_steps, template=template,
-                                lora_rank=args.lora_rank, device_type=device_type)
-        return step
-
-    # Ctrl-C: finish the current step, save the state, stop. A second Ctrl-C quits at once.
-    stop = {"requested": False}
-
-    def on_interrupt(signum, frame):
-        if stop["requested"]:
-            raise KeyboardInterrupt
-        stop["requested"] = True
-        tqdm.write("interrupted: saving the training state after this step (Ctrl-C again to quit without saving)")
-
-    t_train = time.time()
-    if not history:
-        first_val = evaluate(model, val_batches, autocast=autocast)
-        history.append({"step": 0, "val_loss": first_val})
-        print(f"step 0: val loss {first_val:.4f}")
-    first_val = history[0]["val_loss"]
-    model.train()
-    saved_at = step if args.resume else None
-    previous_handler = signal.signal(signal.SIGINT, on_interrupt)
-    try:
-        bar = tqdm(total=max_steps, initial=step, desc="sft", disable=None)
-        while step < max_steps:
-            if stop["requested"] or step == args.stop_at_step:
-                if saved_at != step:
-                    save_state(step)
-                bar.close()
-                print(f"stopped at step {step} of {max_steps}, state saved in {state_dir}; continue with: "
-                      f"python sft.py --resume {shlex.quote(str(out))}")
-                return
-            step += 1  # step counts the steps done; lr_at takes this step's 0-based index
-            lr = lr_at(step - 1, args.lr, warmup, max_steps, args.lr * args.min_lr_ratio)
-            micro = [(x.to(device), y.to(device)) for x, y in (next(batches) for _ in range(args.grad_accum))]
-            torch.manual_seed(args.seed + step)  # dropout masks depend on (seed, step) only: resumable
-            progress["train_loss"] = train_step(model, optimizer, micro, lr, grad_clip=args.grad_clip,
-                                                autocast=autocast)
-            bar.update()
-            bar.set_postfix(loss=f"{progress['train_loss']:.4f}", lr=f"{lr:.2e}")
-            if step % eval_interval == 0 or step == max_steps:
-                val_loss = evaluate(model, val_batches, autocast=autocast)
-                if not math.isfinite(val_loss):
-                    die(f"validation loss is {val_loss} at step {step}: training diverged (try a lower --lr)"
-                        + (f"; the best checkpoint so far (step {progress['best_step']}) is in {out}"
-                           if progress["best_step"] else ""))
-                model.train()
-                history.append({"step": step, "train_loss": progress["train_loss"], "val_loss": val_loss})
-                improved = val_loss < progress["best"]
-                if improved:  # keep the best model so far as the output checkpoint
-                    progress["best"], progress["best_step"] = val_loss, step
-                    save(step, val_loss)
-                tqdm.write(f"step {step}: train loss {progress['train_loss']:.4f}, val loss {val_loss:.4f}"
-                           + (" (best, saved)" if improved else ""))
-            if step % save_every == 0 or step == max_steps:
-                saved_at = save_state(step)
-                t_train = time.time()
-        bar.close()
-    finally:
-        signal.signal(signal.SIGINT, previous_handler)
-    train_time = progress["train_time"]
-    best, best_step, train_loss = progress["best"], progress["best_step"], progress["train_loss"]
-    del model, optimizer  # free the device for the best model (and its KV cache) below
-    if device_type == "cuda":
+def answer_test_set(run):
+    """The best checkpoint, loaded back as generate.py and serve.py will load it, answers the test
+    prompts into test_responses.json. Returns the answers."""
+    run.model = run.optimizer = None  # free the device for the best model (and its KV cache)
+    if run.device_type == "cuda":
         torch.cuda.empty_cache()
-
-    # The best checkpoint, loaded back as generate.py and serve.py will load it, answers the test set.
     try:
-        best_model = GPT.from_pretrained(out, device=device)
+        best_model = GPT.from_pretrained(run.out, device=run.device)
     except CheckpointError as e:  # (e.g. deleted while training ran)
         die(f"cannot load the best checkpoint to answer the test prompts: {e}")
-    results = answer_test_prompts(best_model, test_conv[:args.max_test], template, args.max_new_tokens, enc)
-    with write_or_die(out / "test_responses.json"):
-        write_json_atomic(out / "test_responses.json", results)
+    results = answer_test_prompts(best_model, run.data.test[:run.args.max_test], run.template,
+                                  run.args.max_new_tokens, run.enc)
+    with write_or_die(run.out / "test_responses.json"):
+        write_json_atomic(run.out / "test_responses.json", results)
+    return results
+
+
+def write_metadata(run, n_answers, t_start):
+    """training_metadata.json: what was trained on, how, and how the losses went; then one line saying so."""
+    args, data, progress, out = run.args, run.data, run.progress, run.out
+    history, first_val = progress["history"], progress["history"][0]["val_loss"]
+    one_invocation = ("data", "model", "out", "template", "device", "resume", "stop_at_step")
     metadata = {
-        "base_model": str(args.model), "data": args.data, "template": template, "device": device,
-        "sizes": {"conversations": len(conversations), "train": len(train_conv), "val": len(val_conv),
-                  "test": len(test_conv), "train_examples": train_stats, "val_examples": val_stats},
-        "hyperparameters": {**{k: v for k, v in vars(args).items()
-                               if k not in ("data", "model", "out", "template", "device", "resume", "stop_at_step")},
-                            "max_len": max_len, "max_steps": max_steps, "warmup_steps": warmup,
-                            "eval_interval": eval_interval, "save_every": save_every,
-                            "lora_targets": lora_targets if args.lora_rank else None},
-        "losses": {"initial_val": first_val, "final_train": train_loss, "final_val": history[-1]["val_loss"],
-                   "best_val": best, "best_step": best_step, "history": history},
-        "parameters": {"total": total, "trainable": trainable},
-        "time_s": {"train": round(train_time, 1), "total": round(time.time() - t_start, 1)},
+        "base_model": str(args.model), "data": args.data, "template": run.template, "device": run.device,
+        "sizes": {"conversations": len(data.conversations), "train": len(data.train), "val": len(data.val),
+                  "test": len(data.test), "train_examples": data.train_stats, "val_examples": data.val_stats},
+        "hyperparameters": {**{k: v for k, v in vars(args).items() if k not in one_invocation},
+                            "max_len": run.max_len, "max_steps": run.max_steps, "warmup_steps": run.warmup,
+                            "eval_interval": run.eval_interval, "save_every": run.save_every,
+                            "lora_targets": run.lora_targets if args.lora_rank else None},
+        "losses": {"initial_val": first_val, "final_train": progress["train_loss"], "final_val": history[-1]["val_loss"],
+                   "best_val": progress["best"], "best_step": progress["best_step"], "history": history},
+        "parameters": run.parameters,
+        "time_s": {"train": round(progress["train_time"], 1), "total": round(time.time() - t_start, 1)},
         "resumed_at_steps": progress["resumed_at"],
         "outputs": {"checkpoint": str(out), "test_responses": str(out / "test_responses.json")},
     }
     with write_or_die(out / "training_metadata.json"):
         write_json_atomic(out / "training_metadata.json", metadata)
-    print(f"best val loss {best:.4f} at step {best_step} (from {first_val:.4f}); checkpoint, "
-          f"test_responses.json ({len(results)} answers) and training_metadata.json in {out}")
+    print(f"best val loss {progress['best']:.4f} at step {progress['best_step']} (from {first_val:.4f}); checkpoint, "
+          f"test_responses.json ({n_answers} answers) and training_metadata.json in {out}")
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def evaluate_and_keep_best(run):
+    """Validate; a new best val loss saves the output checkpoint. A loss that is not finite stops the run."""
+    progress = run.progress
+    val_loss = evaluate(run.model, run.val_batches, autocast=run.autocast)
+    if not math.isfinite(val_loss):
+        die(f"validation loss is {val_loss} at step {run.step}: training diverged (try a lower --lr)"
+            + (f"; the best checkpoint so far (step {progress['best_step']}) is in {run.out}"
+               if progress["best_step"] else ""))
+    run.model.train()
+    progress["history"].append({"step": run.step, "train_loss": progress["train_loss"], "val_loss": val_loss})
+    improved = val_loss < progress["best"]
+    if improved:  # keep the best model so far as the output checkpoint
+        progress["best"], progress["best_step"] = val_loss, run.step
+        run.save_best(val_loss)
+    tqdm.write(f"step {run.step}: train loss {progress['train_loss']:.4f}, val loss {val_loss:.4f}"
+               + (" (best, saved)" if improved else ""))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    t_start = time.time()
+    run = setup(args)
+    progress = run.progress
+    run.clock = time.time()
+    if not progress["history"]:
+        first_val = evaluate(run.model, run.val_batches, autocast=run.autocast)
+        progress["history"].append({"step": 0, "val_loss": first_val})
+        print(f"step 0: val loss {first_val:.4f}")
+    run.model.train()
+    saved_at = run.step if args.resume else None
+    # Ctrl-C: finish the current step, save the state, stop. A second Ctrl-C quits at once.
+    with StopSignal("saving the training state after this step (Ctrl-C again to quit without saving)",
+                    write=tqdm.write) as stop:
+        bar = tqdm(total=run.max_steps, initial=run.step, desc="sft", disable=None)
+        while run.step < run.max_steps:
+            if stop.requested or run.step == args.stop_at_step:
+                if saved_at != run.step:
+                    run.save_state()
+                bar.close()
+                print(f"stopped at step {run.step} of {run.max_steps}, state saved in {run.state_dir}; continue with: "
+                      f"python sft.py --resume {shlex.quote(str(run.out))}")
+                return
+            run.step += 1  # step counts the steps done; lr_at takes this step's 0-based index
+            lr = lr_at(run.step - 1, args.lr, run.warmup, run.max_steps, args.lr * args.min_lr_ratio)
+            micro_batches = run.next_micro_batches()
+            torch.manual_seed(args.seed + run.step)  # dropout masks depend on (seed, step) only: resumable
+            progress["train_loss"] = train_step(run.model, run.optimizer, micro_batches, lr, grad_clip=args.grad_clip,
+                                                autocast=run.autocast)
+            bar.update()
+            bar.set_postfix(loss=f"{progress['train_loss']:.4f}", lr=f"{lr:.2e}")
+            if run.step % run.eval_interval == 0 or run.step == run.max_steps:
+                evaluate_and_keep_best(run)
+            if run.step % run.save_every == 0 or run.step == run.max_steps:
+                run.save_state()
+                saved_at = run.step
+        bar.close()
+    results = answer_test_set(run)
+    write_metadata(run, len(results), t_start)
 
 
 if __name__ == "__main__":
