@@ -1,12 +1,12 @@
 """Training speed of our GPT-2 124M next to Hugging Face's GPT2LMHeadModel, trained the same way.
 
-Both models are trained by the very code train.py and sft.py run: train.make_optimizer's AdamW
-(fused on CUDA) and train.train_step (loss over the learned tokens, backward, gradient clipping at
+Both models are trained by the very code train.py and sft.py run: training.make_optimizer's AdamW
+(fused on CUDA) and training.train_step (loss over the learned tokens, backward, gradient clipping at
 1.0, the update), so this measures the product, not a copy of it. Both get the same shapes, the same
 random batches, the same loss (cross-entropy on fp32 logits), autocast dtype, SDPA attention and,
 when asked, torch.compile of the whole model as train.py does it. The two are timed step by step in
 turn (so a change in the machine's load hits both alike). Prints tokens/s and MFU
-(train.flops_per_token against the device's peak) for each, and our speed as a ratio of theirs.
+(training.flops_per_token against the device's peak) for each, and our speed as a ratio of theirs.
 transformers is a test-only dependency: install it to run this.
 
     python bench_train.py                                   # CUDA: B=16, T=1024, bf16, compiled
@@ -14,16 +14,16 @@ transformers is a test-only dependency: install it to run this.
 """
 
 import argparse
-import contextlib
 import time
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, check_flags, device_or_die, die
+from common import AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, autocast_for, check_flags, device_or_die, die
 from gpt import GPT, GPTConfig
 from training import device_peak_flops, flops_per_token, make_optimizer, mfu, train_step
+
 
 def build_ours(device):
     return GPT(GPTConfig()).to(device)
@@ -31,7 +31,7 @@ def build_ours(device):
 
 class WithLoss(nn.Module):
     """Hugging Face's model behind our model's training interface, model(x, y) -> (logits, loss), so
-    that train.train_step runs it as it runs ours. The loss is ours too: cross-entropy of fp32 logits
+    that training.train_step runs it as it runs ours. The loss is ours too: cross-entropy of fp32 logits
     over the targets that are not -100. (HF's own labels= would shift targets that are already shifted.)"""
 
     def __init__(self, model):
@@ -58,7 +58,7 @@ def build_theirs(device):
 
 def make_stepper(model, args, device, autocast):
     """A function that runs one training step on (x, y) and returns its loss: train.py's own step,
-    train.train_step with train.make_optimizer's AdamW, on the model compiled as train.py compiles it."""
+    training.train_step with training.make_optimizer's AdamW, on the model compiled as train.py compiles it."""
     model.train()
     optimizer = make_optimizer(model, lr=6e-4, device_type=device.split(":")[0], verbose=False)
     compiled = torch.compile(model) if args.compile else model
@@ -97,7 +97,7 @@ def main():
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: 3 compiled, else 1)")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None, help="autocast dtype (default: bf16 on CUDA)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile (default: on CUDA)")
-    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: from train.py's table)")
+    p.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: from training.py's table)")
     args = p.parse_args()
     check_flags(args, batch=AT_LEAST_1, seq_len=(lambda v: 1 <= v <= 1024, "1..1024"), steps=AT_LEAST_1,
                 warmup=NON_NEGATIVE, peak_flops=POSITIVE)
@@ -110,8 +110,7 @@ def main():
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    dev_type = device.split(":")[0]
-    autocast = (lambda: torch.autocast(dev_type, dtype=torch.bfloat16)) if args.dtype == "bfloat16" else contextlib.nullcontext
+    autocast = autocast_for(device, args.dtype)
     print(f"GPT-2 124M training step, B={args.batch} T={args.seq_len}, {args.dtype}, compile={args.compile}, "
           f"device {device}, {args.steps} timed steps after {args.warmup} warmup")
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ import torch
 import torch.nn as nn
 
 
-
 class LoRALinear(nn.Module):
     """A frozen nn.Linear plus a trainable low-rank update: y = base(x) + (alpha/r) * x A^T B^T.
     B starts at zero, so training starts from exactly the base model; A starts random so the
@@ -33,6 +32,12 @@ class LoRALinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scale
 
 
+def _replace(model, name, module):
+    """Put `module` where the submodule called `name` ("h.0.attn.c_attn") is."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
+
+
 def add_lora(model, rank, alpha, targets):
     """Freeze every parameter, then wrap the linear layers whose name ends with one of `targets`
     ("c_attn", "c_proj" = both attn.c_proj and mlp.c_proj, "mlp.c_proj", "c_fc", ...) in LoRALinear.
@@ -41,8 +46,7 @@ def add_lora(model, rank, alpha, targets):
     wrapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in targets):
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, LoRALinear(module, rank, alpha))
+            _replace(model, name, LoRALinear(module, rank, alpha))
             wrapped.append(name)
     if not wrapped:
         raise ValueError(f"--lora-targets {','.join(targets)} match no linear layer "
@@ -51,6 +55,7 @@ def add_lora(model, rank, alpha, targets):
 
 
 def _lora_layers(model):
+    """(name, LoRALinear) for every adapted layer."""
     return [(name, m) for name, m in model.named_modules() if isinstance(m, LoRALinear)]
 
 
@@ -59,8 +64,7 @@ def merge_lora(model):
     """Fold every adapter into its base weight and put the plain nn.Linear back: a plain GPT."""
     for name, m in _lora_layers(model):
         m.base.weight += m.delta()
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, m.base)
+        _replace(model, name, m.base)
     return model
 
 
@@ -77,5 +81,4 @@ def lora_merged(model):
         with torch.no_grad():
             for (name, m), w in zip(layers, saved):
                 m.base.weight.copy_(w)
-                parent, _, child = name.rpartition(".")
-                setattr(model.get_submodule(parent), child, m)
+                _replace(model, name, m)
