@@ -354,7 +354,7 @@ class Run:
     grad_accum: int
     min_lr: float
     flops_per_token: int
-    peak_flops: float
+    peak_flops: float  # None for an unknown device: no MFU
     step: int = 0  # optimizer steps done
     position: int = 0  # where in train_tokens the next step starts
 

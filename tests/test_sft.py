@@ -187,7 +187,7 @@ def test_bad_input_is_one_line_error_and_writes_nothing(tiny_checkpoint, tmp_pat
     ("--min-lr-ratio", "-0.1", "--min-lr-ratio must be between 0 and 1 (the schedule decays to it) (got -0.1)"),
     ("--min-lr-ratio", "1.5", "--min-lr-ratio must be between 0 and 1"),  # the "decay" would rise
     ("--warmup-steps", "-1", "--warmup-steps must be a number >= 0 (got -1)"),
-    ("--max-len", "0", "--max-len must be at least 2 (got 0)"),  # was silently the default
+    ("--max-len", "0", "--max-len must be at least 2 (got 0)"),  # not silently the default
 ])
 def test_bad_flag_value_is_one_line_error_before_loading_anything(tmp_path, monkeypatch, capsys, flag, value, message):
     monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before the flags were checked"))
@@ -196,7 +196,7 @@ def test_bad_flag_value_is_one_line_error_before_loading_anything(tmp_path, monk
 
 @pytest.mark.parametrize("model", ["out", "out/model.safetensors", "out/last"])
 def test_fine_tuning_a_model_into_its_own_directory_is_refused(tmp_path, monkeypatch, capsys, model):
-    # `--model X --out X` used to save the fine-tuned weights over X's model.safetensors (out/last: the state)
+    # `--model X --out X` would save the fine-tuned weights over X's model.safetensors (out/last: the state)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sft, "load_conversations", lambda name: pytest.fail("data loaded before --out was checked"))
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).save_checkpoint(

@@ -102,7 +102,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, capsys, content, message):
     ("--min-lr", "-0.5", "--min-lr must be a number >= 0 (got -0.5)"),
     ("--warmup", "-5", "--warmup must be a number >= 0 (got -5)"),
     ("--weight-decay", "nan", "--weight-decay must be a number >= 0 (got nan)"),
-    ("--seq-len", "0", "--seq-len must be at least 1 (got 0)"),  # was silently the default
+    ("--seq-len", "0", "--seq-len must be at least 1 (got 0)"),  # not silently the default
     ("--batch-tokens", "0", "--batch-tokens must be at least 1 (got 0)"),
     ("--n-layer", "0", "--n-layer must be at least 1 (got 0)"),
     ("--min-lr", "1", "--min-lr 1.0 is above --lr"),  # the cosine "decay" would rise
@@ -116,7 +116,7 @@ def test_a_token_file_of_odd_size_is_named_in_a_one_line_error(tmp_path, story_d
     prepared = tmp_path / "prepared"
     shutil.copytree(story_data, prepared)
     with open(prepared / "val.bin", "ab") as f:
-        f.write(b"\0")  # half a token: np.memmap said "Size of available data is not a multiple of ..."
+        f.write(b"\0")  # half a token: named here, not np.memmap's "Size of available data is not a multiple of ..."
     with pytest.raises(SystemExit) as e:
         train.main(["--data", str(prepared), "--out", str(tmp_path / "run"), *TINY])
     assert e.value.code == 2
@@ -231,7 +231,7 @@ def test_training_lowers_validation_loss(tmp_path, story_data):
 
 
 def test_steps_are_counted_from_1_in_the_log_and_printed_lines_as_in_evaluations(tmp_path, story_data, capsys):
-    # the 3rd step's line said "step 2/3" and its log record step 2, beside the evaluation's "step 3"
+    # the 3rd step's line and log record say step 3, as the evaluation after it does, not "step 2/3"
     run = tmp_path / "run"
     train.main(["--data", str(story_data), "--out", str(run), *TINY, "--max-steps", "3", "--log-every", "1"])
     printed = capsys.readouterr().out
@@ -242,7 +242,7 @@ def test_steps_are_counted_from_1_in_the_log_and_printed_lines_as_in_evaluations
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, story_data, capsys):
-    # --lr 6e-5 --max-steps 2 with the default --warmup 50: the peak was silently never reached
+    # --lr 6e-5 --max-steps 2 with the default --warmup 50: the peak is never reached, so say so
     train.main(["--data", str(story_data), "--out", str(tmp_path / "run"), *TINY, "--warmup", "50", "--max-steps", "2",
                 "--lr", "6e-5"])
     assert ("warning: --warmup 50 is not shorter than --max-steps 2: the learning rate only rises, to 2.40e-06 of "
@@ -352,7 +352,7 @@ def test_resuming_a_finished_run_says_so_and_redoes_nothing_unless_max_steps_is_
     train.main(["--resume", str(run)])  # runs to its end, step 3
     before = snapshot(run)
     capsys.readouterr()
-    train.main(["--resume", str(run)])  # used to evaluate and save step 3 again without a word
+    train.main(["--resume", str(run)])  # not evaluated and saved at step 3 again
     assert capsys.readouterr().out == f"note: the run in {run} already finished at step 3 of 3; raise --max-steps to train on\n"
     assert snapshot(run) == before
     train.main(["--resume", str(run), "--max-steps", "2"])
@@ -382,7 +382,7 @@ def test_init_with_a_shape_flag_is_refused_before_loading_anything(tmp_path, mon
 def test_resume_refuses_flags_it_would_ignore_and_names_a_corrupt_saved_run(stopped_run, tmp_path, capsys, extra,
                                                                             message):
     run, _ = copy_of(stopped_run, tmp_path)
-    if extra == "corrupt":  # argparse said "argument --batch-size: invalid int value", a flag nobody gave
+    if extra == "corrupt":  # not argparse's "argument --batch-size: invalid int value", a flag nobody gave
         config = run / "checkpoint" / "config.json"
         info = json.loads(config.read_text())
         config.write_text(json.dumps({**info, "train_args": {**info["train_args"], "batch_size": "x"}}))
@@ -434,7 +434,7 @@ def test_resume_skips_a_last_log_line_cut_by_a_kill_and_refuses_a_bad_one_before
 
 @pytest.mark.parametrize("init", ["checkpoint", "checkpoint/model.safetensors"])
 def test_init_from_the_checkpoint_the_run_would_write_is_refused(tmp_path, monkeypatch, capsys, init):
-    # `--init R/checkpoint --out R` used to train, then save over R/checkpoint: the starting weights lost
+    # `--init R/checkpoint --out R` would train, then save over R/checkpoint: the starting weights lost
     run = tmp_path / "run"
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=32)).save_checkpoint(run / "checkpoint")
     before = snapshot(run)
