@@ -17,26 +17,12 @@ import torch
 MAX_SEED = 2**63 - 1  # seeds are non-negative signed 64-bit integers (what torch.Generator takes)
 
 
-RULES = (  # (field, test, what it must be); nan fails every comparison, so it is refused too
-    ("max_tokens", lambda v: v >= 1, ">= 1"),
-    ("temperature", lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy)"),
-    ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
-    ("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
-    ("seed", lambda v: v is None or 0 <= v <= MAX_SEED, f"between 0 and {MAX_SEED}"),
-)
-
-
-class BadSamplingParam(ValueError):
-    """A SamplingParams field outside its range. The message reads `NAME VALUE must be MUST`;
-    .field, .value and .must let a caller word the error its own way."""
-
-    def __init__(self, name, field, value, must):
-        super().__init__(f"{name} {value} must be {must}")
-        self.field, self.value, self.must = field, value, must
-
-
 @dataclass
 class SamplingParams:
+    """How to choose each token and when to stop. `check()` holds the one set of rules for the
+    values, for every caller; it is a call, not done at construction, so that each caller decides
+    when and how a bad value is refused (a flag error, an HTTP 400, a config file's error)."""
+
     max_tokens: int = 128
     temperature: float = 1.0  # 0 = greedy (argmax)
     top_k: int = 0  # keep only the k most likely tokens; 0 = all
@@ -54,6 +40,24 @@ class SamplingParams:
             if not ok(value):
                 raise BadSamplingParam(name(field_name), field_name, value, must)
         return self
+
+
+RULES = (  # (field, test, what it must be); nan fails every comparison, so it is refused too
+    ("max_tokens", lambda v: v >= 1, ">= 1"),
+    ("temperature", lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy)"),
+    ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    ("seed", lambda v: v is None or 0 <= v <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+)
+
+
+class BadSamplingParam(ValueError):
+    """A SamplingParams field outside its range. The message reads `NAME VALUE must be MUST`;
+    .field, .value and .must let a caller word the error its own way."""
+
+    def __init__(self, name, field, value, must):
+        super().__init__(f"{name} {value} must be {must}")
+        self.field, self.value, self.must = field, value, must
 
 
 # ----------------------------------------------------------------------------- the reference sampler

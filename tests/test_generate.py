@@ -259,7 +259,8 @@ def fast_probs(logits, temperature, top_k, top_p):
 @pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
 def test_the_fast_sampler_keeps_the_reference_tokens_with_the_reference_probabilities(temperature, top_k, top_p):
     # 3,000 tokens: more than the 1024 the nucleus is looked for among first; flat to peaked rows
-    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(2)) * torch.tensor([[1.0], [2.0], [4.0], [8.0]])
+    scales = torch.tensor([[1.0], [2.0], [4.0], [8.0]])
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(2)) * scales
     want = reference_probs(logits, temperature, top_k, top_p)
     got = fast_probs(logits, temperature, top_k, top_p)
     assert torch.equal(got > 0, want > 0)  # the same kept token set, row by row
