@@ -4,32 +4,14 @@
     python generate.py --model out/sft --chat
     python generate.py --compare gpt2 out/sft --prompt "Name three colors."
 
-Generating one token at a time would recompute attention over the whole prefix at every step. The
-KV cache keeps each layer's keys and values, so after the prompt ("prefill") every step feeds only
-the newest token ("decode"). Our cache is one contiguous tensor per k and v, preallocated at the
-full length, written in place: no allocation or concatenation per step. It plugs into the model
-through gpt.py's seam, `cache.attend(layer, q, k, v)`.
-
-The decode step has two forms. The eager step attends over the cache slice filled so far. The
-static step never changes shape (it attends over the whole buffer with a mask and takes its
-position from a tensor), which is what a CUDA graph needs: on CUDA the step is recorded once per
-model (decode_step keeps it for later calls) and replayed, so a token costs one graph launch instead
-of hundreds of kernel launches. The static step
-runs on CPU too, which is how its correctness is tested on a machine without a GPU.
-On a CPU the step is bound by reading the weights, and `pack_for_cpu` stores them in the layout
-this CPU's matrix libraries read fastest, measured at load (see the README for what it gives).
-
-Sampling (temperature, top-k, top-p, per row of a batch) and TextStream (bytes -> text that is safe
-to print, and stop strings) live here once; serve.py imports them.
-
-A prompt that leaves no room in the context is an error (we never silently drop the start of what
-you wrote); in --chat the oldest turns are dropped to make room, and only a single message too long
-to fit is refused. Generation stops at <|endoftext|>, at a --stop string, at --max-new-tokens, or
-when the context is full.
+A checkpoint with a chat template answers a --prompt as a user's message; a base model continues
+it. A prompt that leaves no room in the context is an error (the start of what you wrote is never
+dropped silently); in --chat the oldest turns are dropped to make room, and only a single message
+too long to fit is refused. Generation stops at <|endoftext|>, at a --stop string, at
+--max-new-tokens, or when the context is full. How it is done: inference.py and sampling.py.
 """
 
 import argparse
-import math
 import os
 import shutil
 import sys
@@ -38,88 +20,154 @@ from dataclasses import replace
 
 import torch
 
-from common import HelpFormatter, default_dtype, device_or_die, die
-from inference import generate, load_model
-from sampling import MAX_SEED, SamplingParams
+from common import AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die
+from inference import generate, load_model_or_die
+from sampling import MAX_SEED, BadSamplingParam, SamplingParams
 from tokenizer import (PromptTooLong, check_prompt, encode, encode_prompt, fit_conversation, get_tokenizer,
                        strip_answer_start)
 
-# ----------------------------------------------------------------------------- sampling
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=(
+        "A prompt longer than the model's context is an error (never truncated); in --chat, the oldest "
+        "turns are dropped to keep the conversation within the context."))
+    p.add_argument("--model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir (default: gpt2)")
+    p.add_argument("--prompt", action="append", help="text (repeatable): a checkpoint with a chat template "
+                   "answers it as a user's message in that template; a base model continues it")
+    p.add_argument("--chat", action="store_true", help="interactive conversation in the checkpoint's template")
+    p.add_argument("--system", help="system prompt for --chat")
+    p.add_argument("--compare", nargs=2, metavar=("BASE", "OTHER"),
+                   help="answer each --prompt with two models, side by side (each as --prompt would)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate per answer")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
+    p.add_argument("--seed", type=int, default=None, help=f"makes sampling repeatable (0 to {MAX_SEED}); "
+                   "sample i, or the i-th answer in --chat, uses seed + i")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), never printed")
+    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (seeds --seed, --seed + 1, ...)")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere)")
+    return p.parse_args(argv)
 
 
-# ----------------------------------------------------------------------------- the KV cache
+# ----------------------------------------------------------------------------- checking the flags
+
+def check_args(args):
+    """The sampling parameters the flags ask for, or a one-line error for each flag value, or
+    combination, that generate.py cannot honour."""
+    params = checked_sampling_params(args)
+    check_modes(args)
+    check_texts(args)
+    return params
 
 
-# ----------------------------------------------------------------------------- generation
+SAMPLING_FLAGS = {"max_tokens": "--max-new-tokens"}  # SamplingParams fields whose flag has another name
 
 
-# ----------------------------------------------------------------------------- chat
+def checked_sampling_params(args):
+    check_flags(args, num_samples=AT_LEAST_1)
+    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
+    try:
+        params.check(name=lambda field: SAMPLING_FLAGS.get(field, "--" + field.replace("_", "-")))
+    except BadSamplingParam as e:
+        die(str(e))
+    last = MAX_SEED - (args.num_samples - 1)
+    if args.seed is not None and args.seed > last:
+        die(f"--seed {args.seed} must be at most {last} with --num-samples {args.num_samples} "
+            f"(sample i uses seed + i)")
+    return params
 
 
-def chat(model, enc, params, system=None):
-    """A multi-turn conversation on stdin/stdout in the checkpoint's template; works piped too.
-    Returns the conversation (the turns still within the context)."""
-    template = getattr(model, "checkpoint_info", {}).get("template") or "chat"
-    n_ctx = model.config.block_size
-    reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns
-    messages = [{"role": "system", "content": system}] if system else []
-    least = len(encode_prompt(messages + [{"role": "user", "content": "hi"}], template, enc))
-    if least >= n_ctx:  # (else every message would be refused, for the system prompt's fault)
-        die(f"--system makes every prompt at least {least} tokens: the {n_ctx}-token context has no room "
-            f"left to answer")
-    tty = sys.stdin.isatty()
-    stdin = getattr(sys.stdin, "buffer", sys.stdin)  # (a text stream without one, e.g. io.StringIO: as is)
-    turn = -1
-    if tty:
-        print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, "
-              f"Ctrl-C stops an answer, Ctrl-D quits")
-    while True:
-        if tty:
-            print("> ", end="", flush=True)
-        try:  # bytes, decoded here: a line that is not UTF-8 is refused, not garbled (or fatal)
-            raw = stdin.readline()
-        except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, as Ctrl-D does
-            print(file=sys.stderr)
-            break
-        if not raw:  # Ctrl-D (end of input)
-            if tty:
-                print()  # end the prompt's line, so the shell's prompt starts on its own
-            break
+def check_modes(args):
+    """--prompt, --chat and --compare each take their own flags."""
+    if args.compare and args.chat:
+        die("--compare answers --prompt; it does not go with --chat")
+    if args.compare and not args.prompt:
+        die("--compare needs --prompt")
+    for flag, given, why in (
+            ("--model", args.compare and args.model, "--compare names its two models"),
+            ("--num-samples", args.compare and args.num_samples > 1, "--compare shows one answer per model"),
+            ("--prompt", args.chat and args.prompt, "--chat reads its messages from the terminal"),
+            ("--num-samples", args.chat and args.num_samples > 1, "--chat gives one answer per message"),
+            ("--system", args.system is not None and not args.chat, "--system is the system prompt of --chat")):
+        if given:
+            die(f"{flag} does not apply here: {why}")
+    if not args.chat and not args.prompt:
+        die("give --prompt TEXT (or --chat)")
+
+
+def check_texts(args):
+    if not all(args.stop):
+        die("--stop is empty (it would end every answer before it starts)")
+    for i, prompt in enumerate(args.prompt or []):
+        if not prompt:
+            die(f"{prompt_label(i, len(args.prompt))}--prompt is empty")
         try:
-            line = (raw.decode("utf-8") if isinstance(raw, bytes) else raw).strip()
-        except UnicodeDecodeError as e:
-            print(f"error: that line is not valid UTF-8 (byte {e.start}); it was skipped", file=sys.stderr)
-            continue
-        if line in ("/quit", "/exit"):
-            break
-        if line == "/reset":
-            messages = messages[:1] if system else []
-            continue
-        if not line:
-            continue
-        try:
-            ids, messages = fit_conversation(messages + [{"role": "user", "content": line}],
-                                             template, n_ctx, reserve, enc)
-        except PromptTooLong as e:
-            print(f"error: {e}", file=sys.stderr)
-            continue
-        answer, started = "", False
-        # with --seed, each answer its own seed: one seed for all would repeat the same draws every turn
-        turn += 1
-        seeded = params if params.seed is None else replace(params, seed=params.seed + turn)
-        try:
-            for piece in generate(model, ids, seeded, enc):
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that were not UTF-8 reach argv as lone surrogates
+            die(f"{prompt_label(i, len(args.prompt))}--prompt is not valid UTF-8")
+
+
+def prompt_label(i, n):
+    """'prompt 3 of 4: ' for the third of four --prompt's (nothing when there is one): errors name the
+    one at fault."""
+    return f"prompt {i + 1} of {n}: " if n > 1 else ""
+
+
+# ----------------------------------------------------------------------------- the three modes
+
+def main(argv=None):
+    args = parse_args(argv)
+    params = check_args(args)
+    device = device_or_die(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    enc = get_tokenizer()
+    try:
+        if args.compare:
+            compare([load_model_or_die(name, device, dtype) for name in args.compare], args, params, enc)
+        elif args.chat:
+            chat(load_model_or_die(args.model or "gpt2", device, dtype), enc, params, args.system)
+        else:
+            answer_prompts(load_model_or_die(args.model or "gpt2", device, dtype), args, params, enc)
+    except PromptTooLong as e:
+        die(str(e))
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)  # (what a shell reports for Ctrl-C: the output is cut short, not complete)
+    except BrokenPipeError:  # the reader left (`| head`): stop quietly, and point stdout at
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # /dev/null so the exit flush
+        sys.exit(1)                                                       # does not fail a second time
+
+
+def answer_prompts(model, args, params, enc):
+    """Each --prompt, --num-samples times, streamed as it is generated."""
+    templated = bool(getattr(model, "checkpoint_info", {}).get("template"))  # (a fine-tuned model)
+    n = len(args.prompt)  # all checked before any is answered:
+    ids = [checked_answer_ids(model, prompt, enc, prompt_label(i, n)) for i, prompt in enumerate(args.prompt)]
+    for prompt, prompt_ids in zip(args.prompt, ids):
+        for i in range(args.num_samples):
+            if args.num_samples > 1:
+                print(f"\n---------- sample {i + 1}", flush=True)
+            seed = None if params.seed is None else params.seed + i
+            # a continuation goes on from the prompt; an answer starts on a line of its own
+            print(prompt, end="\n" if templated else "", flush=True)
+            started = not templated
+            for piece in generate(model, prompt_ids, replace(params, seed=seed), enc):
                 piece, started = strip_answer_start(piece, started)
-                answer += piece
                 print(piece, end="", flush=True)
-        except KeyboardInterrupt:  # Ctrl-C during an answer stops that answer, not the conversation
-            pass
-        print(flush=True)
-        messages.append({"role": "assistant", "content": answer.rstrip()})
-    return messages
+            print(flush=True)
 
 
-# ----------------------------------------------------------------------------- the CLI
+def compare(models, args, params, enc):
+    """Each --prompt answered by both models, printed in two columns."""
+    n = len(args.prompt)  # all checked before any is answered
+    ids = [[checked_answer_ids(m, prompt, enc, prompt_label(i, n)) for m in models]
+           for i, prompt in enumerate(args.prompt)]
+    for prompt, pair in zip(args.prompt, ids):
+        answers = ["".join(generate(m, i, params, enc)) for m, i in zip(models, pair)]
+        print(f"\n=== {prompt}\n" + side_by_side(*answers, args.compare), flush=True)
 
 
 def answer_ids(model, prompt, enc):
@@ -152,116 +200,85 @@ def side_by_side(left, right, titles):
     return "\n".join(f"{a:<{width}} | {b}" for a, b in zip(*(c + [""] * (n - len(c)) for c in cols)))
 
 
-def check_args(args):
-    """A one-line error for each flag value, or combination, that generate.py cannot honour."""
-    for flag, value, ok, rule in (
-            ("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, ">= 1"),
-            ("--num-samples", args.num_samples, args.num_samples >= 1, ">= 1"),
-            ("--temperature", args.temperature, math.isfinite(args.temperature) and args.temperature >= 0,
-             ">= 0 (0 = greedy)"),
-            ("--top-k", args.top_k, args.top_k >= 0, ">= 0 (0 = off)"),
-            ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1] (1 = off)"),
-            ("--seed", args.seed, args.seed is None or 0 <= args.seed <= MAX_SEED - (args.num_samples - 1),
-             f"between 0 and {MAX_SEED} (less --num-samples - 1: sample i uses seed + i)")):
-        if not ok:
-            die(f"{flag} {value} must be {rule}")
-    if args.compare and args.chat:
-        die("--compare answers --prompt; it does not go with --chat")
-    if args.compare and not args.prompt:
-        die("--compare needs --prompt")
-    for flag, given, why in (
-            ("--model", args.compare and args.model, "--compare names its two models"),
-            ("--num-samples", args.compare and args.num_samples > 1, "--compare shows one answer per model"),
-            ("--prompt", args.chat and args.prompt, "--chat reads its messages from the terminal"),
-            ("--num-samples", args.chat and args.num_samples > 1, "--chat gives one answer per message"),
-            ("--system", args.system is not None and not args.chat, "--system is the system prompt of --chat")):
-        if given:
-            die(f"{flag} does not apply here: {why}")
-    if not args.chat and not args.prompt:
-        die("give --prompt TEXT (or --chat)")
-    if not all(args.stop):
-        die("--stop is empty (it would end every answer before it starts)")
-    for i, prompt in enumerate(args.prompt or []):
-        if not prompt:
-            die(f"{prompt_label(i, len(args.prompt))}--prompt is empty")
+# ----------------------------------------------------------------------------- chat
+
+def chat(model, enc, params, system=None):
+    """A multi-turn conversation on stdin/stdout in the checkpoint's template; works piped too.
+    Returns the conversation (the turns still within the context)."""
+    template = getattr(model, "checkpoint_info", {}).get("template") or "chat"
+    n_ctx = model.config.block_size
+    reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns
+    messages = [{"role": "system", "content": system}] if system else []
+    check_system_prompt_fits(messages, template, n_ctx, enc)
+    tty = sys.stdin.isatty()
+    stdin = getattr(sys.stdin, "buffer", sys.stdin)  # (a text stream without one, e.g. io.StringIO: as is)
+    if tty:
+        print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, "
+              f"Ctrl-C stops an answer, Ctrl-D quits")
+    answers = 0
+    while (line := read_message(stdin, tty)) is not None:
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        if not line:
+            continue
         try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError:  # bytes that were not UTF-8 reach argv as lone surrogates
-            die(f"{prompt_label(i, len(args.prompt))}--prompt is not valid UTF-8")
+            ids, messages = fit_conversation(messages + [{"role": "user", "content": line}],
+                                             template, n_ctx, reserve, enc)
+        except PromptTooLong as e:
+            print(f"error: {e}", file=sys.stderr)
+            continue
+        # with --seed, each answer its own seed: one seed for all would repeat the same draws every turn
+        seeded = params if params.seed is None else replace(params, seed=params.seed + answers)
+        answers += 1
+        messages.append({"role": "assistant", "content": print_answer(model, ids, seeded, enc)})
+    return messages
 
 
-def prompt_label(i, n):
-    """'prompt 3 of 4: ' for the third of four --prompt's (nothing when there is one): errors name the
-    one at fault."""
-    return f"prompt {i + 1} of {n}: " if n > 1 else ""
+def check_system_prompt_fits(messages, template, n_ctx, enc):
+    """A system prompt that leaves no room for any message is refused up front (else every message
+    would be refused, for the system prompt's fault)."""
+    least = len(encode_prompt(messages + [{"role": "user", "content": "hi"}], template, enc))
+    if least >= n_ctx:
+        die(f"--system makes every prompt at least {least} tokens: the {n_ctx}-token context has no room "
+            f"left to answer")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter, epilog=(
-        "A prompt longer than the model's context is an error (never truncated); in --chat, the oldest "
-        "turns are dropped to keep the conversation within the context."))
-    p.add_argument("--model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir (default: gpt2)")
-    p.add_argument("--prompt", action="append", help="text (repeatable): a checkpoint with a chat template "
-                   "answers it as a user's message in that template; a base model continues it")
-    p.add_argument("--chat", action="store_true", help="interactive conversation in the checkpoint's template")
-    p.add_argument("--system", help="system prompt for --chat")
-    p.add_argument("--compare", nargs=2, metavar=("BASE", "OTHER"),
-                   help="answer each --prompt with two models, side by side (each as --prompt would)")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="most tokens to generate per answer")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = no top-k filter")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = no nucleus filter")
-    p.add_argument("--seed", type=int, default=None, help=f"makes sampling repeatable (0 to {MAX_SEED}); "
-                   "sample i, or the i-th answer in --chat, uses seed + i")
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), never printed")
-    p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (seeds --seed, --seed + 1, ...)")
-    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere)")
-    args = p.parse_args(argv)
-    check_args(args)
-    device = device_or_die(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
-    enc = get_tokenizer()
-
-    try:
-        if args.compare:
-            models = [load_model(name, device, dtype) for name in args.compare]
-            n = len(args.prompt)
-            ids = [[checked_answer_ids(m, prompt, enc, prompt_label(i, n)) for m in models]
-                   for i, prompt in enumerate(args.prompt)]
-            for prompt, pair in zip(args.prompt, ids):
-                answers = ["".join(generate(m, i, params, enc)) for m, i in zip(models, pair)]
-                print(f"\n=== {prompt}\n" + side_by_side(*answers, args.compare), flush=True)
-            return
-        model = load_model(args.model or "gpt2", device, dtype)
-        if args.chat:
-            chat(model, enc, params, args.system)
-            return
-        templated = bool(getattr(model, "checkpoint_info", {}).get("template"))  # (a fine-tuned model)
-        n = len(args.prompt)  # all checked before any is answered:
-        ids = [checked_answer_ids(model, prompt, enc, prompt_label(i, n)) for i, prompt in enumerate(args.prompt)]
-        for prompt, prompt_ids in zip(args.prompt, ids):
-            for i in range(args.num_samples):
-                if args.num_samples > 1:
-                    print(f"\n---------- sample {i + 1}", flush=True)
-                seed = None if args.seed is None else args.seed + i
-                # a continuation goes on from the prompt; an answer starts on a line of its own
-                print(prompt, end="\n" if templated else "", flush=True)
-                started = not templated
-                for piece in generate(model, prompt_ids, replace(params, seed=seed), enc):
-                    piece, started = strip_answer_start(piece, started)
-                    print(piece, end="", flush=True)
-                print(flush=True)
-    except PromptTooLong as e:
-        die(str(e))
-    except KeyboardInterrupt:
+def read_message(stdin, tty):
+    """The next line typed or piped, stripped; None at the end of input (Ctrl-D, or Ctrl-C at the
+    prompt); "" for a line that is not UTF-8, refused with a message rather than garbled."""
+    if tty:
+        print("> ", end="", flush=True)
+    try:  # bytes, decoded here: a line that is not UTF-8 is refused, not garbled (or fatal)
+        raw = stdin.readline()
+    except KeyboardInterrupt:  # Ctrl-C at the prompt: leave, as Ctrl-D does
         print(file=sys.stderr)
-        sys.exit(130)  # (what a shell reports for Ctrl-C: the output is cut short, not complete)
-    except BrokenPipeError:  # the reader left (`| head`): stop quietly, and point stdout at
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # /dev/null so the exit flush
-        sys.exit(1)                                                       # does not fail a second time
+        return None
+    if not raw:  # Ctrl-D (end of input)
+        if tty:
+            print()  # end the prompt's line, so the shell's prompt starts on its own
+        return None
+    try:
+        return (raw.decode("utf-8") if isinstance(raw, bytes) else raw).strip()
+    except UnicodeDecodeError as e:
+        print(f"error: that line is not valid UTF-8 (byte {e.start}); it was skipped", file=sys.stderr)
+        return ""
+
+
+def print_answer(model, ids, params, enc):
+    """Print the answer as it is generated; return it. Ctrl-C stops this answer, not the conversation."""
+    answer, started = "", False
+    try:
+        for piece in generate(model, ids, params, enc):
+            piece, started = strip_answer_start(piece, started)
+            answer += piece
+            print(piece, end="", flush=True)
+    except KeyboardInterrupt:
+        pass
+    print(flush=True)
+    return answer.rstrip()
 
 
 if __name__ == "__main__":

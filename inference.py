@@ -1,18 +1,15 @@
-"""Generating from one prompt: a contiguous KV cache, prefill then decode, CUDA graphs, CPU packing.
+"""Generating from one prompt: a KV cache, prefill then decode, a CUDA graph, CPU weight packing.
 
 Generating one token at a time would recompute attention over the whole prefix at every step. The
 KV cache keeps each layer's keys and values, so after the prompt ("prefill") every step feeds only
 the newest token ("decode"). Our cache is one contiguous tensor per k and v, preallocated at the
-full length, written in place: no allocation or concatenation per step. It plugs into the model
+full length and written in place: no allocation or concatenation per step. It plugs into the model
 through gpt.py's seam, `cache.attend(layer, q, k, v)`.
 
-The decode step has two forms. The eager step attends over the cache slice filled so far. The
-static step never changes shape (it attends over the whole buffer with a mask and takes its
-position from a tensor), which is what a CUDA graph needs: on CUDA the step is recorded once per
-model and replayed, so a token costs one graph launch instead of hundreds of kernel launches. The
-static step runs on CPU too, which is how its correctness is tested on a machine without a GPU.
-On a CPU the step is bound by reading the weights, and `pack_for_cpu` stores them in the layout
-this CPU's matrix libraries read fastest, measured at load.
+A decode step launches hundreds of small kernels. On CUDA we record it once as a CUDA graph and
+replay it, one launch per token; a graph needs a step whose shapes never change (the static step,
+below). On a CPU the step is bound by reading the weights, and `pack_for_cpu` stores them in the
+layout this CPU's matrix libraries read fastest.
 """
 
 import itertools
@@ -24,8 +21,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from common import die
-from gpt import load_or_die
+from checkpoint import CheckpointError
+from common import capture_cuda_graph, die
+from gpt import GPT, load_or_die
 from sampling import TextStream, sample
 from tokenizer import EOT, TEMPLATES, check_prompt, get_tokenizer
 
@@ -72,133 +70,51 @@ class KVCache:
         return F.scaled_dot_product_attention(q, self.k[layer], self.v[layer], attn_mask=self.static_mask)
 
 
-class StaticStep:
-    """The one-token decode step with static shapes: logits = step(token ids (B,)). With graph=True
-    (CUDA only) the step is captured once as a CUDA graph and then replayed: its inputs are copied
-    into fixed buffers, and its output is always the same tensor (read it before the next call).
-    The tests run the static step on CPU; the graph capture itself needs a GPU to be exercised."""
-
-    def __init__(self, model, cache, graph=False):
-        # (a weak reference: decode_step keeps the step on the model, and a cycle would keep a deleted
-        # model's weights and graph memory on the GPU until Python's cycle collector runs)
-        self.model, self.cache, self.graph = weakref.proxy(model), cache, None
-        self.lock = threading.Lock()  # held by the generation using it (see decode_step)
-        device = cache.k.device
-        B = cache.k.size(1)
-        self.idx = torch.zeros(B, 1, dtype=torch.long, device=device)
-        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=device)
-        cache.static_pos = self.pos
-        if graph:
-            # Warm up on a side stream (as CUDA graphs require), then record. Both only write k, v at
-            # position cache.length, which the prefill or the first real step overwrites.
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    self._forward()
-            torch.cuda.current_stream().wait_stream(stream)
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.logits = self._forward()
-            cache.static_mask = None  # (recorded in the graph) leave the cache usable by the eager prefill
-
-    def _forward(self):
-        self.cache.static_mask = self.cache.positions[None] <= self.pos  # keys 0..pos, (1, max_len)
-        h = self.model.hidden(self.idx, pos=self.pos, cache=self.cache)
-        return self.model.lm_head(h[:, -1])
-
-    def __deepcopy__(self, memo):  # (kept on a model by decode_step) a copied model makes its own:
-        return None                 # a CUDA graph cannot be copied
-
-    def __call__(self, tokens):
-        if self.cache.length >= self.cache.max_len:
-            raise ValueError(f"KV cache is full ({self.cache.max_len} tokens)")
-        self.idx.copy_(tokens.view(-1, 1))
-        self.pos.fill_(self.cache.length)
-        if self.graph is not None:
-            self.graph.replay()
-            logits = self.logits
-        else:
-            logits = self._forward()
-            self.cache.static_mask = None  # leave the cache usable by the eager path
-        self.cache.length += 1
-        return logits
-
-
-def decode_step(model, needed, graph):
-    """The StaticStep for `model` over a batch-1 KV cache of at least `needed` tokens, made on the first
-    call and kept on the model (as model.decode_step) for the calls after it. Capturing a CUDA graph
-    takes two warm-up steps and a recording, so a chat, sft.py's test answers or a benchmark that
-    generates again replays the graph it already has instead (vLLM too captures its graphs once).
-    The cache is rounded up to a power of two, so a longer prompt seldom needs a new capture; what an
-    earlier call left in it lies beyond the new prompt, where the step's mask hides it until it is
-    overwritten. A graph reads the weights where they were at capture: so the step is made again when
-    a parameter was replaced rather than updated in place (or the model was moved, cast or switched to
-    train mode), never replayed over freed memory. The caller holds the step's lock until it is done
-    with it: a second generation at the same time (an interleaved generator, a thread) gets a step
-    of its own, not kept, instead of sharing a cache."""
-    weights = (model.training, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
-    size = min(model.config.block_size, 1 << max(6, (needed - 1).bit_length()))
-
-    def new_step():
-        cache = KVCache(model.config, 1, size, model_device(model), model.wte.weight.dtype)
-        step = StaticStep(model, cache, graph)
-        step.weights = weights
-        return step
-    step = getattr(model, "decode_step", None)
-    if step is None or step.weights != weights or step.cache.max_len < needed or (step.graph is not None) != graph:
-        model.decode_step = None  # free the old graph and cache before making new ones (unless in use)
-        step = model.decode_step = new_step()
-    if not step.lock.acquire(blocking=False):  # in use by another generation
-        step = new_step()
-        step.lock.acquire()
-    step.cache.length = 0
-    return step
-
-
 def model_device(model):
     return next(model.parameters()).device
+
+
+def prefill(model, prompt_ids, cache):
+    """The whole prompt in one forward pass, filling the cache: the logits of its last position (1, V)."""
+    idx = torch.tensor([prompt_ids], dtype=torch.long, device=cache.positions.device)
+    return model.lm_head(model.hidden(idx, pos=cache.positions[:len(prompt_ids)], cache=cache)[:, -1])
+
+
+def decode_eager(model, token, cache):
+    """One new token (1,) through the model, attending over the filled part of the cache: logits (1, V)."""
+    pos = cache.positions[cache.length:cache.length + 1]
+    return model.lm_head(model.hidden(token.view(1, 1), pos=pos, cache=cache)[:, -1])
 
 
 @torch.inference_mode()
 def generate_tokens(model, prompt_ids, params, static=None):
     """Yield new token ids one at a time, starting from `prompt_ids` (list of ints). Stops after
     params.max_tokens tokens, when the context is full, or at <|endoftext|> (which is not yielded).
-    Stop strings are text, not tokens: see TextStream and `generate`. `static`: use StaticStep for
-    decoding, made once per model by decode_step (default: on CUDA, as a CUDA graph). On CPU,
-    pack_for_cpu(model) first is faster."""
+    Stop strings are text, not tokens: see TextStream and `generate`. `static`: decode with the
+    static step, made once per model by static_step_for (default: on CUDA, as a CUDA graph). On a
+    CPU, pack_for_cpu(model) first is faster."""
     device = model_device(model)
     n_ctx = model.config.block_size
     check_prompt(prompt_ids, n_ctx)
     budget = min(params.max_tokens, n_ctx - len(prompt_ids))
     if budget <= 0:
         return
-    generator = None
-    if params.seed is not None:
-        generator = torch.Generator(device=device).manual_seed(params.seed)
+    generator = None if params.seed is None else torch.Generator(device=device).manual_seed(params.seed)
     step = None
     if ((device.type == "cuda") if static is None else static) and budget > 1:
-        step = decode_step(model, len(prompt_ids) + budget, graph=device.type == "cuda")
+        step = static_step_for(model, len(prompt_ids) + budget, graph=device.type == "cuda")
         cache = step.cache
     else:
         cache = KVCache(model.config, 1, len(prompt_ids) + budget, device, model.wte.weight.dtype)
     try:
-        # prefill: the whole prompt in one forward pass, logits for the last position only
-        idx = torch.tensor([prompt_ids], dtype=torch.long, device=device)
-        logits = model.lm_head(model.hidden(idx, pos=cache.positions[:len(prompt_ids)], cache=cache)[:, -1])
+        logits = prefill(model, prompt_ids, cache)
         for i in range(budget):
             token = sample(logits, params.temperature, params.top_k, params.top_p, generator)
-            t = int(token[0])
-            if t == EOT:
+            if int(token) == EOT:
                 return
-            yield t
-            if i == budget - 1:
-                return
-            if step is not None:
-                logits = step(token)
-            else:  # eager decode: attend over the filled part of the cache
-                pos = cache.positions[cache.length:cache.length + 1]
-                logits = model.lm_head(model.hidden(token.view(1, 1), pos=pos, cache=cache)[:, -1])
+            yield int(token)
+            if i < budget - 1:
+                logits = step(token) if step is not None else decode_eager(model, token, cache)
     finally:
         if step is not None:  # (also when the caller stops early: closing a generator runs this)
             step.lock.release()
@@ -219,12 +135,113 @@ def generate(model, prompt_ids, params, enc=None, **kwargs):
 
 
 def load_model(name, device, dtype):
+    """A model ready to generate with: GPT.from_pretrained, its chat template checked, its weights
+    packed for this CPU when it runs on one. Raises CheckpointError (a bad checkpoint or template)
+    or OSError (a failed download, an unreadable file)."""
+    return ready_to_generate(GPT.from_pretrained(name, device=device, dtype=dtype), name)
+
+
+def load_model_or_die(name, device, dtype):
+    """load_model for the scripts: a bad checkpoint is a one-line error, not a traceback."""
     model = load_or_die(name, device=device, dtype=dtype)
+    try:
+        return ready_to_generate(model, name)
+    except CheckpointError as e:
+        die(str(e))
+
+
+def ready_to_generate(model, name):
     template = model.checkpoint_info.get("template")
     if template is not None and template not in TEMPLATES:
-        die(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
-    return pack_for_cpu(model) if device.type == "cpu" else model
+        raise CheckpointError(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
+    return pack_for_cpu(model) if model_device(model).type == "cpu" else model
 
+
+# ----------------------------------------------------------------------------- the static step and its CUDA graph
+# The eager decode step attends over the part of the cache filled so far, so its shapes grow by one
+# every token. A CUDA graph replays fixed kernels on fixed addresses, so the step it records must
+# never change shape: the static step attends over the whole cache buffer with a mask, and reads
+# its position from a tensor. It runs on CPU too, which is how the tests check it without a GPU.
+# Capturing costs two warm-up steps and a recording, so the step is kept on the model
+# (model._static_step) and replayed by every later generation, as long as it is still valid for it.
+
+class StaticStep:
+    """The one-token decode step with static shapes: logits = step(token ids (B,)). With graph=True
+    (CUDA only) the step is captured once as a CUDA graph and then replayed: its inputs are copied
+    into fixed buffers, and its output is always the same tensor (read it before the next call)."""
+
+    def __init__(self, model, cache, graph=False):
+        # (a weak reference: the model keeps its step, and a cycle would keep a deleted model's
+        # weights and graph memory on the GPU until Python's cycle collector runs)
+        self.model, self.cache, self.graph = weakref.proxy(model), cache, None
+        self.weights = weights_fingerprint(model)  # what a graph reads: see static_step_for
+        self.lock = threading.Lock()  # held by the generation using the step (see static_step_for)
+        device = cache.k.device
+        self.idx = torch.zeros(cache.k.size(1), 1, dtype=torch.long, device=device)
+        self.pos = torch.full((1,), cache.length, dtype=torch.long, device=device)
+        cache.static_pos = self.pos
+        if graph:
+            # the warm-ups and the recording write k, v only at position cache.length, which the
+            # prefill or the first real step overwrites
+            self.graph, self.logits = capture_cuda_graph(self._forward, warmups=2)
+            cache.static_mask = None  # (recorded in the graph) leave the cache usable by the eager prefill
+
+    def _forward(self):
+        self.cache.static_mask = self.cache.positions[None] <= self.pos  # keys 0..pos, (1, max_len)
+        h = self.model.hidden(self.idx, pos=self.pos, cache=self.cache)
+        return self.model.lm_head(h[:, -1])
+
+    def __deepcopy__(self, memo):  # a copied model makes its own step: a CUDA graph cannot be copied
+        return None
+
+    def __call__(self, tokens):
+        if self.cache.length >= self.cache.max_len:
+            raise ValueError(f"KV cache is full ({self.cache.max_len} tokens)")
+        self.idx.copy_(tokens.view(-1, 1))
+        self.pos.fill_(self.cache.length)
+        if self.graph is not None:
+            self.graph.replay()
+            logits = self.logits
+        else:
+            logits = self._forward()
+            self.cache.static_mask = None  # leave the cache usable by the eager path
+        self.cache.length += 1
+        return logits
+
+
+def weights_fingerprint(model):
+    """Where every weight lives, and the mode: a graph reads the weights at the addresses it was
+    captured with, so a parameter replaced rather than updated in place (or the model moved, cast or
+    switched to train mode) changes this, and the step is made again, never replayed over freed memory."""
+    return model.training, tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers()))
+
+
+def static_step_for(model, needed, graph):
+    """The StaticStep for `model` over a batch-1 KV cache of at least `needed` tokens: the one kept
+    on the model while it is still valid (the same weights, room enough, captured as asked), else a
+    new one, kept for the calls after it. Its cache is rounded up to a power of two, so a longer
+    prompt seldom needs a new capture; what an earlier call left in it lies beyond the new prompt,
+    where the step's mask hides it until it is overwritten. The step is returned locked, and the
+    caller releases the lock when done: a second generation at the same time (an interleaved
+    generator, a thread) gets a step of its own, not kept, instead of sharing a cache."""
+    step = getattr(model, "_static_step", None)
+    if (step is None or step.weights != weights_fingerprint(model) or step.cache.max_len < needed
+            or (step.graph is not None) != graph):
+        model._static_step = None  # free the old graph and cache before making new ones (unless in use)
+        step = model._static_step = new_static_step(model, needed, graph)
+    if not step.lock.acquire(blocking=False):  # in use by another generation
+        step = new_static_step(model, needed, graph)
+        step.lock.acquire()
+    step.cache.length = 0
+    return step
+
+
+def new_static_step(model, needed, graph):
+    size = min(model.config.block_size, 1 << max(6, (needed - 1).bit_length()))  # a power of two, at least 64
+    return StaticStep(model, KVCache(model.config, 1, size, model_device(model), model.wte.weight.dtype), graph)
+
+
+# ----------------------------------------------------------------------------- CPU weight packing
 
 class CpuLinear(torch.nn.Module):
     """An nn.Linear for CPU inference, its weight stored in another layout that the CPU's matrix
@@ -293,14 +310,14 @@ def fastest_layout(linears, candidates):
 def pack_for_cpu(model, layout=None):
     """Make a model faster to run on the CPU: store every nn.Linear's weight in the layout this CPU
     reads fastest. A decode step multiplies one row by every weight matrix, so it is bound by
-    reading the weights (~500 MB per token for the 124M model), and how fast a matrix-vector product
-    streams them depends on the layout and the CPU: on one 2-core VM the oneDNN-packed layout read
-    them twice as fast as nn.Linear's BLAS call, on another it was the slowest of the three. So,
-    unless `layout` names one ("linear" keeps nn.Linear), each is timed (fastest_layout, about a
-    second at load) and the fastest is installed; a layout that cannot run here falls back to
-    "linear". Inference only: the new weights are not parameters, so training and state_dict no
-    longer see them, and the head gets its own copy of the token embedding. Sets model.cpu_layout
-    to the layout chosen; returns the model."""
+    reading the weights (~500 MB per token for the 124M model). How fast a matrix-vector product
+    streams them depends on the layout, and which layout wins depends on the CPU (its caches, its
+    vector units, the matrix library's build) by as much as a factor of two either way, with no
+    rule that predicts it. So, unless `layout` names one ("linear" keeps nn.Linear), each is timed
+    (fastest_layout, about a second at load) and the fastest is installed; a layout that cannot run
+    here falls back to "linear". Inference only: the new weights are not parameters, so training
+    and state_dict no longer see them, and the head gets its own copy of the token embedding. Sets
+    model.cpu_layout to the layout chosen; returns the model."""
     if layout not in (None, "linear", *CpuLinear.LAYOUTS):
         raise ValueError(f"unknown layout {layout!r}: linear, {', '.join(CpuLinear.LAYOUTS)}")
     linears = [(module, name, child) for module in model.modules() for name, child in module.named_children()

@@ -1,18 +1,28 @@
-"""Choosing the next token: SamplingParams, the sampler, and TextStream (token ids to printable text).
+"""Choosing the next token, and turning the chosen tokens back into text.
 
-One sampler for every caller (generate.py, the engine, train.py's progress samples). It samples a
-whole batch at once, each row with its own temperature, top_k, top_p and random generator.
+The model gives one logit per vocabulary token. Sampling divides them by the temperature, keeps the
+top_k most likely tokens, then the smallest set of most likely ones whose probability reaches top_p
+(the nucleus), and draws one in proportion to its renormalized probability. `sample_reference` says
+that in a dozen lines; `sample` draws from the same distribution, fast, for a whole batch at once,
+and is the one every caller uses (generate.py, the engine, train.py's progress samples). TextStream
+turns token ids into text that is safe to print.
 """
 
 import codecs
+import math
 from dataclasses import dataclass, field
 
 import torch
 
+MAX_SEED = 2**63 - 1  # seeds are non-negative signed 64-bit integers (what torch.Generator takes)
 
 
 @dataclass
 class SamplingParams:
+    """How to choose each token and when to stop. `check()` holds the one set of rules for the
+    values, for every caller; it is a call, not done at construction, so that each caller decides
+    when and how a bad value is refused (a flag error, an HTTP 400, a config file's error)."""
+
     max_tokens: int = 128
     temperature: float = 1.0  # 0 = greedy (argmax)
     top_k: int = 0  # keep only the k most likely tokens; 0 = all
@@ -20,9 +30,66 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings: never emitted, end the text
     seed: int | None = None
 
+    def check(self, name=lambda field: field):
+        """Raise BadSamplingParam at the first field that breaks its rule in RULES, called `name(field)`
+        in the message: each caller names a field as its users know it (generate.py's --top-p, the
+        API's 'top_p'). Returns self. The values must already be numbers: checking types (JSON, a
+        config file) is the caller's job, and so are its own extra limits."""
+        for field_name, ok, must in RULES:
+            value = getattr(self, field_name)
+            if not ok(value):
+                raise BadSamplingParam(name(field_name), field_name, value, must)
+        return self
 
-MAX_SEED = 2**63 - 1  # seeds are non-negative signed 64-bit integers (what torch.Generator takes)
 
+RULES = (  # (field, test, what it must be); nan fails every comparison, so it is refused too
+    ("max_tokens", lambda v: v >= 1, ">= 1"),
+    ("temperature", lambda v: 0 <= v < math.inf, ">= 0 (0 = greedy)"),
+    ("top_k", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("top_p", lambda v: 0 < v <= 1, "in (0, 1] (1 = off)"),
+    ("seed", lambda v: v is None or 0 <= v <= MAX_SEED, f"between 0 and {MAX_SEED}"),
+)
+
+
+class BadSamplingParam(ValueError):
+    """A SamplingParams field outside its range. The message reads `NAME VALUE must be MUST`;
+    .field, .value and .must let a caller word the error its own way."""
+
+    def __init__(self, name, field, value, must):
+        super().__init__(f"{name} {value} must be {must}")
+        self.field, self.value, self.must = field, value, must
+
+
+# ----------------------------------------------------------------------------- the reference sampler
+
+def sample_reference(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """Logits (B, V) -> next token ids (B,), one setting for every row, as the textbook says it."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = reference_probs(logits, temperature, top_k, top_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def reference_probs(logits, temperature, top_k=0, top_p=1.0):
+    """Each token's probability of being drawn (B, V), in vocabulary order."""
+    probs, ids = (logits.float() / temperature).softmax(-1).sort(-1, descending=True)
+    if top_k > 0:
+        probs[:, top_k:] = 0
+        probs /= probs.sum(-1, keepdim=True)  # top_p counts over the top_k tokens
+    if top_p < 1:
+        probs[probs.cumsum(-1) - probs >= top_p] = 0  # the more likely tokens had already reached p
+        probs /= probs.sum(-1, keepdim=True)
+    return torch.zeros_like(probs).scatter_(-1, ids, probs)
+
+
+# ----------------------------------------------------------------------------- the fast, batched sampler
+# The same draw as sample_reference, built for speed and for a batch of requests. Sorting all 50,257
+# logits costs more on a CPU than a small model's whole decode step, while a trained model's nucleus
+# is usually a small part of the vocabulary: so `candidates` looks for it among the likeliest tokens
+# first, with a partial sort. torch.multinomial costs about twenty times what an inverse-CDF draw
+# does (`draw`), which also lets the random numbers come from outside: each row of a batch brings
+# its own temperature, top_k, top_p and generator (`uniforms`), so a seeded request draws the same
+# tokens whichever requests share its batch.
 
 NUCLEUS_CANDIDATES = (1024, 8192)  # top_p looks among the 1024 most likely tokens first, then the 8192
 
@@ -37,11 +104,9 @@ def candidates(logits, top_k=0, top_p=1.0):
     probs), both (B, n), probs zero where a filter drops the token (`draw` takes them as they are:
     they need not sum to 1). top_k keeps exactly the k most likely tokens (0 = all); top_p then
     keeps the smallest set of most likely tokens whose probability, renormalized over the top_k set,
-    reaches p. Each is one value, or a list of one per row. Sorting a 50,257-token row takes
-    milliseconds on a CPU, more than a whole decode step of a small model, while a trained model's
-    nucleus is usually a small part of the vocabulary: so it is looked for among the 1024 most likely
-    tokens first (a partial sort, torch.topk: a tenth of the time or less), then the 8192 most
-    likely, and among all only when those hold less than p."""
+    reaches p. Each is one value, or a list of one per row. The nucleus is looked for among the
+    NUCLEUS_CANDIDATES most likely tokens in turn (torch.topk: a tenth of a full sort's time or
+    less), and among all only when those hold less than p."""
     logits = logits.float()
     B, V = logits.shape
     k = torch.tensor([n if 0 < n < V else V for n in per_row(top_k, B)], device=logits.device)[:, None]
@@ -69,9 +134,7 @@ def candidates(logits, top_k=0, top_p=1.0):
 def draw(probs, u):
     """One index per row of probs (B, n), drawn in proportion to them (they need not sum to 1), given
     a uniform number u in [0, 1) per row (B,): where u falls in their running sum (inverse-CDF
-    sampling). What torch.multinomial does, in a twentieth of its time on a CPU for a 50,257-token
-    row (0.12 ms against 2.7 ms, one thread); and the random numbers come in, so that each row can
-    take its own from its own generator (see uniforms)."""
+    sampling): what torch.multinomial does, with the random numbers coming in (see uniforms)."""
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     if not bool(((total > 0) & torch.isfinite(total)).all()):  # else an id past the end would come out

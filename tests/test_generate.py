@@ -1,4 +1,5 @@
-"""generate.py: KV-cache correctness, sampling filters, stop strings, UTF-8-safe streaming, the CLI."""
+"""generate.py and its libraries: KV-cache correctness (inference.py), the sampler against its reference
+(sampling.py), stop strings, UTF-8-safe streaming, the CLI."""
 import copy
 import io
 import subprocess
@@ -11,7 +12,8 @@ from conftest import ROOT, context_sensitive
 from generate import chat
 from gpt import GPT, GPTConfig
 from inference import KVCache, StaticStep, generate, generate_tokens
-from sampling import SamplingParams, TextStream, candidates, draw, sample
+from sampling import (MAX_SEED, BadSamplingParam, SamplingParams, TextStream, candidates, draw, reference_probs, sample,
+                      sample_reference)
 from tokenizer import EOT, PromptTooLong, encode, encode_prompt, fit_conversation, get_tokenizer
 GREEDY = dict(temperature=0.0)
 
@@ -61,7 +63,7 @@ def test_cached_greedy_equals_uncached_greedy_for_100_tokens(tiny_model, enc):
         assert list(generate_tokens(model, prompt, params, static=static)) == expected, f"static={static}"
 
 
-def test_the_decode_step_is_made_once_per_model_and_reused_while_its_weights_stay(tiny_model):
+def test_the_static_step_is_made_once_per_model_and_reused_while_its_weights_stay(tiny_model):
     # A CUDA graph is captured once and replayed by later calls (here its CPU twin, the static step):
     # a later, shorter prompt must not see the keys an earlier call left beyond it.
     model = context_sensitive(copy.deepcopy(tiny_model))
@@ -69,21 +71,21 @@ def test_the_decode_step_is_made_once_per_model_and_reused_while_its_weights_sta
     params = SamplingParams(max_tokens=20, **GREEDY)
     solo = lambda prompt, n=20: greedy_without_cache(model, prompt, n)  # noqa: E731
     assert list(generate_tokens(model, long_prompt, params, static=True)) == solo(long_prompt)
-    step = model.decode_step
+    step = model._static_step
     assert step.cache.max_len == 64  # 60 tokens, rounded up to a power of two (the context holds 128)
     assert list(generate_tokens(model, short_prompt, params, static=True)) == solo(short_prompt)
-    assert model.decode_step is step
-    assert copy.deepcopy(model).decode_step is None  # a copy makes its own (a CUDA graph cannot be copied)
+    assert model._static_step is step
+    assert copy.deepcopy(model)._static_step is None  # a copy makes its own (a CUDA graph cannot be copied)
     with torch.no_grad():
         model.ln_f.weight.mul_(2)  # updated in place: a graph reads the new values, the step stays
     assert list(generate_tokens(model, short_prompt, params, static=True)) == solo(short_prompt)
-    assert model.decode_step is step
+    assert model._static_step is step
     model.ln_f.weight = torch.nn.Parameter(model.ln_f.weight * 2)  # replaced: a graph would read freed memory
     assert list(generate_tokens(model, short_prompt, params, static=True)) == solo(short_prompt)
-    assert model.decode_step is not step
+    assert model._static_step is not step
     longer = SamplingParams(max_tokens=80, **GREEDY)  # 85 tokens: more than the 64 the cache holds
     assert list(generate_tokens(model, short_prompt, longer, static=True)) == solo(short_prompt, 80)
-    assert model.decode_step.cache.max_len == 128
+    assert model._static_step.cache.max_len == 128
 
 
 def test_two_generations_at_once_on_one_model_do_not_share_a_cache(tiny_model):
@@ -93,7 +95,7 @@ def test_two_generations_at_once_on_one_model_do_not_share_a_cache(tiny_model):
     together = list(zip(generate_tokens(model, a, params, static=True), generate_tokens(model, b, params, static=True)))
     assert [x for x, _ in together] == greedy_without_cache(model, a, 30)
     assert [y for _, y in together] == greedy_without_cache(model, b, 30)
-    assert not model.decode_step.lock.locked()  # released when each generation ended
+    assert not model._static_step.lock.locked()  # released when each generation ended
 
 
 def test_prefill_in_two_chunks_equals_one_chunk(tiny_model):
@@ -241,6 +243,79 @@ def test_sample_greedy_seeded_and_filtered():
     assert set(draws(7).tolist()) == {0, 1, 2, 3}  # unfiltered: every token gets drawn
     filtered = sample(logits.repeat(100, 1), 1.0, top_k=2, generator=torch.Generator().manual_seed(0))
     assert set(filtered.tolist()) == {1, 3}
+
+
+# the fast sampler against the reference: (temperature, top_k, top_p), filters alone and together
+SETTINGS = [(1.0, 0, 1.0), (0.7, 0, 0.9), (1.3, 0, 0.5), (1.0, 40, 1.0), (0.8, 40, 0.7), (1.5, 5, 0.95)]
+
+
+def fast_probs(logits, temperature, top_k, top_p):
+    """What `sample` draws from, as probabilities in vocabulary order (B, V): `candidates` at the
+    temperature, renormalized (as `draw` does)."""
+    ids, probs = candidates(logits.float() / temperature, top_k, top_p)
+    return torch.zeros_like(logits).scatter_(-1, ids, probs / probs.sum(-1, keepdim=True))
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
+def test_the_fast_sampler_keeps_the_reference_tokens_with_the_reference_probabilities(temperature, top_k, top_p):
+    # 3,000 tokens: more than the 1024 the nucleus is looked for among first; flat to peaked rows
+    scales = torch.tensor([[1.0], [2.0], [4.0], [8.0]])
+    logits = torch.randn(4, 3000, generator=torch.Generator().manual_seed(2)) * scales
+    want = reference_probs(logits, temperature, top_k, top_p)
+    got = fast_probs(logits, temperature, top_k, top_p)
+    assert torch.equal(got > 0, want > 0)  # the same kept token set, row by row
+    assert 1 < int((want > 0).sum(-1).max()) and bool(top_k or top_p < 1) == bool((want == 0).any())  # (meaningful)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-4)
+
+
+def test_the_fast_sampler_and_the_reference_are_greedy_alike():
+    logits = torch.randn(8, 3000, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(sample(logits, 0.0), logits.argmax(-1))
+    assert torch.equal(sample_reference(logits, 0.0), logits.argmax(-1))
+
+
+def chi_square(counts, probs):
+    """Pearson's statistic of `counts` against `probs` (tokens with probability 0 must never be
+    drawn) and its degrees of freedom."""
+    assert counts[probs == 0].sum() == 0
+    expected = probs[probs > 0] * counts.sum()
+    return float(((counts[probs > 0] - expected) ** 2 / expected).sum()), int((probs > 0).sum()) - 1
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", SETTINGS)
+def test_the_fast_sampler_draws_the_reference_distribution(temperature, top_k, top_p):
+    logits = torch.randn(1, 60, generator=torch.Generator().manual_seed(4)) * 1.5
+    n = 100_000
+    drawn = sample(logits.expand(n, -1), temperature, top_k, top_p, torch.Generator().manual_seed(5))
+    counts = torch.bincount(drawn, minlength=60).double()
+    want = reference_probs(logits, temperature, top_k, top_p)[0].double()
+    stat, df = chi_square(counts, want)
+    limit = df + 8 * (2 * df) ** 0.5 + 10  # 8 standard deviations above the mean: never by chance (seeded, too)
+    assert stat < limit, f"chi-square {stat:.0f} with {df} degrees of freedom"
+    # and the test can tell: the same kept tokens at a temperature 10% off are past the limit
+    off = reference_probs(logits, temperature * 1.1)[0].double() * (want > 0)
+    assert chi_square(counts, off / off.sum())[0] > limit
+
+
+def test_sampling_params_check_names_the_field_as_each_caller_does():
+    assert SamplingParams().check() == SamplingParams()  # the defaults pass; check returns the params
+    SamplingParams(max_tokens=1, temperature=0, top_k=0, top_p=1, seed=MAX_SEED).check()
+    flag = lambda field: "--" + field.replace("_", "-")  # noqa: E731
+    for bad, message in (({"max_tokens": 0}, "max_tokens 0 must be >= 1"),
+                         ({"temperature": -1.0}, "temperature -1.0 must be >= 0 (0 = greedy)"),
+                         ({"temperature": float("nan")}, "temperature nan must be"),
+                         ({"temperature": float("inf")}, "temperature inf must be"),
+                         ({"top_k": -1}, "top_k -1 must be >= 0 (0 = off)"),
+                         ({"top_p": 0.0}, "top_p 0.0 must be in (0, 1] (1 = off)"),
+                         ({"top_p": 1.5}, "top_p 1.5 must be in (0, 1]"),
+                         ({"seed": -1}, f"seed -1 must be between 0 and {MAX_SEED}"),
+                         ({"seed": MAX_SEED + 1}, f"seed {MAX_SEED + 1} must be")):
+        (field, value), = bad.items()
+        with pytest.raises(BadSamplingParam) as e:
+            SamplingParams(**bad).check()
+        assert str(e.value).startswith(message) and (e.value.field, e.value.value) == (field, value)
+        with pytest.raises(ValueError, match="^" + flag(field)):  # (a ValueError, named as the caller says)
+            SamplingParams(**bad).check(name=flag)
 
 
 # ----------------------------------------------------------------------------- streaming text

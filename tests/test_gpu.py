@@ -94,7 +94,7 @@ def test_cuda_graph_decode_equals_uncached_greedy_for_100_tokens_and_later_calls
     prompt = list(range(1000, 1020))
     want = greedy_without_cache(model, prompt, 100)
     assert len(want) == 100 and len(set(want)) > 20  # (the output depends on the context)
-    model.decode_step = None  # (whatever an earlier test left)
+    model._static_step = None  # (whatever an earlier test left)
     with recording(inference.StaticStep) as steps:
         got = list(generate_tokens(model, prompt, SamplingParams(max_tokens=100, temperature=0.0)))
     assert len(steps) == 1 and steps[0].graph is not None, "the decode step was not captured as a CUDA graph"
