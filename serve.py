@@ -319,7 +319,7 @@ class Choice:
     entries of its tokens, each given out once its token's text has been (see release_logprobs)."""
 
     def __init__(self, chat):
-        self.texts, self.finish_reason = [], None
+        self.chat, self.texts, self.finish_reason = chat, [], None
         self.started = not chat  # a chat answer has not started until its first non-space
         self.text_bytes = 0  # of the text given out so far
         self.logprob_bytes = 0  # of the text whose tokens' logprob entries are given out
@@ -327,9 +327,9 @@ class Choice:
         self.offset = 0  # text_offset of the next entry: characters of the tokens given out
         self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
-    def add_text(self, text, chat):
+    def add_text(self, text):
         """Take the next piece of text; returns it as it is to be shown."""
-        if chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
+        if self.chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
             text, self.started = strip_answer_start(text, self.started)
         self.texts.append(text)
         self.text_bytes += len(text.encode("utf-8", "surrogatepass"))  # (bytes: see release_logprobs)
@@ -389,7 +389,7 @@ class Completion:
         choice.finish_reason = out.finish_reason
         if out.token is not None and self.logprobs is not None and out.logprob is not None:
             choice.pending.append(self._logprob_entry(out))
-        text = choice.add_text(out.text, self.chat)
+        text = choice.add_text(out.text)
         new_logprobs = None if self.logprobs is None else choice.release_logprobs(out.finish_reason)
         if not (text or out.finish_reason or new_logprobs and new_logprobs["tokens"]):
             return None
@@ -437,7 +437,7 @@ class Completion:
 # ----------------------------------------------------------------------------- HTTP
 
 class ClientGone(Exception):
-    pass
+    """The client of a request still being answered has closed its connection."""
 
 
 class Handler(BaseHTTPRequestHandler):
