@@ -1,4 +1,4 @@
-"""Benchmark serve.py's engine against Hugging Face transformers on the same requests, in one run.
+"""Benchmark engine.py's Engine against Hugging Face transformers on the same requests, in one run.
 
     python bench_serve.py --device cuda --num-requests 512 --dtype bfloat16
     python bench_serve.py --device cpu --random-init --model gpt2 --num-requests 16 --max-len 64 --max-out 32
@@ -23,30 +23,38 @@ import time
 import torch
 
 from checkpoint import CheckpointError
-from common import device_or_die, die
+from common import check_flags, default_dtype, device_or_die, die
 from engine import Engine, check_engine_limits
 from gpt import GPT, GPTConfig, SIZES
 from inference import pack_for_cpu
 from runner import kv_cache_blocks
 from sampling import SamplingParams
 
+
 def make_requests(n, min_len, max_len, min_out, max_out, vocab, seed):
+    """n random (prompt ids, output length) pairs, the same for every run of one seed."""
     rng = random.Random(seed)
     return [([rng.randrange(vocab) for _ in range(rng.randint(min_len, max_len))], rng.randint(min_out, max_out))
             for _ in range(n)]
 
 
 def summary(name, tokens, seconds, ttfts):
+    """Print one side's line of the report; returns its throughput, output tokens/s."""
     ttfts = sorted(ttfts)
-    q = lambda f: ttfts[min(len(ttfts) - 1, int(f * len(ttfts)))]  # noqa: E731
+
+    def quantile(f):
+        return ttfts[min(len(ttfts) - 1, int(f * len(ttfts)))]
     print(f"{name:<28} {tokens / seconds:10.1f} tok/s   {seconds:8.2f} s   TTFT mean {statistics.mean(ttfts) * 1e3:8.1f} ms"
-          f"   p50 {q(0.5) * 1e3:8.1f} ms   p90 {q(0.9) * 1e3:8.1f} ms")
+          f"   p50 {quantile(0.5) * 1e3:8.1f} ms   p90 {quantile(0.9) * 1e3:8.1f} ms")
     return tokens / seconds
 
 
 def bench_engine(engine, requests, args):
+    """Every request through the engine at once: (output tokens, seconds, time to first token of each)."""
     model = engine.model  # (for sync)
-    params = lambda n: SamplingParams(max_tokens=n, temperature=args.temperature, top_p=args.top_p)  # noqa: E731
+
+    def params(max_tokens):
+        return SamplingParams(max_tokens=max_tokens, temperature=args.temperature, top_p=args.top_p)
     engine.generate([[1, 2, 3]] * 2, params(4), use_tqdm=False)  # warm-up
     sync(model)
     start = time.perf_counter()
@@ -63,7 +71,10 @@ def bench_engine(engine, requests, args):
 
 def hf_model(model):
     """The same weights in transformers' GPT2LMHeadModel (its Conv1D layers want [in, out])."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    try:
+        from transformers import GPT2Config, GPT2LMHeadModel
+    except ImportError:
+        die("transformers is not installed (pip install -r requirements-dev.txt), or pass --hf-mode none")
     c = model.config
     hf = GPT2LMHeadModel(GPT2Config(n_layer=c.n_layer, n_head=c.n_head, n_embd=c.n_embd, n_positions=c.block_size,
                                     vocab_size=c.vocab_size, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0))
@@ -81,6 +92,7 @@ def hf_model(model):
 
 
 def bench_hf_continuous(hf, requests, args):
+    """The requests through transformers' continuous-batching manager, as bench_engine measures ours."""
     from transformers import GenerationConfig
     from transformers.generation.configuration_utils import ContinuousBatchingConfig
     gc = GenerationConfig(max_new_tokens=max(n for _, n in requests), eos_token_id=None, pad_token_id=0,
@@ -150,12 +162,13 @@ def hf_sampling(args):
 
 
 def sync(model):
+    """Wait for the GPU: a timer read before its queued kernels finish measures nothing."""
     dev = next(model.parameters()).device
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | ... | checkpoint dir")
     p.add_argument("--random-init", action="store_true", help="random weights of --model's size (no download)")
@@ -179,32 +192,72 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy; above 0, both sides sample")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling on both sides (with --temperature)")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Bad flags are one-line errors, found before any model is built: a typo should not cost a model load first."""
     if args.temperature < 0 or not 0 < args.top_p <= 1:
         die("--temperature must be >= 0 and --top-p in (0, 1]")
     if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
         die("need 1 <= --min-len <= --max-len, 1 <= --min-out <= --max-out and --num-requests >= 1")
-    try:  # (before any model is built: a typo should not cost a model load first)
+    try:
         check_engine_limits(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory, flags=True)
     except ValueError as e:
         die(str(e))
-    if args.hf_batch_size < 1:
-        die("--hf-batch-size must be >= 1")
-    for flag in ("hf_num_blocks", "hf_max_batch_tokens"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            die(f"--{flag.replace('_', '-')} must be >= 1")
-    device = device_or_die(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    at_least_1 = (lambda v: v >= 1, ">= 1")
+    check_flags(args, hf_batch_size=at_least_1, hf_num_blocks=at_least_1, hf_max_batch_tokens=at_least_1)
+
+
+def build_model(args, device, dtype):
+    """--model's weights, or random ones of its size (--random-init)."""
     if args.random_init:
         if args.model not in SIZES:
             die(f"--random-init needs a size name: {', '.join(SIZES)}")
         torch.manual_seed(args.seed)
-        model = GPT(GPTConfig(**SIZES[args.model])).to(device=device, dtype=dtype).eval()
-    else:
+        return GPT(GPTConfig(**SIZES[args.model])).to(device=device, dtype=dtype).eval()
+    try:
+        return GPT.from_pretrained(args.model, device=device, dtype=dtype)
+    except (CheckpointError, OSError) as e:
+        die(f"cannot load {args.model!r}: {e} (offline? try --random-init)")
+
+
+def run_engine(model, requests, args):
+    """Our side of the benchmark; returns its throughput."""
+    try:
+        engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory, cuda_graph=not args.no_cuda_graph)
+    except ValueError as e:  # (the memory may have changed since the check)
+        die(str(e))
+    tokens, seconds, ttfts = bench_engine(engine, requests, args)
+    throughput = summary("serve.Engine", tokens, seconds, ttfts)
+    print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
+    return throughput  # (the engine and its KV cache go here, before transformers runs)
+
+
+def run_transformers(hf, requests, args, device):
+    """transformers' side of the benchmark; returns its throughput."""
+    mode = args.hf_mode
+    if mode == "auto":
+        # transformers' continuous batching sizes its cache from free memory, which on a CPU it
+        # often gets wrong (a MemoryError at start-up): there, padded static batches
+        mode = "continuous" if hasattr(hf, "init_continuous_batching") and device.type == "cuda" else "static"
+    if mode == "continuous":
         try:
-            model = GPT.from_pretrained(args.model, device=device, dtype=dtype)
-        except (CheckpointError, OSError) as e:
-            die(f"cannot load {args.model!r}: {e} (offline? try --random-init)")
+            tokens, seconds, ttfts = bench_hf_continuous(hf, requests, args)
+        except (RuntimeError, MemoryError) as e:
+            die(f"transformers' continuous batching failed ({e}); try --hf-num-blocks or --hf-mode static")
+    else:
+        tokens, seconds, ttfts = bench_hf_static(hf, requests, args)
+    return summary(f"transformers ({mode})", tokens, seconds, ttfts)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
+    device = device_or_die(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    model = build_model(args, device, dtype)
     n_ctx = model.config.block_size
     if args.max_len + args.max_out > n_ctx:
         die(f"--max-len + --max-out = {args.max_len + args.max_out} exceeds the context ({n_ctx})")
@@ -218,42 +271,14 @@ def main(argv=None):
         kv_cache_blocks(model, args.max_num_seqs, kv_cache_memory=args.kv_cache_memory)
     except ValueError as e:
         die(str(e))
-
-    hf = None
-    if args.hf_mode != "none":
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            die("transformers is not installed (pip install -r requirements-dev.txt), or pass --hf-mode none")
-        hf = hf_model(model)  # (before packing: transformers gets the plain weights)
+    hf = None if args.hf_mode == "none" else hf_model(model)  # (before packing: transformers gets the plain weights)
     if device.type == "cpu":  # as serve.py's CLI does (in place: the engine runs the packed model)
         pack_for_cpu(model)
         print(f"  (CPU weight layout: {model.cpu_layout}, measured fastest)")
-
-    try:
-        engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                        kv_cache_memory=args.kv_cache_memory, cuda_graph=not args.no_cuda_graph)
-    except ValueError as e:  # (the memory may have changed since the check)
-        die(str(e))
-    tokens, seconds, ttfts = bench_engine(engine, requests, args)
-    ours = summary("serve.Engine", tokens, seconds, ttfts)
-    print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
-    del engine
+    ours = run_engine(model, requests, args)
     if hf is None:
         return
-    mode = args.hf_mode
-    if mode == "auto":
-        # transformers' continuous batching sizes its cache from free memory, which on a CPU it
-        # often gets wrong (a MemoryError at start-up): there, padded static batches
-        mode = "continuous" if hasattr(hf, "init_continuous_batching") and device.type == "cuda" else "static"
-    if mode == "continuous":
-        try:
-            tokens, seconds, ttfts = bench_hf_continuous(hf, requests, args)
-        except (RuntimeError, MemoryError) as e:
-            die(f"transformers' continuous batching failed ({e}); try --hf-num-blocks or --hf-mode static")
-    else:
-        tokens, seconds, ttfts = bench_hf_static(hf, requests, args)
-    theirs = summary(f"transformers ({mode})", tokens, seconds, ttfts)
+    theirs = run_transformers(hf, requests, args, device)
     print(f"ratio (serve / transformers): {ours / theirs:.2f}x output tokens/s")
 
 

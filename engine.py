@@ -15,7 +15,8 @@
                 youngest sequence is preempted: its blocks are freed and it is recomputed later
                 (its generated tokens are kept).
   ModelRunner   (runner.py) Owns the KV pool and runs the model on a packed batch.
-  Engine        Ties them together: add_request / step / abort, and generate() for offline batches.
+  Engine        Ties them together: add_request / step / abort, and generate() for offline batches;
+                its EngineStats count what /metrics reports. No HTTP here: that is serve.py.
 """
 
 import itertools
@@ -24,7 +25,7 @@ import threading
 import time
 import traceback
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +33,7 @@ from tqdm import tqdm
 
 from runner import BLOCK, ModelRunner, kv_cache_blocks, parse_memory
 from sampling import MAX_SEED, SamplingParams, TextStream, sample
-from tokenizer import EOT, encode, get_tokenizer
-
+from tokenizer import EOT, check_prompt, encode, get_tokenizer
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -42,8 +42,8 @@ WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 class Sequence:
     """One prompt and its growing completion. `tokens` is prompt + output; the first `num_computed`
     of them have their keys and values in the cache (blocks of `block_table`). In a step, the
-    scheduler sets `num_new`: how many of the others this step computes (one for a decode, the whole
-    rest or a chunk of it for a prefill)."""
+    scheduler sets `num_scheduled`: how many of the others this step computes (one for a decode, the
+    whole rest or a chunk of it for a prefill)."""
 
     _ids = itertools.count()
 
@@ -58,7 +58,7 @@ class Sequence:
         if params.seed is not None:  # a seeded request samples from its own random stream
             self.generator = torch.Generator(device=device).manual_seed(params.seed)
         self.status, self.finish_reason = WAITING, None
-        self.block_table, self.num_computed, self.num_new = [], 0, 0
+        self.block_table, self.num_computed, self.num_scheduled = [], 0, 0
         self.num_hashed, self.last_hash = 0, None  # leading blocks registered in the prefix cache
         self.arrival, self.first_token_time = time.perf_counter(), None
 
@@ -86,12 +86,13 @@ def block_hash(parent_hash, token_ids):
 
 
 class KVBlock:
-    __slots__ = ("id", "ref", "hash", "token_ids", "parent", "gen")
+    """One block of the pool: who holds it (`ref`), and, while it is in the prefix cache, what it holds."""
+    __slots__ = ("id", "ref", "hash", "token_ids", "parent", "version")
 
     def __init__(self, i):
         self.id, self.ref = i, 0
         self.hash = self.token_ids = self.parent = None  # set while registered in the prefix cache
-        self.gen = 0  # bumped each time the block is reused for other content
+        self.version = 0  # bumped each time the block is reused for other content
 
 
 class BlockManager:
@@ -100,7 +101,7 @@ class BlockManager:
     Free blocks wait in least-recently-freed order. A freed block keeps its content and stays
     findable by hash until it is handed out again, so a prefix computed by a finished request can
     still be reused by the next one. A hit is trusted only if the stored token ids match and the
-    block's parent is exactly the block matched just before it (same id, same generation): so a
+    block's parent is exactly the block matched just before it (same id, same version): so a
     hash collision costs a cache miss, never wrong keys and values."""
 
     def __init__(self, num_blocks):
@@ -127,7 +128,7 @@ class BlockManager:
             if b.token_ids != ids or b.parent != parent:
                 break
             hits.append(bid)
-            parent = (bid, b.gen)
+            parent = (bid, b.version)
         return hits
 
     def can_allocate(self, num_tokens, hits):
@@ -173,7 +174,7 @@ class BlockManager:
             b = self.blocks[seq.block_table[i]]
             if h not in self.by_hash:  # (a duplicate computed alongside another copy stays private)
                 prev = self.blocks[seq.block_table[i - 1]] if i else None
-                b.hash, b.token_ids, b.parent = h, ids, (prev.id, prev.gen) if prev else None
+                b.hash, b.token_ids, b.parent = h, ids, (prev.id, prev.version) if prev else None
                 self.by_hash[h] = b.id
             seq.last_hash = h
         seq.num_hashed = max(seq.num_hashed, full)
@@ -191,7 +192,7 @@ class BlockManager:
             if self.by_hash.get(b.hash) == bid:
                 del self.by_hash[b.hash]
             b.hash = b.token_ids = b.parent = None
-        b.gen += 1
+        b.version += 1
         b.ref = 1
         return bid
 
@@ -225,10 +226,16 @@ class Scheduler:
 
     def schedule(self):
         """The sequences to run this step, in the order decodes, unfinished prefills, admissions;
-        each computes its tokens[num_computed:num_computed + num_new]."""
-        budget = self.max_num_batched_tokens
+        each computes its tokens[num_computed:num_computed + num_scheduled]."""
         batch = []
-        for seq in list(self.running):  # 1. decodes
+        budget = self._schedule_decodes(batch, self.max_num_batched_tokens)
+        budget = self._continue_prefills(batch, budget)
+        self._admit_waiting(batch, budget)
+        return batch
+
+    def _schedule_decodes(self, batch, budget):
+        """1. One token for each running sequence whose prompt is computed. Returns the budget left."""
+        for seq in list(self.running):
             if seq.status != RUNNING or budget == 0:  # preempted (the youngest, so all after it too)
                 break  # or no budget left: the younger decodes wait for the next step
             if len(seq.tokens) - seq.num_computed > 1:  # a prefill under way: its turn comes in 2.
@@ -239,16 +246,24 @@ class Scheduler:
                 break
             if self.blocks.needs_block(seq):
                 self.blocks.append_block(seq)
-            seq.num_new = 1
+            seq.num_scheduled = 1
             batch.append(seq)
             budget -= 1
-        for seq in self.running:  # 2. unfinished prefills (their blocks were all given at admission)
+        return budget
+
+    def _continue_prefills(self, batch, budget):
+        """2. The next chunk of each prefill under way (its blocks were all given at admission)."""
+        for seq in self.running:
             left = len(seq.tokens) - seq.num_computed
             if left > 1 and budget > 0:
-                seq.num_new = min(left, budget)
+                seq.num_scheduled = min(left, budget)
                 batch.append(seq)
-                budget -= seq.num_new
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:  # 3. admissions
+                budget -= seq.num_scheduled
+        return budget
+
+    def _admit_waiting(self, batch, budget):
+        """3. Waiting sequences, oldest first, while the budget, the sequence cap and the blocks allow."""
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             hits = self.blocks.match_prefix(seq.tokens)
             # Blocks for the whole prompt are taken now, not chunk by chunk: a prefill once started
@@ -259,10 +274,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = RUNNING
             self.running.append(seq)
-            seq.num_new = min(len(seq.tokens) - seq.num_computed, budget)
+            seq.num_scheduled = min(len(seq.tokens) - seq.num_computed, budget)
             batch.append(seq)
-            budget -= seq.num_new
-        return batch
+            budget -= seq.num_scheduled
 
     def preempt(self, seq):
         """Free a running sequence's blocks and put it at the front of the queue: it will be prefilled
@@ -286,6 +300,7 @@ class Scheduler:
 
 @dataclass
 class RequestOutput:
+    """What Engine.generate returns for one prompt."""
     text: str
     token_ids: list
     finish_reason: str
@@ -295,7 +310,9 @@ def check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory=No
     """The Engine's limits, checked before any model is loaded: ValueError naming the argument or,
     with flags=True, the command-line flag (serve.py's and bench_serve.py's). The KV-cache size
     against the model and the memory is kv_cache_blocks' part, once there is a model."""
-    name = (lambda arg: "--" + arg.replace("_", "-")) if flags else (lambda arg: arg)  # noqa: E731
+    def name(arg):
+        return "--" + arg.replace("_", "-") if flags else arg
+
     if max_num_seqs < 1:
         raise ValueError(f"{name('max_num_seqs')} must be at least 1, not {max_num_seqs}")
     if max_num_batched_tokens < 1:  # (any positive budget works: longer prompts are prefilled in chunks)
@@ -313,6 +330,23 @@ def check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory=No
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)  # seconds, for /metrics
 
 
+@dataclass
+class EngineStats:
+    """What the engine has done since it started, for serve.py's /metrics. Counted in sequences
+    (a request with n choices is n of them) and tokens."""
+    prompt_tokens: int = 0      # prompt tokens received
+    generation_tokens: int = 0  # tokens generated (<|endoftext|> not counted: it is no output)
+    aborted: int = 0            # sequences cancelled (their client went away)
+    finished: int = 0           # sequences that left the engine, for any reason
+    ttft_counts: list = field(default_factory=lambda: [0] * (len(TTFT_BUCKETS) + 1))  # per bucket, +Inf last
+    ttft_sum: float = 0.0       # seconds
+
+    def record_first_token(self, seconds):
+        """A time to first token, into the histogram: the first bucket it fits in."""
+        self.ttft_sum += seconds
+        self.ttft_counts[next((i for i, bound in enumerate(TTFT_BUCKETS) if seconds <= bound), -1)] += 1
+
+
 class Engine:
     """add_request() queues a prompt; step() runs one forward pass for everything scheduled and
     returns a StepOutput per sequence that moved; abort() cancels. add_request and abort may be
@@ -328,23 +362,19 @@ class Engine:
     def __init__(self, model, enc=None, max_num_seqs=64, max_num_batched_tokens=None, num_blocks=None,
                  kv_cache_memory=None, gpu_memory_utilization=0.9, cuda_graph=True):
         self.model, self.enc = model, enc or get_tokenizer()
-        cfg = model.config
-        self.n_ctx = cfg.block_size
+        self.n_ctx = model.config.block_size
         if max_num_batched_tokens is None:
             max_num_batched_tokens = 2048
         check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory)
-        device = model.wte.weight.device
+        self.device = model.wte.weight.device
         num_blocks = kv_cache_blocks(model, max_num_seqs, num_blocks, kv_cache_memory, gpu_memory_utilization)
         self.runner = ModelRunner(model, num_blocks, cuda_graph, max_graph_batch=max_num_seqs)  # (first: the big allocation)
         self.blocks = BlockManager(num_blocks)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.device = device
         self.lock = threading.Lock()
         self.inbox, self.aborts = [], set()
         self.seqs = {}  # seq_id -> Sequence, for every unfinished sequence
-        # counters for /metrics
-        self.prompt_tokens = self.generation_tokens = self.num_aborted = self.num_finished = 0
-        self.ttft_counts, self.ttft_sum = [0] * (len(TTFT_BUCKETS) + 1), 0.0  # a histogram, +Inf last
+        self.stats = EngineStats()
 
     # --------------------------------------------------------------- the step-level API
     def add_request(self, prompt, params=None, logprobs=None, ignore_eos=False, sink=None):
@@ -365,11 +395,7 @@ class Engine:
 
     def _new_sequence(self, prompt, params, logprobs, ignore_eos, sink):
         ids = encode(prompt, self.enc) if isinstance(prompt, str) else [int(t) for t in prompt]
-        if not ids:
-            raise ValueError("the prompt is empty")
-        if len(ids) >= self.n_ctx:
-            raise ValueError(f"the prompt is {len(ids)} tokens; the model's context holds {self.n_ctx} "
-                             f"(prompt plus new tokens)")
+        check_prompt(ids, self.n_ctx)  # (not empty, and room for one new token)
         if not all(0 <= t < self.model.config.vocab_size for t in ids):
             raise ValueError(f"a token id is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
         if params.max_tokens < 1:
@@ -397,49 +423,64 @@ class Engine:
 
     def step(self):
         """One forward pass over everything scheduled. Returns the StepOutputs of this step."""
-        outputs = []
+        outputs = self._take_inbox()
+        batch = self.scheduler.schedule()
+        if not batch:
+            return outputs
+        batch.sort(key=lambda s: s.num_scheduled > 1)  # one-token rows (decodes) first, as the runner packs them (stable)
+        logits = self.runner.run(batch)
+        batch, logits = self._fully_computed(batch, logits)
+        if batch:
+            outputs += self._emit_tokens(batch, logits)
+        return outputs
+
+    def _take_inbox(self):
+        """Queue the requests added since the last step and carry out the aborts: the StepOutputs
+        of the sequences aborted."""
         with self.lock:
             inbox, self.inbox = self.inbox, []
             aborts, self.aborts = self.aborts, set()
         self.scheduler.waiting.extend(inbox)
-        for seq in inbox:
-            self.prompt_tokens += seq.prompt_len
+        self.stats.prompt_tokens += sum(seq.prompt_len for seq in inbox)
+        outputs = []
         for seq_id in aborts:
             seq = self.seqs.get(seq_id)
             if seq is not None and seq.status != FINISHED:
-                self.num_aborted += 1  # (counted first: a watcher that sees the blocks free sees this too)
+                self.stats.aborted += 1  # (counted first: a watcher that sees the blocks free sees this too)
                 self._finish(seq, "abort")
                 outputs.append(StepOutput(seq, None, "", "abort"))
-        batch = self.scheduler.schedule()
-        if not batch:
-            return outputs
-        batch.sort(key=lambda s: s.num_new > 1)  # one-token rows (decodes) first, as the runner packs them (stable)
-        logits = self.runner.run(batch)
-        ready = []  # rows of the sequences now fully computed: only they sample a token
+        return outputs
+
+    def _fully_computed(self, batch, logits):
+        """Account for the tokens the step computed; returns the sequences now fully computed, and
+        their rows of `logits`: only they sample a token (a prefill chunk in the middle of a prompt
+        has no token and no output)."""
+        ready = []
         for i, seq in enumerate(batch):
-            seq.num_computed += seq.num_new
+            seq.num_computed += seq.num_scheduled
             self.blocks.register(seq)  # (full blocks whose k/v are now written, and only those)
             if seq.num_computed == len(seq.tokens):
                 ready.append(i)
-        if len(ready) < len(batch):  # a prefill chunk in the middle of a prompt: no token, no output
-            batch, logits = [batch[i] for i in ready], logits[ready]
-        if not batch:
-            return outputs
+        if len(ready) == len(batch):
+            return batch, logits
+        return [batch[i] for i in ready], logits[ready]
+
+    def _emit_tokens(self, batch, logits):
+        """Sample each sequence's next token and turn it into its StepOutput."""
         tokens, errors = self._sample(batch, logits)
         logprobs = self._logprobs(batch, logits, tokens)
         now = time.perf_counter()
+        outputs = []
         for i, seq in enumerate(batch):
             if i in errors:  # this row's sampling failed: it alone ends, with the error for its client
                 self._finish(seq, "error")
                 outputs.append(StepOutput(seq, None, "", "error", error=errors[i]))
                 continue
-            tok = tokens[i]  # (a Python int: _sample moved them to the host in one transfer)
             if seq.first_token_time is None:
                 seq.first_token_time = now
-                ttft = now - seq.arrival
-                self.ttft_sum += ttft
-                self.ttft_counts[next((j for j, b in enumerate(TTFT_BUCKETS) if ttft <= b), -1)] += 1
-            outputs.append(self._append(seq, tok, *logprobs.get(i, (None, None))))
+                self.stats.record_first_token(now - seq.arrival)
+            # (tokens[i] is a Python int: _sample moved them to the host in one transfer)
+            outputs.append(self._append(seq, tokens[i], *logprobs.get(i, (None, None))))
         return outputs
 
     def _sample(self, batch, logits):
@@ -465,35 +506,36 @@ class Engine:
         return tokens, errors
 
     def _logprobs(self, batch, logits, tokens):
+        """{row: (the sampled token's logprob, [(token id, logprob)] of the top alternatives)} for the
+        rows whose request asked for logprobs."""
         out = {}
         rows = [i for i, s in enumerate(batch) if s.logprobs is not None and tokens[i] is not None]
         if rows:
-            lp = F.log_softmax(logits[rows], dim=-1)
+            log_probs = F.log_softmax(logits[rows], dim=-1)
             for j, i in enumerate(rows):
                 k = batch[i].logprobs
-                top = torch.topk(lp[j], k) if k else None
-                out[i] = (float(lp[j, tokens[i]]),
+                top = torch.topk(log_probs[j], k) if k else None
+                out[i] = (float(log_probs[j, tokens[i]]),
                           list(zip(top.indices.tolist(), top.values.tolist())) if k else [])
         return out
 
-    def _append(self, seq, tok, logprob=None, top=None):
+    def _append(self, seq, token, logprob=None, top=None):
         """Add a sampled token to `seq` and decide whether it is finished."""
-        p = seq.params
-        if tok == EOT and not seq.ignore_eos:  # the end of the answer: not part of the output
+        if token == EOT and not seq.ignore_eos:  # the end of the answer: not part of the output
             text, reason = seq.stream.finish(), "stop"
         else:
-            seq.tokens.append(tok)
-            self.generation_tokens += 1
-            text, reason = seq.stream.push(tok), None
+            seq.tokens.append(token)
+            self.stats.generation_tokens += 1
+            text, reason = seq.stream.push(token), None
             if seq.stream.stopped:
                 reason = "stop"
-            elif len(seq.tokens) - seq.prompt_len >= p.max_tokens or len(seq.tokens) >= self.n_ctx:
+            elif len(seq.tokens) - seq.prompt_len >= seq.params.max_tokens or len(seq.tokens) >= self.n_ctx:
                 reason = "length"
             if reason == "length":
                 text += seq.stream.finish()
         if reason:
             self._finish(seq, reason)
-        return StepOutput(seq, tok, text, reason, logprob, top)
+        return StepOutput(seq, token, text, reason, logprob, top)
 
     def fail_all(self):
         """After a failed step: finish every sequence (reason "error"), free its blocks, and return them."""
@@ -507,7 +549,7 @@ class Engine:
     def _finish(self, seq, reason):
         self.scheduler.finish(seq, reason)
         self.seqs.pop(seq.seq_id, None)
-        self.num_finished += 1
+        self.stats.finished += 1
 
     # --------------------------------------------------------------- the offline API
     def generate(self, prompts, sampling_params=None, use_tqdm=True, ignore_eos=False):

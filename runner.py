@@ -1,59 +1,74 @@
 """The model runner: the paged KV pool, and one scheduled batch through the model.
 
-All new tokens of all sequences in a step are packed into one row and run through gpt.py's cache
-seam (PagedKVView); decode-only steps can be replayed as CUDA graphs.
+All new tokens of all sequences in a step are packed into one row (StepInputs) and run through
+gpt.py's cache seam (PagedKVView); decode-only steps can be replayed as CUDA graphs.
 """
 
 import itertools
 import math
 import os
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from common import capture_cuda_graph
 from kernels import paged_decode_attention, paged_prefill_attention, write_kv
 
 
 BLOCK = 16  # tokens per KV block
 
 
-class PagedKVView:
-    """gpt.py's cache seam over the paged pool, for one packed batch: N new tokens of several
-    sequences in one row, q, k, v (1, n_head, N, head_dim). The first `num_decode` sequences bring
-    one token each (decode), the others several (prefill)."""
+@dataclass
+class StepInputs:
+    """One step's new tokens, those of every sequence packed into one row: the decodes (one token
+    each) first, then the prefills. The tensors are on the model's device; the two lists stay on the
+    host, where the prefill loop of PagedKVView.attend reads them."""
+    token_ids: torch.Tensor     # (1, N)
+    positions: torch.Tensor     # (N,)
+    slot_mapping: torch.Tensor  # (N,) where each token's k/v go in the pool: block * BLOCK + offset (-1: nowhere)
+    block_tables: torch.Tensor  # (num_seqs, blocks of one full context) int32, padded with block 0
+    context_lens: torch.Tensor  # (num_seqs,) int32: each sequence's length once this step is done
+    num_decode: int             # the first num_decode sequences bring one new token each
+    query_lens: list            # per prefill: how many new tokens it brings
+    fresh: list                 # per prefill: nothing cached before its new tokens?
 
-    def __init__(self, kv, slot_mapping, num_decode, block_tables, context_lens, query_lens, fresh):
+
+class PagedKVView:
+    """gpt.py's cache seam over the paged pool, for one packed step: q, k, v (1, n_head, N, head_dim)
+    hold the new tokens of several sequences in one row, laid out as `step` says."""
+
+    def __init__(self, kv, step):
         self.kv = kv  # (2, n_layer, num_blocks, BLOCK, n_head, head_dim)
-        self.slot_mapping, self.num_decode = slot_mapping, num_decode
-        self.block_tables, self.context_lens, self.query_lens = block_tables, context_lens, query_lens
-        self.fresh = fresh  # per prefill sequence: nothing cached before its new tokens?
+        self.step = step
 
     def attend(self, layer, q, k, v):
+        step = self.step
         q, k, v = (t[0].transpose(0, 1) for t in (q, k, v))  # (N, n_head, head_dim)
         k_cache, v_cache = self.kv[0, layer], self.kv[1, layer]
-        write_kv(k, v, k_cache, v_cache, self.slot_mapping)
+        write_kv(k, v, k_cache, v_cache, step.slot_mapping)
         scale = 1.0 / math.sqrt(q.size(-1))
-        nd = self.num_decode
-        if nd == q.size(0):  # decode only (the CUDA-graph path): no Python-side data access
-            out = paged_decode_attention(q, k_cache, v_cache, self.block_tables, self.context_lens, scale)
+        num_decode = step.num_decode
+        if num_decode == q.size(0):  # decode only (the CUDA-graph path): no Python-side data access
+            out = paged_decode_attention(q, k_cache, v_cache, step.block_tables, step.context_lens, scale)
             return out.transpose(0, 1)[None]
         out = torch.empty_like(q)
-        if nd:
-            out[:nd] = paged_decode_attention(q[:nd], k_cache, v_cache, self.block_tables[:nd],
-                                              self.context_lens[:nd], scale)
-        row = nd
-        for i, n in enumerate(self.query_lens):
-            b = nd + i
-            if self.fresh[i]:
+        if num_decode:
+            out[:num_decode] = paged_decode_attention(q[:num_decode], k_cache, v_cache, step.block_tables[:num_decode],
+                                                      step.context_lens[:num_decode], scale)
+        row = num_decode  # where the current prefill's tokens start in the packed row
+        for i, n in enumerate(step.query_lens):
+            seq = num_decode + i
+            if step.fresh[i]:
                 # A whole new prompt: its keys are right here, so plain causal attention (flash
                 # attention on a GPU) needs no trip through the block tables.
                 qs, ks, vs = (t[row:row + n].transpose(0, 1)[None] for t in (q, k, v))  # (1, H, n, D)
                 out[row:row + n] = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1)
             else:  # new tokens after a cached prefix: attend over the pool
                 out[row:row + n] = paged_prefill_attention(
-                    q[row:row + n], k_cache, v_cache, self.block_tables[b:b + 1],
-                    self.context_lens[b:b + 1], torch.tensor([n]), scale)
+                    q[row:row + n], k_cache, v_cache, step.block_tables[seq:seq + 1],
+                    step.context_lens[seq:seq + 1], torch.tensor([n]), scale)
             row += n
         return out.transpose(0, 1)[None]
 
@@ -97,14 +112,15 @@ class ModelRunner:
         self.device, self.dtype = model.wte.weight.device, model.wte.weight.dtype
         self.n_ctx = cfg.block_size
         self.max_blocks = math.ceil(cfg.block_size / BLOCK)  # block-table width: one full context
-        hd = cfg.n_embd // cfg.n_head
+        head_dim = cfg.n_embd // cfg.n_head
         try:
-            self.kv = torch.zeros(2, cfg.n_layer, num_blocks, BLOCK, cfg.n_head, hd, dtype=self.dtype, device=self.device)
+            self.kv = torch.zeros(2, cfg.n_layer, num_blocks, BLOCK, cfg.n_head, head_dim, dtype=self.dtype,
+                                  device=self.device)
         except (RuntimeError, MemoryError) as e:  # memory short after all (torch.OutOfMemoryError is a RuntimeError)
             size = num_blocks * self.bytes_per_block(cfg, self.dtype) / 2**30
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise ValueError(f"cannot allocate the KV cache ({size:.2f} GiB): {reason}; give less --kv-cache-memory") from None
-        self.graphs = {}
+        self.graphs = {}  # decode batch size -> (CUDA graph, its logits tensor)
         if cuda_graph and self.device.type == "cuda":
             self.capture_graphs(max_graph_batch)
 
@@ -112,40 +128,41 @@ class ModelRunner:
     def bytes_per_block(config, dtype):
         return 2 * config.n_layer * BLOCK * config.n_embd * dtype.itemsize
 
-    def _inputs(self, batch):
-        """Pack a step into one row of tokens; `batch` must list the decodes (one token each) before
-        the prefills (Engine.step orders it)."""
-        dev = self.device
-        ids, pos, slots, tables, ctx, qlens, fresh = [], [], [], [], [], [], []
+    def pack(self, batch):
+        """The StepInputs of a step; `batch` must list the decodes (one token each) before the
+        prefills (Engine.step orders it)."""
+        ids, positions, slots, tables, context_lens, query_lens, fresh = [], [], [], [], [], [], []
         num_decode = 0
         for seq in batch:
-            start, end = seq.num_computed, seq.num_computed + seq.num_new
+            start, end = seq.num_computed, seq.num_computed + seq.num_scheduled
             if end - start == 1:  # (a one-token prefill chunk is a decode, as attention sees it)
                 num_decode += 1
             else:
-                qlens.append(end - start)
+                query_lens.append(end - start)
                 fresh.append(start == 0)
             ids += seq.tokens[start:end]
-            pos += range(start, end)
+            positions += range(start, end)
             slots += [seq.block_table[p // BLOCK] * BLOCK + p % BLOCK for p in range(start, end)]
             tables.append(seq.block_table + [0] * (self.max_blocks - len(seq.block_table)))
-            ctx.append(end)
-        t = lambda x, dt=torch.long: torch.tensor(x, dtype=dt, device=dev)  # noqa: E731
-        return (t(ids)[None], t(pos), t(slots), num_decode, t(tables, torch.int32), t(ctx, torch.int32), qlens, fresh)
+            context_lens.append(end)
+
+        def tensor(values, dtype=torch.long):
+            return torch.tensor(values, dtype=dtype, device=self.device)
+        return StepInputs(tensor(ids)[None], tensor(positions), tensor(slots), tensor(tables, torch.int32),
+                          tensor(context_lens, torch.int32), num_decode, query_lens, fresh)
 
     @torch.inference_mode()
     def run(self, batch):
         """Logits (len(batch), vocab) for the last new token of each sequence. `batch` must list the
         sequences with one new token (decodes) before the prefills (Engine.step orders it)."""
-        idx, pos, slots, nd, tables, ctx, qlens, fresh = self._inputs(batch)
-        if nd == len(batch) and self.graphs:
-            size = next((s for s in sorted(self.graphs) if s >= nd), None)
+        step = self.pack(batch)
+        if step.num_decode == len(batch) and self.graphs:
+            size = next((s for s in sorted(self.graphs) if s >= step.num_decode), None)
             if size is not None:
-                return self._replay(size, idx, pos, slots, tables, ctx)[:nd]
-        view = PagedKVView(self.kv, slots, nd, tables, ctx, qlens, fresh)
-        h = self.model.hidden(idx, pos, cache=view)[0]
+                return self._replay(size, step)[:step.num_decode]
+        h = self.model.hidden(step.token_ids, step.positions, cache=PagedKVView(self.kv, step))[0]
         # each sequence's last new token in the packed row: only its logits are needed
-        last = torch.tensor(list(itertools.accumulate([1] * nd + qlens)), device=self.device) - 1
+        last = torch.tensor(list(itertools.accumulate([1] * step.num_decode + step.query_lens)), device=self.device) - 1
         return self.model.lm_head(h[last]).float()
 
     # CUDA graphs: a decode step launches hundreds of small kernels; recorded once per batch size
@@ -162,41 +179,43 @@ class ModelRunner:
 
     def capture_graphs(self, max_batch):
         sizes = self.graph_batch_sizes(max_batch)
-        n = max(sizes)
-        dev = self.device
-        self.g_idx = torch.zeros(1, n, dtype=torch.long, device=dev)
-        self.g_pos = torch.zeros(n, dtype=torch.long, device=dev)
-        self.g_slots = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self.g_tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        self.g_ctx = torch.ones(n, dtype=torch.int32, device=dev)
+        n, dev = max(sizes), self.device
+        # the tensors every graph reads: a replay copies its step into their first rows
+        self.graph_inputs = StepInputs(
+            token_ids=torch.zeros(1, n, dtype=torch.long, device=dev),
+            positions=torch.zeros(n, dtype=torch.long, device=dev),
+            slot_mapping=torch.full((n,), -1, dtype=torch.long, device=dev),
+            block_tables=torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev),
+            context_lens=torch.ones(n, dtype=torch.int32, device=dev),
+            num_decode=n, query_lens=[], fresh=[])
         pool = None
-        for s in sorted(sizes, reverse=True):  # the largest first: the others reuse its memory pool
-            view = PagedKVView(self.kv, self.g_slots[:s], s, self.g_tables[:s], self.g_ctx[:s], [], [])
-            fwd = lambda: self.model.lm_head(self.model.hidden(self.g_idx[:, :s], self.g_pos[:s], cache=view)[0]).float()  # noqa: E731
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream), torch.inference_mode():
-                fwd()  # warm-up (compiles the Triton kernels) outside the graph
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool), torch.inference_mode():
-                out = fwd()
+        for size in sorted(sizes, reverse=True):  # the largest first: the others reuse its memory pool
+            with torch.inference_mode():
+                graph, logits = capture_cuda_graph(self._decode_forward(size), warmups=1, pool=pool)
             pool = graph.pool()
-            self.graphs[s] = (graph, out)
+            self.graphs[size] = (graph, logits)
         torch.cuda.synchronize()
 
-    def _replay(self, size, idx, pos, slots, tables, ctx):
-        nd = idx.size(1)
-        self.g_idx[:, :nd].copy_(idx)
-        self.g_pos[:nd].copy_(pos)
-        self.g_slots.fill_(-1)
-        self.g_slots[:nd].copy_(slots)
-        self.g_tables[:nd].copy_(tables)
-        self.g_ctx.fill_(1)
-        self.g_ctx[:nd].copy_(ctx)
-        graph, out = self.graphs[size]
+    def _decode_forward(self, size):
+        """The forward pass a graph of `size` decodes records: over the first `size` rows of graph_inputs."""
+        inputs = self.graph_inputs
+        step = StepInputs(inputs.token_ids[:, :size], inputs.positions[:size], inputs.slot_mapping[:size],
+                          inputs.block_tables[:size], inputs.context_lens[:size], size, [], [])
+        view = PagedKVView(self.kv, step)
+        return lambda: self.model.lm_head(self.model.hidden(step.token_ids, step.positions, cache=view)[0]).float()
+
+    def _replay(self, size, step):
+        inputs, n = self.graph_inputs, step.num_decode
+        inputs.token_ids[:, :n].copy_(step.token_ids)
+        inputs.positions[:n].copy_(step.positions)
+        inputs.slot_mapping.fill_(-1)
+        inputs.slot_mapping[:n].copy_(step.slot_mapping)
+        inputs.block_tables[:n].copy_(step.block_tables)
+        inputs.context_lens.fill_(1)
+        inputs.context_lens[:n].copy_(step.context_lens)
+        graph, logits = self.graphs[size]
         graph.replay()
-        return out
+        return logits
 
 
 def kv_cache_blocks(model, max_num_seqs=64, num_blocks=None, kv_cache_memory=None, gpu_memory_utilization=0.9):

@@ -4,31 +4,15 @@
     curl localhost:8000/v1/chat/completions -d '{"messages": [{"role": "user", "content": "Hi!"}]}'
     open http://localhost:8000/  (a small chat page)
 
-generate.py answers one prompt at a time with one contiguous KV cache. A server has many requests
-in flight, of every length, arriving and leaving at any moment. This is the vLLM recipe, small:
+generate.py answers one prompt at a time; a server has many requests in flight, arriving and leaving
+at any moment. engine.py's Engine batches them (the vLLM recipe: see its docstring); this file puts
+it behind HTTP:
 
-  BlockManager  The KV cache is a pool of fixed-size blocks (16 tokens each, the "pages" of
-                kernels.py). A sequence owns a block table: its i-th block holds tokens 16i..16i+15.
-                Memory is handed out 16 tokens at a time as sequences grow, so nothing is reserved
-                for a length a request may never reach. Full blocks are also remembered by their
-                content (prefix caching): a request that starts like an earlier one (a system
-                prompt, a chat history) reuses those blocks instead of computing them again.
-  Scheduler     Decides, at every step, which sequences run and how many tokens each computes:
-                each running sequence decodes one token, and prompts are prefilled in the same
-                forward pass while the token budget lasts (continuous batching: requests join and
-                leave the batch at any step). A prompt longer than what is left of the budget is
-                prefilled in chunks over several steps (chunked prefill), so one long prompt
-                never freezes the token streams of everyone else. When blocks run out, the
-                youngest sequence is preempted: its blocks are freed and it is recomputed later
-                (its generated tokens are kept).
-  ModelRunner   Owns the KV pool and runs the model on a packed batch (all new tokens of all
-                sequences in one row) through gpt.py's cache seam; decode steps can be replayed
-                as CUDA graphs.
-  Engine        Ties them together: add_request / step / abort, and generate() for offline batches.
-  EngineLoop    The engine in one background thread, with a queue per HTTP request.
-  Api           OpenAI request bodies, checked, into engine requests; their results into replies.
-  Handler       The HTTP API (standard library http.server): /v1/completions,
-                /v1/chat/completions, /v1/models, /health, /metrics, and the chat page at /.
+  EngineLoop  The engine in one background thread, with a queue per HTTP request.
+  OpenAIApi   OpenAI request bodies, checked, into engine requests.
+  Completion  One request's choices as they are generated, into OpenAI's chunks and responses.
+  Handler     The HTTP endpoints (standard library http.server): /v1/completions,
+              /v1/chat/completions, /v1/models, /health, /metrics, and the chat page at /.
 """
 
 import argparse
@@ -44,11 +28,12 @@ import traceback
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 from checkpoint import CheckpointError, resolve_weights
-from common import HelpFormatter, default_dtype, device_or_die, die
+from common import HelpFormatter, check_flags, default_dtype, device_or_die, die
 from engine import TTFT_BUCKETS, Engine, check_engine_limits
 from gpt import SIZES
 from inference import load_model
@@ -56,25 +41,11 @@ from runner import BLOCK
 from sampling import MAX_SEED, SamplingParams
 from tokenizer import encode, encode_prompt, strip_answer_start
 
-# ----------------------------------------------------------------------------- sequences
-
-
-# ----------------------------------------------------------------------------- the block manager
-
-
-# ----------------------------------------------------------------------------- the scheduler
-
-
-# ----------------------------------------------------------------------------- the model runner
-
-
-# ----------------------------------------------------------------------------- the engine
-
 
 # ----------------------------------------------------------------------------- the engine thread
 
 class QueueFull(Exception):
-    pass
+    """More sequences waiting than --max-waiting allows: a 503, try again later."""
 
 
 class ShuttingDown(Exception):
@@ -145,7 +116,7 @@ class EngineLoop:
                     out.seq.sink.put(out if out.error is None else out.error)
 
 
-# ----------------------------------------------------------------------------- the HTTP API
+# ----------------------------------------------------------------------------- OpenAI requests
 
 MAX_BODY = 1 << 20  # 1 MiB
 # Stop strings are searched in the held-back text after every token of every sequence, and a tail as
@@ -160,6 +131,8 @@ STATIC = Path(__file__).resolve().parent / "static" / "chat.html"
 
 
 class ApiError(Exception):
+    """A refusal, as the OpenAI API words it: an HTTP status and an {"error": ...} body."""
+
     def __init__(self, status, message, type="invalid_request_error", param=None, code=None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
@@ -181,17 +154,39 @@ def _field(body, name, kinds, default, ok=None, rule=""):
     return value
 
 
-class Api:
-    """Turns OpenAI-style requests into engine requests and engine outputs into responses."""
+class CompletionRequest(NamedTuple):
+    """A request body, checked: what the engine is asked to do, and how the answer is to be sent."""
+    prompts: list        # token-id lists
+    params: list         # a SamplingParams per choice of each prompt (n of them)
+    n: int
+    logprobs: int | None  # report the top-`logprobs` alternatives of every token (None: no logprobs)
+    stream: bool
+    include_usage: bool  # (streaming) a last chunk with the token counts
+
+
+class OpenAIApi:
+    """Turns OpenAI-style request bodies into engine requests, and submits them."""
 
     def __init__(self, engine_loop, model_name, template):
         self.loop, self.model_name, self.template = engine_loop, model_name, template
         self.enc = engine_loop.engine.enc
         self.n_ctx = engine_loop.engine.n_ctx
 
+    def submit(self, request, sink):
+        """Queue the request's sequences (every prompt, n times) in the engine; its Sequences. The
+        engine loop's refusals become ApiErrors."""
+        sequences = [(ids, params, request.logprobs) for ids in request.prompts for params in request.params]
+        try:
+            return self.loop.submit(sequences, sink)
+        except QueueFull as e:
+            raise ApiError(503, str(e), type="server_error", code="queue_full") from None
+        except ShuttingDown as e:
+            raise e.api_error() from None
+        except ValueError as e:  # (parse() checks first; the engine's own checks are the last word)
+            raise ApiError(400, str(e)) from None
+
     def parse(self, body, chat):
-        """Validate a request body. Returns (prompts as id lists, params per choice, n, logprobs,
-        stream, include_usage)."""
+        """Validate a request body into a CompletionRequest (an ApiError at the first bad field)."""
         if not isinstance(body, dict):
             raise ApiError(400, "the request body must be a JSON object")
         for name, neutral in UNSUPPORTED.items():  # refused, not silently ignored
@@ -240,7 +235,7 @@ class Api:
         include_usage = bool(opts.get("include_usage")) if stream else False
         params = [SamplingParams(max_tokens, temperature, max(top_k, 0), top_p, stop,
                                  None if seed is None else seed + j) for j in range(n)]
-        return prompts, params, n, logprobs, stream, include_usage
+        return CompletionRequest(prompts, params, n, logprobs, stream, include_usage)
 
     def _prompts(self, prompt):
         if isinstance(prompt, str):
@@ -288,34 +283,161 @@ class Api:
 
 
 def metrics_text(loop):
-    e = loop.engine
+    """/metrics in Prometheus' text format: the engine's state now, and its EngineStats."""
+    engine, stats = loop.engine, loop.engine.stats
+    blocks = engine.blocks
     lines = []
 
-    def metric(name, kind, help_, value, labels=""):
-        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name}{labels} {value}"])
+    def metric(name, kind, help_, value):
+        lines.extend([f"# HELP {name} {help_}", f"# TYPE {name} {kind}", f"{name} {value}"])
 
-    used = len(e.blocks.blocks) - e.blocks.num_free
-    metric("serve_requests_running", "gauge", "Sequences in the running batch.", e.num_running)
-    metric("serve_requests_waiting", "gauge", "Sequences waiting to be scheduled.", e.num_waiting)
-    metric("serve_kv_blocks_used", "gauge", "KV-cache blocks held by sequences.", used)
-    metric("serve_kv_blocks_total", "gauge", f"KV-cache blocks in the pool ({BLOCK} tokens each).", len(e.blocks.blocks))
-    metric("serve_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.", e.scheduler.num_preemptions)
-    metric("serve_prefix_cache_queries_total", "counter", "Full prompt blocks looked up in the prefix cache.", e.blocks.queries)
-    metric("serve_prefix_cache_hits_total", "counter", "Prompt blocks found in the prefix cache.", e.blocks.hits)
-    metric("serve_prompt_tokens_total", "counter", "Prompt tokens received.", e.prompt_tokens)
-    metric("serve_generation_tokens_total", "counter", "Tokens generated.", e.generation_tokens)
-    metric("serve_requests_aborted_total", "counter", "Sequences aborted (client gone).", e.num_aborted)
+    metric("serve_requests_running", "gauge", "Sequences in the running batch.", engine.num_running)
+    metric("serve_requests_waiting", "gauge", "Sequences waiting to be scheduled.", engine.num_waiting)
+    metric("serve_kv_blocks_used", "gauge", "KV-cache blocks held by sequences.", len(blocks.blocks) - blocks.num_free)
+    metric("serve_kv_blocks_total", "gauge", f"KV-cache blocks in the pool ({BLOCK} tokens each).", len(blocks.blocks))
+    metric("serve_preemptions_total", "counter", "Sequences preempted for lack of KV blocks.",
+           engine.scheduler.num_preemptions)
+    metric("serve_prefix_cache_queries_total", "counter", "Full prompt blocks looked up in the prefix cache.",
+           blocks.queries)
+    metric("serve_prefix_cache_hits_total", "counter", "Prompt blocks found in the prefix cache.", blocks.hits)
+    metric("serve_prompt_tokens_total", "counter", "Prompt tokens received.", stats.prompt_tokens)
+    metric("serve_generation_tokens_total", "counter", "Tokens generated.", stats.generation_tokens)
+    metric("serve_requests_aborted_total", "counter", "Sequences aborted (client gone).", stats.aborted)
     name = "serve_time_to_first_token_seconds"
     lines += [f"# HELP {name} Time from arrival to the first generated token.", f"# TYPE {name} histogram"]
-    counts = list(itertools.accumulate(e.ttft_counts))  # Prometheus buckets are cumulative
-    for b, c in zip(TTFT_BUCKETS + ("+Inf",), counts):
-        lines.append(f'{name}_bucket{{le="{b}"}} {c}')
-    lines += [f"{name}_sum {e.ttft_sum:.6f}", f"{name}_count {counts[-1]}"]
+    cumulative = list(itertools.accumulate(stats.ttft_counts))  # Prometheus buckets are cumulative
+    for bound, count in zip(TTFT_BUCKETS + ("+Inf",), cumulative):
+        lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
+    lines += [f"{name}_sum {stats.ttft_sum:.6f}", f"{name}_count {cumulative[-1]}"]
     return "\n".join(lines) + "\n"
 
 
+# ----------------------------------------------------------------------------- OpenAI answers
+
+class Choice:
+    """One choice of a completion while it is generated: its text, and (if asked for) the logprob
+    entries of its tokens, each given out once its token's text has been (see release_logprobs)."""
+
+    def __init__(self, chat):
+        self.chat, self.texts, self.finish_reason = chat, [], None
+        self.started = not chat  # a chat answer has not started until its first non-space
+        self.text_bytes = 0  # of the text given out so far
+        self.logprob_bytes = 0  # of the text whose tokens' logprob entries are given out
+        self.pending = []  # (token text, logprob, top logprobs, bytes) of the tokens whose text is held back
+        self.offset = 0  # text_offset of the next entry: characters of the tokens given out
+        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def add_text(self, text):
+        """Take the next piece of text; returns it as it is to be shown."""
+        if self.chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
+            text, self.started = strip_answer_start(text, self.started)
+        self.texts.append(text)
+        self.text_bytes += len(text.encode("utf-8", "surrogatepass"))  # (bytes: see release_logprobs)
+        return text
+
+    def release_logprobs(self, finish_reason):
+        """The logprob entries whose token's text has been given out, as a logprobs object (the new
+        ones only). The text of a token may be held back (it could be the start of a stop string),
+        so its entry waits with it; a token the stop string consumed never gets one, nor does
+        <|endoftext|>: the tokens spell the text (a token the stop string begins inside of keeps its
+        entry: part of its text is in the answer). At "length" the text is all out: all entries go.
+        Counted in bytes, not characters: a character split across tokens (an emoji) is one character
+        of text but two or more tokens, each of which has its entry."""
+        new = {key: [] for key in self.logprobs}
+        while self.pending and (self.logprob_bytes < self.text_bytes or finish_reason == "length"):
+            token, logprob, top, nbytes = self.pending.pop(0)
+            self.logprob_bytes += nbytes
+            for key, value in zip(new, (token, logprob, top, self.offset)):
+                new[key].append(value)
+            self.offset += len(token)
+        if finish_reason:
+            self.pending.clear()
+        for key, values in new.items():  # (the whole answer's, for a response that is not streamed)
+            self.logprobs[key] += values
+        return new
+
+
+class Completion:
+    """One /v1/completions or /v1/chat/completions request while it is generated: its choices
+    (choice index = prompt * n + sample), in OpenAI's shapes: the chunks of a stream, or the whole
+    response at the end."""
+
+    def __init__(self, api, chat, request, seqs):
+        self.api, self.chat, self.logprobs, self.seqs = api, chat, request.logprobs, seqs
+        self.choices = [Choice(chat) for _ in seqs]
+        self.index = {s.seq_id: i for i, s in enumerate(seqs)}
+        self.prompt_tokens = sum(len(p) for p in request.prompts)  # once per prompt, however many choices (as OpenAI counts)
+        self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+                     "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": int(time.time()), "model": api.model_name}
+        if request.include_usage:
+            self.head["usage"] = None  # OpenAI's schema: null on every chunk, the numbers on the last one
+
+    def chunk(self, choice):
+        return {**self.head, "choices": [choice]}
+
+    def opening_chunks(self):
+        """A chat stream first gives each choice its role."""
+        return [self.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None}) for i in range(len(self.choices)) if self.chat]
+
+    def add(self, out):
+        """Take a StepOutput into its choice. Returns the chunk that streams it, or None when it
+        brings nothing to show."""
+        i = self.index[out.seq.seq_id]
+        choice = self.choices[i]
+        choice.finish_reason = out.finish_reason
+        if out.token is not None and self.logprobs is not None and out.logprob is not None:
+            choice.pending.append(self._logprob_entry(out))
+        text = choice.add_text(out.text)
+        new_logprobs = None if self.logprobs is None else choice.release_logprobs(out.finish_reason)
+        if not (text or out.finish_reason or new_logprobs and new_logprobs["tokens"]):
+            return None
+        if self.chat:
+            return self.chunk({"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
+                               "finish_reason": out.finish_reason})
+        return self.chunk({"index": i, "text": text, "logprobs": new_logprobs, "finish_reason": out.finish_reason})
+
+    def _logprob_entry(self, out):
+        token = self.api.token_text(out.token)
+        top = {self.api.token_text(t): logprob for t, logprob in out.top_logprobs}
+        top[token] = out.logprob
+        return token, out.logprob, top, len(self.api.enc.decode_single_token_bytes(out.token))
+
+    @property
+    def finished(self):
+        return all(choice.finish_reason is not None for choice in self.choices)
+
+    def usage(self):
+        # Every generated token counts, also those a stop string consumed (they were computed; OpenAI
+        # counts them the same way), though the text and the logprobs end where the stop string began.
+        completion_tokens = sum(len(s.output_ids) for s in self.seqs)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
+                "total_tokens": self.prompt_tokens + completion_tokens}
+
+    def usage_chunk(self):
+        return {**self.head, "choices": [], "usage": self.usage()}
+
+    def response(self):
+        """The whole answer, for a request that is not streamed."""
+        body = {**self.head, "object": "chat.completion" if self.chat else "text_completion", "usage": self.usage(),
+                "choices": []}
+        for i, choice in enumerate(self.choices):
+            text = "".join(choice.texts)
+            if self.chat:
+                body["choices"].append({"index": i, "message": {"role": "assistant", "content": text},
+                                        "logprobs": None, "finish_reason": choice.finish_reason})
+            else:
+                logprobs = None if self.logprobs is None else choice.logprobs
+                body["choices"].append({"index": i, "text": text, "logprobs": logprobs,
+                                        "finish_reason": choice.finish_reason})
+        return body
+
+
+# ----------------------------------------------------------------------------- HTTP
+
 class ClientGone(Exception):
-    pass
+    """The client of a request still being answered has closed its connection."""
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -387,32 +509,13 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    def do_GET(self):
-        self._dispatch("GET")
-
-    def do_POST(self):
-        self._dispatch("POST")
-
-    def do_PUT(self):
-        self._dispatch("PUT")
-
-    def do_DELETE(self):
-        self._dispatch("DELETE")
-
-    def do_PATCH(self):
-        self._dispatch("PATCH")
-
-    def do_HEAD(self):  # as GET, without the body (a HEAD response must have none)
-        self.head_only = True
-        self._dispatch("GET")
-
-    def do_OPTIONS(self):
-        self._dispatch("OPTIONS")
-
     ROUTES = {"/": "GET", "/health": "GET", "/metrics": "GET", "/v1/models": "GET",
               "/v1/completions": "POST", "/v1/chat/completions": "POST"}
 
-    def _dispatch(self, method):
+    def _dispatch(self):
+        """Every method comes here (self.command names it), so that a known path asked with the
+        wrong one gets a 405, in JSON."""
+        method = "GET" if self.head_only else self.command
         path = self.path.split("?", 1)[0]
         try:
             if path not in self.ROUTES:
@@ -445,6 +548,12 @@ class Handler(BaseHTTPRequestHandler):
         except Exception as e:  # a bug must not take the server down, nor leave the client hanging
             traceback.print_exc()
             self.send_error_json(ApiError(500, f"internal error: {e}", type="server_error"))
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+    def do_HEAD(self):  # as GET, without the body (a HEAD response must have none)
+        self.head_only = True
+        self._dispatch()
 
     def _drain_body(self):
         """Read and drop a body not read yet (a refused request's): a client still sending it when the
@@ -502,86 +611,43 @@ class Handler(BaseHTTPRequestHandler):
 
     # ------------------------------------------------------------ completions
     def _generate(self, api, chat):
-        prompts, params, n, logprobs, stream, include_usage = api.parse(self._body(), chat)
+        request = api.parse(self._body(), chat)
         sink = queue.Queue()
-        requests = [(ids, p, logprobs) for ids in prompts for p in params]
+        seqs = api.submit(request, sink)
+        completion = Completion(api, chat, request, seqs)
         try:
-            seqs = api.loop.submit(requests, sink)
-        except QueueFull as e:
-            raise ApiError(503, str(e), type="server_error", code="queue_full") from None
-        except ShuttingDown as e:
-            raise e.api_error() from None
-        except ValueError as e:  # (parse() checks first; the engine's own checks are the last word)
-            raise ApiError(400, str(e)) from None
-        index = {s.seq_id: i for i, s in enumerate(seqs)}  # choice index = prompt * n + sample
-        rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": api.model_name}
-        if include_usage:
-            head["usage"] = None  # OpenAI's schema: null on every chunk, the numbers on the last one
-        prompt_tokens = sum(len(p) for p in prompts)  # once per prompt, however many choices (as OpenAI counts)
-        choices = [{"text": [], "shown": 0, "released": 0, "pending": [], "offset": 0, "reason": None,
-                    "logprobs": {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
-                    "started": not chat}  # a chat answer has not started until its first non-space
-                   for _ in seqs]
-        try:
-            if stream:
-                self.send_response(200)
-                self.send_header("Content-Type", "text/event-stream")
-                self.send_header("Cache-Control", "no-cache")
-                self.end_headers()
-                if chat:
-                    for i in range(len(seqs)):
-                        self._event({**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
-                                                          "logprobs": None, "finish_reason": None}]})
-            for out in self._outputs(sink, len(seqs), stream):
-                i = index[out.seq.seq_id]
-                c = choices[i]
-                c["reason"] = out.finish_reason
-                if out.token is not None and logprobs is not None and out.logprob is not None:
-                    c["pending"].append(self._logprob_item(api, out))
-                text = out.text
-                if chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
-                    text, c["started"] = strip_answer_start(text, c["started"])
-                c["text"].append(text)
-                c["shown"] += len(text.encode("utf-8", "surrogatepass"))  # (bytes: see _release_logprobs)
-                lp = None if logprobs is None else self._release_logprobs(c, out.finish_reason)
-                if stream and (text or out.finish_reason or lp and lp["tokens"]):
-                    if chat:
-                        choice = {"index": i, "delta": {"content": text} if text else {},
-                                  "logprobs": None, "finish_reason": out.finish_reason}
-                    else:
-                        choice = {"index": i, "text": text, "logprobs": lp, "finish_reason": out.finish_reason}
-                    self._event({**head, "choices": [choice]})
-            if any(c["reason"] is None for c in choices):  # (one choice failed: the others are not awaited)
+            if request.stream:
+                self._start_stream(completion.opening_chunks())
+            for out in self._outputs(sink, len(seqs), request.stream):
+                chunk = completion.add(out)
+                if request.stream and chunk is not None:
+                    self._event(chunk)
+            if not completion.finished:  # (one choice failed: the others are not awaited)
                 api.loop.abort(seqs)
-            # Every generated token counts, also those a stop string consumed (they were computed; OpenAI
-            # counts them the same way), though the text and the logprobs end where the stop string began.
-            completion_tokens = sum(len(s.output_ids) for s in seqs)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                     "total_tokens": prompt_tokens + completion_tokens}
-            if stream:
-                if include_usage:
-                    self._event({**head, "choices": [], "usage": usage})
-                self.wfile.write(b"data: [DONE]\n\n")
-                self.wfile.flush()
-                return
-            body = {**head, "object": "chat.completion" if chat else "text_completion", "usage": usage, "choices": []}
-            for i, c in enumerate(choices):
-                text = "".join(c["text"])
-                if chat:
-                    body["choices"].append({"index": i, "message": {"role": "assistant", "content": text},
-                                            "logprobs": None, "finish_reason": c["reason"]})
-                else:
-                    lp = None if logprobs is None else c["logprobs"]
-                    body["choices"].append({"index": i, "text": text, "logprobs": lp, "finish_reason": c["reason"]})
-            self.send_json(200, body)
+            if request.stream:
+                self._end_stream(completion.usage_chunk() if request.include_usage else None)
+            else:
+                self.send_json(200, completion.response())
         except (ClientGone, BrokenPipeError, ConnectionResetError, ConnectionAbortedError, TimeoutError):
             api.loop.abort(seqs)  # free the blocks now; nobody is listening
             self.close_connection = True
         except BaseException:
             api.loop.abort(seqs)
             raise
+
+    def _start_stream(self, events):
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.end_headers()
+        for event in events:
+            self._event(event)
+
+    def _end_stream(self, last_event=None):
+        if last_event is not None:
+            self._event(last_event)
+        self.wfile.write(b"data: [DONE]\n\n")
+        self.wfile.flush()
 
     def _outputs(self, sink, count, stream):
         """StepOutputs from the engine until all `count` sequences have finished; checks between
@@ -608,33 +674,6 @@ class Handler(BaseHTTPRequestHandler):
                 done += 1
             yield out
 
-    def _logprob_item(self, api, out):
-        tok = api.token_text(out.token)
-        top = {api.token_text(t): lp for t, lp in out.top_logprobs}
-        top[tok] = out.logprob
-        return tok, out.logprob, top, len(api.enc.decode_single_token_bytes(out.token))
-
-    def _release_logprobs(self, c, finish_reason):
-        """The logprob entries of choice `c` whose token's text has been given out, as a logprobs object
-        (the new ones only). The text of a token may be held back (it could be the start of a stop
-        string), so its entry waits with it; a token the stop string consumed never gets one, nor does
-        <|endoftext|>: the tokens spell the text (a token the stop string begins inside of keeps its
-        entry: part of its text is in the answer). At "length" the text is all out: all entries go.
-        Counted in bytes, not characters: a character split across tokens (an emoji) is one character
-        of text but two or more tokens, each of which has its entry."""
-        new = {key: [] for key in c["logprobs"]}
-        while c["pending"] and (c["released"] < c["shown"] or finish_reason == "length"):
-            tok, lp, top, nbytes = c["pending"].pop(0)
-            c["released"] += nbytes
-            for key, value in zip(new, (tok, lp, top, c["offset"])):
-                new[key].append(value)
-            c["offset"] += len(tok)
-        if finish_reason:
-            c["pending"].clear()
-        for key, values in new.items():  # (the whole answer's, for a response that is not streamed)
-            c["logprobs"][key] += values
-        return new
-
     def _event(self, obj):
         self.wfile.write(b"data: " + json.dumps(obj).encode() + b"\n\n")
         self.wfile.flush()
@@ -650,7 +689,7 @@ class Server(ThreadingHTTPServer):
         self.api_key, self.verbose, self.started = api_key, verbose, int(time.time())
 
     def attach(self, engine_loop, model_name, template="chat"):
-        self.api = Api(engine_loop, model_name, template)
+        self.api = OpenAIApi(engine_loop, model_name, template)
 
 
 def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name="gpt2", template="chat",
@@ -665,7 +704,7 @@ def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name=
 
 # ----------------------------------------------------------------------------- the CLI
 
-def main(argv=None):
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -688,17 +727,18 @@ def main(argv=None):
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: --model)")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def check_args(args):
+    """Refuse bad flags, and a checkpoint path that is not one, before anything listens or loads."""
     try:
         check_engine_limits(args.max_num_seqs, args.max_num_batched_tokens, args.kv_cache_memory, flags=True)
     except ValueError as e:
         die(str(e))
-    if not 0 < args.gpu_memory_utilization <= 1:
-        die("--gpu-memory-utilization must be in (0, 1]")
-    if args.max_waiting < 1:  # 0 would answer every request 503
-        die("--max-waiting must be >= 1")
-    if not 0 <= args.port < 65536:
-        die("--port must be in 0..65535")
+    check_flags(args, gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"),
+                max_waiting=(lambda v: v >= 1, ">= 1"),  # 0 would answer every request 503
+                port=(lambda v: 0 <= v < 65536, "in 0..65535"))
     if args.api_key == "":  # (an empty key would silently turn authentication off)
         die("--api-key is empty: give a key, or leave the flag out to serve without one")
     if args.model not in SIZES or Path(args.model).exists():  # a path: check it before listening
@@ -706,31 +746,44 @@ def main(argv=None):
             resolve_weights(args.model, SIZES)
         except CheckpointError as e:
             die(str(e))
+
+
+def listen(args):
+    """The server, answering in a thread of its own (with no engine yet, /health says "loading")."""
+    try:
+        server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose)
+    except OSError as e:
+        die(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    host, port = server.server_address[:2]
+    print(f"listening on http://{host}:{port}/ (loading {args.model})", flush=True)
+    return server
+
+
+def load_engine(args, device, dtype):
+    """The model's Engine, and the chat template it was trained with (a bad checkpoint or a KV cache
+    that does not fit: a one-line error, exit 2)."""
+    model = load_model(args.model, device, dtype)
+    template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
+    try:
+        engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+                        kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
+                        cuda_graph=not args.no_cuda_graph)
+    except ValueError as e:
+        die(str(e))
+    return engine, template
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_args(args)
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-    signal.signal(signal.SIGTERM, interrupt)  # systemd, `docker stop`, `kill`: stop as on Ctrl-C
-
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd, `docker stop`, `kill`: stop as on Ctrl-C
     server = loop = None
     try:
-        # Listen first, so /health can say "loading" (503) while the weights come in.
-        try:
-            server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose)
-        except OSError as e:
-            die(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        host, port = server.server_address[:2]
-        print(f"listening on http://{host}:{port}/ (loading {args.model})", flush=True)
-        model = load_model(args.model, device, dtype)  # (a bad checkpoint: a one-line error, exit 2)
-        template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
-        try:
-            engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                            kv_cache_memory=args.kv_cache_memory, gpu_memory_utilization=args.gpu_memory_utilization,
-                            cuda_graph=not args.no_cuda_graph)
-        except ValueError as e:
-            die(str(e))
+        server = listen(args)  # first, so that /health can say "loading" (503) while the weights come in
+        engine, template = load_engine(args, device, dtype)
         loop = EngineLoop(engine, args.max_waiting).start()
         server.attach(loop, args.served_model_name or args.model, template)
         print(f"ready: {args.model} on {device} ({dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} "
@@ -738,24 +791,28 @@ def main(argv=None):
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
-        # A second Ctrl-C or SIGTERM must not cut this short. The listener closes first; then the
-        # engine thread stops, between two steps (a process that exits while that thread is inside a
-        # torch kernel is aborted by the C++ runtime, SIGABRT, instead of ending); then the requests
-        # still running are told why they end. (Stopped while loading, there is no engine yet.)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        print("shutting down", flush=True)
-        if server is not None:
-            server.shutdown()  # no new connections (a request already in a handler gets a 503)
-        if loop is not None:
-            loop.stop()
-            sinks = {id(seq.sink): seq.sink for seq in loop.engine.fail_all() if seq.sink is not None}.values()
-            for sink in sinks:
-                sink.put(ShuttingDown("the server is shutting down"))
-            # the handlers are daemon threads, gone when main returns: let them take it to their clients
-            deadline = time.monotonic() + 2
-            while any(not sink.empty() for sink in sinks) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        shut_down(server, loop)
+
+
+def shut_down(server, loop):
+    """Stop without losing a word. A second Ctrl-C or SIGTERM must not cut this short. The listener
+    closes first; then the engine thread stops, between two steps (a process that exits while that
+    thread is inside a torch kernel is aborted by the C++ runtime, SIGABRT, instead of ending); then
+    the requests still running are told why they end. (Stopped while loading, there is no engine yet.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    print("shutting down", flush=True)
+    if server is not None:
+        server.shutdown()  # no new connections (a request already in a handler gets a 503)
+    if loop is not None:
+        loop.stop()
+        sinks = {id(seq.sink): seq.sink for seq in loop.engine.fail_all() if seq.sink is not None}.values()
+        for sink in sinks:
+            sink.put(ShuttingDown("the server is shutting down"))
+        # the handlers are daemon threads, gone when main returns: let them take it to their clients
+        deadline = time.monotonic() + 2
+        while any(not sink.empty() for sink in sinks) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 if __name__ == "__main__":

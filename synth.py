@@ -6,7 +6,7 @@
 The idea (the "chat-builder" workflow): a prompt sets a scene, e.g. a teacher explaining words to a
 student, and ends by opening the first speaker's turn (`STUDENT:`); a language model writes the rest
 of the dialogue. Done for every word of a list, many times each, that is thousands of completions:
-exactly the batch job serve.py's Engine is built for, so all prompts go through it at once.
+exactly the batch job engine.py's Engine is built for, so all prompts go through it at once.
 
 A config (JSON):
     {"model": "gpt2-xl",
@@ -31,6 +31,10 @@ from collections import Counter
 from pathlib import Path
 
 from common import default_dtype, device_or_die, die, same_file
+from engine import Engine
+from inference import load_model
+from sampling import SamplingParams
+
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
             "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 256, "seed": 0,
             "output": "conversations.jsonl", "text_output": None}
@@ -87,14 +91,20 @@ def load_config(path, **overrides):
     for key, kind, ok, rule in CHECKS:
         if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool) or not ok(cfg[key]):
             raise ValueError(f"{name(key)} must be {rule}, not {cfg[key]!r}")
+    check_outputs(cfg, path, name)
+    return cfg
+
+
+def check_outputs(cfg, config_path, name):
+    """A ValueError, naming the key by name(key), unless the output files can be appended to and
+    are neither the config nor each other."""
     outputs = [k for k in ("output", "text_output") if cfg[k] is not None]
     for key in outputs:
         check_appendable(cfg[key], name(key))
-        if same_file(cfg[key], path):
+        if same_file(cfg[key], config_path):
             raise ValueError(f"{name(key)} {cfg[key]!r} is the config file itself")
     if len(outputs) == 2 and same_file(cfg["output"], cfg["text_output"]):
         raise ValueError(f"{name('text_output')} {cfg['text_output']!r} is the same file as output")
-    return cfg
 
 
 def check_appendable(value, where):
@@ -262,13 +272,9 @@ def append_all(texts):
 
 
 def engine_generate(model, device=None):
-    """generate() for `build`, backed by serve.py's Engine: every prompt in one batched call. The model
+    """generate() for `build`, backed by engine.py's Engine: every prompt in one batched call. The model
     is loaded at the first call, once `build` has read the output back: a bad output file is found
     first, and a run with no words left to do loads nothing."""
-    from inference import load_model
-    from sampling import SamplingParams
-    from engine import Engine
-
     device = device_or_die(device)
     engine = None
 

@@ -1,4 +1,4 @@
-"""The serving engine (serve.py) without HTTP: paged KV cache, prefix cache, preemption, continuous
+"""The serving engine (engine.py, runner.py) without HTTP: paged KV cache, prefix cache, preemption, continuous
 batching. The yardstick is generate.py: a batch through the engine must give, token for token, what
 generating each prompt alone gives."""
 import random
@@ -150,7 +150,7 @@ def test_block_accounting_with_random_arrivals_aborts_and_preemptions(model, bud
         used = sum(b.ref > 0 for b in engine.blocks.blocks)
         assert used + engine.blocks.num_free == len(engine.blocks.blocks)
         assert steps < 5000
-    assert engine.scheduler.num_preemptions > 0 and engine.num_aborted > 0 and engine.blocks.hits > 0
+    assert engine.scheduler.num_preemptions > 0 and engine.stats.aborted > 0 and engine.blocks.hits > 0
     assert engine.blocks.num_free == free
     assert all(b.ref == 0 for b in engine.blocks.blocks)
     assert not engine.scheduler.running and not engine.scheduler.waiting and not engine.seqs
@@ -267,12 +267,12 @@ def test_engine_loop_submit_admits_all_or_none(model):
 # ----------------------------------------------------------------------------- chunked prefill
 
 def record_schedules(engine):
-    """Wrap the scheduler so that each step's [(seq, num_new)] is kept in the returned list."""
+    """Wrap the scheduler so that each step's [(seq, num_scheduled)] is kept in the returned list."""
     steps, schedule = [], engine.scheduler.schedule
 
     def wrapped():
         batch = schedule()
-        steps.append([(seq, seq.num_new) for seq in batch])
+        steps.append([(seq, seq.num_scheduled) for seq in batch])
         return batch
     engine.scheduler.schedule = wrapped
     return steps

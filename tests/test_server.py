@@ -221,7 +221,7 @@ def open_request(server, body):
 def test_client_disconnect_mid_stream_frees_blocks(server, monkeypatch):
     slow_engine(server, monkeypatch)
     engine = server.api.loop.engine
-    aborted = engine.num_aborted
+    aborted = engine.stats.aborted
     socks = [open_request(server, {"prompt": f"A long tale {i}", "max_tokens": 200, "stream": True}) for i in range(4)]
     for s in socks:
         got = b""
@@ -229,18 +229,18 @@ def test_client_disconnect_mid_stream_frees_blocks(server, monkeypatch):
             got += s.recv(4096)
         s.close()
     assert wait_until(lambda: idle(server))
-    assert engine.num_aborted == aborted + 4
+    assert engine.stats.aborted == aborted + 4
 
 
 def test_client_disconnect_while_waiting_non_stream_frees_blocks(server, monkeypatch):
     slow_engine(server, monkeypatch)
     engine = server.api.loop.engine
-    aborted = engine.num_aborted
+    aborted = engine.stats.aborted
     s = open_request(server, {"prompt": "A long tale", "max_tokens": 200})
     assert wait_until(lambda: engine.num_running == 1)
     s.close()
     assert wait_until(lambda: idle(server))
-    assert engine.num_aborted == aborted + 1
+    assert engine.stats.aborted == aborted + 1
 
 
 def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatch):
@@ -597,7 +597,7 @@ def test_max_waiting_must_be_positive(capsys):
 def test_a_client_that_half_closes_gets_the_whole_answer(server, monkeypatch):
     """shutdown(SHUT_WR) after the request only says "nothing more to send": the answer still comes."""
     engine = server.api.loop.engine
-    aborted = engine.num_aborted
+    aborted = engine.stats.aborted
     body = {"prompt": "Half closed", "max_tokens": 20, "temperature": 0}
     expected = call(server, "POST", "/v1/completions", body)[1]["choices"][0]["text"]
     slow_engine(server, monkeypatch)  # 20 steps of 20 ms: the handler surely looks at the socket meanwhile
@@ -616,7 +616,7 @@ def test_a_client_that_half_closes_gets_the_whole_answer(server, monkeypatch):
         else:
             text = json.loads(payload)["choices"][0]["text"]
         assert text == expected
-    assert engine.num_aborted == aborted
+    assert engine.stats.aborted == aborted
 
 
 def test_a_refused_request_with_a_body_reliably_gets_its_error(server):
