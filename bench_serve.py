@@ -28,7 +28,7 @@ from engine import Engine, check_engine_limits
 from gpt import GPT, GPTConfig, SIZES
 from inference import pack_for_cpu
 from runner import kv_cache_blocks
-from sampling import SamplingParams
+from sampling import BadSamplingParam, SamplingParams
 
 
 def make_requests(n, min_len, max_len, min_out, max_out, vocab, seed):
@@ -197,8 +197,10 @@ def parse_args(argv):
 
 def check_args(args):
     """Bad flags are one-line errors, found before any model is built: a typo should not cost a model load first."""
-    if args.temperature < 0 or not 0 < args.top_p <= 1:
-        die("--temperature must be >= 0 and --top-p in (0, 1]")
+    try:  # the sampling rules every caller shares
+        SamplingParams(temperature=args.temperature, top_p=args.top_p).check(name=lambda f: "--" + f.replace("_", "-"))
+    except BadSamplingParam as e:
+        die(str(e))
     if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
         die("need 1 <= --min-len <= --max-len, 1 <= --min-out <= --max-out and --num-requests >= 1")
     try:

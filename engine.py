@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from runner import BLOCK, ModelRunner, kv_cache_blocks, parse_memory
-from sampling import MAX_SEED, SamplingParams, TextStream, sample
+from sampling import SamplingParams, TextStream, sample
 from tokenizer import EOT, check_prompt, encode, get_tokenizer
 
 
@@ -398,10 +398,7 @@ class Engine:
         check_prompt(ids, self.n_ctx)  # (not empty, and room for one new token)
         if not all(0 <= t < self.model.config.vocab_size for t in ids):
             raise ValueError(f"a token id is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
-        if params.max_tokens < 1:
-            raise ValueError("max_tokens must be at least 1")
-        if params.seed is not None and not 0 <= params.seed <= MAX_SEED:
-            raise ValueError(f"the seed must be in 0..{MAX_SEED}, not {params.seed}")
+        params.check()  # (a BadSamplingParam, a ValueError naming the field)
         return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device)
 
     def abort(self, seq_id):

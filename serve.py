@@ -5,12 +5,10 @@
     open http://localhost:8000/  (a small chat page)
 
 generate.py answers one prompt at a time; a server has many requests in flight, arriving and leaving
-at any moment. engine.py's Engine batches them (the vLLM recipe: see its docstring); this file puts
-it behind HTTP:
+at any moment. engine.py's Engine batches them (the vLLM recipe: see its docstring), and
+openai_api.py speaks OpenAI's request and response shapes; this file puts them behind HTTP:
 
   EngineLoop  The engine in one background thread, with a queue per HTTP request.
-  OpenAIApi   OpenAI request bodies, checked, into engine requests.
-  Completion  One request's choices as they are generated, into OpenAI's chunks and responses.
   Handler     The HTTP endpoints (standard library http.server): /v1/completions,
               /v1/chat/completions, /v1/models, /health, /metrics, and the chat page at /.
 """
@@ -25,10 +23,8 @@ import socket
 import threading
 import time
 import traceback
-import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 
@@ -36,24 +32,12 @@ from checkpoint import CheckpointError, resolve_weights
 from common import HelpFormatter, check_flags, default_dtype, device_or_die, die
 from engine import TTFT_BUCKETS, Engine, check_engine_limits
 from gpt import SIZES
-from inference import load_model
+from inference import load_model_or_die
+from openai_api import ApiError, Completion, OpenAIApi, QueueFull, ShuttingDown
 from runner import BLOCK
-from sampling import MAX_SEED, SamplingParams
-from tokenizer import encode, encode_prompt, strip_answer_start
 
 
 # ----------------------------------------------------------------------------- the engine thread
-
-class QueueFull(Exception):
-    """More sequences waiting than --max-waiting allows: a 503, try again later."""
-
-
-class ShuttingDown(Exception):
-    """Sent to the requests still running when the server stops (Ctrl-C, SIGTERM): a 503, not a failure."""
-
-    def api_error(self):
-        return ApiError(503, str(self), type="server_error", code="shutting_down")
-
 
 class EngineLoop:
     """Runs Engine.step() in one background thread. An HTTP handler submits its sequences with a
@@ -116,170 +100,14 @@ class EngineLoop:
                     out.seq.sink.put(out if out.error is None else out.error)
 
 
-# ----------------------------------------------------------------------------- OpenAI requests
+# ----------------------------------------------------------------------------- /metrics
 
 MAX_BODY = 1 << 20  # 1 MiB
-# Stop strings are searched in the held-back text after every token of every sequence, and a tail as
-# long as the longest of them is held back: unbounded, one request could stall every stream. OpenAI
-# allows 4; 256 characters each is far more than any real stop sequence ("\nUser:") needs.
-MAX_STOP, MAX_STOP_CHARS = 4, 256
 # A refused request's body is still read (up to this much, for up to DRAIN_SECONDS, while it keeps
 # coming: DRAIN_IDLE seconds without a byte end it) before the error is sent: a client still sending
 # when the socket closes gets a reset instead of the error.
 DRAIN_MAX, DRAIN_SECONDS, DRAIN_IDLE = 16 << 20, 5.0, 0.25
 STATIC = Path(__file__).resolve().parent / "static" / "chat.html"
-
-
-class ApiError(Exception):
-    """A refusal, as the OpenAI API words it: an HTTP status and an {"error": ...} body."""
-
-    def __init__(self, status, message, type="invalid_request_error", param=None, code=None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-
-
-# OpenAI request fields this server does not implement, with the values that ask for nothing
-UNSUPPORTED = {"echo": (False, None), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
-               "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "tools": (None, []),
-               "response_format": (None, {"type": "text"})}
-
-
-def _field(body, name, kinds, default, ok=None, rule=""):
-    """body[name] checked to be of `kinds` (bool is never a number) and to satisfy `ok`."""
-    value = body.get(name, default)
-    if value is None:
-        return default
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds) or (ok and not ok(value)):
-        raise ApiError(400, f"invalid value for '{name}': {value!r}" + (f" ({rule})" if rule else ""), param=name)
-    return value
-
-
-class CompletionRequest(NamedTuple):
-    """A request body, checked: what the engine is asked to do, and how the answer is to be sent."""
-    prompts: list        # token-id lists
-    params: list         # a SamplingParams per choice of each prompt (n of them)
-    n: int
-    logprobs: int | None  # report the top-`logprobs` alternatives of every token (None: no logprobs)
-    stream: bool
-    include_usage: bool  # (streaming) a last chunk with the token counts
-
-
-class OpenAIApi:
-    """Turns OpenAI-style request bodies into engine requests, and submits them."""
-
-    def __init__(self, engine_loop, model_name, template):
-        self.loop, self.model_name, self.template = engine_loop, model_name, template
-        self.enc = engine_loop.engine.enc
-        self.n_ctx = engine_loop.engine.n_ctx
-
-    def submit(self, request, sink):
-        """Queue the request's sequences (every prompt, n times) in the engine; its Sequences. The
-        engine loop's refusals become ApiErrors."""
-        sequences = [(ids, params, request.logprobs) for ids in request.prompts for params in request.params]
-        try:
-            return self.loop.submit(sequences, sink)
-        except QueueFull as e:
-            raise ApiError(503, str(e), type="server_error", code="queue_full") from None
-        except ShuttingDown as e:
-            raise e.api_error() from None
-        except ValueError as e:  # (parse() checks first; the engine's own checks are the last word)
-            raise ApiError(400, str(e)) from None
-
-    def parse(self, body, chat):
-        """Validate a request body into a CompletionRequest (an ApiError at the first bad field)."""
-        if not isinstance(body, dict):
-            raise ApiError(400, "the request body must be a JSON object")
-        for name, neutral in UNSUPPORTED.items():  # refused, not silently ignored
-            if name in body and body[name] not in neutral:
-                raise ApiError(400, f"'{name}' is not supported by this server", param=name)
-        model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise ApiError(404, f"the model '{model}' does not exist; this server has '{self.model_name}'",
-                           param="model", code="model_not_found")
-        if chat:
-            prompts = [self._chat_prompt(body.get("messages"))]
-            if body.get("logprobs"):
-                raise ApiError(400, "logprobs are supported on /v1/completions only", param="logprobs")
-            logprobs = None
-        else:
-            prompts = self._prompts(body.get("prompt"))
-            logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer 0..20")
-        longest = max(len(p) for p in prompts)
-        if longest >= self.n_ctx:  # no room for even one token, whatever max_tokens says
-            what = "messages" if chat else "prompt"
-            raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens; you requested "
-                                f"{longest} tokens in the {what} alone, which leaves no room for an answer. "
-                                f"Please shorten the {what}.", param=what, code="context_length_exceeded")
-        default_max = (self.n_ctx - longest) if chat else 16  # OpenAI's defaults: the rest of the context, 16
-        # (chat: max_completion_tokens is the newer name; a null max_tokens does not hide it)
-        name = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
-        max_tokens = _field(body, name, (int,), default_max, lambda v: v >= 1, "at least 1")
-        if longest + max_tokens > self.n_ctx:
-            raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens; you requested "
-                                f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
-                                f"completion). Please reduce the prompt or max_tokens.",
-                           param="max_tokens", code="context_length_exceeded")
-        temperature = float(_field(body, "temperature", (int, float), 1.0, lambda v: 0 <= v <= 2, "0 to 2"))
-        top_p = float(_field(body, "top_p", (int, float), 1.0, lambda v: 0 < v <= 1, "greater than 0, at most 1"))
-        top_k = _field(body, "top_k", (int,), 0, lambda v: v >= -1, "-1 or 0 for all, else at least 1")
-        n = _field(body, "n", (int,), 1, lambda v: 1 <= v <= 16, "1 to 16")
-        seed = _field(body, "seed", (int,), None, lambda v: 0 <= v <= MAX_SEED - (n - 1),
-                      f"an integer 0..{MAX_SEED - (n - 1)}: choice i samples with seed + i")
-        stop = _field(body, "stop", (str, list), [])
-        stop = [stop] if isinstance(stop, str) else stop
-        if len(stop) > MAX_STOP or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
-            raise ApiError(400, f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings of "
-                                f"at most {MAX_STOP_CHARS} characters each", param="stop")
-        stream = _field(body, "stream", (bool,), False)
-        opts = _field(body, "stream_options", (dict,), {})
-        include_usage = bool(opts.get("include_usage")) if stream else False
-        params = [SamplingParams(max_tokens, temperature, max(top_k, 0), top_p, stop,
-                                 None if seed is None else seed + j) for j in range(n)]
-        return CompletionRequest(prompts, params, n, logprobs, stream, include_usage)
-
-    def _prompts(self, prompt):
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-            prompt = [prompt]
-        if not isinstance(prompt, list) or not prompt or len(prompt) > 64:
-            raise ApiError(400, "'prompt' must be a string, a list of token ids, or a list of up to 64 of those",
-                           param="prompt")
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                ids = encode(p, self.enc)
-            elif isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.enc.n_vocab for t in p):
-                ids = list(p)
-            else:
-                raise ApiError(400, "each prompt must be a string or a list of token ids", param="prompt")
-            if not ids:
-                raise ApiError(400, "the prompt is empty", param="prompt")
-            out.append(ids)
-        return out
-
-    def _chat_prompt(self, messages):
-        if not isinstance(messages, list) or not messages:
-            raise ApiError(400, "'messages' must be a non-empty list", param="messages")
-        turns = []
-        for m in messages:
-            if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-                raise ApiError(400, "each message needs a role of system, user or assistant", param="messages")
-            content = m.get("content")
-            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-                if not all(isinstance(c, dict) and c.get("type") == "text" and isinstance(c.get("text"), str) for c in content):
-                    raise ApiError(400, "message content parts must be text", param="messages")
-                content = "".join(c["text"] for c in content)
-            if not isinstance(content, str):
-                raise ApiError(400, "each message needs a string 'content'", param="messages")
-            turns.append({"role": m["role"], "content": content})
-        try:
-            return encode_prompt(turns, self.template, self.enc)
-        except ValueError as e:
-            raise ApiError(400, str(e), param="messages") from None
-
-    def token_text(self, tok):
-        return self.enc.decode_single_token_bytes(tok).decode("utf-8", errors="replace")
 
 
 def metrics_text(loop):
@@ -310,128 +138,6 @@ def metrics_text(loop):
         lines.append(f'{name}_bucket{{le="{bound}"}} {count}')
     lines += [f"{name}_sum {stats.ttft_sum:.6f}", f"{name}_count {cumulative[-1]}"]
     return "\n".join(lines) + "\n"
-
-
-# ----------------------------------------------------------------------------- OpenAI answers
-
-class Choice:
-    """One choice of a completion while it is generated: its text, and (if asked for) the logprob
-    entries of its tokens, each given out once its token's text has been (see release_logprobs)."""
-
-    def __init__(self, chat):
-        self.chat, self.texts, self.finish_reason = chat, [], None
-        self.started = not chat  # a chat answer has not started until its first non-space
-        self.text_bytes = 0  # of the text given out so far
-        self.logprob_bytes = 0  # of the text whose tokens' logprob entries are given out
-        self.pending = []  # (token text, logprob, top logprobs, bytes) of the tokens whose text is held back
-        self.offset = 0  # text_offset of the next entry: characters of the tokens given out
-        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-
-    def add_text(self, text):
-        """Take the next piece of text; returns it as it is to be shown."""
-        if self.chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
-            text, self.started = strip_answer_start(text, self.started)
-        self.texts.append(text)
-        self.text_bytes += len(text.encode("utf-8", "surrogatepass"))  # (bytes: see release_logprobs)
-        return text
-
-    def release_logprobs(self, finish_reason):
-        """The logprob entries whose token's text has been given out, as a logprobs object (the new
-        ones only). The text of a token may be held back (it could be the start of a stop string),
-        so its entry waits with it; a token the stop string consumed never gets one, nor does
-        <|endoftext|>: the tokens spell the text (a token the stop string begins inside of keeps its
-        entry: part of its text is in the answer). At "length" the text is all out: all entries go.
-        Counted in bytes, not characters: a character split across tokens (an emoji) is one character
-        of text but two or more tokens, each of which has its entry."""
-        new = {key: [] for key in self.logprobs}
-        while self.pending and (self.logprob_bytes < self.text_bytes or finish_reason == "length"):
-            token, logprob, top, nbytes = self.pending.pop(0)
-            self.logprob_bytes += nbytes
-            for key, value in zip(new, (token, logprob, top, self.offset)):
-                new[key].append(value)
-            self.offset += len(token)
-        if finish_reason:
-            self.pending.clear()
-        for key, values in new.items():  # (the whole answer's, for a response that is not streamed)
-            self.logprobs[key] += values
-        return new
-
-
-class Completion:
-    """One /v1/completions or /v1/chat/completions request while it is generated: its choices
-    (choice index = prompt * n + sample), in OpenAI's shapes: the chunks of a stream, or the whole
-    response at the end."""
-
-    def __init__(self, api, chat, request, seqs):
-        self.api, self.chat, self.logprobs, self.seqs = api, chat, request.logprobs, seqs
-        self.choices = [Choice(chat) for _ in seqs]
-        self.index = {s.seq_id: i for i, s in enumerate(seqs)}
-        self.prompt_tokens = sum(len(p) for p in request.prompts)  # once per prompt, however many choices (as OpenAI counts)
-        self.head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
-                     "object": "chat.completion.chunk" if chat else "text_completion",
-                     "created": int(time.time()), "model": api.model_name}
-        if request.include_usage:
-            self.head["usage"] = None  # OpenAI's schema: null on every chunk, the numbers on the last one
-
-    def chunk(self, choice):
-        return {**self.head, "choices": [choice]}
-
-    def opening_chunks(self):
-        """A chat stream first gives each choice its role."""
-        return [self.chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                            "finish_reason": None}) for i in range(len(self.choices)) if self.chat]
-
-    def add(self, out):
-        """Take a StepOutput into its choice. Returns the chunk that streams it, or None when it
-        brings nothing to show."""
-        i = self.index[out.seq.seq_id]
-        choice = self.choices[i]
-        choice.finish_reason = out.finish_reason
-        if out.token is not None and self.logprobs is not None and out.logprob is not None:
-            choice.pending.append(self._logprob_entry(out))
-        text = choice.add_text(out.text)
-        new_logprobs = None if self.logprobs is None else choice.release_logprobs(out.finish_reason)
-        if not (text or out.finish_reason or new_logprobs and new_logprobs["tokens"]):
-            return None
-        if self.chat:
-            return self.chunk({"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
-                               "finish_reason": out.finish_reason})
-        return self.chunk({"index": i, "text": text, "logprobs": new_logprobs, "finish_reason": out.finish_reason})
-
-    def _logprob_entry(self, out):
-        token = self.api.token_text(out.token)
-        top = {self.api.token_text(t): logprob for t, logprob in out.top_logprobs}
-        top[token] = out.logprob
-        return token, out.logprob, top, len(self.api.enc.decode_single_token_bytes(out.token))
-
-    @property
-    def finished(self):
-        return all(choice.finish_reason is not None for choice in self.choices)
-
-    def usage(self):
-        # Every generated token counts, also those a stop string consumed (they were computed; OpenAI
-        # counts them the same way), though the text and the logprobs end where the stop string began.
-        completion_tokens = sum(len(s.output_ids) for s in self.seqs)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": self.prompt_tokens + completion_tokens}
-
-    def usage_chunk(self):
-        return {**self.head, "choices": [], "usage": self.usage()}
-
-    def response(self):
-        """The whole answer, for a request that is not streamed."""
-        body = {**self.head, "object": "chat.completion" if self.chat else "text_completion", "usage": self.usage(),
-                "choices": []}
-        for i, choice in enumerate(self.choices):
-            text = "".join(choice.texts)
-            if self.chat:
-                body["choices"].append({"index": i, "message": {"role": "assistant", "content": text},
-                                        "logprobs": None, "finish_reason": choice.finish_reason})
-            else:
-                logprobs = None if self.logprobs is None else choice.logprobs
-                body["choices"].append({"index": i, "text": text, "logprobs": logprobs,
-                                        "finish_reason": choice.finish_reason})
-        return body
 
 
 # ----------------------------------------------------------------------------- HTTP
@@ -763,7 +469,7 @@ def listen(args):
 def load_engine(args, device, dtype):
     """The model's Engine, and the chat template it was trained with (a bad checkpoint or a KV cache
     that does not fit: a one-line error, exit 2)."""
-    model = load_model(args.model, device, dtype)
+    model = load_model_or_die(args.model, device, dtype)
     template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
     try:
         engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

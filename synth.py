@@ -32,25 +32,26 @@ from pathlib import Path
 
 from common import default_dtype, device_or_die, die, same_file
 from engine import Engine
-from inference import load_model
-from sampling import SamplingParams
+from inference import load_model_or_die
+from sampling import RULES, BadSamplingParam, SamplingParams
 
 DEFAULTS = {"roles": {"STUDENT": "user", "TEACHER": "assistant"}, "exclude": [], "conversations_per_word": 1,
             "temperature": 0.8, "top_p": 0.95, "top_k": 0, "max_tokens": 256, "seed": 0,
             "output": "conversations.jsonl", "text_output": None}
 REQUIRED = ("model", "prompt_lines", "words")
-CHECKS = [  # (key, type, test, what the error says it must be)
+MUST = {field: must for field, _, must in RULES}  # the sampling keys' ranges: sampling.py's, as everywhere
+CHECKS = [  # (key, type, test, what the error says it must be); the sampling keys' ranges: check_sampling
     ("model", str, lambda v: v != "", "a model name or checkpoint path"),
     ("output", str, lambda v: v != "", "a file path"),
     ("text_output", (str, type(None)), lambda v: v != "", "a file path or null"),
     ("words", list, lambda v: all(isinstance(w, str) and w.strip() for w in v), "a list of non-empty strings"),
     ("exclude", list, lambda v: all(isinstance(w, str) for w in v), "a list of strings"),
     ("conversations_per_word", int, lambda v: v >= 1, "an integer >= 1"),
-    ("max_tokens", int, lambda v: v >= 1, "an integer >= 1"),
-    ("top_k", int, lambda v: v >= 0, "an integer >= 0"),
-    ("seed", int, lambda v: True, "an integer"),
-    ("temperature", (int, float), lambda v: v >= 0, "a number >= 0"),
-    ("top_p", (int, float), lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    ("max_tokens", int, None, "an integer " + MUST["max_tokens"]),
+    ("top_k", int, None, "an integer " + MUST["top_k"]),
+    ("seed", int, None, "an integer"),  # (seeds random.Random, which takes any integer)
+    ("temperature", (int, float), None, "a number " + MUST["temperature"]),
+    ("top_p", (int, float), None, "a number " + MUST["top_p"]),
 ]
 QUOTES = [('"', '"'), ("“", "”"), ("'", "'"), ("‘", "’")]
 
@@ -89,10 +90,21 @@ def load_config(path, **overrides):
     if set(cfg["roles"].values()) != {"user", "assistant"}:
         raise ValueError(f"{path}: roles must map one speaker to 'user' and one to 'assistant'")
     for key, kind, ok, rule in CHECKS:
-        if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool) or not ok(cfg[key]):
+        if not isinstance(cfg[key], kind) or isinstance(cfg[key], bool) or (ok and not ok(cfg[key])):
             raise ValueError(f"{name(key)} must be {rule}, not {cfg[key]!r}")
+    check_sampling(cfg, name)
     check_outputs(cfg, path, name)
     return cfg
+
+
+def check_sampling(cfg, name):
+    """A ValueError, naming the key by name(key), unless the sampling keys are in the ranges
+    sampling.py's SamplingParams.check holds for every caller."""
+    try:
+        SamplingParams(**{key: cfg[key] for key in ("max_tokens", "temperature", "top_k", "top_p")}).check()
+    except BadSamplingParam as e:
+        rule = next(rule for key, _, _, rule in CHECKS if key == e.field)
+        raise ValueError(f"{name(e.field)} must be {rule}, not {e.value!r}") from None
 
 
 def check_outputs(cfg, config_path, name):
@@ -281,7 +293,7 @@ def engine_generate(model, device=None):
     def generate(prompts, cfg):
         nonlocal engine
         if engine is None:
-            engine = Engine(load_model(model, device, default_dtype(device)))  # a bad checkpoint: one-line error
+            engine = Engine(load_model_or_die(model, device, default_dtype(device)))  # a bad checkpoint: one-line error
         rng = random.Random(cfg["seed"])
         params = [SamplingParams(max_tokens=cfg["max_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                                  top_p=cfg["top_p"], seed=rng.randrange(2**31)) for _ in prompts]

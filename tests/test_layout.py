@@ -4,7 +4,7 @@ import ast
 from conftest import ROOT
 
 LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "sampling", "inference", "kernels", "runner",
-             "engine", "training", "lora"}
+             "engine", "openai_api", "training", "lora"}
 SCRIPTS = {"train", "sft", "generate", "serve", "synth", "export"}
 
 

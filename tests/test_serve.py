@@ -424,8 +424,8 @@ def test_a_tiny_temperature_samples_like_greedy(model):
     (["--max-num-batched-tokens", "0"], "--max-num-batched-tokens must be at least 1"),
     (["--kv-cache-memory", "abc"], "--kv-cache-memory: cannot read memory size 'abc'"),
     (["--hf-batch-size", "0"], "--hf-batch-size must be >= 1"),
-    (["--top-p", "0"], "--top-p in (0, 1]"),
-    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--top-p", "0"], "--top-p 0.0 must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature -1.0 must be >= 0"),
 ])
 def test_bench_serve_refuses_bad_flags_before_building_a_model(argv, message, capsys, monkeypatch):
     import bench_serve

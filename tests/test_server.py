@@ -23,6 +23,7 @@ import torch
 from engine import Engine
 from gpt import GPT, GPTConfig
 from inference import generate
+import openai_api
 from sampling import SamplingParams
 from serve import make_server
 from tokenizer import EOT, encode_prompt, get_tokenizer
@@ -564,14 +565,14 @@ def test_request_limits_json_depth_stop_strings_queue_and_max_completion_tokens(
     cases = [
         (b"[" * 100000, None),  # nested past the parser's recursion limit
         (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", None),  # past Python's int-parsing limit
-        (json.dumps({"prompt": "x", "stop": ["x" * (serve.MAX_STOP_CHARS + 1)]}).encode(), "stop"),
+        (json.dumps({"prompt": "x", "stop": ["x" * (openai_api.MAX_STOP_CHARS + 1)]}).encode(), "stop"),
         (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode(), "stop"),
     ]
     for raw, param in cases:
         status, r = call(server, "POST", "/v1/completions", raw=raw)
         assert status == 400 and r["error"]["param"] == param, (raw[:40], r)
     status, r = call(server, "POST", "/v1/completions",
-                     {"prompt": "x", "max_tokens": 2, "stop": ["x" * serve.MAX_STOP_CHARS] * serve.MAX_STOP})
+                     {"prompt": "x", "max_tokens": 2, "stop": ["x" * openai_api.MAX_STOP_CHARS] * openai_api.MAX_STOP})
     assert status == 200, r
     # chat: a null max_tokens does not hide max_completion_tokens
     status, r = call(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
