@@ -127,17 +127,18 @@ def tokenize_file(src, dest, workers=None, batch_chars=1 << 20, desc=None):
         raise ValueError(f"{src}: the file is empty")
     workers = workers or min(os.cpu_count() or 1, 16)
     workers = max(1, min(workers, size // batch_chars))  # small files: no worker processes at all
-    count = []
+    n = 0
 
     def write(tmp):
-        count.append(_tokenize_into(tmp, src, size, workers, batch_chars, desc or src.name))
-        if count[0] == 0:
+        nonlocal n
+        n = _tokenize_into(tmp, src, size, workers, batch_chars, desc or src.name)
+        if n == 0:
             raise ValueError(f"{src}: no text in the file (only whitespace and separators)")
     try:
         replace_atomically(dest, write)
     except UnicodeDecodeError as e:
         raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
-    return count[0]
+    return n
 
 
 def _tokenize_into(path, src, size, workers, batch_chars, desc):
