@@ -13,14 +13,16 @@ that it runs everywhere and the reference's cost is visible; those numbers say n
     python bench_kernels.py                         # batch 64 and 128, context 512 and 1024, fp16 and bf16
     python bench_kernels.py --batch 1 8 --context 4096
 """
+
 import argparse
 import time
 
 import torch
 import torch.nn.functional as F
 
-from common import die
 import kernels
+from common import AT_LEAST_1, check_flags, die
+
 BLOCK_SIZE = 16
 
 
@@ -31,7 +33,7 @@ def make_case(batch, context, n_head, head_dim, dtype, device):
     num_blocks = batch * blocks_per_seq
     k_cache = torch.randn(num_blocks, BLOCK_SIZE, n_head, head_dim, device=device, dtype=dtype)
     v_cache = torch.randn_like(k_cache)
-    # a random permutation: sequences' blocks are scattered over the pool, as after hours of serving
+    # a random permutation: sequences' blocks are scattered over the pool, as in a server that has run for a while
     tables = torch.randperm(num_blocks, device=device).to(torch.int32).view(batch, blocks_per_seq)
     context_lens = torch.full((batch,), context, dtype=torch.int32, device=device)
     q = torch.randn(batch, n_head, head_dim, device=device, dtype=dtype)
@@ -42,34 +44,38 @@ def make_case(batch, context, n_head, head_dim, dtype, device):
 
 
 def bench_cuda(args):
-    import triton.testing
     name = torch.cuda.get_device_name()
     print(f"device: {name}; n_head {args.n_head}, head_dim {args.head_dim}, block_size {BLOCK_SIZE}")
     print(f"{'dtype':>8} {'batch':>6} {'context':>8} {'splits':>6} {'paged us':>9} {'GB/s':>7} "
           f"{'sdpa us':>8} {'GB/s':>7} {'paged/sdpa':>10} {'max err':>8}")
     for dtype in args.dtype:
-        dt = getattr(torch, dtype)
         for batch in args.batch:
             for context in args.context:
-                q, k_cache, v_cache, tables, lens, k, v = make_case(batch, context, args.n_head, args.head_dim, dt, "cuda")
-                scale = args.head_dim ** -0.5
-                splits = args.num_splits or kernels.default_num_splits(batch, args.n_head, context, q.device)
-
-                def paged():
-                    return kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)
-
-                def sdpa():
-                    return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)
-
-                err = (paged().float() - sdpa()[:, :, 0].float()).abs().max().item()
-                t_paged = triton.testing.do_bench(paged, warmup=25, rep=200) * 1e-3  # ms -> s
-                t_sdpa = triton.testing.do_bench(sdpa, warmup=25, rep=200) * 1e-3
-                nbytes = 2 * k.numel() * k.element_size()  # K and V, each read once
-                print(f"{dtype:>8} {batch:>6} {context:>8} {splits:>6} {t_paged * 1e6:>9.1f} {nbytes / t_paged / 1e9:>7.0f} "
-                      f"{t_sdpa * 1e6:>8.1f} {nbytes / t_sdpa / 1e9:>7.0f} {t_sdpa / t_paged:>10.2f} {err:>8.1e}")
-                del q, k_cache, v_cache, k, v
-                torch.cuda.empty_cache()
+                print(bench_cuda_case(args, dtype, batch, context))
+                torch.cuda.empty_cache()  # (the case's tensors are gone with its function)
     print("paged/sdpa > 1 means the paged kernel is faster than SDPA on contiguous K/V")
+
+
+def bench_cuda_case(args, dtype, batch, context):
+    """Time the paged kernel and SDPA on one case; returns its row of the table."""
+    import triton.testing
+    q, k_cache, v_cache, tables, lens, k, v = make_case(batch, context, args.n_head, args.head_dim,
+                                                        getattr(torch, dtype), "cuda")
+    scale = args.head_dim ** -0.5
+    splits = args.num_splits or kernels.default_num_splits(batch, args.n_head, context, q.device)
+
+    def paged():
+        return kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)
+
+    def sdpa():
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)
+
+    err = (paged().float() - sdpa()[:, :, 0].float()).abs().max().item()
+    t_paged = triton.testing.do_bench(paged, warmup=25, rep=200) * 1e-3  # ms -> s
+    t_sdpa = triton.testing.do_bench(sdpa, warmup=25, rep=200) * 1e-3
+    nbytes = 2 * k.numel() * k.element_size()  # K and V, each read once
+    return (f"{dtype:>8} {batch:>6} {context:>8} {splits:>6} {t_paged * 1e6:>9.1f} {nbytes / t_paged / 1e9:>7.0f} "
+            f"{t_sdpa * 1e6:>8.1f} {nbytes / t_sdpa / 1e9:>7.0f} {t_sdpa / t_paged:>10.2f} {err:>8.1e}")
 
 
 def bench_cpu(args):
@@ -81,17 +87,17 @@ def bench_cpu(args):
             q, k_cache, v_cache, tables, lens, k, v = make_case(batch, context, args.n_head, args.head_dim,
                                                                 torch.float32, "cpu")
             scale = args.head_dim ** -0.5
-            ts = {}
+            seconds, outputs = {}, {}
             for name, fn in (("ref", lambda: kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)),
                              ("sdpa", lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)[:, :, 0])):
                 fn()
                 t0 = time.perf_counter()
                 for _ in range(args.cpu_reps):
-                    out = fn()
-                ts[name] = (time.perf_counter() - t0) / args.cpu_reps
-                ts[name + "_out"] = out
-            err = (ts["ref_out"] - ts["sdpa_out"]).abs().max().item()
-            print(f"{'float32':>8} {batch:>6} {context:>8} {ts['ref'] * 1e3:>13.2f} {ts['sdpa'] * 1e3:>8.2f} {err:>8.1e}")
+                    outputs[name] = fn()
+                seconds[name] = (time.perf_counter() - t0) / args.cpu_reps
+            err = (outputs["ref"] - outputs["sdpa"]).abs().max().item()
+            print(f"{'float32':>8} {batch:>6} {context:>8} {seconds['ref'] * 1e3:>13.2f} {seconds['sdpa'] * 1e3:>8.2f} "
+                  f"{err:>8.1e}")
 
 
 def main():
@@ -114,13 +120,13 @@ def main():
     cuda = device == "cuda"
     args.batch = args.batch or ([64, 128] if cuda else [4])
     args.context = args.context or ([512, 1024] if cuda else [128, 512])
-    for n in args.batch + args.context + [args.n_head, args.head_dim, args.cpu_reps]:
+    check_flags(args, n_head=AT_LEAST_1, head_dim=AT_LEAST_1, cpu_reps=AT_LEAST_1,
+                num_splits=(lambda v: 1 <= v <= 64, "between 1 and 64"))
+    for n in args.batch + args.context:
         if n < 1:
             die(f"sizes must be positive, got {n}")
     if any(c % BLOCK_SIZE for c in args.context):
         die(f"context lengths must be multiples of the block size {BLOCK_SIZE}, got {args.context}")
-    if args.num_splits is not None and not 1 <= args.num_splits <= 64:
-        die(f"--num-splits must be between 1 and 64, got {args.num_splits}")
     (bench_cuda if cuda else bench_cpu)(args)
 
 

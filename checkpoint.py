@@ -1,14 +1,9 @@
-"""Weights on disk: safetensors read and written by hand, the checks that run before a file is
-trusted, our checkpoint format, and the download of OpenAI's released files.
+"""Weights on disk: safetensors read and written by hand, our checkpoint format, the hub's layout,
+and the download of OpenAI's released files.
 
-safetensors is 8 bytes of little-endian header length N, N bytes of JSON {name: {dtype, shape,
-data_offsets: [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes (offsets count
-from there). Loading never unpickles anything. Every offset is bounds-checked, and the config's
-sizes are checked against the header's shapes before a model is built or allocated.
-
-Our checkpoint is a directory: `model.safetensors` (nn.Linear layout, marked {"layout": LAYOUT} in
-its metadata) and `config.json` ({"format": LAYOUT, "config": GPTConfig fields, metadata...}: the
-chat template, a training run's flags). gpt.py's GPT.from_pretrained and save_checkpoint use it.
+Loading never unpickles anything, and it checks before it trusts: every offset in a safetensors
+header is bounds-checked, and a config's sizes are checked against the header's shapes before a
+model is built or allocated. A problem is a CheckpointError naming the file and the key or tensor.
 """
 
 import hashlib
@@ -21,13 +16,16 @@ from pathlib import Path
 
 import torch
 
+from common import replace_atomically, write_json_atomic
 
 
-FAMILY = "gpt2-chatbot/"  # our layouts' prefix: a later version's files are refused, never misread
+class CheckpointError(ValueError):
+    """A weights file or checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
-LAYOUT = FAMILY + "v1"  # marks our own files: nn.Linear [out, in] weights, no transpose needed
-
+# ----------------------------------------------------------------------------- safetensors, by hand
+# 8 bytes of little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
+# [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes (offsets count from there).
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
@@ -35,10 +33,6 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 
 
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class CheckpointError(ValueError):
-    """A weights file or checkpoint that cannot be loaded; the message names the file and tensor."""
 
 
 def read_safetensors_header(path):
@@ -62,32 +56,33 @@ def read_safetensors_header(path):
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise CheckpointError(f"{path}: __metadata__ must be an object of strings")
     data_start, data_len = 8 + n, size - 8 - n
-    spans = []
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
-                or not all(isinstance(o, int) for o in (begin, end)):
-            raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
-        nbytes = math.prod(shape) * DTYPES[dtype].itemsize
-        if not 0 <= begin <= end <= data_len:
-            raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] lie outside the "
-                                  f"{data_len} data bytes (truncated file?)")
-        if end - begin != nbytes:
-            raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but "
-                                  f"{dtype}{shape} needs {nbytes}")
-        spans.append((begin, end, name))
-    spans.sort()
+    spans = sorted(_tensor_span(path, name, info, data_len) for name, info in header.items() if name != "__metadata__")
     for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     return header, data_start
+
+
+def _tensor_span(path, name, info, data_len):
+    """(begin, end, name) of one header entry, once its dtype, shape and offsets make sense and its
+    bytes lie inside the file's `data_len` data bytes."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed header entry") from None
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise CheckpointError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
+            or not all(isinstance(o, int) for o in (begin, end)):
+        raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+    nbytes = math.prod(shape) * DTYPES[dtype].itemsize
+    if not 0 <= begin <= end <= data_len:
+        raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] lie outside the "
+                              f"{data_len} data bytes (truncated file?)")
+    if end - begin != nbytes:
+        raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes but "
+                              f"{dtype}{shape} needs {nbytes}")
+    return begin, end, name
 
 
 def iter_safetensors(path):
@@ -135,6 +130,29 @@ def all_finite(t):
     return math.isfinite(t.sum()) or bool(torch.isfinite(t).all())
 
 
+# ----------------------------------------------------------------------------- our checkpoint format
+# A directory: model.safetensors (nn.Linear's [out, in] weights, marked {"layout": LAYOUT} in its
+# metadata) and config.json ({"format": LAYOUT, "config": every GPTConfig field but dropout,
+# metadata...}: the chat template, a training run's flags). Weights without the marker are the
+# hub's: OpenAI's layout, whose Conv1D weights gpt.py transposes on the way in.
+
+FAMILY = "gpt2-chatbot/"  # our layouts' prefix: a later version's files are refused, never misread
+
+
+LAYOUT = FAMILY + "v1"  # marks our own files: nn.Linear [out, in] weights, no transpose needed
+
+
+def write_checkpoint(directory, state, config, metadata):
+    """Write our checkpoint: the tensors `state` and the GPTConfig fields `config` (a dict, dropout
+    left out: a training choice), each file atomically, so an interrupted save never leaves a
+    half-written checkpoint."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    replace_atomically(directory / "model.safetensors",
+                       lambda tmp: write_safetensors(tmp, state, metadata={"layout": LAYOUT}))
+    write_json_atomic(directory / "config.json", {"format": LAYOUT, "config": config, **metadata})
+
+
 def read_checkpoint_json(directory, config_fields=None):
     """Our config.json: {"format": LAYOUT, "config": {every GPTConfig field but dropout}, metadata...}.
     With `config_fields` (GPTConfig's field names), the config must have every one of them but
@@ -177,7 +195,7 @@ def is_our_layout(path, header):
     try:
         fmt = json.loads((path.parent / "config.json").read_text()).get("format")
     except (OSError, ValueError, AttributeError):
-        fmt = None  # no config.json, or not ours: infer_hub_config reads it or says what is wrong
+        fmt = None  # no config.json, or not ours: hub_config reads it or says what is wrong
     if isinstance(fmt, str) and fmt.startswith(FAMILY):
         raise CheckpointError(f"{path}: no \"layout\" in its __metadata__ (re-saved by another tool?), though "
                               f"config.json beside it is a {fmt} checkpoint's; our weights need "
@@ -185,10 +203,24 @@ def is_our_layout(path, header):
     return False
 
 
-def check_config(config, where):
-    """A CheckpointError naming `where` unless the config describes a model that can be built: a
-    config.json edited by hand (or written by something else) fails here in one line, not deep in
-    nn.Module construction."""
+def read_model_config(path, header, name, released, config_fields):
+    """What the weights at `path` are, before anything is built: (the GPTConfig fields but dropout,
+    as a dict; our config.json's contents, {} for hub weights; the file to name in a config error).
+    Ours come from our config.json; hub weights from a released name's sizes in `released`, else
+    from hub_config."""
+    config_json = path.parent / "config.json"
+    where = config_json if config_json.exists() else path
+    if is_our_layout(path, header):
+        info = read_checkpoint_json(path.parent, config_fields)
+        return {k: v for k, v in info["config"].items() if k != "dropout"}, info, where
+    return released.get(str(name)) or hub_config(path, header, released), {}, where
+
+
+def check_config(config, header, where, path):
+    """A CheckpointError naming `where` (the config's file) unless the config describes a model that
+    can be built, of the sizes of the weights in `path`. A config.json edited by hand (or written by
+    something else) fails here in one line, not deep in nn.Module construction or an allocation of
+    terabytes."""
     for name in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -197,20 +229,16 @@ def check_config(config, where):
         raise CheckpointError(f"{where}: n_embd {config.n_embd} is not a multiple of n_head {config.n_head}")
     if not isinstance(config.bias, bool):
         raise CheckpointError(f"{where}: bias must be true or false, not {config.bias!r}")
+    _check_config_fits_weights(config, header, where, path)
 
 
-def check_config_fits_weights(config, header, where, path):
-    """A CheckpointError naming the config key (in `where`, the config's file) unless the vocabulary,
-    width, context and layer count are those of the weights in `path`, read from its header alone.
-    These are the sizes that decide how much the model allocates; the shape of every other tensor
-    follows from them and is checked as it is loaded."""
-    shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+def _check_config_fits_weights(config, header, where, path):
+    """The vocabulary, width, context and layer count must be those of the weights, read from the
+    header alone: these are the sizes that decide how much the model allocates; the shape of every
+    other tensor follows from them and is checked as it is loaded."""
+    shapes = _shapes(header)
     for key, sizes in (("wte.weight", ("vocab_size", "n_embd")), ("wpe.weight", ("block_size", "n_embd"))):
-        if key not in shapes:
-            raise CheckpointError(f"{path}: missing tensor {key!r}")
-        if len(shapes[key]) != 2:
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
-        for size, dim in zip(sizes, shapes[key]):
+        for size, dim in zip(sizes, _embedding_shape(shapes, key, path)):
             if getattr(config, size) != dim:
                 raise CheckpointError(f"{where}: {size} {getattr(config, size)} disagrees with the weights: "
                                       f"{path.name} holds {key!r} of shape {shapes[key]}")
@@ -219,6 +247,22 @@ def check_config_fits_weights(config, header, where, path):
         raise CheckpointError(f"{where}: n_layer {config.n_layer} disagrees with the weights: "
                               f"{path.name} holds {len(layers)} layer{'s' if len(layers) != 1 else ''}")
 
+
+def _shapes(header):
+    """{tensor name without the hub's `transformer.` prefix: shape} of a safetensors header."""
+    return {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
+
+
+def _embedding_shape(shapes, key, path):
+    """The shape of embedding `key` (wte.weight or wpe.weight), which must be there and 2-D."""
+    if key not in shapes:
+        raise CheckpointError(f"{path}: missing tensor {key!r}")
+    if len(shapes[key]) != 2:
+        raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
+    return shapes[key]
+
+
+# ----------------------------------------------------------------------------- the hub's layout
 
 def hub_config(path, header, released):
     """The GPTConfig fields (a dict) of a hub-layout file: from its HF config.json when there is one,
@@ -235,13 +279,9 @@ def hub_config(path, header, released):
             raise CheckpointError(f"{hf}: not a GPT-2 config: it has no {', '.join(missing)}")
         return dict(n_layer=c["n_layer"], n_head=c["n_head"], n_embd=c["n_embd"],
                     block_size=c.get("n_positions", c.get("n_ctx", 1024)), vocab_size=c["vocab_size"])
-    shapes = {k.removeprefix("transformer."): v["shape"] for k, v in header.items() if k != "__metadata__"}
-    for key in ("wte.weight", "wpe.weight"):
-        if key not in shapes:
-            raise CheckpointError(f"{path}: missing tensor {key!r}")
-        if len(shapes[key]) != 2:
-            raise CheckpointError(f"{path}: tensor {key!r} has shape {shapes[key]}, expected 2 dimensions")
-    vocab, n_embd = shapes["wte.weight"]
+    shapes = _shapes(header)
+    vocab, n_embd = _embedding_shape(shapes, "wte.weight", path)
+    block_size, _ = _embedding_shape(shapes, "wpe.weight", path)
     layers = [k.split(".")[1] for k in shapes if k.startswith("h.")]
     bad = next((k for k in layers if not k.isdigit()), None)
     if bad is not None:
@@ -250,7 +290,7 @@ def hub_config(path, header, released):
     heads = {s["n_embd"]: s["n_head"] for s in released.values()}
     if n_embd not in heads:
         raise CheckpointError(f"{path}: width {n_embd} is not a released GPT-2 size; put a config.json with n_head beside it")
-    return dict(n_layer=n_layer, n_head=heads[n_embd], n_embd=n_embd, block_size=shapes["wpe.weight"][0], vocab_size=vocab)
+    return dict(n_layer=n_layer, n_head=heads[n_embd], n_embd=n_embd, block_size=block_size, vocab_size=vocab)
 
 
 HUB_URL = "https://huggingface.co/openai-community/{name}/resolve/main/model.safetensors"
@@ -282,6 +322,8 @@ def resolve_weights(name_or_path, released=()):
     return p
 
 
+# ----------------------------------------------------------------------------- download
+
 def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
     """Download `url` to `dest` unless it is already there, with a progress bar.
 
@@ -290,43 +332,16 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
     Range request. The size is checked against the server's (a connection cut where the size is
     unknown is caught too), and the SHA-256 against `sha256` or, failing that, the hub's
     `X-Linked-Etag` (the LFS object's SHA-256). A mismatch deletes the file."""
-    import requests
-    from tqdm import tqdm
-
     dest = Path(dest)
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    have = part.stat().st_size if part.exists() else 0
-    # identity: sizes and Range offsets are then those of the file itself (requests would otherwise ask
-    # for gzip, and Content-Length would count the compressed bytes while we write decompressed ones)
-    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
-    cut = False
-    with requests.get(url, stream=True, headers=headers, timeout=timeout) as r:
-        if r.status_code == 416:  # our .part is already whole (or bogus): start again
-            part.unlink()
-            return download(url, dest, sha256, chunk_size, timeout)
-        r.raise_for_status()
-        encoded = r.headers.get("Content-Encoding", "identity").lower() != "identity"
-        if r.status_code != 206 or encoded:  # the server ignored the Range header (or compressed anyway,
-            have = 0                          # so offsets mean nothing): start from zero
-        if encoded:  # (what arrives is decompressed: the server's sizes don't apply)
-            total = None
-        elif r.status_code == 206 and "Content-Range" in r.headers:
-            total = int(r.headers["Content-Range"].rsplit("/", 1)[1])
-        else:
-            total = have + int(r.headers.get("Content-Length", 0)) or None
-        etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
-        expected = sha256 or (etag if len(etag) == 64 else None)
-        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
-                                                          desc=dest.name, disable=None) as bar:
-            try:
-                for chunk in r.iter_content(chunk_size):
-                    f.write(chunk)
-                    bar.update(len(chunk))
-            except requests.exceptions.RequestException:
-                cut = True  # a cut connection: what arrived is kept in .part (resumable unless compressed)
+    fetched = _fetch_part(url, part, chunk_size, timeout)
+    if fetched is None:  # our .part is already whole (or bogus): start again
+        part.unlink()
+        return download(url, dest, sha256, chunk_size, timeout)
+    total, hub_sha256, encoded, cut = fetched
     size = part.stat().st_size
     if cut or (total is not None and size != total):
         if encoded:
@@ -334,14 +349,62 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
         of = f" of {total}" if total is not None else ""
         again = "run again to resume" if not encoded else "run again to start over"
         raise IOError(f"download of {url} stopped at {size}{of} bytes; {again}")
+    expected = sha256 or hub_sha256
     if expected:
-        h = hashlib.sha256()
-        with open(part, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        if h.hexdigest() != expected:
-            part.unlink()
-            raise IOError(f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {expected}; "
-                          f"the bad file was deleted")
+        _check_sha256(part, url, expected)
     os.replace(part, dest)
     return dest
+
+
+def _fetch_part(url, part, chunk_size, timeout):
+    """Append what the server sends of `url` to the file `part`, asking for the bytes past its end.
+    Returns (the full size or None where unknown, the hub's SHA-256 or None, whether the server
+    compressed the bytes, whether the connection was cut), or None when the server says there are
+    no bytes past the end (416)."""
+    import requests
+    from tqdm import tqdm
+
+    have = part.stat().st_size if part.exists() else 0
+    # identity: sizes and Range offsets are then those of the file itself (requests would otherwise ask
+    # for gzip, and Content-Length would count the compressed bytes while we write decompressed ones)
+    headers = {"Accept-Encoding": "identity", **({"Range": f"bytes={have}-"} if have else {})}
+    cut = False
+    with requests.get(url, stream=True, headers=headers, timeout=timeout) as r:
+        if r.status_code == 416:
+            return None
+        r.raise_for_status()
+        encoded = r.headers.get("Content-Encoding", "identity").lower() != "identity"
+        if r.status_code != 206 or encoded:  # the server ignored the Range header (or compressed anyway,
+            have = 0                          # so offsets mean nothing): start from zero
+        total = _full_size(r, have, encoded)
+        etag = (r.headers.get("X-Linked-Etag") or "").strip('"')
+        with open(part, "ab" if have else "wb") as f, tqdm(total=total, initial=have, unit="B", unit_scale=True,
+                                                          desc=part.name.removesuffix(".part"), disable=None) as bar:
+            try:
+                for chunk in r.iter_content(chunk_size):
+                    f.write(chunk)
+                    bar.update(len(chunk))
+            except requests.exceptions.RequestException:
+                cut = True  # a cut connection: what arrived is kept in .part (resumable unless compressed)
+    return total, etag if len(etag) == 64 else None, encoded, cut
+
+
+def _full_size(response, have, encoded):
+    """The size of the whole file by the server's headers, or None where they cannot tell."""
+    if encoded:  # (what arrives is decompressed: the server's sizes don't apply)
+        return None
+    if response.status_code == 206 and "Content-Range" in response.headers:
+        return int(response.headers["Content-Range"].rsplit("/", 1)[1])
+    return have + int(response.headers.get("Content-Length", 0)) or None
+
+
+def _check_sha256(path, url, expected):
+    """Delete the file at `path` and raise unless its SHA-256 is `expected`."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    if h.hexdigest() != expected:
+        path.unlink()
+        raise IOError(f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {expected}; "
+                      f"the bad file was deleted")

@@ -1,11 +1,8 @@
 """Data: from text and conversations on disk to the token ids a GPT-2 trains on.
 
-Three parts, one per kind of training:
-  1. chat templates: how a conversation (a list of {"role", "content"} turns) becomes tokens, with the
-     labels that say which tokens the model learns. One source of truth for sft.py, generate.py and
-     serve.py; the template's name is recorded in every fine-tuned checkpoint.
-  2. pretraining data: plain text -> uint16 token files read back with np.memmap.
-  3. conversation data: Alpaca, Dolly, Guanaco, OpenAssistant and chat JSONL files -> conversations,
+Two parts, one per kind of training (tokenizer.py turns a conversation into tokens):
+  1. pretraining data: plain text -> uint16 token files read back with np.memmap.
+  2. conversation data: Alpaca, Dolly, Guanaco, OpenAssistant and chat JSONL files -> conversations,
      and the masked-label batches sft.py trains on.
 """
 
@@ -26,17 +23,10 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import cache_dir, download
-from common import die, write_json_atomic
+from common import check_flags, die, replace_atomically, write_json_atomic
 from tokenizer import EOT, IGNORE, encode, encode_conversation, get_tokenizer
 
-# ----------------------------------------------------------------------------- 1. chat templates
-# A conversation is a list of turns {"role": "system" | "user" | "assistant", "content": str}; a user
-# turn may also carry "input" (Alpaca's optional context). A template renders it as pieces of text,
-# each either learned (an assistant's answer) or not; every assistant turn is closed by one
-# <|endoftext|>, which is learned too: it is how the model learns to stop talking.
-
-
-# ----------------------------------------------------------------------------- 2. pretraining data
+# ----------------------------------------------------------------------------- 1. pretraining data
 # Pretraining reads one long stream of tokens: every document's tokens, each document preceded by
 # <|endoftext|>, so the model learns where a text begins and that what came before is unrelated.
 # The stream is stored as raw uint16 (GPT-2's 50257 ids fit in 16 bits) in train.bin and val.bin,
@@ -50,7 +40,7 @@ from tokenizer import EOT, IGNORE, encode, encode_conversation, get_tokenizer
 # Splits. TinyStories has its own validation file; any other source keeps the last `val_fraction`
 # of its tokens for validation.
 #
-# Command line (an argparse subcommand, with a short form):
+# Command line (an argparse subcommand, with a short form; at the end of this file):
 #   python data.py pretrain tinystories [--out DIR]    # or shakespeare, tinystories-small, a file, a URL
 #   python data.py tinystories                         # short for the same
 # Output goes to data_cache/<name>/ beside this file: train.bin, val.bin and meta.json. meta.json is
@@ -127,8 +117,8 @@ def _encode_batch(batch):
 
 
 def tokenize_file(src, dest, workers=None, batch_chars=1 << 20, desc=None):
-    """Tokenize the text file `src` into the uint16 token file `dest` (written to dest.tmp, then
-    renamed), in parallel worker processes. Returns the number of tokens."""
+    """Tokenize the text file `src` into the uint16 token file `dest` (written atomically:
+    common.replace_atomically), in parallel worker processes. Returns the number of tokens."""
     src, dest = Path(src), Path(dest)
     if not src.is_file():
         raise ValueError(f"{src}: " + ("not a regular file" if src.exists() else "no such file"))
@@ -137,42 +127,46 @@ def tokenize_file(src, dest, workers=None, batch_chars=1 << 20, desc=None):
         raise ValueError(f"{src}: the file is empty")
     workers = workers or min(os.cpu_count() or 1, 16)
     workers = max(1, min(workers, size // batch_chars))  # small files: no worker processes at all
-    tmp = dest.with_name(dest.name + ".tmp")
     n = 0
+
+    def write(tmp):
+        nonlocal n
+        n = _tokenize_into(tmp, src, size, workers, batch_chars, desc or src.name)
+        if n == 0:
+            raise ValueError(f"{src}: no text in the file (only whitespace and separators)")
     try:
-        with open(tmp, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc=desc or src.name,
-                                          disable=None) as bar:
-            stop = threading.Event()  # once set, no further batch is read from the file
-            batches = itertools.takewhile(lambda _: not stop.is_set(), read_text_batches(src, batch_chars))
-            pool = multiprocessing.Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
-            try:
-                # imap keeps the order of the batches, so the token stream follows the file
-                results = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
-                for ids, chars in results:
-                    out.write(ids.tobytes())
-                    n += len(ids)
-                    bar.update(min(chars, bar.total - bar.n))  # characters ~ bytes (exact for ASCII)
-            finally:
-                if pool:
-                    # Not pool.terminate(): it hangs for good when it catches the pool's feeding thread
-                    # between taking a batch and sending it (seen on Ctrl-C), as a batch is more than
-                    # the pipe to the workers holds and terminate has already stopped its readers.
-                    # Instead: the feeding stops, the batches already sent finish (a second or so;
-                    # the workers ignore Ctrl-C), and the workers exit.
-                    stop.set()
-                    pool.close()
-                    pool.join()
-            bar.update(bar.total - bar.n)
+        replace_atomically(dest, write)
     except UnicodeDecodeError as e:
-        tmp.unlink(missing_ok=True)
         raise ValueError(f"{src}: not UTF-8 text ({e.reason} at byte {e.start} of a block)") from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if n == 0:
-        tmp.unlink(missing_ok=True)
-        raise ValueError(f"{src}: no text in the file (only whitespace and separators)")
-    os.replace(tmp, dest)
+    return n
+
+
+def _tokenize_into(path, src, size, workers, batch_chars, desc):
+    """Write the tokens of text file `src` (`size` bytes) into `path`, encoded by `workers`
+    processes in batches of about `batch_chars`. Returns the number of tokens."""
+    n = 0
+    with open(path, "wb") as out, tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+        stop = threading.Event()  # once set, no further batch is read from the file
+        batches = itertools.takewhile(lambda _: not stop.is_set(), read_text_batches(src, batch_chars))
+        pool = multiprocessing.Pool(workers, initializer=_ignore_sigint) if workers > 1 else None
+        try:
+            # imap keeps the order of the batches, so the token stream follows the file
+            results = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
+            for ids, chars in results:
+                out.write(ids.tobytes())
+                n += len(ids)
+                bar.update(min(chars, bar.total - bar.n))  # characters ~ bytes (exact for ASCII)
+        finally:
+            if pool:
+                # Not pool.terminate(): it hangs for good when it catches the pool's feeding thread
+                # between taking a batch and sending it (Ctrl-C can), as a batch is more than the
+                # pipe to the workers holds and terminate has already stopped its readers.
+                # Instead: the feeding stops, the batches already sent finish (a second or so;
+                # the workers ignore Ctrl-C), and the workers exit.
+                stop.set()
+                pool.close()
+                pool.join()
+        bar.update(bar.total - bar.n)
     return n
 
 
@@ -182,16 +176,10 @@ def _split_tail(train_path, val_path, val_fraction):
     n_val = int(len(tokens) * val_fraction)
     if n_val < 2 or len(tokens) - n_val < 2:
         raise ValueError(f"{len(tokens)} tokens are too few to split into train and validation parts")
-    tmp = val_path.with_name(val_path.name + ".tmp")
-    try:
-        tokens[len(tokens) - n_val:].tofile(tmp)
-    except BaseException:  # a full disk, Ctrl-C: leave no partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    keep = (len(tokens) - n_val) * tokens.itemsize
+    keep = len(tokens) - n_val
+    replace_atomically(val_path, tokens[keep:].tofile)  # a full disk, Ctrl-C: no partial file left behind
     del tokens  # close the map before truncating the file under it
-    os.truncate(train_path, keep)
-    os.replace(tmp, val_path)
+    os.truncate(train_path, keep * np.dtype(np.uint16).itemsize)
 
 
 def resolve_pretrain_source(source):
@@ -222,43 +210,52 @@ def prepare_pretrain_data(source, out_dir=None, val_fraction=None, workers=None)
     if out.exists() and not out.is_dir():  # (mkdir would say "File exists")
         raise ValueError(f"{out} is a file, not a directory for the token files")
     out.mkdir(parents=True, exist_ok=True)
-    texts = []
-    for src in (train_src, val_src):
-        if src is None or not src.startswith(("http://", "https://")):
-            texts.append(src)
-            continue
-        try:
-            texts.append(str(download(src, out / Path(src.split("?")[0]).name)))
-        except Exception as e:  # requests' errors, a bad checksum, a full disk: one line, not a traceback
-            try:
-                out.rmdir()  # (only if empty: a failed first download leaves no empty folder behind)
-            except OSError:
-                pass
-            raise ValueError(f"could not download {src}: {e}") from None
+    train_text, val_text = (_local_text(src, out) for src in (train_src, val_src))
     stamp = {"source": str(source), "files": [
-        {"path": t, "bytes": os.path.getsize(t), "mtime": os.path.getmtime(t)} for t in texts if t]}
+        {"path": t, "bytes": os.path.getsize(t), "mtime": os.path.getmtime(t)} for t in (train_text, val_text) if t]}
     meta_path = out / "meta.json"
-    if meta_path.exists():
-        try:
-            meta = json.loads(meta_path.read_text())
-        except ValueError:
-            meta = {}
-        # (a --val-fraction asked for and not the one there must not silently keep the old split)
-        same_split = texts[1] or val_fraction is None or meta.get("val_fraction") == val_fraction
-        if meta.get("stamp") == stamp and same_split and all((out / f"{s}.bin").exists() for s in ("train", "val")):
-            return out  # done before, from the same files
+    # (a --val-fraction asked for and not the one there must not silently keep the old split)
+    if _prepared(out, stamp, val_fraction if not val_text else None):
+        return out  # done before, from the same files
     val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     meta_path.unlink(missing_ok=True)
-    n_train = tokenize_file(texts[0], out / "train.bin", workers, desc=f"{name} train")
-    if texts[1]:
-        n_val = tokenize_file(texts[1], out / "val.bin", workers, desc=f"{name} val")
+    n_train = tokenize_file(train_text, out / "train.bin", workers, desc=f"{name} train")
+    if val_text:
+        n_val = tokenize_file(val_text, out / "val.bin", workers, desc=f"{name} val")
     else:
         _split_tail(out / "train.bin", out / "val.bin", val_fraction)
         n_train, n_val = n_train - int(n_train * val_fraction), int(n_train * val_fraction)
     write_json_atomic(meta_path, {"tokenizer": "gpt2", "dtype": "uint16", "eot": EOT, "train_tokens": n_train,
-                                  "val_tokens": n_val, "val_fraction": None if texts[1] else val_fraction,
+                                  "val_tokens": n_val, "val_fraction": None if val_text else val_fraction,
                                   "stamp": stamp})
     return out
+
+
+def _local_text(src, out):
+    """The path of text source `src` on this machine: a URL is downloaded into `out` once."""
+    if src is None or not src.startswith(("http://", "https://")):
+        return src
+    try:
+        return str(download(src, out / Path(src.split("?")[0]).name))
+    except Exception as e:  # requests' errors, a bad checksum, a full disk: one line, not a traceback
+        try:
+            out.rmdir()  # (only if empty: a failed first download leaves no empty folder behind)
+        except OSError:
+            pass
+        raise ValueError(f"could not download {src}: {e}") from None
+
+
+def _prepared(out, stamp, val_fraction):
+    """Whether `out` holds both token files and a meta.json made from the files in `stamp`, split at
+    `val_fraction` (None: at whatever split it was)."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        meta = {}
+    same_split = val_fraction is None or meta.get("val_fraction") == val_fraction
+    return meta.get("stamp") == stamp and same_split and all((out / f"{s}.bin").exists() for s in ("train", "val"))
 
 
 def load_tokens(directory, split):
@@ -282,45 +279,7 @@ def get_batch(tokens, position, batch_size, seq_len):
     return buf[:-1].view(batch_size, seq_len), buf[1:].view(batch_size, seq_len)
 
 
-def _add_pretrain_command(subparsers):
-    p = subparsers.add_parser("pretrain", help="tokenize text into train.bin / val.bin for train.py",
-                              description="Download and tokenize a pretraining source into uint16 token files.")
-    p.add_argument("source", help=f"{' | '.join(PRETRAIN_DATASETS)} | a text file | an http(s) URL")
-    p.add_argument("--out", default=None, help="output directory (default: data_cache/<name>/)")
-    p.add_argument("--val-fraction", type=float, default=None,
-                   help=f"share of the tokens kept for validation when the source has no validation file "
-                        f"(default: {DEFAULT_VAL_FRACTION}, or the split already prepared there)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="tokenizer processes (default: one per CPU core, at most 16, fewer for small files)")
-    p.set_defaults(run=_run_pretrain_command)
-
-
-def _run_pretrain_command(args):
-    if args.val_fraction is not None and not 0 < args.val_fraction < 1:
-        die(f"--val-fraction must be between 0 and 1, not {args.val_fraction}")
-    try:
-        out = prepare_pretrain_data(args.source, args.out, args.val_fraction, args.workers)
-    except (ValueError, OSError) as e:
-        die(str(e))
-    meta = json.loads((out / "meta.json").read_text())
-    print(f"{out}: {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} validation tokens")
-
-
-def main(argv=None):
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
-                                     epilog="`python data.py SOURCE` is short for `python data.py pretrain SOURCE`.")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    _add_pretrain_command(subparsers)
-    if argv and not argv[0].startswith("-") and argv[0] not in subparsers.choices:
-        argv = ["pretrain"] + argv  # the short form
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.error("name a command (or a pretraining source)")
-    args.run(args)
-
-
-# ----------------------------------------------------------------------------- 3. conversation data
+# ----------------------------------------------------------------------------- 2. conversation data
 # Every source becomes the same internal form, a conversation: a list of turns {"role", "content"}
 # (a user turn may carry "input"). The format is detected record by record from its keys:
 #
@@ -335,7 +294,7 @@ def main(argv=None):
 # A record that fits none of them stops loading with an error naming the file and line: training on
 # a silently half-read file is worse than not training at all.
 
-DATASETS = {  # the names sft.py accepts besides a path; downloaded once into gpt.cache_dir()/data
+DATASETS = {  # the names sft.py accepts besides a path; downloaded once into checkpoint.cache_dir()/data
     "alpaca": "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json",
     "dolly": "https://huggingface.co/datasets/databricks/databricks-dolly-15k/resolve/main/databricks-dolly-15k.jsonl",
     "guanaco": "https://huggingface.co/datasets/timdettmers/openassistant-guanaco/resolve/main/"
@@ -358,20 +317,29 @@ def read_records(path):
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read ({e})") from None
-    if not text.lstrip().startswith("["):  # JSONL: one record per line, blank lines allowed
-        # split on "\n" only: str.splitlines() also splits on U+2028, U+0085, \x0c ..., which JSON
-        # allows unescaped inside strings (json.dumps(ensure_ascii=False) writes them as they are).
-        # A "\r" left by "\r\n" is whitespace to json.loads.
-        for n, row in enumerate(text.split("\n"), start=1):
-            if row.strip():
-                try:
-                    yield n, json.loads(row)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-                except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
-                    raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
-        return
-    # one JSON list: decode it element by element (raw_decode) to know where each record starts
+    if text.lstrip().startswith("["):
+        yield from _json_list_records(path, text)
+    else:
+        yield from _jsonl_records(path, text)
+
+
+def _jsonl_records(path, text):
+    """JSONL: one record per line, blank lines allowed."""
+    # split on "\n" only: str.splitlines() also splits on U+2028, U+0085, \x0c ..., which JSON
+    # allows unescaped inside strings (json.dumps(ensure_ascii=False) writes them as they are).
+    # A "\r" left by "\r\n" is whitespace to json.loads.
+    for n, row in enumerate(text.split("\n"), start=1):
+        if row.strip():
+            try:
+                yield n, json.loads(row)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
+            except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
+                raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
+
+
+def _json_list_records(path, text):
+    """One JSON list, decoded element by element (raw_decode) to know the line each record starts on."""
     decoder, space = json.JSONDecoder(), re.compile(r"\s*")
     i = space.match(text, space.match(text).end() + 1).end()  # the first record, after the '['
     line, counted = 1, 0
@@ -547,6 +515,7 @@ def split_dataset(items, val_frac, test_frac, seed):
     return items[n_val + n_test:], items[:n_val], items[n_val:n_val + n_test]
 
 
+# ----------------------------------------------------------------------------- masked-label batches
 # Masked-label batches. An example is (ids, labels) from encode_conversation. The model reads
 # x = ids[:-1] and is scored on y = labels[1:]: position t predicts token t+1, so a label belongs
 # to the position *before* its token. Padding goes on the right with label IGNORE; masking is done
@@ -605,6 +574,46 @@ def eval_batches(examples, batch_size):
     that each batch pads little; the loss per learned token does not depend on the grouping."""
     ordered = sorted(examples, key=lambda e: len(e[0]))
     return [collate(ordered[i:i + batch_size]) for i in range(0, len(ordered), batch_size)]
+
+
+# ----------------------------------------------------------------------------- command line
+
+def _add_pretrain_command(subparsers):
+    p = subparsers.add_parser("pretrain", help="tokenize text into train.bin / val.bin for train.py",
+                              description="Download and tokenize a pretraining source into uint16 token files.")
+    p.add_argument("source", help=f"{' | '.join(PRETRAIN_DATASETS)} | a text file | an http(s) URL")
+    p.add_argument("--out", default=None, help="output directory (default: data_cache/<name>/)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help=f"share of the tokens kept for validation when the source has no validation file "
+                        f"(default: {DEFAULT_VAL_FRACTION}, or the split already prepared there)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizer processes (default: one per CPU core, at most 16, fewer for small files)")
+    p.set_defaults(run=_run_pretrain_command)
+
+
+def _run_pretrain_command(args):
+    check_flags(args, val_fraction=(lambda v: 0 < v < 1, "between 0 and 1"))
+    try:
+        out = prepare_pretrain_data(args.source, args.out, args.val_fraction, args.workers)
+    except (ValueError, OSError) as e:
+        die(str(e))
+    meta = json.loads((out / "meta.json").read_text())
+    print(f"{out}: {meta['train_tokens']:,} train tokens, {meta['val_tokens']:,} validation tokens")
+
+
+def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     epilog="`python data.py SOURCE` is short for `python data.py pretrain SOURCE`.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _add_pretrain_command(subparsers)
+    if argv and not argv[0].startswith("-") and argv[0] not in subparsers.choices:
+        argv = ["pretrain"] + argv  # the short form
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.error("name a command (or a pretraining source)")
+    args.run(args)
+
 
 
 if __name__ == "__main__":

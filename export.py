@@ -28,6 +28,7 @@ the same thing: neither format has a bias-free GPT-2.
 """
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -38,9 +39,10 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, resolve_weights, write_safetensors
-from common import die, same_file
+from common import die, replace_atomically, same_file
 from gpt import CONV1D, SIZES, load_or_die
 from tokenizer import EOT, get_tokenizer, jinja_template
+
 EOT_TEXT = "<|endoftext|>"
 
 
@@ -196,28 +198,39 @@ def json_file(obj):
 
 
 def write_files(directory, files):
-    """Write {name: write(path)} into `directory`, all or nothing: each file goes to NAME.tmp, and only
-    when every one is written are they renamed into place. A failed write (a full disk) removes the
-    .tmp files and leaves the directory as it was, never a new model beside an old tokenizer config;
-    its error names the file (a full disk's error names none, an open's names the .tmp). The renames
-    themselves cannot fail halfway for want of space; a target that is a directory, the one thing
-    that would make one fail, is refused before anything is written."""
+    """Write {name: write(path)} into `directory`, all or nothing: never a new model beside an old
+    tokenizer config. Each file is written by common.replace_atomically (to NAME.tmp, then renamed),
+    one inside the other: writing the first file's .tmp goes on to write all the others, so nothing
+    is renamed into place until every .tmp is written, and a failed write (a full disk) unwinds
+    through them all, each deleting its .tmp. The renames cannot fail halfway for want of space; a
+    target that is a directory, the one thing that would make one fail, is refused before anything
+    is written. An error names the file it failed on, not the .tmp or nothing (a full disk's error
+    names no file)."""
     directory = Path(directory)
     for name in files:
         if (directory / name).is_dir():
             raise IsADirectoryError(21, "is a directory, not a file this export can replace", str(directory / name))
-    tmps = []
+
+    def write_from(names):
+        if not names:
+            return
+        path, write = directory / names[0], files[names[0]]
+
+        def write_this_then_the_rest(tmp):
+            with errors_naming(path):
+                write(tmp)
+            write_from(names[1:])
+        replace_atomically(path, write_this_then_the_rest)
+    write_from(list(files))
+
+
+@contextlib.contextmanager
+def errors_naming(path):
+    """An OSError raised inside names `path`, the file the user asked for, whatever it named."""
     try:
-        for name, write in files.items():
-            tmps.append(directory / (name + ".tmp"))
-            write(tmps[-1])
-        for name, tmp in zip(files, tmps):
-            os.replace(tmp, directory / name)
-    except BaseException as e:
-        for tmp in tmps:
-            tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            e.filename = str(directory / name)
+        yield
+    except OSError as e:
+        e.filename = str(path)
         raise
 
 
@@ -352,6 +365,7 @@ def export_gguf(model, path, dtype="f32", name="gpt2"):
 
 
 def check_vocab(config):
+    """Refuse a model whose vocabulary cannot hold GPT-2's tokens: the exports ship GPT-2's tokenizer."""
     if config.vocab_size < EOT + 1:
         raise CheckpointError(f"vocab_size {config.vocab_size} is smaller than GPT-2's tokenizer "
                               f"({EOT + 1} tokens); the exported tokenizer would not fit the model")
@@ -381,7 +395,7 @@ def check_not_source(fmt, out, checkpoint):
     """Die if the export would write over a file the (loaded) checkpoint is read from, its weights or
     the config.json beside them: `export.py S --to gguf S/model.safetensors`, or `--to hf S`, would
     replace the model with its export and lose what only our config.json holds (the chat template).
-    Compared as files (gpt.same_file), so another spelling of the path or a link to it is caught too."""
+    Compared as files (common.same_file), so another spelling of the path or a link to it is caught too."""
     weights = resolve_weights(checkpoint, SIZES)  # already loaded: a local path, nothing is downloaded
     targets = output_files(fmt, out)
     for source in (weights, weights.parent / "config.json"):
@@ -389,6 +403,14 @@ def check_not_source(fmt, out, checkpoint):
             if same_file(source, target):
                 die(f"--to {fmt} {out} would overwrite {source}, part of the checkpoint being exported; "
                     f"choose another path")
+
+
+def note_replaced(fmt, out):
+    """An earlier export is replaced, as llama.cpp's converter and save_pretrained do, but not silently."""
+    old = [p for p in output_files(fmt, out) if p.exists()]
+    if old:
+        print(f"note: replacing existing {out}" if fmt == "gguf" else
+              f"note: replacing existing {', '.join(p.name for p in old)} in {out}")
 
 
 def main(argv=None):
@@ -409,11 +431,7 @@ def main(argv=None):
 
     model = load_or_die(args.checkpoint)  # a bad checkpoint or failed download: "cannot load model ..."
     check_not_source(fmt, out, args.checkpoint)
-    # an earlier export is replaced, as llama.cpp's converter and save_pretrained do, but not silently
-    old = [p for p in output_files(fmt, out) if p.exists()]
-    if old:
-        print(f"note: replacing existing {out}" if fmt == "gguf" else
-              f"note: replacing existing {', '.join(p.name for p in old)} in {out}")
+    note_replaced(fmt, out)
     try:
         if fmt == "hf":
             export_hf(model, out, args.dtype)

@@ -1,13 +1,7 @@
-"""GPT-2 in one file: the model, OpenAI's weights, the tokenizer and our checkpoint format.
-
-The model is the GPT-2 of OpenAI's 2019 release, written with plain nn.Modules:
+"""GPT-2, written with plain nn.Modules, and OpenAI's weights loaded into it.
 
     tokens -> wte + wpe -> h[0..L-1] -> ln_f -> lm_head (tied to wte) -> logits
     each block h[i]:  x = x + attn(ln_1(x));  x = x + mlp(ln_2(x))      (pre-LayerNorm)
-
-Parameter names are OpenAI's (wte, wpe, h.N.ln_1, h.N.attn.c_attn, ..., ln_f), so a released
-checkpoint maps onto this model key for key; the only twist is that OpenAI's "Conv1D" layers store
-their weight as [in, out] where nn.Linear wants [out, in] (see `load_state_from_file`).
 
 The KV-cache seam
 -----------------
@@ -23,31 +17,25 @@ included, causally. `pos` (B, T) or (T,) gives each token's absolute position fo
 embedding; it defaults to 0..T-1. That is the whole contract: the model never learns where the
 cache keeps things, and the caches never touch the model's weights.
 
-Checkpoints
------------
-A checkpoint is a directory with `model.safetensors` (our own writer, nn.Linear layout, marked so
-in the file's metadata) and `config.json` (the GPTConfig plus metadata such as the chat template).
-`GPT.from_pretrained` loads that, a Hugging Face hub directory or .safetensors file, or one of the
-names gpt2 / gpt2-medium / gpt2-large / gpt2-xl (downloaded once into a cache). Loading never
-unpickles anything: safetensors is a JSON header and raw bytes, parsed here by hand. It checks
-before it trusts: the header's offsets, the config's sizes against the header's shapes (before the
-model is built or allocated), then each tensor's shape and that it holds no NaN or inf. A problem
-is a CheckpointError naming the file and the key or tensor.
+OpenAI's weights
+----------------
+The parameter names are OpenAI's (wte, wpe, h.N.ln_1, h.N.attn.c_attn, ..., ln_f), so a released
+checkpoint maps onto this model key for key. The one twist: OpenAI's "Conv1D" layers store their
+weight as [in, out] where nn.Linear wants [out, in], so those four weights are transposed on the
+way in. How the files are read, checked and downloaded is checkpoint.py's business.
 """
 
 import argparse
 import math
 from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoint import (LAYOUT, CheckpointError, all_finite, check_config, check_config_fits_weights, hub_config,
-                        is_our_layout, iter_safetensors, read_checkpoint_json, read_safetensors_header, resolve_weights,
-                        write_safetensors)
-from common import HelpFormatter, brief, die, replace_atomically, write_json_atomic
+from checkpoint import (CheckpointError, all_finite, check_config, iter_safetensors, read_model_config,
+                        read_safetensors_header, resolve_weights, write_checkpoint)
+from common import HelpFormatter, brief, die
 
 # ----------------------------------------------------------------------------- the model
 
@@ -184,18 +172,9 @@ class GPT(nn.Module):
         """gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a checkpoint directory, or a .safetensors file."""
         path = resolve_weights(name_or_path, SIZES)
         header, _ = read_safetensors_header(path)
-        ckpt_dir = path.parent
-        info = read_checkpoint_json(ckpt_dir, [f.name for f in fields(GPTConfig)]) if is_our_layout(path, header) else {}
-        if info:
-            config = GPTConfig(**{**info["config"], "dropout": dropout})
-        else:
-            config = GPTConfig(**(SIZES.get(str(name_or_path)) or hub_config(path, header, SIZES)))
-            config.dropout = dropout
-        where = ckpt_dir / "config.json" if (ckpt_dir / "config.json").exists() else path
-        check_config(config, where)
-        # before anything is built: building 1e7 layers takes minutes even on the meta device, and
-        # to_empty below allocates whatever the config says (terabytes for a block_size of 1e12)
-        check_config_fits_weights(config, header, where, path)
+        sizes, info, where = read_model_config(path, header, name_or_path, SIZES, [f.name for f in fields(GPTConfig)])
+        config = GPTConfig(**sizes, dropout=dropout)
+        check_config(config, header, where, path)  # before anything is built or allocated
         # Build on the meta device (no memory, no random init), then materialize directly in the
         # target dtype/device and fill each tensor from the memory-mapped file: never two full copies.
         with torch.device("meta"):
@@ -207,23 +186,10 @@ class GPT(nn.Module):
         return model.eval()
 
     def save_checkpoint(self, directory, **metadata):
-        """Write the project's checkpoint: model.safetensors + config.json, atomically (each file goes
-        to a temporary name first, so an interrupted save never leaves a half-written checkpoint)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        """Write the project's checkpoint (checkpoint.py): model.safetensors + config.json, atomically."""
         state = {k: v for k, v in self.state_dict().items() if k != "lm_head.weight"}  # tied to wte
-        replace_atomically(directory / "model.safetensors",
-                           lambda tmp: write_safetensors(tmp, state, metadata={"layout": LAYOUT}))
-        cfg = {k: v for k, v in asdict(self.config).items() if k != "dropout"}
-        write_json_atomic(directory / "config.json", {"format": LAYOUT, "config": cfg, **metadata})
-
-
-# ----------------------------------------------------------------------------- tokenizer
-
-
-# ----------------------------------------------------------------------------- safetensors, by hand
-# Format: 8-byte little-endian header length N, N bytes of JSON {name: {dtype, shape, data_offsets:
-# [begin, end]}, "__metadata__": {str: str}}, then the raw tensor bytes, offsets relative to there.
+        config = {k: v for k, v in asdict(self.config).items() if k != "dropout"}
+        write_checkpoint(directory, state, config, metadata)
 
 
 # OpenAI's Conv1D layers store weight as [in, out] (x @ W); nn.Linear stores [out, in] (x @ W.T).
@@ -231,8 +197,8 @@ CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_
 
 
 def load_state_from_file(model, path, transposed):
-    """Copy every tensor of `path` into `model`, one at a time. `transposed`: the file is in the hub's
-    Conv1D layout, so the four Conv1D weights are transposed on the way in."""
+    """Copy every tensor of `path` into `model`, one at a time. `transposed`: the file is in OpenAI's
+    Conv1D layout (the hub's), so the four Conv1D weights are transposed on the way in."""
     params = model.state_dict()
     params.pop("lm_head.weight")  # tied to wte.weight
     seen = set()
@@ -257,8 +223,7 @@ def load_state_from_file(model, path, transposed):
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
 
 
-# ----------------------------------------------------------------------------- downloads
-
+# ----------------------------------------------------------------------------- for the scripts
 
 def load_or_die(name, **kwargs):
     """GPT.from_pretrained(name, **kwargs) for the scripts: a bad checkpoint or a failed download is a

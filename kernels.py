@@ -57,7 +57,7 @@ else:
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 FORCE_TRITON = False  # tests set this (under TRITON_INTERPRET=1) to send CPU tensors to the kernels
 # Every launch lets the compiler fuse a multiply and an add into one FMA (one rounding instead of two,
-# and faster). Triton did so by default up to 3.9; 3.10 turns it off by default, so we say it.
+# and faster), said explicitly: Triton's own default is not to be relied on.
 FP_FUSION = True
 
 
@@ -381,8 +381,8 @@ def _prefill_kernel(q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, context_l
     # values come through the block table, and the causal mask is shifted by the cached prefix.
     # input_precision="ieee": by default tl.dot rounds float32 inputs to TF32 (a 10-bit mantissa) on
     # NVIDIA tensor cores, and float32 prefill would then not match SDPA; "ieee" multiplies in full
-    # float32. For float16/bfloat16 inputs the option is ignored (Triton's tl.dot docs): tensor cores
-    # as before.
+    # float32. For float16/bfloat16 inputs the option is ignored (Triton's tl.dot docs): they use the
+    # tensor cores either way.
     b = tl.program_id(0)
     h = tl.program_id(1)
     tile = tl.program_id(2)

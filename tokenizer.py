@@ -1,9 +1,12 @@
 """Text to token ids and back: GPT-2's byte-level BPE and the chat templates.
 
-A conversation is a list of {"role", "content"} turns. A template renders it as text and as token
-ids with labels: IGNORE (-100) on everything the model must not learn (prompts, user turns), the
-answer's ids where it must. This is the one source of truth for sft.py, generate.py, serve.py and
-export.py; the template's name is recorded in every fine-tuned checkpoint.
+A conversation is a list of turns {"role": "system" | "user" | "assistant", "content": str}; a user
+turn may also carry "input" (Alpaca's optional context). A template renders it as pieces of text,
+each either learned (an assistant's answer) or not, and from them token ids with labels: IGNORE
+(-100) on everything the model must not learn (prompts, user turns), the answer's ids where it
+must. Every answer is closed by one <|endoftext|>, learned too: it is how the model learns to stop
+talking. This is the one source of truth for sft.py, generate.py, serve.py and export.py; the
+template's name is recorded in every fine-tuned checkpoint.
 """
 
 import bisect
@@ -13,6 +16,7 @@ import json
 
 from common import die
 
+# ----------------------------------------------------------------------------- GPT-2's tokenizer
 
 EOT = 50256  # <|endoftext|>: the document separator in pretraining and the end of an answer in chat
 
@@ -33,6 +37,8 @@ def encode(text, enc=None):
     return (enc or get_tokenizer()).encode(text, disallowed_special=())
 
 
+# ----------------------------------------------------------------------------- chat templates
+
 IGNORE = -100  # the label of a token the loss skips (prompt, user turns, padding)
 
 
@@ -51,30 +57,34 @@ def _pieces(messages, template):
     """(text or EOT, learned) pieces of a conversation, in order."""
     if template not in TEMPLATES:
         raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
-    out = []
     system = [m["content"] for m in messages if m["role"] == "system"]
     turns = [m for m in messages if m["role"] != "system"]
-    if template == "alpaca":
-        has_input = any(m.get("input") for m in turns)
-        preamble = ALPACA_PREAMBLE_INPUT if has_input else ALPACA_PREAMBLE
-        out.append((("\n\n".join(system) + "\n\n" if system else "") + preamble, False))
-        for m in turns:
-            if m["role"] == "user":
-                text = f"### Instruction:\n{m['content']}\n\n"
-                if m.get("input"):
-                    text += f"### Input:\n{m['input']}\n\n"
-                out.append((text + "### Response:\n", False))
-            else:
-                out += [(m["content"], True), (EOT, True), ("\n\n", False)]
-    else:  # chat
-        if system:
-            out.append(("\n\n".join(system) + "\n\n", False))
-        for m in turns:
-            if m["role"] == "user":
-                content = m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")
-                out.append((f"User: {content}\nAssistant:", False))
-            else:
-                out += [(" " + m["content"], True), (EOT, True), ("\n", False)]
+    return (_alpaca_pieces if template == "alpaca" else _chat_pieces)(system, turns)
+
+
+def _alpaca_pieces(system, turns):
+    has_input = any(m.get("input") for m in turns)
+    preamble = ALPACA_PREAMBLE_INPUT if has_input else ALPACA_PREAMBLE
+    out = [(("\n\n".join(system) + "\n\n" if system else "") + preamble, False)]
+    for m in turns:
+        if m["role"] == "user":
+            text = f"### Instruction:\n{m['content']}\n\n"
+            if m.get("input"):
+                text += f"### Input:\n{m['input']}\n\n"
+            out.append((text + "### Response:\n", False))
+        else:
+            out += [(m["content"], True), (EOT, True), ("\n\n", False)]
+    return out
+
+
+def _chat_pieces(system, turns):
+    out = [("\n\n".join(system) + "\n\n", False)] if system else []
+    for m in turns:
+        if m["role"] == "user":
+            content = m["content"] + (f"\n\n{m['input']}" if m.get("input") else "")
+            out.append((f"User: {content}\nAssistant:", False))
+        else:
+            out += [(" " + m["content"], True), (EOT, True), ("\n", False)]
     return out
 
 
@@ -114,7 +124,7 @@ def _encode_pieces(pieces, enc):
     <|endoftext|> follows it.
 
     EOT is placed only by the template: "<|endoftext|>" written in a message stays ordinary text
-    (gpt.encode), so a user cannot end an answer or a document for the model."""
+    (encode), so a user cannot end an answer or a document for the model."""
     ids, labels = [], []
     segment = []  # (text, learned) pieces since the last EOT
     size = _token_sizes(enc)
@@ -198,8 +208,10 @@ def jinja_template(template):
     raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")
 
 
+# ----------------------------------------------------------------------------- fitting into the context
+
 class PromptTooLong(ValueError):
-    pass
+    """A prompt that leaves the model no room for a new token."""
 
 
 def check_prompt(prompt_ids, n_ctx):

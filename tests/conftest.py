@@ -22,8 +22,8 @@ torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 @contextlib.contextmanager
 def single_thread():
-    """Models this small gain nothing from intra-op threads, and on a busy 2-core machine threads that
-    wait for each other make a step several times slower."""
+    """Models this small gain nothing from intra-op threads, and where the few cores are busy, threads
+    that wait for each other make a step several times slower."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,4 +1,4 @@
-"""gpt.download against a real HTTP server on 127.0.0.1: complete, resumed after a cut, a bad checksum,
+"""checkpoint.download against a real HTTP server on 127.0.0.1: complete, resumed after a cut, a bad checksum,
 a server that compresses anyway, and a cut in a response of unknown size."""
 import gzip
 import hashlib
