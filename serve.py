@@ -14,6 +14,7 @@ openai_api.py speaks OpenAI's request and response shapes; this file puts them b
 """
 
 import argparse
+import contextlib
 import itertools
 import json
 import queue
@@ -223,6 +224,10 @@ class Handler(BaseHTTPRequestHandler):
         wrong one gets a 405, in JSON."""
         method = "GET" if self.head_only else self.command
         path = self.path.split("?", 1)[0]
+        with self.server.answering():
+            self._answer(method, path)
+
+    def _answer(self, method, path):
         try:
             if path not in self.ROUTES:
                 raise ApiError(404, f"no such endpoint: {path}", code="not_found")
@@ -393,6 +398,19 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, Handler)
         self.api = None  # set by attach() once the model is loaded; until then /health says 503
         self.api_key, self.verbose, self.started = api_key, verbose, int(time.time())
+        self.num_answering, self.count_lock = 0, threading.Lock()  # requests read and not yet answered
+
+    @contextlib.contextmanager
+    def answering(self):
+        """Counts a request from when it is read until its answer is written, so that a shutdown can
+        wait for the last words of the requests it ends (the handlers are daemon threads)."""
+        with self.count_lock:
+            self.num_answering += 1
+        try:
+            yield
+        finally:
+            with self.count_lock:
+                self.num_answering -= 1
 
     def attach(self, engine_loop, model_name, template="chat"):
         self.api = OpenAIApi(engine_loop, model_name, template)
@@ -501,23 +519,26 @@ def main(argv=None):
 
 
 def shut_down(server, loop):
-    """Stop without losing a word. A second Ctrl-C or SIGTERM must not cut this short. The listener
-    closes first; then the engine thread stops, between two steps (a process that exits while that
-    thread is inside a torch kernel is aborted by the C++ runtime, SIGABRT, instead of ending); then
+    """Stop without losing a word. A second Ctrl-C or SIGTERM must not cut this short. The engine
+    thread stops first, between two steps (a process that exits while that thread is inside a torch
+    kernel is aborted by the C++ runtime, SIGABRT, instead of ending), so that nothing is generated
+    after the signal; then the listener closes (a request that arrives meanwhile gets a 503); then
     the requests still running are told why they end. (Stopped while loading, there is no engine yet.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print("shutting down", flush=True)
-    if server is not None:
-        server.shutdown()  # no new connections (a request already in a handler gets a 503)
     if loop is not None:
         loop.stop()
+    if server is not None:
+        server.shutdown()  # no new connections
+    if loop is not None:
         sinks = {id(seq.sink): seq.sink for seq in loop.engine.fail_all() if seq.sink is not None}.values()
         for sink in sinks:
             sink.put(ShuttingDown("the server is shutting down"))
         # the handlers are daemon threads, gone when main returns: let them take it to their clients
-        deadline = time.monotonic() + 2
-        while any(not sink.empty() for sink in sinks) and time.monotonic() < deadline:
+        # (until each has written its answer: taking it from the queue is not enough)
+        deadline = time.monotonic() + 5
+        while (any(not sink.empty() for sink in sinks) or server.num_answering) and time.monotonic() < deadline:
             time.sleep(0.01)
 
 
