@@ -72,7 +72,7 @@ def main():
     dtype = getattr(torch, args.dtype)
     hf, ours = same_random_models(device, dtype)
     layout = ""
-    if device.type == "cpu":  # as generate.py's CLI does
+    if device.type == "cpu":  # as inference.load_model does for generate.py
         pack_for_cpu(ours, layout=None if args.layout == "auto" else args.layout)
         layout = f" (weight layout: {ours.cpu_layout}{', measured fastest' if args.layout == 'auto' else ''})"
 

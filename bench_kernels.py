@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from common import AT_LEAST_1, check_flags, die
+from common import AT_LEAST_1, HelpFormatter, check_flags, die
 
 BLOCK_SIZE = 16
 
@@ -101,7 +101,7 @@ def bench_cpu(args):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: 64 128 on CUDA, 4 on CPU)")
     p.add_argument("--context", type=int, nargs="+", help="context lengths (default: 512 1024 on CUDA, 128 512 on CPU)")
     p.add_argument("--n-head", type=int, default=12)

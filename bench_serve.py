@@ -23,7 +23,7 @@ import time
 import torch
 
 from checkpoint import CheckpointError
-from common import check_flags, default_dtype, device_or_die, die
+from common import HelpFormatter, check_flags, default_dtype, device_or_die, die, flag
 from engine import Engine, check_engine_limits
 from gpt import GPT, GPTConfig, SIZES
 from inference import pack_for_cpu
@@ -169,7 +169,7 @@ def sync(model):
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | ... | checkpoint dir")
     p.add_argument("--random-init", action="store_true", help="random weights of --model's size (no download)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
@@ -198,7 +198,7 @@ def parse_args(argv):
 def check_args(args):
     """Bad flags are one-line errors, found before any model is built: a typo should not cost a model load first."""
     try:  # the sampling rules every caller shares
-        SamplingParams(temperature=args.temperature, top_p=args.top_p).check(name=lambda f: "--" + f.replace("_", "-"))
+        SamplingParams(temperature=args.temperature, top_p=args.top_p).check(name=flag)
     except BadSamplingParam as e:
         die(str(e))
     if not (1 <= args.min_len <= args.max_len and 1 <= args.min_out <= args.max_out and args.num_requests >= 1):
@@ -232,7 +232,7 @@ def run_engine(model, requests, args):
     except ValueError as e:  # (the memory may have changed since the check)
         die(str(e))
     tokens, seconds, ttfts = bench_engine(engine, requests, args)
-    throughput = summary("serve.Engine", tokens, seconds, ttfts)
+    throughput = summary("engine.Engine", tokens, seconds, ttfts)
     print(f"  (preemptions {engine.scheduler.num_preemptions}, KV blocks {len(engine.blocks.blocks)})")
     return throughput  # (the engine and its KV cache go here, before transformers runs)
 
@@ -274,14 +274,14 @@ def main(argv=None):
     except ValueError as e:
         die(str(e))
     hf = None if args.hf_mode == "none" else hf_model(model)  # (before packing: transformers gets the plain weights)
-    if device.type == "cpu":  # as serve.py's CLI does (in place: the engine runs the packed model)
+    if device.type == "cpu":  # as inference.load_model does for serve.py (in place: the engine runs the packed model)
         pack_for_cpu(model)
         print(f"  (CPU weight layout: {model.cpu_layout}, measured fastest)")
     ours = run_engine(model, requests, args)
     if hf is None:
         return
     theirs = run_transformers(hf, requests, args, device)
-    print(f"ratio (serve / transformers): {ours / theirs:.2f}x output tokens/s")
+    print(f"ratio (engine / transformers): {ours / theirs:.2f}x output tokens/s")
 
 
 if __name__ == "__main__":

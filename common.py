@@ -29,6 +29,11 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return action.help if nothing else super()._get_help_string(action)
 
 
+def flag(dest):
+    """The command-line spelling of an argparse dest: max_new_tokens -> --max-new-tokens."""
+    return "--" + dest.replace("_", "-")
+
+
 def check_flags(args, **rules):
     """Die at the first flag whose value breaks its rule, given as name=(test, what it must be); a
     flag left unset (None) passes. Each test is a comparison that nan fails (every comparison with
@@ -36,7 +41,7 @@ def check_flags(args, **rules):
     for name, (ok, must) in rules.items():
         value = getattr(args, name)
         if value is not None and not ok(value):
-            die(f"--{name.replace('_', '-')} must be {must} (got {value})")
+            die(f"{flag(name)} must be {must} (got {value})")
 
 
 POSITIVE = (lambda v: 0 < v < math.inf, "a positive number")
@@ -95,6 +100,8 @@ def autocast_for(device, dtype=None):
     device_type = torch.device(device).type
     return lambda: torch.autocast(device_type, dtype=dtype)
 
+
+# ----------------------------------------------------------------------------- CUDA graphs
 
 def capture_cuda_graph(forward, warmups=1, pool=None):
     """Record forward() as a CUDA graph: (graph, its output tensor). graph.replay() then reruns every

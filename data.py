@@ -516,7 +516,7 @@ def split_dataset(items, val_frac, test_frac, seed):
 
 
 # ----------------------------------------------------------------------------- masked-label batches
-# Masked-label batches. An example is (ids, labels) from encode_conversation. The model reads
+# An example is (ids, labels) from encode_conversation. The model reads
 # x = ids[:-1] and is scored on y = labels[1:]: position t predicts token t+1, so a label belongs
 # to the position *before* its token. Padding goes on the right with label IGNORE; masking is done
 # by label, never by "token == pad", because the pad token (EOT) is also the learned end of answer.
@@ -613,7 +613,6 @@ def main(argv=None):
     if not args.command:
         parser.error("name a command (or a pretraining source)")
     args.run(args)
-
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@
                 (its generated tokens are kept).
   ModelRunner   (runner.py) Owns the KV pool and runs the model on a packed batch.
   Engine        Ties them together: add_request / step / abort, and generate() for offline batches;
-                its EngineStats count what /metrics reports. No HTTP here: that is serve.py.
+                its EngineStats count what /metrics reports. No HTTP here: that is serve.py,
+                and openai_api.py the OpenAI request and response shapes.
 """
 
 import itertools
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from common import flag
 from runner import BLOCK, ModelRunner, kv_cache_blocks, parse_memory
 from sampling import SamplingParams, TextStream, sample
 from tokenizer import EOT, check_prompt, encode, get_tokenizer
@@ -311,7 +313,7 @@ def check_engine_limits(max_num_seqs, max_num_batched_tokens, kv_cache_memory=No
     with flags=True, the command-line flag (serve.py's and bench_serve.py's). The KV-cache size
     against the model and the memory is kv_cache_blocks' part, once there is a model."""
     def name(arg):
-        return "--" + arg.replace("_", "-") if flags else arg
+        return flag(arg) if flags else arg
 
     if max_num_seqs < 1:
         raise ValueError(f"{name('max_num_seqs')} must be at least 1, not {max_num_seqs}")

@@ -33,6 +33,7 @@ import functools
 import json
 import os
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -445,4 +446,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: quit without a traceback (every write is all or nothing)
+        sys.exit(130)

@@ -20,7 +20,7 @@ from dataclasses import replace
 
 import torch
 
-from common import AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die
+from common import AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die, flag
 from inference import generate, load_model_or_die
 from sampling import MAX_SEED, BadSamplingParam, SamplingParams
 from tokenizer import (PromptTooLong, check_prompt, encode, encode_prompt, fit_conversation, get_tokenizer,
@@ -70,13 +70,10 @@ def checked_sampling_params(args):
     check_flags(args, num_samples=AT_LEAST_1)
     params = SamplingParams(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.stop, args.seed)
     try:
-        params.check(name=lambda field: SAMPLING_FLAGS.get(field, "--" + field.replace("_", "-")))
+        params.check(name=lambda field: SAMPLING_FLAGS.get(field, flag(field)),
+                     samples=args.num_samples)
     except BadSamplingParam as e:
         die(str(e))
-    last = MAX_SEED - (args.num_samples - 1)
-    if args.seed is not None and args.seed > last:
-        die(f"--seed {args.seed} must be at most {last} with --num-samples {args.num_samples} "
-            f"(sample i uses seed + i)")
     return params
 
 
@@ -86,14 +83,14 @@ def check_modes(args):
         die("--compare answers --prompt; it does not go with --chat")
     if args.compare and not args.prompt:
         die("--compare needs --prompt")
-    for flag, given, why in (
+    for name, given, why in (
             ("--model", args.compare and args.model, "--compare names its two models"),
             ("--num-samples", args.compare and args.num_samples > 1, "--compare shows one answer per model"),
             ("--prompt", args.chat and args.prompt, "--chat reads its messages from the terminal"),
             ("--num-samples", args.chat and args.num_samples > 1, "--chat gives one answer per message"),
             ("--system", args.system is not None and not args.chat, "--system is the system prompt of --chat")):
         if given:
-            die(f"{flag} does not apply here: {why}")
+            die(f"{name} does not apply here: {why}")
     if not args.chat and not args.prompt:
         die("give --prompt TEXT (or --chat)")
 

@@ -11,8 +11,8 @@ q, k, v to the cache and gets the attention output back:
 
     y = cache.attend(layer_index, q, k, v)      # q, k, v, y: (B, n_head, T, head_dim)
 
-The cache stores k and v wherever it likes (a contiguous tensor in generate.py, a pool of paged
-blocks in serve.py) and attends q over everything it holds for that sequence, new tokens
+The cache stores k and v wherever it likes (a contiguous tensor in inference.py's KVCache, a pool of
+paged blocks in runner.py's PagedKVView) and attends q over everything it holds for that sequence, new tokens
 included, causally. `pos` (B, T) or (T,) gives each token's absolute position for the position
 embedding; it defaults to 0..T-1. That is the whole contract: the model never learns where the
 cache keeps things, and the caches never touch the model's weights.

@@ -151,6 +151,8 @@ def load_model_or_die(name, device, dtype):
 
 
 def ready_to_generate(model, name):
+    """`model` with its chat template checked (a name this version knows) and, on a CPU, its weights
+    in the layout this CPU reads fastest."""
     template = model.checkpoint_info.get("template")
     if template is not None and template not in TEMPLATES:
         raise CheckpointError(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
@@ -282,18 +284,18 @@ def fastest_layout(linears, candidates):
     these weights (all of GPT-2 124M's) takes least time: one warm-up sweep, then the best of two.
     A layout this build or dtype cannot run (oneDNN with float16, say) is skipped; "linear" (nn.Linear
     as it is) when none runs."""
-    sample, size = [], 0
+    timed, size = [], 0
     for linear in linears:
         if size >= TUNE_BYTES:
             break
-        sample.append(linear)
+        timed.append(linear)
         size += linear.weight.numel() * linear.weight.element_size()
-    inputs = [torch.zeros(1, linear.in_features, dtype=linear.weight.dtype) for linear in sample]
+    inputs = [torch.zeros(1, linear.in_features, dtype=linear.weight.dtype) for linear in timed]
     best = (math.inf, "linear")
     with torch.inference_mode():
         for layout in candidates:
             try:
-                modules = sample if layout == "linear" else [CpuLinear(linear, layout) for linear in sample]
+                modules = timed if layout == "linear" else [CpuLinear(linear, layout) for linear in timed]
                 times = []
                 for _ in range(3 if len(candidates) > 1 else 1):
                     start = time.perf_counter()

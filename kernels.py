@@ -1,9 +1,9 @@
 """Paged attention: the KV-cache kernels of the serving engine, in Triton, with PyTorch twins.
 
 A server keeps the keys and values of many sequences at once. Giving each sequence one contiguous
-(max_len, ...) tensor wastes memory on room it may never use, so serve.py keeps, per layer, a pool
-of small fixed-size blocks ("pages", as in an OS's virtual memory) and hands them out as sequences
-grow:
+(max_len, ...) tensor wastes memory on room it may never use, so the engine (runner.py) keeps, per
+layer, a pool of small fixed-size blocks ("pages", as in an OS's virtual memory) and hands them out
+as sequences grow:
 
     k_cache, v_cache: (num_blocks, block_size, n_head, head_dim)   one layer, contiguous
     a token's slot  = block_id * block_size + offset                 (its row in k_cache.view(-1, n_head, head_dim))

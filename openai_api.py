@@ -7,6 +7,7 @@ A field this server does not implement is refused, never silently ignored.
 
 import time
 import uuid
+from dataclasses import replace
 from typing import NamedTuple
 
 from sampling import BadSamplingParam, SamplingParams
@@ -58,15 +59,13 @@ def _field(body, name, kinds, default, ok=None, rule=""):
     return value
 
 
-def checked(params, n):
+def check_sampling_params(params, samples):
     """`params` against the rules every caller shares (sampling.py's SamplingParams.check), refused as
     the API refuses a field. The API's own tighter limits (temperature <= 2) are _field's, in parse."""
     try:
-        return params.check()
+        return params.check(samples=samples)
     except BadSamplingParam as e:
-        seeds = "; choice i samples with seed + i" if e.field == "seed" and n > 1 else ""
-        raise ApiError(400, f"invalid value for '{e.field}': {e.value!r} (must be {e.must}{seeds})",
-                       param=e.field) from None
+        raise ApiError(400, f"invalid value for '{e.field}': {e.value!r} (must be {e.must})", param=e.field) from None
 
 
 class CompletionRequest(NamedTuple):
@@ -147,8 +146,8 @@ class OpenAIApi:
         stream = _field(body, "stream", (bool,), False)
         opts = _field(body, "stream_options", (dict,), {})
         include_usage = bool(opts.get("include_usage")) if stream else False
-        params = [checked(SamplingParams(max_tokens, temperature, max(top_k, 0), top_p, stop,
-                                         None if seed is None else seed + j), n) for j in range(n)]
+        params = check_sampling_params(SamplingParams(max_tokens, temperature, max(top_k, 0), top_p, stop, seed), n)
+        params = [params if seed is None else replace(params, seed=seed + j) for j in range(n)]
         return CompletionRequest(prompts, params, n, logprobs, stream, include_usage)
 
     def _prompts(self, prompt):

@@ -168,8 +168,8 @@ class ModelRunner:
     # CUDA graphs: a decode step launches hundreds of small kernels; recorded once per batch size
     # and replayed, it is one launch. Shapes inside a graph are fixed, so a step of B sequences
     # runs the graph of the next captured size, the extra rows padding (slot -1: nothing is
-    # written; context length 1 over block 0: something harmless is read). tests/test_gpu.py
-    # checks them on a GPU; --no-cuda-graph is the eager fallback.
+    # written; context length 1 over block 0: something harmless is read). cuda_graph=False
+    # (serve.py --no-cuda-graph) is the eager path they are checked against.
     @staticmethod
     def graph_batch_sizes(max_batch):
         """The decode batch sizes to capture: powers of two below the engine's batch cap, and the cap

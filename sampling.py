@@ -4,7 +4,8 @@ The model gives one logit per vocabulary token. Sampling divides them by the tem
 top_k most likely tokens, then the smallest set of most likely ones whose probability reaches top_p
 (the nucleus), and draws one in proportion to its renormalized probability. `sample_reference` says
 that in a dozen lines; `sample` draws from the same distribution, fast, for a whole batch at once,
-and is the one every caller uses (generate.py, the engine, train.py's progress samples). TextStream
+and is the one every caller uses (inference.py's decode loop, the engine, train.py's progress
+samples). TextStream
 turns token ids into text that is safe to print.
 """
 
@@ -30,15 +31,20 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings: never emitted, end the text
     seed: int | None = None
 
-    def check(self, name=lambda field: field):
+    def check(self, name=lambda field: field, samples=1):
         """Raise BadSamplingParam at the first field that breaks its rule in RULES, called `name(field)`
         in the message: each caller names a field as its users know it (generate.py's --top-p, the
         API's 'top_p'). Returns self. The values must already be numbers: checking types (JSON, a
-        config file) is the caller's job, and so are its own extra limits."""
+        config file) is the caller's job, and so are its own extra limits. `samples`: how many samples
+        are drawn with these params, sample i seeded with seed + i, so the seed must leave them room."""
         for field_name, ok, must in RULES:
             value = getattr(self, field_name)
             if not ok(value):
                 raise BadSamplingParam(name(field_name), field_name, value, must)
+        last = MAX_SEED - (samples - 1)
+        if self.seed is not None and self.seed > last:
+            raise BadSamplingParam(name("seed"), "seed", self.seed,
+                                   f"at most {last} for {samples} samples (sample i uses seed + i)")
         return self
 
 
@@ -162,11 +168,11 @@ def uniforms(generators, device):
 def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
     """Logits (B, V) -> next token ids (B,). temperature 0 picks the argmax; top_k and top_p as in
     `candidates`. Each setting, and the generator, is one value for all rows, or a list of one per
-    row: serve.py samples a whole batch of requests, each with its own settings and seed, at once."""
+    row: the engine samples a whole batch of requests, each with its own settings and seed, at once."""
     B = logits.size(0)
     temperature, top_k, top_p, generator = (per_row(x, B) for x in (temperature, top_k, top_p, generator))
     rows = [i for i in range(B) if temperature[i] > 0]
-    greedy = [i for i in range(B) if temperature[i] <= 0]
+    greedy = [i for i in range(B) if not temperature[i] > 0]  # (nan too: never an uninitialized token)
     if not rows:
         return logits.argmax(-1)
     tokens = torch.empty(B, dtype=torch.long, device=logits.device)

@@ -101,7 +101,7 @@ class EngineLoop:
                     out.seq.sink.put(out if out.error is None else out.error)
 
 
-# ----------------------------------------------------------------------------- /metrics
+# ----------------------------------------------------------------------------- HTTP limits and /metrics
 
 MAX_BODY = 1 << 20  # 1 MiB
 # A refused request's body is still read (up to this much, for up to DRAIN_SECONDS, while it keeps
@@ -503,7 +503,9 @@ def main(argv=None):
     check_args(args)
     device = device_or_die(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # systemd, `docker stop`, `kill`: stop as on Ctrl-C
+    # systemd, `docker stop`, `kill`: stop as on Ctrl-C, at once (not common.StopSignal's request to stop
+    # at a safe point: the server has no loop of its own to check one, and may be loading a model)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = loop = None
     try:
         server = listen(args)  # first, so that /health can say "loading" (503) while the weights come in

@@ -6,7 +6,7 @@
     python sft.py --resume out/sft                  # continue an interrupted run exactly
 
 Pretraining taught the model to continue text. Fine-tuning shows it conversations rendered with a
-chat template (data.py) and trains it on the *answers* only: every prompt and user token has label
+chat template (tokenizer.py) and trains it on the *answers* only: every prompt and user token has label
 -100, so the loss asks "given this request, what is the answer?" and never "predict the request".
 Each answer ends with one learned <|endoftext|>, which is how the model learns to stop. The loss is
 normalized by the number of learned tokens in the whole accumulated batch (training.train_step), so a
@@ -71,10 +71,10 @@ from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, evaluate,
 # ----------------------------------------------------------------------------- command line
 
 STATE_DIR = "last"  # the resumable training state, inside --out
-PER_INVOCATION = {"resume", "stop_at_step", "out"}  # flags of one invocation, not saved with the run
+NOT_SAVED = {"resume", "stop_at_step", "out"}  # flags of one invocation, not saved with the run
 # Flags a resumed run may change: they do not touch the numbers the training computes. (--device may
 # name another device of the same type, cuda:1 for cuda:0; a different type is refused at load.)
-RESUMABLE_CHANGES = PER_INVOCATION | {"device", "save_every", "max_test", "max_new_tokens"}
+RESUMABLE_CHANGES = NOT_SAVED | {"device", "save_every", "max_test", "max_new_tokens"}
 EXACT_RESUME = "an exact resume needs the same run; start a new one with another --out"
 
 
@@ -163,7 +163,7 @@ def resumed_args(args, given):
     check_resumed_flags(given, saved, [k for k in given if k not in RESUMABLE_CHANGES], EXACT_RESUME)
     if args.resume:
         refuse_another_out(args.resume, out, given)
-    return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in PER_INVOCATION},
+    return argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in NOT_SAVED},
                                  **given, "out": str(out), "resume": str(out)})
 
 
@@ -355,7 +355,7 @@ def setup(args):
     """Everything before the first step. Whatever can fail on bad input (model, data, flags) fails
     before anything is written; the data first, as a typo in a data file should not cost a model
     download."""
-    run_args = {k: v for k, v in vars(args).items() if k not in PER_INVOCATION}
+    run_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
     if not args.resume:  # a new run would overwrite an interrupted one's state: make that a choice
         refuse_to_overwrite_unfinished(Path(args.out), Path(args.out) / STATE_DIR, "sft_args")
     torch.manual_seed(args.seed)

@@ -27,6 +27,7 @@ import json
 import os
 import random
 import re
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -323,4 +324,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: quit without a traceback (every write is all or nothing)
+        sys.exit(130)

@@ -5,7 +5,7 @@ turn may also carry "input" (Alpaca's optional context). A template renders it a
 each either learned (an assistant's answer) or not, and from them token ids with labels: IGNORE
 (-100) on everything the model must not learn (prompts, user turns), the answer's ids where it
 must. Every answer is closed by one <|endoftext|>, learned too: it is how the model learns to stop
-talking. This is the one source of truth for sft.py, generate.py, serve.py and export.py; the
+talking. This is the one source of truth for sft.py, generate.py, the server and export.py; the
 template's name is recorded in every fine-tuned checkpoint.
 """
 
@@ -246,7 +246,8 @@ def strip_answer_start(piece, started):
     """Chat templates cue the answer with "Assistant:" and the model learned " " + content, so an
     answer begins with whitespace nobody wants to see. Feed the pieces of an answer in order, with
     started=False at first: returns (the piece, its leading whitespace dropped until the answer has
-    started, started). The one place for this: generate.py (chat and --prompt) and serve.py use it."""
+    started, started). The one place for this: generate.py (chat and --prompt) and the API's answers
+    use it."""
     if not started:
         piece = piece.lstrip()
         started = bool(piece)

@@ -40,7 +40,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, read_checkpoint_json
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
-                    check_flags, device_or_die, die, replace_atomically, write_or_die)
+                    check_flags, device_or_die, die, flag, replace_atomically, write_or_die)
 from data import get_batch, load_tokens, prepare_pretrain_data
 from gpt import GPT, GPTConfig, SIZES
 from sampling import sample
@@ -113,7 +113,7 @@ def build_parser():
     return p
 
 
-PER_INVOCATION = {"resume", "stop_at_step", "preset"}  # flags of one invocation: saved, never taken back from a run
+NOT_RESUMED = {"resume", "stop_at_step", "preset"}  # flags of one invocation: saved, never taken back from a run
 SHAPE = ("model", "n_layer", "n_head", "n_embd", "block_size")  # flags that make a model from scratch
 KEEPS_ITS_MODEL = "a resumed run keeps its model; start a new run with another --out to change it"
 
@@ -123,7 +123,7 @@ def check_saved_flags(parser, saved, where):
     config.json): argparse would otherwise report it as a bad command-line flag the user never gave."""
     for action in parser._actions:
         value = saved.get(action.dest)
-        if value is None or action.dest in PER_INVOCATION or action.dest == "help":
+        if value is None or action.dest in NOT_RESUMED or action.dest == "help":
             continue
         if action.type in (int, float):
             ok = type(value) is int or (action.type is float and type(value) is float)
@@ -180,11 +180,11 @@ def parse_args(argv):
         parser.set_defaults(**{k: v for k, v in PRESETS[args.preset].items() if not (k == "model" and args.init)})
     if args.resume:
         run, saved = read_resumed_run(parser, args.resume, given)
-        parser.set_defaults(**{**{k: v for k, v in saved.items() if k not in PER_INVOCATION}, "out": str(run)})
+        parser.set_defaults(**{**{k: v for k, v in saved.items() if k not in NOT_RESUMED}, "out": str(run)})
     elif args.init:
         for name in SHAPE[1:]:  # (--model with --init is refused in check_values)
             if name in given:
-                die(f"--{name.replace('_', '-')} cannot be combined with --init: the model's shape comes from "
+                die(f"{flag(name)} cannot be combined with --init: the model's shape comes from "
                     f"the weights of {args.init}")
     args = parser.parse_args(argv)
     check_values(args)
@@ -431,6 +431,8 @@ def setup(args):
         warn_if_warmup_outlasts("--warmup", args.warmup, args.max_steps, args.lr)
     optimizer = make_optimizer(model, args.lr, args.weight_decay, device_type=device_type, verbose=master)
     step, position = restore(out / "checkpoint", model, optimizer) if args.resume else (0, 0)
+    if args.resume and args.stop_at_step is not None and args.stop_at_step <= step:
+        die(f"--stop-at-step {args.stop_at_step}: the saved run is already at step {step}")
     if master:
         print(f"model: {config.n_layer} layers, {config.n_head} heads, {config.n_embd} wide, context {config.block_size}: "
               f"{model.num_params():,} parameters (without the position embedding, as nanoGPT counts) | "
@@ -460,7 +462,7 @@ def setup(args):
 @torch.no_grad()
 def sample_text(model, prompt_ids, max_new_tokens=64, top_k=50, seed=1337, autocast=contextlib.nullcontext):
     """A short continuation by top-k sampling: a glimpse of what the model learned, nothing more
-    (generate.py is the real generator, and its sampler is the one used here). No KV cache: the
+    (inference.py is the real generator; sampling.py's sampler is the one used here). No KV cache: the
     whole window is re-read every token. A private generator keeps the training's random state
     untouched."""
     was_training = model.training
@@ -500,7 +502,6 @@ def plot_losses(log_path, png_path):
     ax.grid(alpha=0.3)
     fig.savefig(png_path, dpi=120, bbox_inches="tight")
     plt.close(fig)
-
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, read_checkpoint_json
-from common import die, same_file
+from common import die, flag, same_file
 from gpt import load_state_from_file
 from tokenizer import IGNORE
 
@@ -302,7 +302,7 @@ def check_resumed_flags(given, saved, names, why, unset="default"):
     for name in names:
         if name in given and given[name] != saved.get(name):
             was = saved.get(name)
-            die(f"--resume: --{name.replace('_', '-')} {given[name]} differs from the saved run's "
+            die(f"--resume: {flag(name)} {given[name]} differs from the saved run's "
                 f"{unset if was is None else was} ({why})")
 
 
