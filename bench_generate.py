@@ -19,7 +19,7 @@ import time
 import torch
 
 from checkpoint import write_safetensors
-from common import HelpFormatter, device_or_die, die
+from common import AT_LEAST_1, HelpFormatter, check_flags, device_or_die, die
 from gpt import GPT
 from inference import CpuLinear, generate_tokens, pack_for_cpu
 from sampling import SamplingParams
@@ -42,10 +42,9 @@ def parse_args():
                    help="on a CPU, the weight layout (inference.pack_for_cpu): auto measures and takes the fastest, "
                         "as generate.py does; the others force one, to see what each gives")
     args = p.parse_args()
-    if args.prompt_len < 1 or args.new_tokens < 1 or args.prompt_len + args.new_tokens > 1024:
-        die("--prompt-len and --new-tokens must be >= 1 and fit in GPT-2's 1024-token context together")
-    if args.repeats < 1 or args.threads < 1:
-        die("--repeats and --threads must be >= 1")
+    check_flags(args, prompt_len=AT_LEAST_1, new_tokens=AT_LEAST_1, repeats=AT_LEAST_1, threads=AT_LEAST_1)
+    if args.prompt_len + args.new_tokens > 1024:
+        die("--prompt-len and --new-tokens must fit in GPT-2's 1024-token context together")
     return args
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from common import AT_LEAST_1, HelpFormatter, check_flags, die
+from common import AT_LEAST_1, HelpFormatter, check_flags, device_or_die, die
 
 BLOCK_SIZE = 16
 
@@ -112,9 +112,7 @@ def main():
     p.add_argument("--cpu-reps", type=int, default=5, help="timing repetitions on the CPU")
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = p.parse_args()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        die("--device cuda but no CUDA device is available")
+    device = "cuda" if device_or_die(args.device).type == "cuda" else "cpu"
     if device == "cuda" and not kernels.HAVE_TRITON:
         die("triton is not installed; the CUDA benchmark times the Triton kernel (pip install triton)")
     cuda = device == "cuda"
@@ -122,9 +120,9 @@ def main():
     args.context = args.context or ([512, 1024] if cuda else [128, 512])
     check_flags(args, n_head=AT_LEAST_1, head_dim=AT_LEAST_1, cpu_reps=AT_LEAST_1,
                 num_splits=(lambda v: 1 <= v <= 64, "between 1 and 64"))
-    for n in args.batch + args.context:
-        if n < 1:
-            die(f"sizes must be positive, got {n}")
+    for name, sizes in (("--batch", args.batch), ("--context", args.context)):
+        if any(n < 1 for n in sizes):
+            die(f"{name} sizes must be at least 1 (got {sizes})")
     if any(c % BLOCK_SIZE for c in args.context):
         die(f"context lengths must be multiples of the block size {BLOCK_SIZE}, got {args.context}")
     (bench_cuda if cuda else bench_cpu)(args)

@@ -258,7 +258,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     device = device_or_die(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    dtype = default_dtype(device, args.dtype)
     model = build_model(args, device, dtype)
     n_ctx = model.config.block_size
     if args.max_len + args.max_out > n_ctx:

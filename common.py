@@ -84,9 +84,12 @@ def device_or_die(requested=None):
     return device
 
 
-def default_dtype(device):
-    """bfloat16 on CUDA (tensor cores, half the memory traffic), float32 elsewhere: CPUs without
-    bf16 matrix units run it slower, and MPS's bf16 support is partial."""
+def default_dtype(device, name=None):
+    """The dtype `name`d (a --dtype flag: "bfloat16"), else the device's usual one: bfloat16 on CUDA
+    (tensor cores, half the memory traffic), float32 elsewhere (CPUs without bf16 matrix units run
+    it slower, and MPS's bf16 support is partial)."""
+    if name:
+        return getattr(torch, name)
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -134,13 +137,22 @@ def same_file(a, b):
 def replace_atomically(path, write):
     """write(tmp) into `path`.tmp, then rename it to `path`: readers see the old file or the new one,
     never half of one. A write that fails (a full disk) deletes the .tmp and raises, `path` untouched."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    replace_all_atomically({path: write})
+
+
+def replace_all_atomically(files):
+    """replace_atomically for several files {path: write(tmp)} that belong together (a model and its
+    tokenizer): every .tmp is written before any is renamed into place, so a failed write leaves
+    all the old files as they were."""
+    tmps = {Path(path): Path(path).with_name(Path(path).name + ".tmp") for path in files}
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        for path, write in files.items():
+            write(tmps[Path(path)])
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
         raise
 
 

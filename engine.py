@@ -34,8 +34,8 @@ from tqdm import tqdm
 
 from common import flag
 from runner import BLOCK, ModelRunner, kv_cache_blocks, parse_memory
-from sampling import SamplingParams, TextStream, sample
-from tokenizer import EOT, check_prompt, encode, get_tokenizer
+from sampling import SamplingParams, sample
+from tokenizer import EOT, TextStream, check_prompt, encode, get_tokenizer
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from checkpoint import CheckpointError, resolve_weights, write_safetensors
-from common import die, replace_atomically, same_file
+from common import die, replace_all_atomically, same_file
 from gpt import CONV1D, SIZES, load_or_die
 from tokenizer import EOT, get_tokenizer, jinja_template
 
@@ -200,29 +200,21 @@ def json_file(obj):
 
 def write_files(directory, files):
     """Write {name: write(path)} into `directory`, all or nothing: never a new model beside an old
-    tokenizer config. Each file is written by common.replace_atomically (to NAME.tmp, then renamed),
-    one inside the other: writing the first file's .tmp goes on to write all the others, so nothing
-    is renamed into place until every .tmp is written, and a failed write (a full disk) unwinds
-    through them all, each deleting its .tmp. The renames cannot fail halfway for want of space; a
-    target that is a directory, the one thing that would make one fail, is refused before anything
-    is written. An error names the file it failed on, not the .tmp or nothing (a full disk's error
-    names no file)."""
+    tokenizer config (common.replace_all_atomically: every NAME.tmp is written before any is renamed).
+    The renames cannot fail halfway for want of space; a target that is a directory, the one thing
+    that would make one fail, is refused before anything is written. An error names the file it
+    failed on, not the .tmp or nothing (a full disk's error names no file)."""
     directory = Path(directory)
     for name in files:
         if (directory / name).is_dir():
             raise IsADirectoryError(21, "is a directory, not a file this export can replace", str(directory / name))
 
-    def write_from(names):
-        if not names:
-            return
-        path, write = directory / names[0], files[names[0]]
-
-        def write_this_then_the_rest(tmp):
+    def named(path, write):
+        def write_naming_path(tmp):
             with errors_naming(path):
                 write(tmp)
-            write_from(names[1:])
-        replace_atomically(path, write_this_then_the_rest)
-    write_from(list(files))
+        return write_naming_path
+    replace_all_atomically({directory / name: named(directory / name, write) for name, write in files.items()})
 
 
 @contextlib.contextmanager

@@ -18,8 +18,6 @@ import sys
 import textwrap
 from dataclasses import replace
 
-import torch
-
 from common import AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die, flag
 from inference import generate, load_model_or_die
 from sampling import MAX_SEED, BadSamplingParam, SamplingParams
@@ -119,7 +117,7 @@ def main(argv=None):
     args = parse_args(argv)
     params = check_args(args)
     device = device_or_die(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    dtype = default_dtype(device, args.dtype)
     enc = get_tokenizer()
     try:
         if args.compare:

@@ -24,9 +24,11 @@ import torch.nn.functional as F
 from checkpoint import CheckpointError
 from common import capture_cuda_graph, die
 from gpt import GPT, load_or_die
-from sampling import TextStream, sample
-from tokenizer import EOT, TEMPLATES, check_prompt, get_tokenizer
+from sampling import sample
+from tokenizer import EOT, TEMPLATES, TextStream, check_prompt, get_tokenizer
 
+
+# ----------------------------------------------------------------------------- the KV cache and the decode loop
 
 class KVCache:
     """Keys and values of every layer for B sequences of equal length, preallocated as two contiguous
@@ -132,31 +134,6 @@ def generate(model, prompt_ids, params, enc=None, **kwargs):
     piece = stream.finish()
     if piece:
         yield piece
-
-
-def load_model(name, device, dtype):
-    """A model ready to generate with: GPT.from_pretrained, its chat template checked, its weights
-    packed for this CPU when it runs on one. Raises CheckpointError (a bad checkpoint or template)
-    or OSError (a failed download, an unreadable file)."""
-    return ready_to_generate(GPT.from_pretrained(name, device=device, dtype=dtype), name)
-
-
-def load_model_or_die(name, device, dtype):
-    """load_model for the scripts: a bad checkpoint is a one-line error, not a traceback."""
-    model = load_or_die(name, device=device, dtype=dtype)
-    try:
-        return ready_to_generate(model, name)
-    except CheckpointError as e:
-        die(str(e))
-
-
-def ready_to_generate(model, name):
-    """`model` with its chat template checked (a name this version knows) and, on a CPU, its weights
-    in the layout this CPU reads fastest."""
-    template = model.checkpoint_info.get("template")
-    if template is not None and template not in TEMPLATES:
-        raise CheckpointError(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
-    return pack_for_cpu(model) if model_device(model).type == "cpu" else model
 
 
 # ----------------------------------------------------------------------------- the static step and its CUDA graph
@@ -334,3 +311,30 @@ def pack_for_cpu(model, layout=None):
         module, name, linear = linears.pop()               # so memory peaks at one layer over the model
         setattr(module, name, CpuLinear(linear, model.cpu_layout))
     return model
+
+
+# ----------------------------------------------------------------------------- loading a model to generate with
+
+def load_model(name, device, dtype):
+    """A model ready to generate with: GPT.from_pretrained, its chat template checked, its weights
+    packed for this CPU when it runs on one. Raises CheckpointError (a bad checkpoint or template)
+    or OSError (a failed download, an unreadable file)."""
+    return ready_to_generate(GPT.from_pretrained(name, device=device, dtype=dtype), name)
+
+
+def load_model_or_die(name, device, dtype):
+    """load_model for the scripts: a bad checkpoint is a one-line error, not a traceback."""
+    model = load_or_die(name, device=device, dtype=dtype)
+    try:
+        return ready_to_generate(model, name)
+    except CheckpointError as e:
+        die(str(e))
+
+
+def ready_to_generate(model, name):
+    """`model` with its chat template checked (a name this version knows) and, on a CPU, its weights
+    in the layout this CPU reads fastest."""
+    template = model.checkpoint_info.get("template")
+    if template is not None and template not in TEMPLATES:
+        raise CheckpointError(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
+    return pack_for_cpu(model) if model_device(model).type == "cpu" else model

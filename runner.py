@@ -1,7 +1,8 @@
 """The model runner: the paged KV pool, and one scheduled batch through the model.
 
 All new tokens of all sequences in a step are packed into one row (StepInputs) and run through
-gpt.py's cache seam (PagedKVView); decode-only steps can be replayed as CUDA graphs.
+gpt.py's cache seam (PagedKVView); decode-only steps can be replayed as CUDA graphs. How many
+blocks the pool gets comes from a memory budget and what the device has free (kv_cache_blocks).
 """
 
 import itertools
@@ -71,36 +72,6 @@ class PagedKVView:
                     step.context_lens[seq:seq + 1], torch.tensor([n]), scale)
             row += n
         return out.transpose(0, 1)[None]
-
-
-def parse_memory(text):
-    """'256MB', '1.5GiB', '512 KiB' or a bare number of GiB -> bytes."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"cannot read memory size {text!r}; write e.g. 256MB, 2GiB or 1.5 (GiB)")
-    unit = (m.group(2) or "GiB").upper()
-    power = {"B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4}[unit.replace("I", "")]
-    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
-
-
-def available_memory(device):
-    """Bytes free for the KV cache on `device` (None: unknown). CUDA: free device memory; CPU: the
-    kernel's estimate of what can be allocated without swapping (MemAvailable), else physical memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 class ModelRunner:
@@ -216,6 +187,40 @@ class ModelRunner:
         graph, logits = self.graphs[size]
         graph.replay()
         return logits
+
+
+
+
+# ----------------------------------------------------------------------------- sizing the pool
+
+def parse_memory(text):
+    """'256MB', '1.5GiB', '512 KiB' or a bare number of GiB -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?i?B)?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"cannot read memory size {text!r}; write e.g. 256MB, 2GiB or 1.5 (GiB)")
+    unit = (m.group(2) or "GiB").upper()
+    power = {"B": 0, "KB": 1, "MB": 2, "GB": 3, "TB": 4}[unit.replace("I", "")]
+    return int(float(m.group(1)) * (1024 if "I" in unit else 1000) ** power)
+
+
+def available_memory(device):
+    """Bytes free for the KV cache on `device` (None: unknown). CUDA: free device memory; CPU: the
+    kernel's estimate of what can be allocated without swapping (MemAvailable), else physical memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def kv_cache_blocks(model, max_num_seqs=64, num_blocks=None, kv_cache_memory=None, gpu_memory_utilization=0.9):

@@ -1,15 +1,13 @@
-"""Choosing the next token, and turning the chosen tokens back into text.
+"""Choosing the next token.
 
 The model gives one logit per vocabulary token. Sampling divides them by the temperature, keeps the
 top_k most likely tokens, then the smallest set of most likely ones whose probability reaches top_p
 (the nucleus), and draws one in proportion to its renormalized probability. `sample_reference` says
 that in a dozen lines; `sample` draws from the same distribution, fast, for a whole batch at once,
 and is the one every caller uses (inference.py's decode loop, the engine, train.py's progress
-samples). TextStream
-turns token ids into text that is safe to print.
+samples). tokenizer.py's TextStream turns the chosen tokens back into text.
 """
 
-import codecs
 import math
 from dataclasses import dataclass, field
 
@@ -199,48 +197,3 @@ def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
         drawn[plain] = draw(some.exp(), u[plain])  # exp(logit - the largest): the probability times a constant
     tokens[rows] = drawn
     return tokens
-
-
-class TextStream:
-    """Token ids in, printable text out. Two things make this more than enc.decode:
-
-    - GPT-2's BPE works on bytes, so one character (an emoji, a CJK ideograph) can span tokens; an
-      incremental UTF-8 decoder holds back an unfinished character until its last byte arrives.
-    - A stop string may arrive split across tokens ("\\nUs" + "er:"), so any tail of the text that
-      could be the start of a stop string is held back until it either completes (stop: it and
-      everything after it are dropped) or cannot anymore (it is released).
-    """
-
-    def __init__(self, enc, stop=()):
-        self.enc = enc
-        self.stop = [s for s in stop if s]
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.pending = ""  # decoded, not yet emitted
-        self.text = ""  # everything emitted so far
-        self.stopped = False
-
-    def push(self, token_id):
-        """Add one token; return the new text that is safe to emit now (may be "")."""
-        if self.stopped:
-            return ""
-        self.pending += self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
-        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._emit(min(hits))
-        longest = len(self.pending)  # (a longer start of a stop string cannot be what pending ends with)
-        hold = max((n for s in self.stop for n in range(1, min(len(s), longest + 1))
-                    if self.pending.endswith(s[:n])), default=0)
-        return self._emit(len(self.pending) - hold)
-
-    def finish(self):
-        """Flush what is left (an unfinished character becomes U+FFFD) unless a stop string ended it."""
-        if self.stopped:
-            return ""
-        self.pending += self.decoder.decode(b"", final=True)
-        return self._emit(len(self.pending))
-
-    def _emit(self, n):
-        out, self.pending = self.pending[:n], ("" if self.stopped else self.pending[n:])
-        self.text += out
-        return out

@@ -27,8 +27,6 @@ import traceback
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import torch
-
 from checkpoint import CheckpointError, resolve_weights
 from common import HelpFormatter, check_flags, default_dtype, device_or_die, die
 from engine import TTFT_BUCKETS, Engine, check_engine_limits
@@ -502,7 +500,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     device = device_or_die(args.device)
-    dtype = getattr(torch, args.dtype) if args.dtype else default_dtype(device)
+    dtype = default_dtype(device, args.dtype)
     # systemd, `docker stop`, `kill`: stop as on Ctrl-C, at once (not common.StopSignal's request to stop
     # at a safe point: the server has no loop of its own to check one, and may be loading a model)
     signal.signal(signal.SIGTERM, signal.default_int_handler)

@@ -1,4 +1,5 @@
-"""Text to token ids and back: GPT-2's byte-level BPE and the chat templates.
+"""Text to token ids and back: GPT-2's byte-level BPE, TextStream (generated ids to printable text,
+stop strings), and the chat templates.
 
 A conversation is a list of turns {"role": "system" | "user" | "assistant", "content": str}; a user
 turn may also carry "input" (Alpaca's optional context). A template renders it as pieces of text,
@@ -10,6 +11,7 @@ template's name is recorded in every fine-tuned checkpoint.
 """
 
 import bisect
+import codecs
 import functools
 import itertools
 import json
@@ -35,6 +37,51 @@ def encode(text, enc=None):
     """User text -> token ids. "<|endoftext|>" written in the text is ordinary text here, never the
     special token: only our own code places EOT (templates, document separators)."""
     return (enc or get_tokenizer()).encode(text, disallowed_special=())
+
+
+class TextStream:
+    """Token ids in, printable text out. Two things make this more than enc.decode:
+
+    - GPT-2's BPE works on bytes, so one character (an emoji, a CJK ideograph) can span tokens; an
+      incremental UTF-8 decoder holds back an unfinished character until its last byte arrives.
+    - A stop string may arrive split across tokens ("\\nUs" + "er:"), so any tail of the text that
+      could be the start of a stop string is held back until it either completes (stop: it and
+      everything after it are dropped) or cannot anymore (it is released).
+    """
+
+    def __init__(self, enc, stop=()):
+        self.enc = enc
+        self.stop = [s for s in stop if s]
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.pending = ""  # decoded, not yet emitted
+        self.text = ""  # everything emitted so far
+        self.stopped = False
+
+    def push(self, token_id):
+        """Add one token; return the new text that is safe to emit now (may be "")."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(self.enc.decode_single_token_bytes(token_id))
+        hits = [i for i in (self.pending.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._emit(min(hits))
+        longest = len(self.pending)  # (a longer start of a stop string cannot be what pending ends with)
+        hold = max((n for s in self.stop for n in range(1, min(len(s), longest + 1))
+                    if self.pending.endswith(s[:n])), default=0)
+        return self._emit(len(self.pending) - hold)
+
+    def finish(self):
+        """Flush what is left (an unfinished character becomes U+FFFD) unless a stop string ended it."""
+        if self.stopped:
+            return ""
+        self.pending += self.decoder.decode(b"", final=True)
+        return self._emit(len(self.pending))
+
+    def _emit(self, n):
+        out, self.pending = self.pending[:n], ("" if self.stopped else self.pending[n:])
+        self.text += out
+        return out
 
 
 # ----------------------------------------------------------------------------- chat templates

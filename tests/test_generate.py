@@ -12,9 +12,10 @@ from conftest import ROOT, context_sensitive
 from generate import chat
 from gpt import GPT, GPTConfig
 from inference import KVCache, StaticStep, generate, generate_tokens
-from sampling import (MAX_SEED, BadSamplingParam, SamplingParams, TextStream, candidates, draw, reference_probs, sample,
+from sampling import (MAX_SEED, BadSamplingParam, SamplingParams, candidates, draw, reference_probs, sample,
                       sample_reference)
-from tokenizer import EOT, PromptTooLong, encode, encode_prompt, fit_conversation, get_tokenizer
+from tokenizer import EOT, PromptTooLong, TextStream, encode, encode_prompt, fit_conversation, get_tokenizer
+
 GREEDY = dict(temperature=0.0)
 
 
