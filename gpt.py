@@ -49,6 +49,10 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # OpenAI's GPT-2 has biases everywhere; False gives a slightly faster model to train
 
+    @property
+    def head_dim(self):
+        return self.n_embd // self.n_head
+
 
 SIZES = {  # the four released models
     "gpt2": dict(n_layer=12, n_head=12, n_embd=768),  # 124M

@@ -35,7 +35,7 @@ class KVCache:
     (n_layer, B, n_head, max_len, head_dim) tensors and written in place."""
 
     def __init__(self, config, batch_size, max_len, device="cpu", dtype=torch.float32):
-        shape = (config.n_layer, batch_size, config.n_head, max_len, config.n_embd // config.n_head)
+        shape = (config.n_layer, batch_size, config.n_head, max_len, config.head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.n_layer, self.max_len = config.n_layer, max_len

@@ -83,7 +83,7 @@ class ModelRunner:
         self.device, self.dtype = model.wte.weight.device, model.wte.weight.dtype
         self.n_ctx = cfg.block_size
         self.max_blocks = math.ceil(cfg.block_size / BLOCK)  # block-table width: one full context
-        head_dim = cfg.n_embd // cfg.n_head
+        head_dim = cfg.head_dim
         try:
             self.kv = torch.zeros(2, cfg.n_layer, num_blocks, BLOCK, cfg.n_head, head_dim, dtype=self.dtype,
                                   device=self.device)

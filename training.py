@@ -157,6 +157,12 @@ def save_torch_file(obj, path):
             raise
 
 
+def beside(directory, suffix):
+    """DIR.tmp (a save being written) or DIR.old (the previous save, set aside while DIR is replaced)."""
+    directory = Path(directory)
+    return directory.with_name(directory.name + suffix)
+
+
 def save_training_state(directory, model, optimizer, step, extra=None, **metadata):
     """Write a resumable checkpoint: the model in the project's format (model.save_checkpoint, with
     `step` and **metadata in config.json) plus STATE_FILE (optimizer state, step, `extra`).
@@ -166,7 +172,7 @@ def save_training_state(directory, model, optimizer, step, extra=None, **metadat
     in the instant between the two renames, in DIR.old, where load_training_state looks too. A write
     that fails (a full disk) deletes DIR.tmp and raises its OSError, DIR untouched."""
     directory = Path(directory)
-    tmp, old = directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+    tmp, old = beside(directory, ".tmp"), beside(directory, ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         unwrap(model).save_checkpoint(tmp, step=step, **metadata)
@@ -183,8 +189,7 @@ def save_training_state(directory, model, optimizer, step, extra=None, **metadat
 
 def checkpoint_dir(directory):
     """The directory holding a training state: DIR, or DIR.old if a save was cut between renames."""
-    directory = Path(directory)
-    old = directory.with_name(directory.name + ".old")
+    directory, old = Path(directory), beside(directory, ".old")
     if not (directory / STATE_FILE).exists() and (old / STATE_FILE).exists():
         return old
     return directory
@@ -254,8 +259,7 @@ def refuse_to_overwrite_weights(flag, name, out, written):
         return
     home = path if path.is_dir() else path.parent
     for directory in map(Path, written):
-        if any(same_file(home, d) for d in (directory, directory.with_name(directory.name + ".tmp"),
-                                            directory.with_name(directory.name + ".old"))):
+        if any(same_file(home, d) for d in (directory, beside(directory, ".tmp"), beside(directory, ".old"))):
             die(f"{flag} {name} is the checkpoint this run would write in --out {out}, so saving would replace "
                 "the weights it starts from: choose another --out")
 
@@ -320,8 +324,7 @@ def flops_per_token(config, n_params, seq_len):
     """Training FLOPs per token (forward + backward), PaLM appendix B: 6 per parameter (2 forward,
     4 backward; n_params without the position embedding, a lookup) plus attention's QK^T and AV
     matmuls, 12 * layers * heads * head_dim * sequence length."""
-    head_dim = config.n_embd // config.n_head
-    return 6 * n_params + 12 * config.n_layer * config.n_head * head_dim * seq_len
+    return 6 * n_params + 12 * config.n_layer * config.n_head * config.head_dim * seq_len
 
 
 # Dense bf16 tensor-core peaks (vendor data sheets, no sparsity). MFU is measured against these, so
