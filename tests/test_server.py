@@ -322,7 +322,12 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
     slow_engine(server, monkeypatch, delay=0.05)
     monkeypatch.setattr(loop, "max_waiting", 2)
     monkeypatch.setattr(loop.engine.scheduler, "max_num_seqs", 1)
-    socks = [open_request(server, {"prompt": f"busy {i}", "max_tokens": 100, "stream": True}) for i in range(3)]
+    busy = [{"prompt": f"busy {i}", "max_tokens": 100, "stream": True} for i in range(3)]
+    socks = [open_request(server, busy[0])]
+    # (the first must be running before the others arrive: until the engine's next step takes it from
+    # the inbox it is waiting too, and the third would be refused as a fourth)
+    assert wait_until(lambda: loop.engine.num_running == 1)
+    socks += [open_request(server, body) for body in busy[1:]]
     assert wait_until(lambda: loop.engine.num_running == 1 and loop.engine.num_waiting == 2)
     status, r = call(server, "POST", "/v1/completions", {"prompt": "one more", "max_tokens": 2})
     assert status == 503 and r["error"]["code"] == "queue_full"
