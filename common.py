@@ -201,7 +201,8 @@ def brief(value, width=200):
 # ----------------------------------------------------------------------------- stopping on a signal
 
 class StopSignal:
-    """Ctrl-C as a request to stop at the next safe point instead of an exception wherever Python is:
+    """Ctrl-C, or SIGTERM (what `docker stop`, systemd, `timeout` and Slurm send), as a request to
+    stop at the next safe point instead of an exception wherever Python is:
 
         with StopSignal("saving after this step") as stop:
             for step in ...:
@@ -214,7 +215,7 @@ class StopSignal:
     a second signal raises KeyboardInterrupt, for a user who wants out now. The previous handlers
     are back on exit."""
 
-    def __init__(self, message, signals=(signal.SIGINT,), write=None):
+    def __init__(self, message, signals=(signal.SIGINT, signal.SIGTERM), write=None):
         self.message, self.signals, self.requested = message, signals, False
         self.write = write or (lambda text: print("\n" + text, flush=True))  # (ends the line of a progress print)
         self.previous = {}

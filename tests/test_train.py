@@ -269,7 +269,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(tmp_path, story_data):
     assert read_log(tmp_path / "parts")[0] == whole
 
 
-def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, story_data):
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; docker stop, systemd, Slurm
+def test_ctrl_c_or_sigterm_saves_a_resumable_checkpoint(tmp_path, story_data, stop):
     run = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), "--data", str(story_data), "--out",
                              str(run), "--max-steps", "100000", "--eval-every", "100000", *TINY],
@@ -279,7 +280,7 @@ def test_ctrl_c_saves_a_resumable_checkpoint(tmp_path, story_data):
     while not ((run / "log.jsonl").exists() and '"loss"' in (run / "log.jsonl").read_text()):
         assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() is not None else "slow"
         time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     output, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, output
     assert "continue with --resume" in output and "Traceback" not in output
