@@ -65,13 +65,13 @@ from lora import add_lora, lora_merged
 from sampling import SamplingParams
 from tokenizer import TEMPLATES, PromptTooLong, fit_conversation, format_prompt, get_tokenizer
 from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, evaluate, flags_given, load_training_state,
-                      lr_at, make_optimizer, make_run_dir, refuse_another_out, refuse_to_overwrite_unfinished,
+                      lr_at, make_optimizer, make_run_dir, refuse_another_out, refuse_to_overwrite_a_run,
                       refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts)
 
 # ----------------------------------------------------------------------------- command line
 
 STATE_DIR = "last"  # the resumable training state, inside --out
-NOT_SAVED = {"resume", "stop_at_step", "out"}  # flags of one invocation, not saved with the run
+NOT_SAVED = {"resume", "stop_at_step", "out", "overwrite"}  # flags of one invocation, not saved with the run
 # Flags a resumed run may change: they do not touch the numbers the training computes. (--device may
 # name another device of the same type, cuda:1 for cuda:0; a different type is refused at load.)
 RESUMABLE_CHANGES = NOT_SAVED | {"device", "save_every", "max_test", "max_new_tokens"}
@@ -111,6 +111,7 @@ def build_parser():
                    help=f"steps between saves of the resumable state in OUT/{STATE_DIR} (default: at every evaluation)")
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="save the resumable state and stop after this many steps (as Ctrl-C would)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out instead of refusing")
     p.add_argument("--max-test", type=int, default=100, help="test prompts to answer into test_responses.json")
     p.add_argument("--max-new-tokens", type=int, default=256, help="longest test answer")
     p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = full fine-tuning")
@@ -356,8 +357,8 @@ def setup(args):
     before anything is written; the data first, as a typo in a data file should not cost a model
     download."""
     run_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
-    if not args.resume:  # a new run would overwrite an interrupted one's state: make that a choice
-        refuse_to_overwrite_unfinished(Path(args.out), Path(args.out) / STATE_DIR, "sft_args")
+    if not args.resume:  # a new run would overwrite another's checkpoint and state: make that a choice
+        refuse_to_overwrite_a_run(Path(args.out), Path(args.out) / STATE_DIR, "sft_args", args.overwrite)
     torch.manual_seed(args.seed)
     device = str(device_or_die(args.device))
     enc = get_tokenizer()

@@ -29,6 +29,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ from sampling import sample
 from tokenizer import EOT, get_tokenizer
 from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, device_peak_flops, evaluate, flags_given,
                       flops_per_token, load_training_state, lr_at, make_optimizer, make_run_dir, mfu,
-                      refuse_another_out, refuse_to_overwrite_unfinished, refuse_to_overwrite_weights,
+                      refuse_another_out, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
                       save_training_state, train_step, warn_if_warmup_outlasts)
 
 # ----------------------------------------------------------------------------- command line
@@ -109,11 +110,12 @@ def build_parser():
     g.add_argument("--save-every", type=int, default=500, help="save a checkpoint every N steps")
     g.add_argument("--sample-tokens", type=int, default=64, help="length of the sample printed at each evaluation")
     g.add_argument("--stop-at-step", type=int, default=None, help="save and stop before this step (as Ctrl-C would)")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out instead of refusing")
     g.add_argument("--peak-flops", type=float, default=None, help="device peak FLOP/s for MFU (default: from a table)")
     return p
 
 
-NOT_RESUMED = {"resume", "stop_at_step", "preset"}  # flags of one invocation: saved, never taken back from a run
+NOT_RESUMED = {"resume", "stop_at_step", "preset", "overwrite"}  # flags of one invocation: saved, never taken back from a run
 SHAPE = ("model", "n_layer", "n_head", "n_embd", "block_size")  # flags that make a model from scratch
 KEEPS_ITS_MODEL = "a resumed run keeps its model; start a new run with another --out to change it"
 
@@ -420,8 +422,9 @@ def setup(args):
     args.data, args.out = str(Path(data_dir).resolve()), str(out)  # saved with the run: --resume works from anywhere
     if args.init and not args.resume:  # (check_values checked a --out given; this is the default one)
         refuse_to_overwrite_weights("--init", args.init, out, [out / "checkpoint"])
-    if not args.resume:  # a new run would overwrite an interrupted one's log and checkpoint: make that a choice
-        refuse_to_overwrite_unfinished(out, out / "checkpoint", "train_args")
+    if not args.resume:  # a new run would overwrite another's log and checkpoint: make that a choice
+        refuse_to_overwrite_a_run(out, out / "checkpoint", "train_args", args.overwrite,
+                                  train_on=f", train it on with --resume {shlex.quote(str(out))} --max-steps N")
 
     model = build_model(args, out / "checkpoint", device)
     config = model.config

@@ -232,10 +232,11 @@ def load_training_state(directory, model, optimizer):
 
 # ----------------------------------------------------------------------------- guarding a run
 
-def refuse_to_overwrite_unfinished(out, state, args_key):
+def refuse_to_overwrite_a_run(out, state, args_key, overwrite=False, train_on=""):
     """Die if the checkpoint directory `state` of run directory `out` holds a run of this script (its
-    flags under `args_key` in config.json) that stopped before its last step: a new run in `out`
-    would overwrite it, which must be a choice (delete it, or another --out), not an accident."""
+    flags under `args_key` in config.json), finished or not: a new run in `out` would overwrite its
+    checkpoint and log, which must be a choice (--overwrite, or another --out), never an accident.
+    `train_on`: how the script's --resume goes on past a finished run, for the hint."""
     try:
         info = read_checkpoint_json(checkpoint_dir(state))
     except CheckpointError:
@@ -243,10 +244,14 @@ def refuse_to_overwrite_unfinished(out, state, args_key):
     saved = info.get(args_key)
     if not isinstance(saved, dict):
         return  # not a run of this script
+    if overwrite:
+        return
     step, max_steps = info.get("step", 0), info.get("max_steps", saved.get("max_steps"))
     if isinstance(step, int) and isinstance(max_steps, int) and step < max_steps:
         die(f"{out} holds an unfinished run (step {step} of {max_steps}): continue it with "
-            f"--resume {shlex.quote(str(out))}, or delete it / choose another --out")
+            f"--resume {shlex.quote(str(out))}, or choose another --out (or --overwrite to replace it)")
+    done = f" (step {step})" if isinstance(step, int) else ""
+    die(f"{out} holds a finished run{done}: choose another --out{train_on}, or pass --overwrite to replace it")
 
 
 def refuse_to_overwrite_weights(flag, name, out, written):

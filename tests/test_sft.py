@@ -309,6 +309,21 @@ def test_lora_interrupted_by_ctrl_c_and_resumed_equals_uninterrupted(tmp_path, m
         "losses"]["best_step"]
 
 
+def test_a_new_run_refuses_to_overwrite_a_finished_one_unless_told_to(tmp_path, monkeypatch, capsys, one_thread):
+    monkeypatch.chdir(tmp_path)
+    flags = [*resume_run(tmp_path), "--max-steps", "2", "--out", "out"]
+    sft.main(flags)
+    before = snapshot(tmp_path / "out")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        sft.main(flags)  # the same command twice in a row
+    assert e.value.code == 2
+    assert "out holds a finished run (step 2): choose another --out, or pass --overwrite" in one_line_error(capsys)
+    assert snapshot(tmp_path / "out") == before
+    sft.main([*flags, "--overwrite"])  # asked for: replaced
+    assert snapshot(tmp_path / "out") != before
+
+
 def test_a_warmup_as_long_as_the_run_is_warned_about(tmp_path, monkeypatch, capsys, one_thread):
     monkeypatch.chdir(tmp_path)
     sft.main([*resume_run(tmp_path), "--max-steps", "2", "--warmup-steps", "4", "--out", "out"])

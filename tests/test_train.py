@@ -345,7 +345,22 @@ def test_a_new_run_refuses_to_overwrite_an_unfinished_one(stopped_run, tmp_path,
     assert f"{run} holds an unfinished run (step 1 of 3): continue it with --resume {run}" in one_line_error(capsys)
     assert snapshot(run) == before  # the log and the checkpoint are untouched
     train.main(["--resume", str(run)])
-    train.main([*flags, "--out", str(run)])  # a finished run is not protected: a new run may replace it
+
+
+def test_a_new_run_refuses_to_overwrite_a_finished_one_unless_told_to(stopped_run, tmp_path, capsys):
+    run, flags = copy_of(stopped_run, tmp_path)
+    train.main(["--resume", str(run)])  # finished: step 3 of 3
+    before = snapshot(run)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        train.main([*flags, "--out", str(run)])  # the same command twice in a row
+    assert e.value.code == 2
+    err = one_line_error(capsys)
+    assert f"{run} holds a finished run (step 3): choose another --out, train it on with --resume {run}" in err
+    assert "--overwrite" in err and snapshot(run) == before
+    train.main([*flags, "--out", str(run), "--overwrite", "--max-steps", "2"])  # asked for: replaced
+    assert json.loads((run / "checkpoint" / "config.json").read_text())["step"] == 2
+    assert sorted(read_log(run)[0]) == [1, 2]
 
 
 def test_resuming_a_finished_run_says_so_and_redoes_nothing_unless_max_steps_is_raised(stopped_run, tmp_path, capsys):
