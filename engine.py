@@ -35,7 +35,7 @@ from tqdm import tqdm
 from common import flag
 from runner import BLOCK, ModelRunner, kv_cache_blocks, parse_memory
 from sampling import SamplingParams, sample
-from tokenizer import EOT, TextStream, check_prompt, encode, get_tokenizer
+from tokenizer import EOT, VOCAB_SIZE, TextStream, check_prompt, encode, get_tokenizer
 
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
@@ -465,7 +465,10 @@ class Engine:
         return [batch[i] for i in ready], logits[ready]
 
     def _emit_tokens(self, batch, logits):
-        """Sample each sequence's next token and turn it into its StepOutput."""
+        """Sample each sequence's next token and turn it into its StepOutput. A sequence whose
+        sampling or text fails ends alone (finish_reason "error"), never the step and with it every
+        request in flight."""
+        logits = logits[:, :VOCAB_SIZE]  # (a padded vocabulary's extra ids are no tokens, nor alternatives)
         tokens, errors = self._sample(batch, logits)
         logprobs = self._logprobs(batch, logits, tokens)
         now = time.perf_counter()
@@ -478,8 +481,13 @@ class Engine:
             if seq.first_token_time is None:
                 seq.first_token_time = now
                 self.stats.record_first_token(now - seq.arrival)
-            # (tokens[i] is a Python int: _sample moved them to the host in one transfer)
-            outputs.append(self._append(seq, tokens[i], *logprobs.get(i, (None, None))))
+            try:  # (tokens[i] is a Python int: _sample moved them to the host in one transfer)
+                outputs.append(self._append(seq, tokens[i], *logprobs.get(i, (None, None))))
+            except Exception as e:  # (a bug, or a tokenizer that cannot decode the token)
+                traceback.print_exc()
+                if seq.status != FINISHED:
+                    self._finish(seq, "error")
+                outputs.append(StepOutput(seq, None, "", "error", error=e))
         return outputs
 
     def _sample(self, batch, logits):

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from tokenizer import VOCAB_SIZE
+
 MAX_SEED = 2**63 - 1  # seeds are non-negative signed 64-bit integers (what torch.Generator takes)
 
 
@@ -168,6 +170,7 @@ def sample(logits, temperature, top_k=0, top_p=1.0, generator=None):
     `candidates`. Each setting, and the generator, is one value for all rows, or a list of one per
     row: the engine samples a whole batch of requests, each with its own settings and seed, at once."""
     B = logits.size(0)
+    logits = logits[:, :VOCAB_SIZE]  # a padded vocabulary's extra ids are no tokens: never drawn
     temperature, top_k, top_p, generator = (per_row(x, B) for x in (temperature, top_k, top_p, generator))
     rows = [i for i in range(B) if temperature[i] > 0]
     greedy = [i for i in range(B) if not temperature[i] > 0]  # (nan too: never an uninitialized token)

@@ -21,6 +21,7 @@ from common import die
 # ----------------------------------------------------------------------------- GPT-2's tokenizer
 
 EOT = 50256  # <|endoftext|>: the document separator in pretraining and the end of an answer in chat
+VOCAB_SIZE = 50257  # GPT-2's tokens; a model's vocabulary may be padded past them (nanoGPT pads to 50,304)
 
 
 def get_tokenizer():

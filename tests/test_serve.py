@@ -445,3 +445,44 @@ def test_a_stopped_engine_loop_takes_no_more_requests(model):
     loop.stop()
     with pytest.raises(ShuttingDown):
         loop.submit([([1, 2, 3], greedy(2), None)], queue.Queue())
+
+
+# ----------------------------------------------------------------------------- a padded vocabulary, a failing sequence
+
+def padded_vocab_model():
+    """A model whose vocabulary is padded past GPT-2's 50,257 tokens to 50,304 (as nanoGPT pads it),
+    its extra ids made the likeliest of all: an id no tokenizer can decode, unless they are masked."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=50304)).eval()
+
+    def favour_padding(module, inputs, logits):
+        logits[..., 50257:] += 1e4
+        return logits
+    model.lm_head.register_forward_hook(favour_padding)
+    return model
+
+
+def test_a_padded_vocabulary_is_never_sampled_and_serves():
+    model = padded_vocab_model()
+    params = [SamplingParams(max_tokens=6, temperature=0.0), SamplingParams(max_tokens=6, temperature=1.0, seed=1)]
+    outs = Engine(model, num_blocks=64).generate([[1, 2, 3], [4, 5]], params, use_tqdm=False)
+    assert all(o.finish_reason == "length" and len(o.token_ids) == 6 for o in outs)
+    assert all(t < 50257 for o in outs for t in o.token_ids)
+    assert all(t < 50257 for t in generate_tokens(model, [1, 2, 3], SamplingParams(max_tokens=6, temperature=0.0)))
+
+
+def test_a_sequence_whose_text_fails_ends_alone(model, monkeypatch):
+    """A failure inside one sequence's step (here its text stream) ends that sequence with "error";
+    the others batched with it go on to their end."""
+    engine = Engine(model, num_blocks=64)
+    doomed, fine = engine.add_requests([([1, 2, 3], greedy(5), None), ([4, 5, 6], greedy(5), None)])
+
+    def broken(token_id):
+        raise KeyError(token_id)
+    monkeypatch.setattr(doomed.stream, "push", broken)
+    reasons = {}
+    while engine.has_work():
+        for out in engine.step():
+            if out.finish_reason:
+                reasons[out.seq.seq_id] = out.finish_reason
+    assert reasons == {doomed.seq_id: "error", fine.seq_id: "length"} and len(fine.output_ids) == 5
