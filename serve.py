@@ -18,6 +18,7 @@ import contextlib
 import itertools
 import json
 import queue
+import re
 import select
 import signal
 import socket
@@ -176,6 +177,16 @@ class Handler(BaseHTTPRequestHandler):
     def send_json(self, status, obj):
         self.send_bytes(status, "application/json", json.dumps(obj).encode())
 
+    def parse_request(self):
+        """http.server takes a request line without a version ("GET /") for HTTP/0.9, which has no
+        headers and no status line, and answers it late or not at all: refused here, at once."""
+        if len(self.raw_requestline.split()) == 2:
+            self.command, self.request_version = None, "HTTP/1.0"  # (the error's status line is 1.0's)
+            self.requestline = self.raw_requestline.decode("latin-1").rstrip("\r\n")
+            self.send_error(400, "an HTTP/0.9 request line (no version) is not supported; send HTTP/1.1")
+            return False
+        return super().parse_request()
+
     def send_error(self, code, message=None, explain=None):
         """http.server's own errors (a malformed request line, an unsupported method): JSON too."""
         self.close_connection = True
@@ -292,16 +303,18 @@ class Handler(BaseHTTPRequestHandler):
         if len(set(self.headers.get_all("Content-Length", []))) > 1:  # which one frames the body? (RFC 9110)
             self.close_connection = True
             raise ApiError(400, "the request has conflicting Content-Length headers")
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
+        if "Transfer-Encoding" in self.headers:  # (with a Content-Length too, the framing is ambiguous: RFC 9112
+            self.close_connection = True         # says refuse; alone, a chunked body this server does not read)
+            raise ApiError(400 if "Content-Length" in self.headers else 411,
+                           "Transfer-Encoding is not supported: send the body with a Content-Length")
+        text = self.headers.get("Content-Length", "").strip()
+        if not re.fullmatch(r"[0-9]+", text):  # (int() would take "+33", "3_3" and "٣٣": digits only)
             raise ApiError(411 if "Content-Length" not in self.headers else 400,
-                           "a request body with a valid Content-Length is required") from None
+                           "a request body with a valid Content-Length is required")
+        length = int(text)
         if length > MAX_BODY:
             self.close_connection = True
             raise ApiError(413, f"the request body is {length} bytes; the limit is {MAX_BODY}")
-        if length < 0:
-            raise ApiError(400, "negative Content-Length")
         self.body_read = True  # (from here on the body is read, or not worth waiting for)
         try:
             raw = self.rfile.read(length)

@@ -766,3 +766,28 @@ def test_the_openai_client_talks_to_the_server(server):
     raw = call(server, "POST", "/v1/completions", {"model": "tiny", "prompt": "Once", "max_tokens": 6, "temperature": 0})[1]
     stream = client.completions.create(model="tiny", prompt="Once", max_tokens=6, temperature=0, stream=True)
     assert "".join(c.choices[0].text for c in stream) == raw["choices"][0]["text"] != ""
+
+
+def raw_reply(server, request, timeout=5):
+    """What the server answers to the bytes `request`, read until it closes the connection."""
+    with socket.create_connection(server.server_address[:2], timeout=timeout) as s:
+        s.sendall(request)
+        return s.makefile("rb").read()
+
+
+@pytest.mark.parametrize("request_bytes, message", [
+    # HTTP/0.9 (no version): no headers follow, so nothing may be waited for
+    (b"GET /\r\n", b"HTTP/0.9"),
+    (b"GET /health\r\n\r\n", b"HTTP/0.9"),
+    # two framings at once (RFC 9112: refuse), and Content-Lengths int() would take
+    (b"POST /v1/completions HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 33\r\n\r\n" + b"x" * 33,
+     b"Transfer-Encoding"),
+    (b"POST /v1/completions HTTP/1.1\r\nContent-Length: +33\r\n\r\n" + b"x" * 33, b"valid Content-Length"),
+    (b"POST /v1/completions HTTP/1.1\r\nContent-Length: 3_3\r\n\r\n" + b"x" * 33, b"valid Content-Length"),
+])
+def test_ambiguous_or_ancient_framing_is_a_400_at_once(server, request_bytes, message):
+    start = time.monotonic()
+    reply = raw_reply(server, request_bytes)
+    assert reply.startswith(b"HTTP/1.0 400") and message in reply, reply
+    assert time.monotonic() - start < 3  # answered, not left to the read timeout
+    assert call(server, "GET", "/health")[0] == 200  # and the server goes on
