@@ -15,6 +15,7 @@ openai_api.py speaks OpenAI's request and response shapes; this file puts them b
 
 import argparse
 import contextlib
+import hmac
 import itertools
 import json
 import queue
@@ -251,8 +252,7 @@ class Handler(BaseHTTPRequestHandler):
                 raise ApiError(503, "the model is still loading", type="server_error", code="not_ready")
             if path == "/metrics":
                 return self.send_bytes(200, "text/plain; version=0.0.4", metrics_text(api.loop).encode())
-            key = self.server.api_key
-            if key and self.headers.get("Authorization", "") != f"Bearer {key}":
+            if self.server.api_key and not self.authorized():
                 raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                                type="authentication_error", code="invalid_api_key")
             if path == "/v1/models":
@@ -298,6 +298,12 @@ class Handler(BaseHTTPRequestHandler):
             pass
         finally:
             self.connection.settimeout(self.timeout)
+
+    def authorized(self):
+        """Whether the request carries the API key as `Authorization: Bearer KEY` (the scheme's case is
+        free, RFC 9110), compared in constant time: how long a wrong key takes says nothing of the key."""
+        scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.server.api_key.encode())
 
     def _body(self):
         if len(set(self.headers.get_all("Content-Length", []))) > 1:  # which one frames the body? (RFC 9110)

@@ -316,6 +316,8 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
     status, r = call(server, "GET", "/v1/models", headers={"Authorization": "Bearer wrong"})
     assert status == 401 and r["error"]["type"] == "authentication_error"
     assert call(server, "GET", "/v1/models", headers={"Authorization": "Bearer sesame"})[0] == 200
+    assert call(server, "GET", "/v1/models", headers={"Authorization": "bearer sesame"})[0] == 200  # any case
+    assert call(server, "GET", "/v1/models", headers={"Authorization": "Basic sesame"})[0] == 401
     monkeypatch.setattr(server, "api_key", None)
     # a full queue: hold the engine so requests pile up, then one more is refused
     loop = server.api.loop
