@@ -112,9 +112,10 @@ def generate_tokens(model, prompt_ids, params, static=None):
         logits = prefill(model, prompt_ids, cache)
         for i in range(budget):
             token = sample(logits, params.temperature, params.top_k, params.top_p, generator)
-            if int(token) == EOT:
+            token_id = int(token)  # (once: on a GPU, each int() waits for the device)
+            if token_id == EOT:
                 return
-            yield int(token)
+            yield token_id
             if i < budget - 1:
                 logits = step(token) if step is not None else decode_eager(model, token, cache)
     finally:
