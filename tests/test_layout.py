@@ -21,6 +21,7 @@ def project_imports(path, modules):
 
 
 def test_every_top_level_file_is_a_library_a_script_or_a_benchmark():
+    assert not LIBRARIES & SCRIPTS, "a file is a library or a script, not both"
     names = {p.stem for p in ROOT.glob("*.py")}
     unknown = names - LIBRARIES - SCRIPTS - {n for n in names if n.startswith("bench_")}
     assert not unknown, f"say whether {sorted(unknown)} is a library or a script (tests/test_layout.py)"

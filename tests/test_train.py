@@ -344,7 +344,6 @@ def test_a_new_run_refuses_to_overwrite_an_unfinished_one(stopped_run, tmp_path,
     assert e.value.code == 2
     assert f"{run} holds an unfinished run (step 1 of 3): continue it with --resume {run}" in one_line_error(capsys)
     assert snapshot(run) == before  # the log and the checkpoint are untouched
-    train.main(["--resume", str(run)])
 
 
 def test_a_new_run_refuses_to_overwrite_a_finished_one_unless_told_to(stopped_run, tmp_path, capsys):
