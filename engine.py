@@ -13,7 +13,8 @@
                 prefilled in chunks over several steps (chunked prefill), so one long prompt
                 never freezes the token streams of everyone else. When blocks run out, the
                 youngest sequence is preempted: its blocks are freed and it is recomputed later
-                (its generated tokens are kept).
+                (its generated tokens are kept). Waiting requests are admitted round robin, so
+                one request's many sequences never make a later request wait for all of them.
   ModelRunner   (runner.py) Owns the KV pool and runs the model on a packed batch.
   Engine        Ties them together: add_request / step / abort, and generate() for offline batches;
                 its EngineStats count what /metrics reports. No HTTP here: that is serve.py,
@@ -25,7 +26,7 @@ import math
 import threading
 import time
 import traceback
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -49,8 +50,11 @@ class Sequence:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids, params, enc, logprobs=None, ignore_eos=False, sink=None, device="cpu"):
+    def __init__(self, prompt_ids, params, enc, logprobs=None, ignore_eos=False, sink=None, device="cpu",
+                 request_id=None):
         self.seq_id = next(Sequence._ids)
+        # the sequences of one request (its prompts, n times each) share this: admission is fair between requests
+        self.request_id = self.seq_id if request_id is None else request_id
         self.prompt_len = len(prompt_ids)
         self.tokens = list(prompt_ids)
         self.params, self.logprobs, self.ignore_eos = params, logprobs, ignore_eos
@@ -199,6 +203,53 @@ class BlockManager:
         return bid
 
 
+class WaitingQueue:
+    """The sequences waiting to run, by request: round robin between requests, so that one request's
+    many sequences (64 prompts, n=4) do not all go ahead of a later request's first. next_fair() is
+    the oldest sequence of the request that has had the fewest sequences admitted (of equals, the
+    oldest request); a preempted sequence goes back to the front."""
+
+    def __init__(self):
+        self.by_request = OrderedDict()  # request_id -> deque of its waiting sequences, never empty
+        self.admitted = Counter()  # request_id -> sequences admitted while the request had some waiting
+        self.size = 0
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        for seqs in self.by_request.values():
+            yield from seqs
+
+    def __contains__(self, seq):
+        return seq in self.by_request.get(seq.request_id, ())
+
+    def extend(self, seqs):
+        for seq in seqs:
+            self.by_request.setdefault(seq.request_id, deque()).append(seq)
+            self.size += 1
+
+    def appendleft(self, seq):
+        self.by_request.setdefault(seq.request_id, deque()).appendleft(seq)
+        self.by_request.move_to_end(seq.request_id, last=False)
+        self.size += 1
+
+    def next_fair(self):
+        return self.by_request[min(self.by_request, key=self.admitted.__getitem__)][0]  # (min: the first of equals)
+
+    def admit(self, seq):
+        self.admitted[seq.request_id] += 1
+        self.remove(seq)
+
+    def remove(self, seq):
+        seqs = self.by_request[seq.request_id]
+        seqs.remove(seq)
+        if not seqs:
+            del self.by_request[seq.request_id]
+            self.admitted.pop(seq.request_id, None)
+        self.size -= 1
+
+
 class Scheduler:
     """Waiting and running queues, and a budget of `max_num_batched_tokens` tokens per step, spent
     in this order:
@@ -210,9 +261,9 @@ class Scheduler:
       2. Unfinished prefills (running sequences admitted in an earlier step) get their next chunk:
          a prompt once started finishes before newer ones start, so its first token is not
          postponed forever by newcomers.
-      3. Waiting sequences are admitted, oldest first, while the budget, the sequence cap and the
-         free blocks allow. The last one admitted gets what is left of the budget, which may be
-         only a chunk of its prompt: the rest follows in the next steps (chunked prefill). So a
+      3. Waiting sequences are admitted while the budget, the sequence cap and the free blocks
+         allow, round robin between requests (WaitingQueue). The last one admitted gets what is left of the budget, which may
+         be only a chunk of its prompt: the rest follows in the next steps (chunked prefill). So a
          prompt longer than the whole budget is fine, and a step never idles budget that a
          waiting prompt could use.
 
@@ -223,7 +274,7 @@ class Scheduler:
     def __init__(self, blocks, max_num_seqs, max_num_batched_tokens):
         self.blocks = blocks
         self.max_num_seqs, self.max_num_batched_tokens = max_num_seqs, max_num_batched_tokens
-        self.waiting, self.running = deque(), []  # running: oldest first
+        self.waiting, self.running = WaitingQueue(), []  # running: oldest first
         self.num_preemptions = 0
 
     def schedule(self):
@@ -264,16 +315,16 @@ class Scheduler:
         return budget
 
     def _admit_waiting(self, batch, budget):
-        """3. Waiting sequences, oldest first, while the budget, the sequence cap and the blocks allow."""
+        """3. Waiting sequences, fairly between requests, while the budget, the sequence cap and the blocks allow."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self.waiting.next_fair()
             hits = self.blocks.match_prefix(seq.tokens)
             # Blocks for the whole prompt are taken now, not chunk by chunk: a prefill once started
             # never waits for memory halfway (only decodes grow, one block at a time).
             if not self.blocks.can_allocate(len(seq.tokens), hits):
-                break  # strictly first come, first served: nobody overtakes the head of the queue
+                break  # nobody overtakes the one whose turn it is: else a long prompt could wait forever
             self.blocks.allocate(seq, hits)
-            self.waiting.popleft()
+            self.waiting.admit(seq)
             seq.status = RUNNING
             self.running.append(seq)
             seq.num_scheduled = min(len(seq.tokens) - seq.num_computed, budget)
@@ -388,20 +439,21 @@ class Engine:
     def add_requests(self, requests, ignore_eos=False, sink=None):
         """Queue [(prompt, params, logprobs)] all together, or none of them: every request is checked
         (ValueError) before any is queued, so a bad one never leaves the others behind."""
-        seqs = [self._new_sequence(prompt, params or SamplingParams(), logprobs, ignore_eos, sink)
+        request_id = next(Sequence._ids)  # (a number no sequence has: the request's own)
+        seqs = [self._new_sequence(prompt, params or SamplingParams(), logprobs, ignore_eos, sink, request_id)
                 for prompt, params, logprobs in requests]
         with self.lock:
             self.inbox += seqs
             self.seqs.update((seq.seq_id, seq) for seq in seqs)
         return seqs
 
-    def _new_sequence(self, prompt, params, logprobs, ignore_eos, sink):
+    def _new_sequence(self, prompt, params, logprobs, ignore_eos, sink, request_id):
         ids = encode(prompt, self.enc) if isinstance(prompt, str) else [int(t) for t in prompt]
         check_prompt(ids, self.n_ctx)  # (not empty, and room for one new token)
         if not all(0 <= t < self.model.config.vocab_size for t in ids):
             raise ValueError(f"a token id is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
         params.check()  # (a BadSamplingParam, a ValueError naming the field)
-        return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device)
+        return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device, request_id)
 
     def abort(self, seq_id):
         """Cancel a sequence; it leaves the engine (and frees its blocks) at the next step."""

@@ -44,10 +44,11 @@ class EngineLoop:
     """Runs Engine.step() in one background thread. An HTTP handler submits its sequences with a
     queue of its own and reads StepOutputs from it; abort() cancels them (client gone)."""
 
-    def __init__(self, engine, max_waiting=256):
+    def __init__(self, engine, max_waiting=256, max_seqs_per_request=64):
         if max_waiting < 1:  # 0 would refuse every request with 503
             raise ValueError(f"max_waiting must be at least 1, not {max_waiting}")
         self.engine, self.max_waiting = engine, max_waiting
+        self.max_seqs_per_request = min(max_seqs_per_request, max_waiting)  # (more would be refused forever)
         self.wake = threading.Event()
         self.submit_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
@@ -65,9 +66,9 @@ class EngineLoop:
     def submit(self, requests, sink):
         """requests: [(prompt ids, SamplingParams, logprobs)], all admitted or none (QueueFull when
         the queue is full, ValueError when a request is bad)."""
-        if len(requests) > self.max_waiting:  # it would be refused forever, even by an idle server
-            raise ValueError(f"this request has {len(requests)} sequences (prompts x n); the server queues at "
-                             f"most {self.max_waiting} (--max-waiting)")
+        if len(requests) > self.max_seqs_per_request:
+            raise ValueError(f"this request asks for {len(requests)} sequences (prompts x n); the server takes at "
+                             f"most {self.max_seqs_per_request} per request (--max-seqs-per-request)")
         with self.submit_lock:
             if self.stopped:  # (the server is shutting down: the engine takes nothing more)
                 raise ShuttingDown("the server is shutting down")
@@ -434,12 +435,12 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name="gpt2", template="chat",
-                max_waiting=256, verbose=False):
+                max_waiting=256, max_seqs_per_request=64, verbose=False):
     """A Server bound to host:port (0 = any free port: see server.server_address), its engine loop
     started. Call server.serve_forever() (in a thread, for tests); server.shutdown() stops it."""
     server = Server((host, port), api_key, verbose)
     if engine is not None:
-        server.attach(EngineLoop(engine, max_waiting).start(), model_name, template)
+        server.attach(EngineLoop(engine, max_waiting, max_seqs_per_request).start(), model_name, template)
     return server
 
 
@@ -460,6 +461,8 @@ def parse_args(argv):
                         "decodes come first, longer prompts are prefilled in chunks over several steps; smaller = "
                         "steadier streams, larger = faster first tokens and throughput")
     p.add_argument("--max-waiting", type=int, default=256, help="queued sequences beyond which requests get 503")
+    p.add_argument("--max-seqs-per-request", type=int, default=64,
+                   help="most sequences (prompts x n) one request may ask for; more is a 400 (at most --max-waiting)")
     p.add_argument("--kv-cache-memory", default=None,
                    help="KV-cache size, e.g. 256MB or 2GiB or 1.5 (GiB) (default on CUDA: --gpu-memory-utilization "
                         "of the free memory; elsewhere 1 GiB, at most half the free memory and what --max-num-seqs full "
@@ -479,6 +482,7 @@ def check_args(args):
         die(str(e))
     check_flags(args, gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"),
                 max_waiting=(lambda v: v >= 1, ">= 1"),  # 0 would answer every request 503
+                max_seqs_per_request=(lambda v: 1 <= v <= args.max_waiting, f"in 1..--max-waiting ({args.max_waiting})"),
                 port=(lambda v: 0 <= v < 65536, "in 0..65535"))
     if args.api_key == "":  # (an empty key would silently turn authentication off)
         die("--api-key is empty: give a key, or leave the flag out to serve without one")
@@ -527,7 +531,7 @@ def main(argv=None):
     try:
         server = listen(args)  # first, so that /health can say "loading" (503) while the weights come in
         engine, template = load_engine(args, device, dtype)
-        loop = EngineLoop(engine, args.max_waiting).start()
+        loop = EngineLoop(engine, args.max_waiting, args.max_seqs_per_request).start()
         server.attach(loop, args.served_model_name or args.model, template)
         print(f"ready: {args.model} on {device} ({dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} "
               f"tokens = {len(engine.blocks.blocks) * BLOCK} tokens", flush=True)

@@ -278,6 +278,23 @@ def record_schedules(engine):
     return steps
 
 
+def test_admission_is_fair_between_requests(model):
+    """A request with many sequences (prompts x n) must not hold the engine: a later request's first
+    sequence goes ahead of the earlier one's remaining ones, at the first free slot."""
+    engine = Engine(model, max_num_seqs=2)
+    steps = record_schedules(engine)
+    big = engine.add_requests([(p, greedy(2), None) for p in random_prompts(6, seed=30)])
+    engine.step()  # two of the six are admitted
+    small = engine.add_request(random_prompts(1, seed=31)[0], greedy(1))
+    while engine.has_work():
+        engine.step()
+    admitted = []  # in the order they are first scheduled
+    for step in steps:
+        admitted += [seq for seq, _ in step if seq not in admitted]
+    assert admitted.index(small) == 2, [big.index(s) if s in big else "small" for s in admitted]
+    assert all(seq.finish_reason == "length" for seq in big + [small])  # and everyone is answered
+
+
 @pytest.mark.parametrize("budget", [4, 8, 16])  # 4: as many as max_num_seqs, so prefills wait while all four decode
 def test_chunked_prefill_matches_one_at_a_time(model, budget):
     prompts = random_prompts(10, seed=20, lo=1, hi=100)  # most longer than a whole step's budget

@@ -585,21 +585,29 @@ def test_request_limits_json_depth_stop_strings_queue_and_max_completion_tokens(
     status, r = call(server, "POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                                               "max_tokens": None, "max_completion_tokens": 0})
     assert status == 400 and r["error"]["param"] == "max_completion_tokens", r
-    # a request with more sequences than the queue holds: 400 naming the limit, not 503 forever
-    monkeypatch.setattr(server.api.loop, "max_waiting", 2)
+    # a request with more sequences (prompts x n) than one request may have: 400 naming the limit
+    assert server.api.loop.max_seqs_per_request == 64  # (make_server's default)
+    status, r = call(server, "POST", "/v1/completions", {"prompt": ["x"] * 5, "n": 16, "max_tokens": 1})
+    assert status == 400 and "asks for 80 sequences" in r["error"]["message"], r
+    monkeypatch.setattr(server.api.loop, "max_seqs_per_request", 2)
     status, r = call(server, "POST", "/v1/completions", {"prompt": "x", "n": 3, "max_tokens": 2})
-    assert status == 400 and "at most 2" in r["error"]["message"], r
+    assert status == 400 and "at most 2 per request (--max-seqs-per-request)" in r["error"]["message"], r
     assert call(server, "POST", "/v1/completions", {"prompt": "x", "n": 2, "max_tokens": 2})[0] == 200
     with pytest.raises(ValueError, match="max_waiting"):
         serve.EngineLoop(server.api.loop.engine, max_waiting=0)
 
 
-def test_max_waiting_must_be_positive(capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--max-waiting", "0"], "--max-waiting must be >= 1"),
+    (["--max-seqs-per-request", "0"], "--max-seqs-per-request must be in 1..--max-waiting (256)"),
+    (["--max-waiting", "8", "--max-seqs-per-request", "9"], "--max-seqs-per-request must be in 1..--max-waiting (8)"),
+])
+def test_queue_limits_are_checked(argv, message, capsys):
     import serve
     with pytest.raises(SystemExit) as e:
-        serve.main(["--max-waiting", "0"])
+        serve.main(argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and "--max-waiting must be >= 1" in err and len(err.strip().splitlines()) == 1, err
+    assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_a_client_that_half_closes_gets_the_whole_answer(server, monkeypatch):
