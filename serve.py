@@ -16,6 +16,7 @@ openai_api.py speaks OpenAI's request and response shapes; this file puts them b
 import argparse
 import contextlib
 import hmac
+import io
 import itertools
 import json
 import queue
@@ -30,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from checkpoint import CheckpointError, resolve_weights
-from common import HelpFormatter, check_flags, default_dtype, device_or_die, die
+from common import AT_LEAST_1, POSITIVE, HelpFormatter, check_flags, default_dtype, device_or_die, die
 from engine import TTFT_BUCKETS, Engine, check_engine_limits
 from gpt import SIZES
 from inference import load_model_or_die
@@ -112,6 +113,40 @@ DRAIN_MAX, DRAIN_SECONDS, DRAIN_IDLE = 16 << 20, 5.0, 0.25
 STATIC = Path(__file__).resolve().parent / "static" / "chat.html"
 
 
+class RequestTimeout(Exception):
+    """The request (line, headers and body) did not arrive whole within the server's --request-timeout."""
+
+
+class DeadlineReader(socket.SocketIO):
+    """A connection's reading side with one deadline for the whole request: a per-read timeout alone
+    lets a client that drips a byte every few seconds hold its thread forever. Each read waits at
+    most until the deadline (and never longer than the per-read timeout); once the request is read,
+    lift() ends the deadline, as generating and streaming the answer may take any time."""
+
+    def __init__(self, sock, seconds, per_read):
+        super().__init__(sock, "rb")
+        self.deadline, self.per_read = time.monotonic() + seconds, per_read
+
+    def readinto(self, buffer):
+        if self.deadline is None:
+            return super().readinto(buffer)
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise RequestTimeout()
+        self._sock.settimeout(min(left, self.per_read))
+        try:
+            return super().readinto(buffer)
+        except TimeoutError:
+            if time.monotonic() >= self.deadline:
+                raise RequestTimeout() from None
+            raise
+
+    def lift(self):
+        if self.deadline is not None:
+            self.deadline = None
+            self._sock.settimeout(self.per_read)
+
+
 def metrics_text(loop):
     """/metrics in Prometheus' text format: the engine's state now, and its EngineStats."""
     engine, stats = loop.engine, loop.engine.stats
@@ -142,6 +177,27 @@ def metrics_text(loop):
     return "\n".join(lines) + "\n"
 
 
+def refuse_connection(sock, limit):
+    """Answer a connection over the cap with a 503 and close it. What the client sends meanwhile is
+    read and dropped for a moment: closing a socket with unread bytes sends a reset, which can reach
+    the client before it reads the 503."""
+    body = json.dumps({"error": {"message": f"the server has {limit} connections open (--max-connections); "
+                                            "try again later", "type": "server_error", "param": None,
+                                 "code": "too_many_connections"}}).encode()
+    try:
+        sock.settimeout(DRAIN_IDLE)
+        sock.sendall(b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline and sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 # ----------------------------------------------------------------------------- HTTP
 
 class ClientGone(Exception):
@@ -162,6 +218,22 @@ class Handler(BaseHTTPRequestHandler):
     head_only = False  # a HEAD request: headers as for GET, no body
     body_read = False  # has the request body (if any) been read?
     probed = 0.0  # when the last probe went to a client that half-closed (see client_gone)
+    # (what an error needs when the request line itself never came whole)
+    command, request_version, requestline = None, "HTTP/1.0", ""
+
+    def setup(self):
+        super().setup()  # (self.rfile is replaced: the same buffered reader, over a reader with a deadline)
+        self.reader = DeadlineReader(self.connection, self.server.request_timeout, self.timeout)
+        self.rfile = io.BufferedReader(self.reader)
+
+    def handle(self):
+        try:
+            super().handle()
+        except RequestTimeout:
+            self.close_connection = True
+            self.send_error_json(ApiError(408, f"the request did not arrive whole within "
+                                               f"{self.server.request_timeout:g} s (--request-timeout)",
+                                          code="request_timeout"))
 
     def log_message(self, format, *args):  # quiet unless asked
         if self.server.verbose:
@@ -235,6 +307,8 @@ class Handler(BaseHTTPRequestHandler):
         wrong one gets a 405, in JSON."""
         method = "GET" if self.head_only else self.command
         path = self.path.split("?", 1)[0]
+        if "Content-Length" not in self.headers and "Transfer-Encoding" not in self.headers:
+            self.reader.lift()  # (no body to wait for: the request is all here)
         with self.server.answering():
             self._answer(method, path)
 
@@ -282,6 +356,7 @@ class Handler(BaseHTTPRequestHandler):
         if self.body_read:
             return
         self.body_read = True
+        self.reader.lift()  # (bounded below on its own terms)
         try:
             left = min(int(self.headers.get("Content-Length", "0")), DRAIN_MAX)
         except (ValueError, AttributeError):  # (no headers: a malformed request line)
@@ -325,9 +400,11 @@ class Handler(BaseHTTPRequestHandler):
         self.body_read = True  # (from here on the body is read, or not worth waiting for)
         try:
             raw = self.rfile.read(length)
-        except TimeoutError:
+        except (RequestTimeout, TimeoutError):
             self.close_connection = True
-            raise ApiError(408, f"the request body did not arrive within {self.timeout} s") from None
+            raise ApiError(408, f"the request body did not arrive within {self.server.request_timeout:g} s "
+                                "(--request-timeout)", code="request_timeout") from None
+        self.reader.lift()
         if len(raw) < length:  # the client closed its side early: the body is cut, whatever it parses as
             raise ApiError(400, f"the request body ended after {len(raw)} of the {length} bytes its "
                                 "Content-Length announced")
@@ -412,11 +489,37 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client never keeps the process alive
     request_queue_size = 128  # listen backlog: bursts of connections wait instead of being refused
 
-    def __init__(self, address, api_key=None, verbose=False):
+    def __init__(self, address, api_key=None, verbose=False, request_timeout=30.0, max_connections=512):
         super().__init__(address, Handler)
         self.api = None  # set by attach() once the model is loaded; until then /health says 503
         self.api_key, self.verbose, self.started = api_key, verbose, int(time.time())
+        self.request_timeout, self.max_connections = request_timeout, max_connections
         self.num_answering, self.count_lock = 0, threading.Lock()  # requests read and not yet answered
+        self.num_connections = 0  # open connections, each with its handler thread
+
+    def process_request(self, request, client_address):
+        """A thread per connection, up to max_connections: beyond, a quick 503 (in a short-lived
+        thread), so that thousands of idle sockets cannot take every thread and all the memory."""
+        with self.count_lock:
+            full = self.num_connections >= self.max_connections
+            self.num_connections += not full
+        if full:
+            return threading.Thread(target=refuse_connection, args=(request, self.max_connections), daemon=True).start()
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # (no thread started: it will not count itself out)
+            self._connection_closed()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._connection_closed()
+
+    def _connection_closed(self):
+        with self.count_lock:
+            self.num_connections -= 1
 
     @contextlib.contextmanager
     def answering(self):
@@ -435,10 +538,10 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name="gpt2", template="chat",
-                max_waiting=256, max_seqs_per_request=64, verbose=False):
+                max_waiting=256, max_seqs_per_request=64, verbose=False, request_timeout=30.0, max_connections=512):
     """A Server bound to host:port (0 = any free port: see server.server_address), its engine loop
     started. Call server.serve_forever() (in a thread, for tests); server.shutdown() stops it."""
-    server = Server((host, port), api_key, verbose)
+    server = Server((host, port), api_key, verbose, request_timeout, max_connections)
     if engine is not None:
         server.attach(EngineLoop(engine, max_waiting, max_seqs_per_request).start(), model_name, template)
     return server
@@ -470,6 +573,9 @@ def parse_args(argv):
     p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of free GPU memory for the KV cache")
     p.add_argument("--no-cuda-graph", action="store_true", help="run decode steps eagerly on CUDA")
     p.add_argument("--served-model-name", default=None, help="the model id in the API (default: --model)")
+    p.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds a request (line, headers and body) may take to arrive; then 408")
+    p.add_argument("--max-connections", type=int, default=512, help="open connections beyond which a new one gets 503")
     p.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return p.parse_args(argv)
 
@@ -483,7 +589,8 @@ def check_args(args):
     check_flags(args, gpu_memory_utilization=(lambda v: 0 < v <= 1, "in (0, 1]"),
                 max_waiting=(lambda v: v >= 1, ">= 1"),  # 0 would answer every request 503
                 max_seqs_per_request=(lambda v: 1 <= v <= args.max_waiting, f"in 1..--max-waiting ({args.max_waiting})"),
-                port=(lambda v: 0 <= v < 65536, "in 0..65535"))
+                port=(lambda v: 0 <= v < 65536, "in 0..65535"),
+                request_timeout=POSITIVE, max_connections=AT_LEAST_1)
     if args.api_key == "":  # (an empty key would silently turn authentication off)
         die("--api-key is empty: give a key, or leave the flag out to serve without one")
     if args.model not in SIZES or Path(args.model).exists():  # a path: check it before listening
@@ -496,7 +603,8 @@ def check_args(args):
 def listen(args):
     """The server, answering in a thread of its own (with no engine yet, /health says "loading")."""
     try:
-        server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose)
+        server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose,
+                             request_timeout=args.request_timeout, max_connections=args.max_connections)
     except OSError as e:
         die(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     threading.Thread(target=server.serve_forever, daemon=True).start()

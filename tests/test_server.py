@@ -159,6 +159,52 @@ def test_a_client_that_stops_sending_its_body_times_out(server, monkeypatch):
     assert reply.startswith(b"HTTP/1.0 408"), reply
 
 
+def drip(server, data, every=0.05):
+    """Send `data` a byte at a time, `every` seconds apart (until the server answers); its answer and
+    how long it took."""
+    start = time.monotonic()
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        for byte in data:
+            if select.select([s], [], [], every)[0]:
+                break  # the server has answered (or closed)
+            try:
+                s.sendall(bytes([byte]))
+            except OSError:
+                break
+        return s.makefile("rb").read(), time.monotonic() - start
+
+
+@pytest.mark.parametrize("data", [
+    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 200,  # the headers never end
+    b"POST /v1/completions HTTP/1.1\r\nContent-Length: 200\r\n\r\n" + b" " * 200,  # nor does the body
+])
+def test_a_request_dripped_a_byte_at_a_time_gets_408_at_the_deadline(server, monkeypatch, data):
+    assert server.request_timeout == 30.0  # the default: a whole request, headers and body
+    monkeypatch.setattr(server, "request_timeout", 0.5)  # (shortened for the test: each byte comes in time)
+    reply, seconds = drip(server, data)
+    assert reply.startswith(b"HTTP/1.0 408") and b"--request-timeout" in reply, reply
+    assert seconds < 3, seconds  # (a per-read timeout alone would wait for as long as bytes keep coming)
+    assert call(server, "GET", "/health")[0] == 200
+
+
+def test_connections_beyond_the_cap_get_a_quick_503(server, monkeypatch):
+    assert server.max_connections == 512  # the default
+    assert wait_until(lambda: server.num_connections == 0)
+    monkeypatch.setattr(server, "max_connections", 2)
+    idle_sockets = [socket.create_connection(server.server_address[:2], timeout=10) for _ in range(2)]
+    try:
+        assert wait_until(lambda: server.num_connections == 2)
+        start = time.monotonic()
+        status, r = call(server, "GET", "/health")
+        assert status == 503 and r["error"]["code"] == "too_many_connections", r
+        assert "--max-connections" in r["error"]["message"] and time.monotonic() - start < 2
+    finally:
+        for s in idle_sockets:
+            s.close()
+    assert wait_until(lambda: server.num_connections == 0)  # each closed connection counted out
+    assert call(server, "GET", "/health")[0] == 200
+
+
 def test_help_shows_defaults(capsys):
     import serve
     with pytest.raises(SystemExit) as e:
