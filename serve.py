@@ -200,6 +200,12 @@ def refuse_connection(sock, limit):
 
 # ----------------------------------------------------------------------------- HTTP
 
+def redact(line):
+    """A log line with the value of any key= or api_key= in a query string hidden: a key sent in the URL
+    must not end up in the logs in the clear."""
+    return re.sub(r"([?&](?:api_)?key=)[^&\s]*", r"\1[redacted]", line, flags=re.IGNORECASE)
+
+
 class ClientGone(Exception):
     """The client of a request still being answered has closed its connection."""
 
@@ -237,7 +243,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):  # quiet unless asked
         if self.server.verbose:
-            super().log_message(format, *args)
+            super().log_message("%s", redact(format % args))
 
     # ------------------------------------------------------------ plumbing
     def send_bytes(self, status, content_type, data):
@@ -325,11 +331,11 @@ class Handler(BaseHTTPRequestHandler):
                 return self.send_json(200 if api else 503, {"status": "ok" if api else "loading"})
             if api is None:
                 raise ApiError(503, "the model is still loading", type="server_error", code="not_ready")
-            if path == "/metrics":
-                return self.send_bytes(200, "text/plain; version=0.0.4", metrics_text(api.loop).encode())
-            if self.server.api_key and not self.authorized():
+            if self.server.api_key and (path != "/metrics" or self.server.metrics_need_key) and not self.authorized():
                 raise ApiError(401, "invalid or missing API key (send 'Authorization: Bearer KEY')",
                                type="authentication_error", code="invalid_api_key")
+            if path == "/metrics":
+                return self.send_bytes(200, "text/plain; version=0.0.4", metrics_text(api.loop).encode())
             if path == "/v1/models":
                 return self.send_json(200, {"object": "list", "data": [
                     {"id": api.model_name, "object": "model", "created": self.server.started, "owned_by": "local",
@@ -489,10 +495,12 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True  # a hung client never keeps the process alive
     request_queue_size = 128  # listen backlog: bursts of connections wait instead of being refused
 
-    def __init__(self, address, api_key=None, verbose=False, request_timeout=30.0, max_connections=512):
+    def __init__(self, address, api_key=None, verbose=False, request_timeout=30.0, max_connections=512,
+                 metrics_need_key=False):
         super().__init__(address, Handler)
         self.api = None  # set by attach() once the model is loaded; until then /health says 503
         self.api_key, self.verbose, self.started = api_key, verbose, int(time.time())
+        self.metrics_need_key = metrics_need_key  # /metrics, open by default (Prometheus), behind the key too
         self.request_timeout, self.max_connections = request_timeout, max_connections
         self.num_answering, self.count_lock = 0, threading.Lock()  # requests read and not yet answered
         self.num_connections = 0  # open connections, each with its handler thread
@@ -538,10 +546,11 @@ class Server(ThreadingHTTPServer):
 
 
 def make_server(engine=None, host="127.0.0.1", port=0, api_key=None, model_name="gpt2", template="chat",
-                max_waiting=256, max_seqs_per_request=64, verbose=False, request_timeout=30.0, max_connections=512):
+                max_waiting=256, max_seqs_per_request=64, verbose=False, request_timeout=30.0, max_connections=512,
+                metrics_need_key=False):
     """A Server bound to host:port (0 = any free port: see server.server_address), its engine loop
     started. Call server.serve_forever() (in a thread, for tests); server.shutdown() stops it."""
-    server = Server((host, port), api_key, verbose, request_timeout, max_connections)
+    server = Server((host, port), api_key, verbose, request_timeout, max_connections, metrics_need_key)
     if engine is not None:
         server.attach(EngineLoop(engine, max_waiting, max_seqs_per_request).start(), model_name, template)
     return server
@@ -555,6 +564,8 @@ def parse_args(argv):
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0: any free port)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/ endpoints")
+    p.add_argument("--metrics-need-key", action="store_true",
+                   help="require the API key on /metrics too (Prometheus: authorization: {credentials: KEY})")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere)")
@@ -593,6 +604,8 @@ def check_args(args):
                 request_timeout=POSITIVE, max_connections=AT_LEAST_1)
     if args.api_key == "":  # (an empty key would silently turn authentication off)
         die("--api-key is empty: give a key, or leave the flag out to serve without one")
+    if args.metrics_need_key and args.api_key is None:
+        die("--metrics-need-key needs --api-key (there is no key to ask for)")
     if args.model not in SIZES or Path(args.model).exists():  # a path: check it before listening
         try:                                                   # (a hub name downloads while loading)
             resolve_weights(args.model, SIZES)
@@ -604,7 +617,8 @@ def listen(args):
     """The server, answering in a thread of its own (with no engine yet, /health says "loading")."""
     try:
         server = make_server(host=args.host, port=args.port, api_key=args.api_key, verbose=args.verbose,
-                             request_timeout=args.request_timeout, max_connections=args.max_connections)
+                             request_timeout=args.request_timeout, max_connections=args.max_connections,
+                             metrics_need_key=args.metrics_need_key)
     except OSError as e:
         die(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}")
     threading.Thread(target=server.serve_forever, daemon=True).start()

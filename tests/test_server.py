@@ -387,6 +387,24 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
     assert status == 200 and r["usage"]["completion_tokens"] >= 1
 
 
+def test_metrics_are_open_unless_asked_to_need_the_key(server, monkeypatch):
+    monkeypatch.setattr(server, "api_key", "sesame")
+    assert server.metrics_need_key is False  # the default: Prometheus scrapes without credentials
+    assert call(server, "GET", "/metrics")[0] == 200 and call(server, "GET", "/v1/models")[0] == 401
+    monkeypatch.setattr(server, "metrics_need_key", True)  # --metrics-need-key
+    assert call(server, "GET", "/metrics")[0] == 401
+    assert call(server, "GET", "/metrics", headers={"Authorization": "Bearer sesame"})[0] == 200
+    assert call(server, "GET", "/health")[0] == 200  # (a health probe never needs it)
+
+
+def test_verbose_logs_hide_a_key_sent_in_the_url(server, monkeypatch, capfd):
+    monkeypatch.setattr(server, "verbose", True)
+    call(server, "GET", "/?key=sesame&temperature=0")
+    call(server, "GET", "/v1/models?API_KEY=sesame")
+    err = capfd.readouterr().err  # (a request is logged as its status line is sent: before call() returns)
+    assert err.lower().count("key=[redacted]") == 2 and "sesame" not in err and "temperature=0" in err, err
+
+
 def test_models_health_and_metrics(server):
     status, r = call(server, "GET", "/v1/models")
     assert status == 200 and r["data"][0]["id"] == "tiny"
@@ -647,8 +665,11 @@ def test_request_limits_json_depth_stop_strings_queue_and_max_completion_tokens(
     (["--max-waiting", "0"], "--max-waiting must be >= 1"),
     (["--max-seqs-per-request", "0"], "--max-seqs-per-request must be in 1..--max-waiting (256)"),
     (["--max-waiting", "8", "--max-seqs-per-request", "9"], "--max-seqs-per-request must be in 1..--max-waiting (8)"),
+    (["--request-timeout", "0"], "--request-timeout must be a positive number"),
+    (["--max-connections", "0"], "--max-connections must be at least 1"),
+    (["--metrics-need-key"], "--metrics-need-key needs --api-key"),
 ])
-def test_queue_limits_are_checked(argv, message, capsys):
+def test_bad_serving_flags_are_refused_in_one_line(argv, message, capsys):
     import serve
     with pytest.raises(SystemExit) as e:
         serve.main(argv)
@@ -773,6 +794,13 @@ def test_chat_page_drops_the_oldest_exchanges_when_the_context_is_full_and_shows
             assert wait_until(lambda: chrome.evaluate(session, "typeof send") == "function")
             send = lambda text: chrome.send("Runtime.evaluate", session, expression=f"send({json.dumps(text)})",  # noqa: E731
                                             awaitPromise=True, returnByValue=True)
+            # a server with an API key: the page says where to enter it, and sends what is entered there
+            monkeypatch.setattr(server, "api_key", "sesame")
+            send("hello")
+            last = chrome.evaluate(session, "[...document.querySelectorAll('.msg')].pop().textContent")
+            assert "needs an API key: enter it in the field" in last and chrome.evaluate(session, "messages.length") == 0
+            chrome.evaluate(session, 'key.value = "sesame"; key.dispatchEvent(new Event("change"))')
+            assert chrome.evaluate(session, 'sessionStorage.getItem("apiKey")') == "sesame"  # (kept for the tab)
             # a history of about 3 x 2 x 60 tokens: more than the tiny model's 256-token context
             chrome.evaluate(session, """messages.push({role: "system", content: "Be kind."});
                 for (let i = 0; i < 3; i++) messages.push({role: "user", content: `question ${i} ` + "word ".repeat(60)},
@@ -786,8 +814,8 @@ def test_chat_page_drops_the_oldest_exchanges_when_the_context_is_full_and_shows
             middle = kept[1:-2]
             assert len(middle) < len(history) and len(middle) % 2 == 0 and middle == history[len(history) - len(middle):]
             # without ?max_tokens= a reply may take 256 tokens, but no more than a quarter of the context
-            budget = chrome.send("Runtime.evaluate", session, expression="replyTokens({})", awaitPromise=True,
-                                 returnByValue=True)["result"]["value"]
+            budget = chrome.send("Runtime.evaluate", session, expression='replyTokens({Authorization: "Bearer sesame"})',
+                                 awaitPromise=True, returnByValue=True)["result"]["value"]
             assert budget == min(256, server.api.n_ctx // 4)
             # a message that cannot fit even alone: an error, and the conversation is left as it was
             before = chrome.evaluate(session, "messages.length")
