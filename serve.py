@@ -320,6 +320,8 @@ class Handler(BaseHTTPRequestHandler):
 
     def _answer(self, method, path):
         try:
+            if self.server.stopping:
+                raise ShuttingDown("the server is shutting down").api_error()
             if path not in self.ROUTES:
                 raise ApiError(404, f"no such endpoint: {path}", code="not_found")
             if method != self.ROUTES[path]:
@@ -501,6 +503,7 @@ class Server(ThreadingHTTPServer):
         self.api = None  # set by attach() once the model is loaded; until then /health says 503
         self.api_key, self.verbose, self.started = api_key, verbose, int(time.time())
         self.metrics_need_key = metrics_need_key  # /metrics, open by default (Prometheus), behind the key too
+        self.stopping = False  # set by shut_down: every request is answered 503 from then on
         self.request_timeout, self.max_connections = request_timeout, max_connections
         self.num_answering, self.count_lock = 0, threading.Lock()  # requests read and not yet answered
         self.num_connections = 0  # open connections, each with its handler thread
@@ -664,27 +667,32 @@ def main(argv=None):
 
 
 def shut_down(server, loop):
-    """Stop without losing a word. A second Ctrl-C or SIGTERM must not cut this short. The engine
-    thread stops first, between two steps (a process that exits while that thread is inside a torch
-    kernel is aborted by the C++ runtime, SIGABRT, instead of ending), so that nothing is generated
-    after the signal; then the listener closes (a request that arrives meanwhile gets a 503); then
-    the requests still running are told why they end. (Stopped while loading, there is no engine yet.)"""
+    """Stop without losing a word. A second Ctrl-C or SIGTERM must not cut this short. From the
+    signal on, a new request is answered 503 (the listener stays open until the end: closing it
+    would reset the connections queued in it). The engine thread stops first, between two steps (a
+    process that exits while that thread is inside a torch kernel is aborted by the C++ runtime,
+    SIGABRT), so that nothing is generated after the signal; then the requests still running are
+    told why they end; then the listener closes, and a connection after that is refused, not
+    reset. (Stopped while loading, there is no engine yet.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     print("shutting down", flush=True)
+    if server is not None:
+        server.stopping = True
+    sinks = []
     if loop is not None:
         loop.stop()
-    if server is not None:
-        server.shutdown()  # no new connections
-    if loop is not None:
-        sinks = {id(seq.sink): seq.sink for seq in loop.engine.fail_all() if seq.sink is not None}.values()
+        sinks = list({id(seq.sink): seq.sink for seq in loop.engine.fail_all() if seq.sink is not None}.values())
         for sink in sinks:
             sink.put(ShuttingDown("the server is shutting down"))
+    if server is not None:
         # the handlers are daemon threads, gone when main returns: let them take it to their clients
         # (until each has written its answer: taking it from the queue is not enough)
         deadline = time.monotonic() + 5
         while (any(not sink.empty() for sink in sinks) or server.num_answering) and time.monotonic() < deadline:
             time.sleep(0.01)
+        server.shutdown()  # no new connections taken
+        server.server_close()
 
 
 if __name__ == "__main__":

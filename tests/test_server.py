@@ -587,6 +587,32 @@ def test_command_line_stopped_while_loading_exits_cleanly(tmp_path):
         proc.wait(timeout=30)
 
 
+def test_during_shutdown_requests_get_503_and_after_it_connections_are_refused(monkeypatch):
+    """shut_down() (what Ctrl-C and SIGTERM run) answers every request that arrives while it waits for
+    the last answers with a 503, then closes the listener: never a connection accepted and then reset."""
+    import serve
+    monkeypatch.setattr(serve.signal, "signal", lambda *args: None)  # (the test's process keeps its handlers)
+    torch.manual_seed(0)
+    srv = make_server(Engine(GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()), port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    answers = []
+
+    def a_request_being_answered():  # holds shut_down's wait, and asks while it lasts
+        with srv.answering():
+            assert wait_until(lambda: srv.stopping, timeout=10)
+            answers.append(call(srv, "GET", "/health"))
+            answers.append(call(srv, "POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}))
+    holder = threading.Thread(target=a_request_being_answered)
+    holder.start()
+    assert wait_until(lambda: srv.num_answering == 1)
+    serve.shut_down(srv, srv.api.loop)
+    holder.join(timeout=10)
+    assert [status for status, _ in answers] == [503, 503], answers
+    assert all(r["error"]["code"] == "shutting_down" for _, r in answers), answers
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(srv.server_address[:2], timeout=5)
+
+
 def test_engine_failure_answers_500_and_the_server_recovers(server, monkeypatch):
     runner = server.api.loop.engine.runner
     monkeypatch.setattr(runner, "run", lambda batch: 1 / 0)
