@@ -94,8 +94,10 @@ def reference_probs(logits, temperature, top_k=0, top_p=1.0):
 # is usually a small part of the vocabulary: so `candidates` looks for it among the likeliest tokens
 # first, with a partial sort. torch.multinomial costs about twenty times what an inverse-CDF draw
 # does (`draw`), which also lets the random numbers come from outside: each row of a batch brings
-# its own temperature, top_k, top_p and generator (`uniforms`), so a seeded request draws the same
-# tokens whichever requests share its batch.
+# its own temperature, top_k, top_p and generator (`uniforms`), so a seeded request gets the same
+# random numbers whichever requests share its batch: given the same logits, the same token. (Its
+# logits in a batch agree with its logits alone only to float rounding: a batch of another shape sums
+# in another order.)
 
 NUCLEUS_CANDIDATES = (1024, 8192)  # top_p looks among the 1024 most likely tokens first, then the 8192
 
