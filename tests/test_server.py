@@ -528,14 +528,6 @@ def stops_cleanly(proc, *signals):
 def test_command_line_serves_a_checkpoint(tmp_path, stop):
     torch.manual_seed(0)
     GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(tmp_path, template="alpaca")
-    bad = serve_command(tmp_path, "--kv-cache-memory", "64KB")
-    out = bad.communicate(timeout=120)[0]
-    assert bad.returncode == 2 and "one full-context sequence needs" in out and "Traceback" not in out
-    for flags, message in [(["--api-key", ""], "--api-key is empty"),  # (would turn authentication off)
-                           (["--model", str(tmp_path / "nothing")], "no such file")]:  # refused before listening
-        bad = serve_command(tmp_path, *flags)
-        out = bad.communicate(timeout=120)[0]
-        assert bad.returncode == 2 and message in out and "listening" not in out and "Traceback" not in out, out
     proc = serve_command(tmp_path, "--api-key", "k")
     try:
         line = proc.stdout.readline()
@@ -572,6 +564,14 @@ def test_command_line_serves_a_checkpoint(tmp_path, stop):
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def test_command_line_with_a_kv_cache_too_small_says_so_in_one_line(tmp_path):
+    torch.manual_seed(0)
+    GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).save_checkpoint(tmp_path)
+    bad = serve_command(tmp_path, "--kv-cache-memory", "64KB")
+    out = bad.communicate(timeout=120)[0]
+    assert bad.returncode == 2 and "one full-context sequence needs" in out and "Traceback" not in out, out
 
 
 def test_command_line_stopped_while_loading_exits_cleanly(tmp_path):
@@ -694,13 +694,16 @@ def test_request_limits_json_depth_stop_strings_queue_and_max_completion_tokens(
     (["--request-timeout", "0"], "--request-timeout must be a positive number"),
     (["--max-connections", "0"], "--max-connections must be at least 1"),
     (["--metrics-need-key"], "--metrics-need-key needs --api-key"),
+    (["--api-key", ""], "--api-key is empty"),  # (it would turn authentication off)
+    (["--model", "no/such/checkpoint"], "no such file"),  # a path: checked before anything listens
 ])
 def test_bad_serving_flags_are_refused_in_one_line(argv, message, capsys):
     import serve
     with pytest.raises(SystemExit) as e:
         serve.main(argv)
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert "listening" not in out
 
 
 def test_a_client_that_half_closes_gets_the_whole_answer(server, monkeypatch):
