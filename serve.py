@@ -229,6 +229,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()  # (self.rfile is replaced: the same buffered reader, over a reader with a deadline)
+        self.rfile.close()  # (the one super() made, unread: the socket stays open)
         self.reader = DeadlineReader(self.connection, self.server.request_timeout, self.timeout)
         self.rfile = io.BufferedReader(self.reader)
 
