@@ -11,12 +11,13 @@ import json
 import math
 import mmap
 import os
+import stat
 import struct
 from pathlib import Path
 
 import torch
 
-from common import replace_atomically, write_json_atomic
+from common import JSON_ERRORS, json_problem, replace_atomically, write_json_atomic
 
 
 class CheckpointError(ValueError):
@@ -35,21 +36,34 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own cap: a real header is kilobytes
+
+
+# What a file handed to us in place of safetensors is, by its first bytes. Each would read as an
+# absurd header length, so they are told apart only once the length fails its checks.
+OTHER_FORMATS = ((b"GGUF", "a GGUF file (llama.cpp's format)"),
+                 (b"PK\x03\x04", "a zip archive, as torch.save writes (pytorch_model.bin, .pt)"),
+                 (b"\x80", "a pickle, as an older torch.save wrote (pytorch_model.bin, .pt)"))
+
+
 def read_safetensors_header(path):
     """Parse and bounds-check a safetensors header. Returns (header dict, offset of the data)."""
     path = Path(path)
+    check_regular_file(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
             raise CheckpointError(f"{path}: truncated file ({size} bytes), not a safetensors file")
         (n,) = struct.unpack("<Q", head)
+        if n > min(size - 8, MAX_HEADER_BYTES):
+            refuse_other_format(path, head)
+        if n > MAX_HEADER_BYTES:  # refused before reading it: parsing a 10 GB "header" would exhaust memory
+            raise CheckpointError(f"{path}: header length {n:,} bytes is over the {MAX_HEADER_BYTES:,} a "
+                                  "safetensors header may have")
         if n > size - 8:
             raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+        header = parse_json(f.read(n), path, "header is not valid JSON")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: header is not a JSON object")
     meta = header.get("__metadata__", {})
@@ -61,6 +75,46 @@ def read_safetensors_header(path):
         if b1 < e0:
             raise CheckpointError(f"{path}: tensors {n0!r} and {n1!r} overlap")
     return header, data_start
+
+
+def check_regular_file(path):
+    """A CheckpointError unless `path` is a regular file: opening a FIFO named model.safetensors
+    would wait forever for a writer, and a device would read without end."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    if not stat.S_ISREG(mode):
+        kind = "directory" if stat.S_ISDIR(mode) else "FIFO" if stat.S_ISFIFO(mode) else \
+            "socket" if stat.S_ISSOCK(mode) else "device"
+        raise CheckpointError(f"{path}: a {kind}, not a regular file")
+
+
+def refuse_other_format(path, head):
+    """A CheckpointError saying what `path` is, if its first bytes `head` are another format's."""
+    for magic, what in OTHER_FORMATS:
+        if head.startswith(magic):
+            raise CheckpointError(f"{path}: {what}, not a safetensors file; load the safetensors weights "
+                                  "it was made from" + (" (pickles are never loaded: they can run code)"
+                                                        if "torch.save" in what else ""))
+
+
+def parse_json(blob, path, what):
+    """json.loads(blob), or a CheckpointError `path`: `what` (why), whichever way the parser refuses."""
+    try:
+        return json.loads(blob)
+    except JSON_ERRORS as e:
+        raise CheckpointError(f"{path}: {what} ({json_problem(e)})") from None
+
+
+def read_json_file(path, what):
+    """The JSON in the regular file `path`, or a CheckpointError `path`: `what` (why)."""
+    check_regular_file(path)
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        raise CheckpointError(f"{path}: {what} ({e.strerror or e})") from None
+    return parse_json(blob, path, what)
 
 
 def _tensor_span(path, name, info, data_len):
@@ -75,6 +129,8 @@ def _tensor_span(path, name, info, data_len):
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) \
             or not all(isinstance(o, int) for o in (begin, end)):
         raise CheckpointError(f"{path}: tensor {name!r} has a malformed shape or offsets")
+    if any(v >= 2 ** 64 for v in (*shape, begin, end)):  # (the format's integers are 64-bit)
+        raise CheckpointError(f"{path}: tensor {name!r} has a size or offset of 2**64 or more")
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if not 0 <= begin <= end <= data_len:
         raise CheckpointError(f"{path}: tensor {name!r} offsets [{begin}, {end}] lie outside the "
@@ -158,10 +214,7 @@ def read_checkpoint_json(directory, config_fields=None):
     With `config_fields` (GPTConfig's field names), the config must have every one of them but
     dropout, and no other: a default filled in for a missing size would describe another model."""
     path = Path(directory) / "config.json"
-    try:
-        info = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a valid checkpoint config ({e})") from None
+    info = read_json_file(path, "not a valid checkpoint config")
     if not isinstance(info, dict):
         raise CheckpointError(f"{path}: not a valid checkpoint config (not a JSON object)")
     if info.get("format") != LAYOUT:
@@ -193,8 +246,8 @@ def is_our_layout(path, header):
     if layout is not None and layout.startswith(FAMILY):
         raise CheckpointError(f"{path}: layout {layout!r} is not one this version reads ({LAYOUT!r})")
     try:
-        fmt = json.loads((path.parent / "config.json").read_text()).get("format")
-    except (OSError, ValueError, AttributeError):
+        fmt = read_json_file(path.parent / "config.json", "not valid JSON").get("format")
+    except (CheckpointError, AttributeError):
         fmt = None  # no config.json, or not ours: hub_config reads it or says what is wrong
     if isinstance(fmt, str) and fmt.startswith(FAMILY):
         raise CheckpointError(f"{path}: no \"layout\" in its __metadata__ (re-saved by another tool?), though "
@@ -270,10 +323,7 @@ def hub_config(path, header, released):
     `released` sizes: {name: {n_layer, n_head, n_embd}})."""
     hf = Path(path).parent / "config.json"
     if hf.exists():
-        try:
-            c = json.loads(hf.read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"{hf}: not valid JSON ({e})") from None
+        c = read_json_file(hf, "not valid JSON")
         missing = [k for k in ("n_layer", "n_head", "n_embd", "vocab_size") if not isinstance(c, dict) or k not in c]
         if missing:
             raise CheckpointError(f"{hf}: not a GPT-2 config: it has no {', '.join(missing)}")

@@ -175,6 +175,25 @@ def write_or_die(path, leftovers=()):
         die(f"cannot write {path}: {e.strerror or e}")
 
 
+# What json.loads raises for a text it cannot read: a JSONDecodeError, a UnicodeDecodeError (bytes),
+# a plain ValueError for an integer past Python's digit limit (int() of a 5,000-digit number takes
+# quadratic time, so Python refuses it), a RecursionError for "[[[[..." nested past its stack.
+JSON_ERRORS = (ValueError, RecursionError)
+
+
+def json_problem(e):
+    """A few words on why json.loads refused a text with `e` (one of JSON_ERRORS), for a one-line error."""
+    if isinstance(e, RecursionError):
+        return "nested too deeply to read"
+    if isinstance(e, json.JSONDecodeError):
+        return f"{e.msg}: line {e.lineno} column {e.colno}"
+    if isinstance(e, UnicodeDecodeError):
+        return f"not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+    if "digits" in str(e):
+        return f"an integer of more than {sys.get_int_max_str_digits()} digits"
+    return str(e)
+
+
 def brief(value, width=200):
     """`value` as JSON in about `width` characters. Longer, it is cut at a clean boundary and ends in
     "…": an object or list after its last whole item, a string after a character."""

@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from checkpoint import cache_dir, download
-from common import check_flags, die, replace_atomically, write_json_atomic
+from common import JSON_ERRORS, check_flags, die, json_problem, replace_atomically, write_json_atomic
 from tokenizer import EOT, IGNORE, encode, encode_conversation, get_tokenizer
 
 # ----------------------------------------------------------------------------- 1. pretraining data
@@ -334,8 +334,8 @@ def _jsonl_records(path, text):
                 yield n, json.loads(row)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{n}: invalid JSON ({e.msg})") from None
-            except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
-                raise DataError(f"{path}:{n}: JSON nested too deeply to read") from None
+            except JSON_ERRORS as e:  # nested too deeply, an integer past Python's digit limit
+                raise DataError(f"{path}:{n}: invalid JSON ({json_problem(e)})") from None
 
 
 def _json_list_records(path, text):
@@ -360,8 +360,8 @@ def _json_list_records(path, text):
         raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     except IndexError:
         raise DataError(f"{path}: the JSON list is never closed (truncated file?)") from None
-    except RecursionError:
-        raise DataError(f"{path}:{line}: JSON nested too deeply to read") from None
+    except JSON_ERRORS as e:
+        raise DataError(f"{path}:{line}: invalid JSON ({json_problem(e)})") from None
     # the list closes at text[i]; anything but whitespace after it (a second list pasted on, a stray
     # record) would otherwise be dropped without a word
     rest = space.match(text, i + 1).end()

@@ -31,7 +31,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from common import default_dtype, device_or_die, die, same_file
+from common import JSON_ERRORS, default_dtype, device_or_die, die, json_problem, same_file
 from engine import Engine
 from inference import load_model_or_die
 from sampling import RULES, BadSamplingParam, SamplingParams
@@ -63,8 +63,10 @@ def load_config(path, **overrides):
     model is loaded or text generated, whose work a late error would lose."""
     try:
         cfg = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read config ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read config ({e.strerror or e})") from None
+    except JSON_ERRORS as e:
+        raise ValueError(f"{path}: cannot read config ({json_problem(e)})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: the config must be a JSON object")
     missing = [k for k in REQUIRED if k not in cfg]
@@ -221,7 +223,7 @@ def read_existing(path):
                 rec = json.loads(line)
                 words.add(rec["word"])
                 seen.add(normalize(json.dumps(rec["messages"])))
-            except (ValueError, KeyError, TypeError):
+            except (*JSON_ERRORS, KeyError, TypeError):
                 raise ValueError(f"{path}:{n}: not a conversation written by synth.py") from None
     return words, seen
 

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, read_checkpoint_json
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
+from common import (AT_LEAST_1, JSON_ERRORS, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
                     check_flags, device_or_die, die, flag, replace_atomically, write_or_die)
 from data import get_batch, load_tokens, prepare_pretrain_data
 from gpt import GPT, GPTConfig, SIZES
@@ -314,7 +314,7 @@ def log_lines_before(log_path, step, evaluates_at_step=True):
             record = json.loads(line)
             keep = record["step"] < step or (record["step"] == step and ("val_loss" not in record
                                                                             or not evaluates_at_step))
-        except (ValueError, KeyError, TypeError):
+        except (*JSON_ERRORS, KeyError, TypeError):
             if number == len(lines):
                 break
             die(f"{log_path}:{number}: not a log record ({line[:40]!r}); delete that line to resume")

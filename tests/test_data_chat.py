@@ -307,6 +307,18 @@ def test_json_nested_too_deeply_names_the_file_not_a_recursion_error(tmp_path, n
     assert str(e.value).startswith(str(path) + where)
 
 
+@pytest.mark.parametrize("name, text, where", [
+    ("big.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "a", "output": "b", "n": ' + "9" * 5000 + "}\n", ":2:"),
+    ("big.json", '[\n  {"instruction": "a", "output": "b"},\n  {"n": ' + "9" * 5000 + "}\n]\n", ":3:"),
+])
+def test_an_integer_past_pythons_digit_limit_names_the_line_not_a_value_error(tmp_path, name, text, where):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as e:
+        load_conversations(path)
+    assert str(e.value) == f"{path}{where} invalid JSON (an integer of more than {sys.get_int_max_str_digits()} digits)"
+
+
 def test_non_utf8_data_names_the_line_and_a_directory_is_not_missing(tmp_path):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"instruction": "a", "output": "b"}\n\n{"instruction": "caf\xe9", "output": "c"}\n')

@@ -1,5 +1,6 @@
 """gpt.py: the model matches Hugging Face's GPT-2 on hub-layout weights, and checkpoints round-trip."""
 import json
+import os
 import re
 import struct
 import subprocess
@@ -156,6 +157,57 @@ def test_header_length_past_end(tmp_path):
     p.write_bytes(struct.pack("<Q", 10_000) + b"{}")
     with pytest.raises(CheckpointError, match=r"x.safetensors: header length 10000 runs past the end"):
         read_safetensors_header(p)
+
+
+def header_file(path, blob):
+    """A safetensors file whose header is the raw bytes `blob`."""
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    return path
+
+
+@pytest.mark.parametrize("blob, why", [
+    (b"[" * 100_000 + b"]" * 100_000, r"nested too deeply to read"),  # RecursionError in json
+    (b'{"a": {"dtype": "F32", "shape": [' + b"9" * 5000 + b'], "data_offsets": [0, 4]}}',
+     r"an integer of more than \d+ digits"),  # Python's int() digit limit: a plain ValueError
+])
+def test_header_json_the_parser_refuses_is_a_one_line_error(tmp_path, blob, why):
+    p = header_file(tmp_path / "x.safetensors", blob)
+    with pytest.raises(CheckpointError, match=r"x.safetensors: header is not valid JSON \(" + why + r"\)$"):
+        read_safetensors_header(p)
+
+
+def test_header_over_the_cap_is_refused_before_it_is_read(tmp_path):
+    p = tmp_path / "x.safetensors"
+    with open(p, "wb") as f:  # a sparse file: 200 MB long, nothing written past the length
+        f.write(struct.pack("<Q", 200_000_000) + b"{")
+        f.truncate(200_000_016)
+    with pytest.raises(CheckpointError, match=r"header length 200,000,000 bytes is over the 100,000,000"):
+        read_safetensors_header(p)
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json"])
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_without_waiting(tmp_path, name):
+    small_valid(tmp_path)
+    fifo = tmp_path / "ok" / name
+    fifo.unlink()
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came: never
+    with pytest.raises(CheckpointError, match=re.escape(f"{fifo}: a FIFO, not a regular file") + "$"):
+        GPT.from_pretrained(tmp_path / "ok")
+
+
+@pytest.mark.parametrize("head, what", [
+    (b"GGUF\x03\x00\x00\x00" + bytes(64), "a GGUF file"),
+    (b"PK\x03\x04" + bytes(64), "a zip archive"),
+    (b"\x80\x02" + bytes(64), "a pickle"),
+])
+def test_another_format_is_named_by_gpt_py(tmp_path, capsys, head, what):
+    p = tmp_path / "model.bin"
+    p.write_bytes(head)
+    with pytest.raises(SystemExit):
+        main([str(p)])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {p}: {what}") and "not a safetensors file" in err, err
+    assert "\n" not in err and "runs past the end" not in err
 
 
 def test_offsets_out_of_range(tmp_path):

@@ -127,6 +127,9 @@ def test_config_errors_are_clear(tmp_path):
     p.write_text("{not json")
     with pytest.raises(ValueError, match="cannot read config"):
         load_config(p)
+    p.write_text("[" * 100_000 + "]" * 100_000)  # a RecursionError inside json, not a ValueError
+    with pytest.raises(ValueError, match=r"cfg.json: cannot read config \(nested too deeply to read\)$"):
+        load_config(p)
 
 
 def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):

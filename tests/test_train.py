@@ -441,6 +441,10 @@ def test_resume_skips_a_last_log_line_cut_by_a_kill_and_refuses_a_bad_one_before
         train.main(["--resume", str(run)])
     assert f"{log}:1: not a log record" in one_line_error(capsys)
     assert log.read_text() == '{"step": 1, "lo\n' + complete  # not rewritten
+    log.write_text("[" * 100_000 + "]" * 100_000 + "\n" + complete)  # json's RecursionError, not a ValueError
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(run)])
+    assert f"{log}:1: not a log record" in one_line_error(capsys)
     log.write_text(complete + '{"step": 2, "loss": 4.2')  # a kill in the middle of writing the last record
     train.main(["--resume", str(run)])
     losses, val_losses = read_log(run)
