@@ -20,7 +20,7 @@ from dataclasses import replace
 
 from common import AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die, flag
 from inference import generate, load_model_or_die
-from sampling import MAX_SEED, BadSamplingParam, SamplingParams
+from sampling import MAX_SEED, BadSamplingParam, NothingToSample, SamplingParams
 from tokenizer import (PromptTooLong, check_prompt, encode, encode_prompt, fit_conversation, get_tokenizer,
                        strip_answer_start)
 
@@ -126,7 +126,7 @@ def main(argv=None):
             chat(load_model_or_die(args.model or "gpt2", device, dtype), enc, params, args.system)
         else:
             answer_prompts(load_model_or_die(args.model or "gpt2", device, dtype), args, params, enc)
-    except PromptTooLong as e:
+    except (PromptTooLong, NothingToSample) as e:
         die(str(e))
     except KeyboardInterrupt:
         print(file=sys.stderr)

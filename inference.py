@@ -338,4 +338,17 @@ def ready_to_generate(model, name):
     template = model.checkpoint_info.get("template")
     if template is not None and template not in TEMPLATES:
         raise CheckpointError(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
+    check_logits_finite(model, name)
     return pack_for_cpu(model) if model_device(model).type == "cpu" else model
+
+
+@torch.no_grad()
+def check_logits_finite(model, name):
+    """A CheckpointError unless one token's logits are finite. Each weight can be finite (what the
+    loader checks) and their products still overflow (wte * 1e38: logits of 1e76), and then every
+    answer would fail at its first token: better said once, at load."""
+    token = torch.tensor([[min(EOT, model.config.vocab_size - 1)]], device=model_device(model))
+    if not bool(torch.isfinite(model(token)).all()):
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        raise CheckpointError(f"{name}: its logits overflow to inf or NaN in {dtype} (weights too large?), "
+                              "so it cannot generate")

@@ -66,6 +66,10 @@ class BadSamplingParam(ValueError):
         self.field, self.value, self.must = field, value, must
 
 
+class NothingToSample(ValueError):
+    """A row of logits holds NaN or inf: a diverged model, or weights too large for their dtype."""
+
+
 # ----------------------------------------------------------------------------- the reference sampler
 
 def sample_reference(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
@@ -146,7 +150,7 @@ def draw(probs, u):
     cdf = probs.cumsum(-1)
     total = cdf[:, -1:]
     if not bool(((total > 0) & torch.isfinite(total)).all()):  # else an id past the end would come out
-        raise ValueError("the logits hold NaN or inf (a diverged model?): nothing to sample from")
+        raise NothingToSample("the logits hold NaN or inf (a diverged model?): nothing to sample from")
     # u * total can round up to total itself: kept just below it, the first running sum past it is
     # always that of a token with a nonzero probability
     x = torch.minimum(u[:, None].to(cdf.dtype) * total, torch.nextafter(total, torch.zeros_like(total)))

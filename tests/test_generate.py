@@ -609,6 +609,31 @@ def test_cli_ctrl_c_exits_130_not_0(base_ckpt, monkeypatch):
     assert e.value.code == 130  # a shell sees an interrupted run, not a complete one
 
 
+def test_weights_whose_logits_overflow_are_refused_at_load_in_one_line(base_ckpt, tmp_path, capsys):
+    import generate as gen
+    model = copy.deepcopy(base_ckpt[1])
+    with torch.no_grad():
+        model.wte.weight.mul_(1e38)  # each weight finite (the loader's check passes), their sums are not
+    model.save_checkpoint(tmp_path / "huge")
+    with pytest.raises(SystemExit):
+        gen.main(["--model", str(tmp_path / "huge"), "--prompt", "hi"])
+    assert capsys.readouterr().err == (f"error: {tmp_path / 'huge'}: its logits overflow to inf or NaN in float32 "
+                                       "(weights too large?), so it cannot generate\n")
+
+
+def test_logits_that_overflow_mid_answer_are_a_one_line_error(base_ckpt, monkeypatch, capsys):
+    import generate as gen
+
+    def overflowing(*args, **kwargs):  # a prompt that drives a finite model past float32's range
+        yield "An"
+        sample(torch.tensor([[0.0, float("inf")]]), 1.0)
+    monkeypatch.setattr(gen, "generate", overflowing)
+    with pytest.raises(SystemExit):
+        gen.main(["--model", str(base_ckpt[0]), "--prompt", "hi"])
+    err = capsys.readouterr().err
+    assert err.endswith("error: the logits hold NaN or inf (a diverged model?): nothing to sample from\n"), err
+
+
 def test_cli_compare_prints_two_columns_and_seeded_samples_repeat(ckpt, capsys, monkeypatch, tmp_path, enc):
     from generate import main
     monkeypatch.setenv("COLUMNS", "400")  # wide enough for the checkpoint paths and answers on one row
