@@ -14,8 +14,11 @@ import os
 import stat
 import struct
 from pathlib import Path
+from urllib.parse import urlsplit
 
+import requests
 import torch
+from tqdm import tqdm
 
 from common import JSON_ERRORS, json_problem, replace_atomically, write_json_atomic
 
@@ -356,7 +359,12 @@ def resolve_weights(name_or_path, released=()):
     .safetensors file -> the path of the .safetensors file to load."""
     name = str(name_or_path)
     if name in released and not Path(name).exists():
-        return download(HUB_URL.format(name=name), cache_dir() / name / "model.safetensors")
+        url, dest = HUB_URL.format(name=name), cache_dir() / name / "model.safetensors"
+        try:
+            return download(url, dest)
+        except DownloadError as e:
+            raise DownloadError(f"{e}; offline, copy that file to {dest}, or give a checkpoint directory or "
+                                f".safetensors file in place of {name!r}") from None
     p = Path(name)
     if p.is_dir():
         p = p / "model.safetensors"
@@ -374,6 +382,11 @@ def resolve_weights(name_or_path, released=()):
 
 # ----------------------------------------------------------------------------- download
 
+class DownloadError(OSError):
+    """A download that did not complete: no network, no answer, an HTTP error, a cut, a bad checksum.
+    Its message names the URL and why; callers add what to do offline (which flag takes a local file)."""
+
+
 def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
     """Download `url` to `dest` unless it is already there, with a progress bar.
 
@@ -387,7 +400,10 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
-    fetched = _fetch_part(url, part, chunk_size, timeout)
+    try:
+        fetched = _fetch_part(url, part, chunk_size, timeout)
+    except requests.exceptions.RequestException as e:
+        raise DownloadError(f"cannot download {url} ({network_problem(e, url, timeout)})") from None
     if fetched is None:  # our .part is already whole (or bogus): start again
         part.unlink()
         return download(url, dest, sha256, chunk_size, timeout)
@@ -398,7 +414,7 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
             part.unlink()
         of = f" of {total}" if total is not None else ""
         again = "run again to resume" if not encoded else "run again to start over"
-        raise IOError(f"download of {url} stopped at {size}{of} bytes; {again}")
+        raise DownloadError(f"download of {url} stopped at {size}{of} bytes; {again}")
     expected = sha256 or hub_sha256
     if expected:
         _check_sha256(part, url, expected)
@@ -406,13 +422,23 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
     return dest
 
 
+def network_problem(e, url, timeout):
+    """A few words on why requests could not get `url` (`e`: one of its exceptions), instead of
+    urllib3's paragraph."""
+    if isinstance(e, requests.exceptions.HTTPError):
+        return f"the server answered {e.response.status_code} {e.response.reason}"
+    if isinstance(e, requests.exceptions.Timeout):  # (before ConnectionError: a ConnectTimeout is both)
+        return f"no answer from {urlsplit(url).hostname} within {timeout} s"
+    if isinstance(e, requests.exceptions.ConnectionError):
+        return f"cannot reach {urlsplit(url).hostname}: no network, or the server is down"
+    return f"{type(e).__name__}: {e}"
+
+
 def _fetch_part(url, part, chunk_size, timeout):
     """Append what the server sends of `url` to the file `part`, asking for the bytes past its end.
     Returns (the full size or None where unknown, the hub's SHA-256 or None, whether the server
     compressed the bytes, whether the connection was cut), or None when the server says there are
     no bytes past the end (416)."""
-    import requests
-    from tqdm import tqdm
 
     have = part.stat().st_size if part.exists() else 0
     # identity: sizes and Range offsets are then those of the file itself (requests would otherwise ask
@@ -456,5 +482,5 @@ def _check_sha256(path, url, expected):
             h.update(block)
     if h.hexdigest() != expected:
         path.unlink()
-        raise IOError(f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {expected}; "
+        raise DownloadError(f"checksum mismatch for {url}: got sha256 {h.hexdigest()}, expected {expected}; "
                       f"the bad file was deleted")

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from checkpoint import cache_dir, download
+from checkpoint import DownloadError, cache_dir, download
 from common import JSON_ERRORS, check_flags, die, json_problem, replace_atomically, write_json_atomic
 from tokenizer import EOT, IGNORE, encode, encode_conversation, get_tokenizer
 
@@ -237,12 +237,14 @@ def _local_text(src, out):
         return src
     try:
         return str(download(src, out / Path(src.split("?")[0]).name))
-    except Exception as e:  # requests' errors, a bad checksum, a full disk: one line, not a traceback
+    except OSError as e:  # a DownloadError, a full disk: one line, not a traceback
         try:
             out.rmdir()  # (only if empty: a failed first download leaves no empty folder behind)
         except OSError:
             pass
-        raise ValueError(f"could not download {src}: {e}") from None
+        if isinstance(e, DownloadError):
+            raise ValueError(f"{e}; offline, give a text file on this machine instead") from None
+        raise ValueError(f"cannot save {src} into {out} ({e.strerror or e})") from None
 
 
 def _prepared(out, stamp, val_fraction):
@@ -462,10 +464,14 @@ def resolve_dataset(name_or_path):
     name = str(name_or_path)
     if name in DATASETS and not Path(name).exists():
         url = DATASETS[name]
+        dest = cache_dir() / "data" / url.rsplit("/", 1)[1]
         try:
-            return download(url, cache_dir() / "data" / url.rsplit("/", 1)[1])
-        except Exception as e:  # requests' errors, disk errors: all mean "could not get the data"
-            raise DataError(f"could not download the {name} dataset from {url} ({e})") from None
+            return download(url, dest)
+        except DownloadError as e:
+            raise DataError(f"the {name} dataset: {e}; offline, copy that file to {dest}, or give a JSON "
+                            "or JSONL file on this machine (--data FILE)") from None
+        except OSError as e:  # a full disk, a cache folder that cannot be written
+            raise DataError(f"the {name} dataset: cannot write {dest} ({e.strerror or e})") from None
     if Path(name).is_dir():
         raise DataError(f"{name}: a directory, not a data file (a JSON or JSONL file)")
     if not Path(name).is_file():

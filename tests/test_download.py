@@ -1,13 +1,22 @@
 """checkpoint.download against a real HTTP server on 127.0.0.1: complete, resumed after a cut, a bad checksum,
-a server that compresses anyway, and a cut in a response of unknown size."""
+a server that compresses anyway, a cut in a response of unknown size; and every download that fails
+(no server, no answer, an HTTP error) saying in one line what to do offline."""
 import gzip
 import hashlib
 import http.server
+import os
+import socket
+import subprocess
+import sys
 import threading
 
 import pytest
 
-from checkpoint import download
+import checkpoint
+import data
+from checkpoint import DownloadError, download
+from conftest import ROOT
+from gpt import main as describe_model
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB
 SHA = hashlib.sha256(PAYLOAD).hexdigest()
 
@@ -22,6 +31,7 @@ class Server:
         self.gzip = False  # compress the body whatever the client asked for (Content-Length: compressed size)
         self.chunked = False  # chunked transfer: no Content-Length, so the client cannot know the size
         self.accept_encodings = []  # the Accept-Encoding header of every request
+        self.status = 200  # anything else: answer every request with this error
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -31,6 +41,9 @@ class Server:
                 rng = self.headers.get("Range")
                 outer.ranges.append(rng)
                 outer.accept_encodings.append(self.headers.get("Accept-Encoding"))
+                if outer.status != 200:
+                    self.send_error(outer.status)
+                    return
                 start = int(rng.removeprefix("bytes=").split("-")[0]) if rng else 0
                 body = PAYLOAD[start:]
                 self.send_response(206 if rng else 200)
@@ -139,3 +152,75 @@ def test_cut_in_a_response_of_unknown_size_is_an_error_not_a_file(server, tmp_pa
         download(server.url, tmp_path / "m")
     assert not (tmp_path / "m").exists()  # a half file never gets the final name
     assert download(server.url, tmp_path / "m").read_bytes() == PAYLOAD  # and the next call completes it
+
+
+# ----------------------------------------------------------------------------- failures, and what to do offline
+
+@pytest.fixture
+def closed_port():
+    """A port on 127.0.0.1 that nothing listens on: connecting is refused at once, as offline."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_no_server_no_answer_and_an_http_error_are_each_named_in_a_few_words(server, closed_port, tmp_path):
+    url = f"http://127.0.0.1:{closed_port}/m"
+    with pytest.raises(DownloadError) as e:
+        download(url, tmp_path / "m")
+    assert str(e.value) == f"cannot download {url} (cannot reach 127.0.0.1: no network, or the server is down)"
+    with socket.socket() as mute:  # accepts connections (the kernel's backlog) and never answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen()
+        url = f"http://127.0.0.1:{mute.getsockname()[1]}/m"
+        with pytest.raises(DownloadError) as e:
+            download(url, tmp_path / "m", timeout=0.2)
+    assert str(e.value) == f"cannot download {url} (no answer from 127.0.0.1 within 0.2 s)"
+    server.status = 404
+    with pytest.raises(DownloadError) as e:
+        download(server.url, tmp_path / "m")
+    assert str(e.value) == f"cannot download {server.url} (the server answered 404 Not Found)"
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_offline_the_released_weights_say_where_to_put_the_file_or_what_to_give_instead(closed_port, tmp_path,
+                                                                                         monkeypatch, capsys):
+    monkeypatch.setattr(checkpoint, "HUB_URL", f"http://127.0.0.1:{closed_port}/{{name}}/model.safetensors")
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    with pytest.raises(SystemExit):
+        describe_model(["gpt2"])
+    err = capsys.readouterr().err
+    assert err == (f"error: cannot load model 'gpt2': cannot download http://127.0.0.1:{closed_port}/gpt2/model.safetensors"
+                   f" (cannot reach 127.0.0.1: no network, or the server is down); offline, copy that file to "
+                   f"{tmp_path / 'gpt2' / 'model.safetensors'}, or give a checkpoint directory or .safetensors file "
+                   "in place of 'gpt2'\n")
+
+
+def test_offline_a_named_dataset_points_to_data_file(closed_port, tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{closed_port}/alpaca_data.json"
+    monkeypatch.setitem(data.DATASETS, "alpaca", url)
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    with pytest.raises(data.DataError) as e:
+        data.load_conversations("alpaca")
+    assert str(e.value).startswith(f"the alpaca dataset: cannot download {url} (cannot reach 127.0.0.1")
+    assert str(e.value).endswith(f"; offline, copy that file to {tmp_path / 'data' / 'alpaca_data.json'}, "
+                                 "or give a JSON or JSONL file on this machine (--data FILE)")
+
+
+def test_offline_a_pretraining_source_says_to_give_a_local_text_file(closed_port, tmp_path, monkeypatch):
+    url = f"http://127.0.0.1:{closed_port}/stories.txt"
+    monkeypatch.setitem(data.PRETRAIN_DATASETS, "tinystories-small", (url, None))
+    with pytest.raises(ValueError) as e:
+        data.prepare_pretrain_data("tinystories-small", tmp_path / "tokens")
+    assert str(e.value) == (f"cannot download {url} (cannot reach 127.0.0.1: no network, or the server is down); "
+                            "offline, give a text file on this machine instead")
+    assert not (tmp_path / "tokens").exists()  # no empty folder left behind
+
+
+def test_offline_without_the_tokenizer_files_names_tiktoken_cache_dir(closed_port, tmp_path):
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path), "NO_PROXY": "", "no_proxy": "",
+           "HTTPS_PROXY": f"http://127.0.0.1:{closed_port}", "HTTP_PROXY": f"http://127.0.0.1:{closed_port}"}
+    r = subprocess.run([sys.executable, "-c", "from tokenizer import get_tokenizer; get_tokenizer()"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("error: cannot load GPT-2's tokenizer files") and "TIKTOKEN_CACHE_DIR" in r.stderr
