@@ -65,8 +65,9 @@ from lora import add_lora, lora_merged
 from sampling import SamplingParams
 from tokenizer import TEMPLATES, PromptTooLong, fit_conversation, format_prompt, get_tokenizer
 from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, evaluate, flags_given, load_training_state,
-                      lr_at, make_optimizer, make_run_dir, refuse_another_out, refuse_to_overwrite_a_run,
-                      refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts)
+                      lr_at, make_optimizer, make_run_dir, refuse_another_out, refuse_resuming_nothing,
+                      refuse_to_overwrite_a_run, refuse_to_overwrite_weights, save_training_state, train_step,
+                      warn_if_warmup_outlasts)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -133,8 +134,8 @@ def state_dir_of(path):
 
 def read_saved_run(state):
     """The config.json of a saved sft.py state (its flags in "sft_args"), or a one-line error."""
-    if not (checkpoint_dir(state) / STATE_FILE).exists():
-        die(f"--resume: no training state in {state} (sft.py saves one every --save-every steps and on Ctrl-C)")
+    refuse_resuming_nothing(state.parent, state, f"sft.py saves its state in {STATE_DIR}/ there every "
+                                                 "--save-every steps and on Ctrl-C")
     try:
         info = read_checkpoint_json(checkpoint_dir(state))
     except CheckpointError as e:

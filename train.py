@@ -48,8 +48,8 @@ from sampling import sample
 from tokenizer import EOT, get_tokenizer
 from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, device_peak_flops, evaluate, flags_given,
                       flops_per_token, load_training_state, lr_at, make_optimizer, make_run_dir, mfu,
-                      refuse_another_out, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
-                      save_training_state, train_step, warn_if_warmup_outlasts)
+                      refuse_another_out, refuse_resuming_nothing, refuse_to_overwrite_a_run,
+                      refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -143,6 +143,7 @@ def read_resumed_run(parser, resume, given):
     if (run / STATE_FILE).exists() and not (run / "checkpoint").exists():
         run = run.parent  # given the checkpoint directory itself
     refuse_another_out(resume, run, given)
+    refuse_resuming_nothing(run, run / "checkpoint", "train.py keeps a run's state in checkpoint/ inside its --out")
     try:
         where = checkpoint_dir(run / "checkpoint")
         saved = read_checkpoint_json(where).get("train_args")

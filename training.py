@@ -323,6 +323,17 @@ def refuse_another_out(resume, run, given):
             "(leave --out out to resume, or drop --resume to start a new run there)")
 
 
+def refuse_resuming_nothing(run, state, saves):
+    """Die unless `state` (the directory inside the run directory `run` where the script keeps its
+    training state) holds one: "--resume DIR: no run in DIR", and why (`saves`: where the script
+    saves its run, and when)."""
+    if (checkpoint_dir(state) / STATE_FILE).exists():
+        return
+    run = Path(run)
+    why = "no such directory" if not run.exists() else "not a directory" if not run.is_dir() else saves
+    die(f"--resume {run}: no run in {run} ({why})")
+
+
 # ----------------------------------------------------------------------------- measuring
 
 def flops_per_token(config, n_params, seq_len):

@@ -351,7 +351,7 @@ def snapshot(directory):
 
 
 @pytest.mark.parametrize("case, message", [
-    ("no state", "no training state in elsewhere/last"),
+    ("no state", "--resume elsewhere: no run in elsewhere (no such directory)"),
     ("model config", "differs from this one"),
     ("lora rank", "--lora-rank 8 differs from the saved run's 4"),
     ("template", "--template chat differs from the saved run's default"),

@@ -432,6 +432,17 @@ def test_resume_with_the_optimizer_state_of_another_model_is_a_one_line_error(st
             if other == "narrower" else "not a training state for this model (ValueError" in err)
 
 
+def test_resume_of_a_directory_with_no_run_says_so(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").touch()
+    for name, why in [("empty", "train.py keeps a run's state in checkpoint/ inside its --out"),
+                      ("missing", "no such directory"), ("file", "not a directory")]:
+        with pytest.raises(SystemExit):
+            train.main(["--resume", str(tmp_path / name)])
+        assert one_line_error(capsys) == f"error: --resume {tmp_path / name}: no run in {tmp_path / name} ({why})"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "file"]  # and nothing was made
+
+
 def test_resume_skips_a_last_log_line_cut_by_a_kill_and_refuses_a_bad_one_before(stopped_run, tmp_path, capsys):
     run, _ = copy_of(stopped_run, tmp_path)
     log = run / "log.jsonl"
