@@ -137,7 +137,7 @@ def _chat_pieces(system, turns):
 
 
 @functools.lru_cache(maxsize=None)
-def _token_sizes(enc):
+def token_sizes(enc):
     """The length in bytes of every token id, as a list: built once, then a lookup per token
     (decoding each token's bytes again for every conversation would cost more than encoding)."""
     return [len(enc.decode_single_token_bytes(i)) for i in range(enc.n_vocab)]
@@ -175,7 +175,7 @@ def _encode_pieces(pieces, enc):
     (encode), so a user cannot end an answer or a document for the model."""
     ids, labels = [], []
     segment = []  # (text, learned) pieces since the last EOT
-    size = _token_sizes(enc)
+    size = token_sizes(enc)
 
     def flush():
         toks = encode("".join(t for t, _ in segment), enc)
