@@ -15,7 +15,9 @@ long answer counts as many tokens, not as one example.
 The data is split train/val/test with --seed; val loss is measured every --eval-interval steps and
 the best model so far is the checkpoint in --out (with its template recorded, so generate.py and
 serve.py format prompts the same way). After training, the best checkpoint answers the test
-prompts greedily and the answers are written next to the references for reading.
+prompts greedily and the answers are written next to the references for reading; the base model
+answers them too, and training_metadata.json holds both models' answer signals (scoring.py: how
+many answers end with <|endoftext|>, how many talk on into the next turn, their mean length).
 
 LoRA (--lora-rank > 0) freezes the model and learns a low-rank update W + (alpha/r) B A for chosen
 linear layers: a few hundred thousand trainable numbers instead of 124M. Adapters are folded into
@@ -60,10 +62,9 @@ from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatt
 from data import (DataError, default_template, encode_examples, eval_batches, iterate_batches, load_conversations,
                   split_dataset)
 from gpt import GPT, SIZES, load_or_die
-from inference import generate_tokens
 from lora import add_lora, lora_merged
-from sampling import SamplingParams
-from tokenizer import TEMPLATES, PromptTooLong, fit_conversation, format_prompt, get_tokenizer
+from scoring import answer_conversations, answer_signals
+from tokenizer import TEMPLATES, get_tokenizer
 from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, evaluate, flags_given, load_training_state,
                       lr_at, make_optimizer, make_run_dir, refuse_another_out, refuse_resuming_nothing,
                       refuse_to_overwrite_a_run, refuse_to_overwrite_weights, save_training_state, train_step,
@@ -423,47 +424,32 @@ def resume(run):
 
 # ----------------------------------------------------------------------------- after training: the test answers
 
-def answer_test_prompts(model, conversations, template, max_new_tokens, enc):
-    """Greedy answers to each test conversation's last question. The prompt is the conversation up
-    to its last answer (oldest turns dropped if it does not fit); the reference is that answer."""
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0)
-    results, too_long = [], 0
-    # a prompt must end with a question: keep the conversations whose last answer follows a user turn
-    usable = [c for c in conversations if len(c) >= 2 and c[-2]["role"] == "user"]
-    if len(usable) < len(conversations):
-        print(f"{len(conversations) - len(usable)} test conversations have no user turn before their last answer")
-    for conv in tqdm(usable, desc="test answers", disable=None):
-        messages, reference = conv[:-1], conv[-1]["content"]
-        try:
-            ids, kept = fit_conversation(messages, template, model.config.block_size, max_new_tokens, enc)
-        except PromptTooLong:
-            too_long += 1
-            continue
-        response = enc.decode(list(generate_tokens(model, ids, params)))
-        results.append({"prompt": format_prompt(kept, template), "reference": reference, "response": response})
-    if too_long:
-        print(f"{too_long} test prompts are longer than the context and were not answered")
-    return results
-
-
 def answer_test_set(run):
     """The best checkpoint, loaded back as generate.py and serve.py will load it, answers the test
-    prompts into test_responses.json. Returns the answers."""
+    prompts into test_responses.json, and the base model answers them too: their answer signals
+    (scoring.answer_signals: do the answers end, do they talk on) show what fine-tuning changed.
+    Returns (the number of answers, the signals {base, fine_tuned})."""
     run.model = run.optimizer = None  # free the device for the best model (and its KV cache)
     if run.device_type == "cuda":
         torch.cuda.empty_cache()
-    try:
-        best_model = GPT.from_pretrained(run.out, device=run.device)
-    except CheckpointError as e:  # (e.g. deleted while training ran)
-        die(f"cannot load the best checkpoint to answer the test prompts: {e}")
-    results = answer_test_prompts(best_model, run.data.test[:run.args.max_test], run.template,
-                                  run.args.max_new_tokens, run.enc)
+    test, signals = run.data.test[:run.args.max_test], {}
+    for name, source in (("base", run.args.model), ("fine_tuned", run.out)):
+        try:
+            model = GPT.from_pretrained(source, device=run.device)
+        except (CheckpointError, OSError) as e:  # (e.g. deleted while training ran)
+            die(f"cannot load the {name.replace('_', '-')} model to answer the test prompts: {e}")
+        answers, skipped = answer_conversations(model, test, run.template, run.args.max_new_tokens, run.enc)
+        signals[name] = answer_signals(answers, run.template)
+        del model
+    if skipped:
+        print(f"{skipped} test conversations were not asked: no question before their last answer, or too long")
+    results = [{k: a[k] for k in ("prompt", "reference", "response")} for a in answers]
     with write_or_die(run.out / "test_responses.json"):
         write_json_atomic(run.out / "test_responses.json", results)
-    return results
+    return len(results), signals
 
 
-def write_metadata(run, n_answers, t_start):
+def write_metadata(run, n_answers, signals, t_start):
     """training_metadata.json: what was trained on, how, and how the losses went; then one line saying so."""
     args, data, progress, out = run.args, run.data, run.progress, run.out
     history, first_val = progress["history"], progress["history"][0]["val_loss"]
@@ -478,6 +464,7 @@ def write_metadata(run, n_answers, t_start):
                             "lora_targets": run.lora_targets if args.lora_rank else None},
         "losses": {"initial_val": first_val, "final_train": progress["train_loss"], "final_val": history[-1]["val_loss"],
                    "best_val": progress["best"], "best_step": progress["best_step"], "history": history},
+        "answer_signals": signals,
         "parameters": run.parameters,
         "time_s": {"train": round(progress["train_time"], 1), "total": round(time.time() - t_start, 1)},
         "resumed_at_steps": progress["resumed_at"],
@@ -487,6 +474,11 @@ def write_metadata(run, n_answers, t_start):
         write_json_atomic(out / "training_metadata.json", metadata)
     print(f"best val loss {progress['best']:.4f} at step {progress['best_step']} (from {first_val:.4f}); checkpoint, "
           f"test_responses.json ({n_answers} answers) and training_metadata.json in {out}")
+    if n_answers:
+        base, tuned = signals["base"], signals["fine_tuned"]
+        print(f"test answers, base -> fine-tuned: ending with <|endoftext|> {base['ended']:.0%} -> {tuned['ended']:.0%}, "
+              f"writing the next turn {base['talks_on']:.0%} -> {tuned['talks_on']:.0%}, "
+              f"mean length {base['mean_tokens']:.0f} -> {tuned['mean_tokens']:.0f} tokens")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -547,8 +539,8 @@ def main(argv=None):
                 run.save_state()
                 saved_at = run.step
         bar.close()
-    results = answer_test_set(run)
-    write_metadata(run, len(results), t_start)
+    n_answers, signals = answer_test_set(run)
+    write_metadata(run, n_answers, signals, t_start)
 
 
 if __name__ == "__main__":

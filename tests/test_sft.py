@@ -142,6 +142,9 @@ def test_quick_run_end_to_end_lowers_val_loss(tiny_checkpoint, shared_data, tmp_
     assert len(responses) == 10
     assert all(set(r) == {"prompt", "reference", "response"} for r in responses)
     assert all(r["prompt"].endswith("### Response:\n") for r in responses)
+    signals = meta["answer_signals"]  # the base model's and the fine-tuned one's, on the same 10 prompts
+    assert set(signals) == {"base", "fine_tuned"} and signals["base"]["answers"] == signals["fine_tuned"]["answers"] == 10
+    assert all(0 <= s["ended"] <= 1 and 0 <= s["talks_on"] <= 1 and 0 <= s["mean_tokens"] <= 8 for s in signals.values())
     best = GPT.from_pretrained(out)
     assert best.checkpoint_info["template"] == "alpaca"
     assert best.checkpoint_info["step"] == meta["losses"]["best_step"]
