@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -51,13 +51,18 @@ class Sequence:
     _ids = itertools.count()
 
     def __init__(self, prompt_ids, params, enc, logprobs=None, ignore_eos=False, sink=None, device="cpu",
-                 request_id=None):
+                 request_id=None, prompt_logprobs=None):
         self.seq_id = next(Sequence._ids)
         # the sequences of one request (its prompts, n times each) share this: admission is fair between requests
         self.request_id = self.seq_id if request_id is None else request_id
         self.prompt_len = len(prompt_ids)
         self.tokens = list(prompt_ids)
         self.params, self.logprobs, self.ignore_eos = params, logprobs, ignore_eos
+        # echo: the log-probability of each prompt token after the ones before it (and of the top
+        # `prompt_logprobs` alternatives), filled in as the prompt is computed; params.max_tokens 0:
+        # nothing is generated, the prompt is only scored
+        self.prompt_logprobs, self.prompt_entries = prompt_logprobs, []
+        self.ended_by_eot = False  # (the <|endoftext|> is no output token, but it was generated)
         self.sink = sink  # where the server wants this sequence's outputs (a queue.Queue), or None
         self.stream = TextStream(enc, params.stop)  # token ids -> text, stop strings
         self.generator = None
@@ -71,6 +76,15 @@ class Sequence:
     @property
     def output_ids(self):
         return self.tokens[self.prompt_len:]
+
+    @property
+    def needs_prompt_logits(self):
+        """Still to score its prompt: every prompt position must then be computed, none taken from the cache."""
+        return self.prompt_logprobs is not None and len(self.prompt_entries) < self.prompt_len - 1
+
+    @property
+    def score_only(self):
+        return self.prompt_logprobs is not None and self.params.max_tokens == 0
 
 
 @dataclass
@@ -318,7 +332,7 @@ class Scheduler:
         """3. Waiting sequences, fairly between requests, while the budget, the sequence cap and the blocks allow."""
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting.next_fair()
-            hits = self.blocks.match_prefix(seq.tokens)
+            hits = [] if seq.needs_prompt_logits else self.blocks.match_prefix(seq.tokens)
             # Blocks for the whole prompt are taken now, not chunk by chunk: a prefill once started
             # never waits for memory halfway (only decodes grow, one block at a time).
             if not self.blocks.can_allocate(len(seq.tokens), hits):
@@ -430,30 +444,33 @@ class Engine:
         self.stats = EngineStats()
 
     # --------------------------------------------------------------- the step-level API
-    def add_request(self, prompt, params=None, logprobs=None, ignore_eos=False, sink=None):
+    def add_request(self, prompt, params=None, logprobs=None, ignore_eos=False, sink=None, prompt_logprobs=None):
         """Queue a prompt (str or token ids); returns its Sequence. `logprobs`: report the chosen
-        token's log-probability and the top-`logprobs` alternatives. `ignore_eos`: keep going past
-        <|endoftext|> (benchmarks that want an exact length). A bad request raises ValueError."""
-        return self.add_requests([(prompt, params, logprobs)], ignore_eos, sink)[0]
+        token's log-probability and the top-`logprobs` alternatives. `prompt_logprobs`: the same for
+        each prompt token after the first (echo), in seq.prompt_entries; with params.max_tokens 0,
+        only that. `ignore_eos`: keep going past <|endoftext|> (benchmarks that want an exact
+        length). A bad request raises ValueError."""
+        return self.add_requests([(prompt, params, logprobs, prompt_logprobs)], ignore_eos, sink)[0]
 
     def add_requests(self, requests, ignore_eos=False, sink=None):
-        """Queue [(prompt, params, logprobs)] all together, or none of them: every request is checked
-        (ValueError) before any is queued, so a bad one never leaves the others behind."""
+        """Queue [(prompt, params, logprobs[, prompt_logprobs])] all together, or none of them: every
+        request is checked (ValueError) before any is queued, so a bad one never leaves the others behind."""
         request_id = next(Sequence._ids)  # (a number no sequence has: the request's own)
-        seqs = [self._new_sequence(prompt, params or SamplingParams(), logprobs, ignore_eos, sink, request_id)
-                for prompt, params, logprobs in requests]
+        seqs = [self._new_sequence(prompt, params or SamplingParams(), logprobs, ignore_eos, sink, request_id,
+                                   *prompt_logprobs) for prompt, params, logprobs, *prompt_logprobs in requests]
         with self.lock:
             self.inbox += seqs
             self.seqs.update((seq.seq_id, seq) for seq in seqs)
         return seqs
 
-    def _new_sequence(self, prompt, params, logprobs, ignore_eos, sink, request_id):
+    def _new_sequence(self, prompt, params, logprobs, ignore_eos, sink, request_id, prompt_logprobs=None):
         ids = encode(prompt, self.enc) if isinstance(prompt, str) else [int(t) for t in prompt]
         check_prompt(ids, self.n_ctx)  # (not empty, and room for one new token)
         if not all(0 <= t < self.model.config.vocab_size for t in ids):
             raise ValueError(f"a token id is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
-        params.check()  # (a BadSamplingParam, a ValueError naming the field)
-        return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device, request_id)
+        scoring_only = prompt_logprobs is not None and params.max_tokens == 0  # (the one case 0 is allowed)
+        (replace(params, max_tokens=1) if scoring_only else params).check()  # (a BadSamplingParam, naming the field)
+        return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device, request_id, prompt_logprobs)
 
     def abort(self, seq_id):
         """Cancel a sequence; it leaves the engine (and frees its blocks) at the next step."""
@@ -479,8 +496,15 @@ class Engine:
         if not batch:
             return outputs
         batch.sort(key=lambda s: s.num_scheduled > 1)  # one-token rows (decodes) first, as the runner packs them (stable)
-        logits = self.runner.run(batch)
+        wanted = [i for i, seq in enumerate(batch) if seq.needs_prompt_logits]
+        if wanted:
+            logits, every = self.runner.run_every_token(batch, wanted)
+            self._record_prompt_logprobs(batch, every)
+        else:
+            logits = self.runner.run(batch)
         batch, logits = self._fully_computed(batch, logits)
+        outputs += self._score_only(batch)
+        batch, logits = self._generating(batch, logits)
         if batch:
             outputs += self._emit_tokens(batch, logits)
         return outputs
@@ -515,6 +539,37 @@ class Engine:
         if len(ready) == len(batch):
             return batch, logits
         return [batch[i] for i in ready], logits[ready]
+
+    def _record_prompt_logprobs(self, batch, every):
+        """Each new prompt token's log-probability (and top alternatives) from the logits of the
+        position before it: every[i] holds the logits of batch[i]'s tokens computed this step."""
+        for i, logits in every.items():
+            seq = batch[i]
+            log_probs = F.log_softmax(logits[:, :VOCAB_SIZE], dim=-1)
+            k = seq.prompt_logprobs
+            top = torch.topk(log_probs, k) if k else None
+            for row in range(len(logits)):
+                target = seq.num_computed + row + 1  # the prompt position this row predicts
+                if target != len(seq.prompt_entries) + 1 or target >= seq.prompt_len:
+                    continue  # (already scored before a preemption, or past the prompt)
+                alternatives = list(zip(top.indices[row].tolist(), top.values[row].tolist())) if k else []
+                seq.prompt_entries.append((float(log_probs[row, seq.tokens[target]]), alternatives))
+
+    def _score_only(self, batch):
+        """Finish the fully computed sequences that only score their prompt (max_tokens 0)."""
+        outputs = []
+        for seq in batch:
+            if seq.score_only:
+                self._finish(seq, "length")
+                outputs.append(StepOutput(seq, None, "", "length"))
+        return outputs
+
+    def _generating(self, batch, logits):
+        """The sequences of `batch` still to sample a token, and their rows of `logits`."""
+        keep = [i for i, seq in enumerate(batch) if seq.status != FINISHED]
+        if len(keep) == len(batch):
+            return batch, logits
+        return [batch[i] for i in keep], logits[keep]
 
     def _emit_tokens(self, batch, logits):
         """Sample each sequence's next token and turn it into its StepOutput. A sequence whose
@@ -582,6 +637,7 @@ class Engine:
         """Add a sampled token to `seq` and decide whether it is finished."""
         if token == EOT and not seq.ignore_eos:  # the end of the answer: not part of the output
             text, reason = seq.stream.finish(), "stop"
+            seq.ended_by_eot = True
         else:
             seq.tokens.append(token)
             self.stats.generation_tokens += 1

@@ -44,7 +44,7 @@ MAX_STOP, MAX_STOP_CHARS = 4, 256
 
 
 # OpenAI request fields this server does not implement, with the values that ask for nothing
-UNSUPPORTED = {"echo": (False, None), "suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
+UNSUPPORTED = {"suffix": (None, ""), "best_of": (None, 1), "logit_bias": (None, {}),
                "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "tools": (None, []),
                "response_format": (None, {"type": "text"})}
 
@@ -76,6 +76,7 @@ class CompletionRequest(NamedTuple):
     logprobs: int | None  # report the top-`logprobs` alternatives of every token (None: no logprobs)
     stream: bool
     include_usage: bool  # (streaming) a last chunk with the token counts
+    echo: bool = False  # (completions) the answer starts with the prompt, and its logprobs with the prompt's
 
 
 class OpenAIApi:
@@ -89,7 +90,11 @@ class OpenAIApi:
     def submit(self, request, sink):
         """Queue the request's sequences (every prompt, n times) in the engine; its Sequences. The
         engine loop's refusals become ApiErrors."""
-        sequences = [(ids, params, request.logprobs) for ids in request.prompts for params in request.params]
+        prompt_logprobs = request.logprobs if request.echo else None  # (with echo, also the prompt's)
+        if request.echo and prompt_logprobs is None and request.params[0].max_tokens == 0:
+            prompt_logprobs = 0  # (echo of max_tokens 0 without logprobs: the prompt alone, scored all the same)
+        sequences = [(ids, params, request.logprobs, prompt_logprobs)
+                     for ids in request.prompts for params in request.params]
         try:
             return self.loop.submit(sequences, sink)
         except QueueFull as e:
@@ -112,12 +117,18 @@ class OpenAIApi:
                            param="model", code="model_not_found")
         if chat:
             prompts = [self._chat_prompt(body.get("messages"))]
-            if body.get("logprobs"):
-                raise ApiError(400, "logprobs are supported on /v1/completions only", param="logprobs")
-            logprobs = None
+            if body.get("echo"):
+                raise ApiError(400, "'echo' is supported on /v1/completions only", param="echo")
+            echo = False
+            wanted = _field(body, "logprobs", (bool,), False)
+            top = _field(body, "top_logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer 0..20")
+            if top is not None and not wanted:
+                raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+            logprobs = (top or 0) if wanted else None
         else:
             prompts = self._prompts(body.get("prompt"))
             logprobs = _field(body, "logprobs", (int,), None, lambda v: 0 <= v <= 20, "an integer 0..20")
+            echo = _field(body, "echo", (bool,), False)
         longest = max(len(p) for p in prompts)
         if longest >= self.n_ctx:  # no room for even one token, whatever max_tokens says
             what = "messages" if chat else "prompt"
@@ -127,7 +138,8 @@ class OpenAIApi:
         default_max = (self.n_ctx - longest) if chat else 16  # OpenAI's defaults: the rest of the context, 16
         # (chat: max_completion_tokens is the newer name; a null max_tokens does not hide it)
         name = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
-        max_tokens = _field(body, name, (int,), default_max, lambda v: v >= 1, "at least 1")
+        max_tokens = _field(body, name, (int,), default_max, lambda v: v >= (0 if echo else 1),
+                            "at least 0 with echo (0: score the prompt only), else at least 1")
         if longest + max_tokens > self.n_ctx:
             raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens; you requested "
                                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
@@ -146,9 +158,9 @@ class OpenAIApi:
         stream = _field(body, "stream", (bool,), False)
         opts = _field(body, "stream_options", (dict,), {})
         include_usage = bool(opts.get("include_usage")) if stream else False
-        params = check_sampling_params(SamplingParams(max_tokens, temperature, max(top_k, 0), top_p, stop, seed), n)
-        params = [params if seed is None else replace(params, seed=seed + j) for j in range(n)]
-        return CompletionRequest(prompts, params, n, logprobs, stream, include_usage)
+        params = check_sampling_params(SamplingParams(max(max_tokens, 1), temperature, max(top_k, 0), top_p, stop, seed), n)
+        params = [replace(params, max_tokens=max_tokens, seed=None if seed is None else seed + j) for j in range(n)]
+        return CompletionRequest(prompts, params, n, logprobs, stream, include_usage, echo)
 
     def _prompts(self, prompt):
         if isinstance(prompt, str):
@@ -191,52 +203,81 @@ class OpenAIApi:
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from None
 
+    def tokenize(self, body):
+        """POST /tokenize, as vLLM's: {"prompt": text} or {"messages": [...]} (in the model's template,
+        cued for the answer) -> {"count", "max_model_len", "tokens"}."""
+        if not isinstance(body, dict) or ("prompt" in body) == ("messages" in body):
+            raise ApiError(400, "give 'prompt' (a string) or 'messages', one of them")
+        if "messages" in body:
+            ids = self._chat_prompt(body["messages"])
+        elif isinstance(body["prompt"], str):
+            ids = encode(body["prompt"], self.enc)
+        else:
+            raise ApiError(400, "'prompt' must be a string", param="prompt")
+        return {"count": len(ids), "max_model_len": self.n_ctx, "tokens": ids}
+
+    def detokenize(self, body):
+        """POST /detokenize, as vLLM's: {"tokens": [ids]} -> {"prompt": text}."""
+        tokens = body.get("tokens") if isinstance(body, dict) else None
+        if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool)
+                                                   and 0 <= t < self.enc.n_vocab for t in tokens):
+            raise ApiError(400, f"'tokens' must be a list of token ids (0..{self.enc.n_vocab - 1})", param="tokens")
+        return {"prompt": self.enc.decode(tokens)}
+
     def token_text(self, tok):
         return self.enc.decode_single_token_bytes(tok).decode("utf-8", errors="replace")
+
+    def logprob_entry(self, token, logprob, alternatives):
+        """A Choice's logprob entry for `token` and its top `alternatives` [(id, logprob)]."""
+        text = self.token_text(token)
+        listed = [(self.token_text(t), lp, self.enc.decode_single_token_bytes(t)) for t, lp in alternatives]
+        top = {t: lp for t, lp, _ in listed}
+        top[text] = logprob  # (/v1/completions lists the token itself among its top ones)
+        return text, logprob, top, self.enc.decode_single_token_bytes(token), listed
 
 
 # ----------------------------------------------------------------------------- OpenAI answers
 
 class Choice:
     """One choice of a completion while it is generated: its text, and (if asked for) the logprob
-    entries of its tokens, each given out once its token's text has been (see release_logprobs)."""
+    entries of its tokens, each given out once its token's text has been (see release_logprobs).
+    An entry is (token text, logprob, {text: logprob} of the top alternatives and the token, the
+    token's bytes, [(text, logprob, bytes)] of the alternatives); the two APIs shape them differently."""
 
     def __init__(self, chat):
         self.chat, self.texts, self.finish_reason = chat, [], None
         self.started = not chat  # a chat answer has not started until its first non-space
-        self.text_bytes = 0  # of the text given out so far
+        self.text_bytes = 0  # of the text given out (or, a chat answer's leading space, dropped) so far
         self.logprob_bytes = 0  # of the text whose tokens' logprob entries are given out
-        self.pending = []  # (token text, logprob, top logprobs, bytes) of the tokens whose text is held back
-        self.offset = 0  # text_offset of the next entry: characters of the tokens given out
-        self.logprobs = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        self.pending = []  # the entries of the tokens whose text is held back
+        self.entries = []  # the entries given out, for a response that is not streamed
+        self.offset = 0  # /v1/completions' text_offset of the next entry: characters of the tokens given out
+        self.echoed = False
 
     def add_text(self, text):
         """Take the next piece of text; returns it as it is to be shown."""
+        self.text_bytes += len(text.encode("utf-8", "surrogatepass"))  # (bytes: see release_logprobs)
         if self.chat:  # the template cues the answer after "Assistant:"; the model answers " ..."
             text, self.started = strip_answer_start(text, self.started)
         self.texts.append(text)
-        self.text_bytes += len(text.encode("utf-8", "surrogatepass"))  # (bytes: see release_logprobs)
         return text
 
     def release_logprobs(self, finish_reason):
-        """The logprob entries whose token's text has been given out, as a logprobs object (the new
-        ones only). The text of a token may be held back (it could be the start of a stop string),
-        so its entry waits with it; a token the stop string consumed never gets one, nor does
-        <|endoftext|>: the tokens spell the text (a token the stop string begins inside of keeps its
-        entry: part of its text is in the answer). At "length" the text is all out: all entries go.
-        Counted in bytes, not characters: a character split across tokens (an emoji) is one character
-        of text but two or more tokens, each of which has its entry."""
-        new = {key: [] for key in self.logprobs}
+        """The logprob entries whose token's text has been given out (the new ones only). The text
+        of a token may be held back (it could be the start of a stop string), so its entry waits
+        with it; a token the stop string consumed never gets one, nor does <|endoftext|>: the tokens
+        spell the text (a token the stop string begins inside of keeps its entry: part of its text
+        is in the answer). At "length" the text is all out: all entries go. Counted in bytes, not
+        characters: a character split across tokens (an emoji) is one character of text but two or
+        more tokens, each of which has its entry."""
+        new = []
         while self.pending and (self.logprob_bytes < self.text_bytes or finish_reason == "length"):
-            token, logprob, top, nbytes = self.pending.pop(0)
-            self.logprob_bytes += nbytes
-            for key, value in zip(new, (token, logprob, top, self.offset)):
-                new[key].append(value)
-            self.offset += len(token)
+            entry = self.pending.pop(0)
+            self.logprob_bytes += len(entry[3])
+            new.append(entry)
         if finish_reason:
             self.pending.clear()
-        for key, values in new.items():  # (the whole answer's, for a response that is not streamed)
-            self.logprobs[key] += values
+        self.entries += new
         return new
 
 
@@ -247,6 +288,7 @@ class Completion:
 
     def __init__(self, api, chat, request, seqs):
         self.api, self.chat, self.logprobs, self.seqs = api, chat, request.logprobs, seqs
+        self.echo = request.echo
         self.choices = [Choice(chat) for _ in seqs]
         self.index = {s.seq_id: i for i, s in enumerate(seqs)}
         self.prompt_tokens = sum(len(p) for p in request.prompts)  # once per prompt, however many choices (as OpenAI counts)
@@ -270,22 +312,38 @@ class Completion:
         i = self.index[out.seq.seq_id]
         choice = self.choices[i]
         choice.finish_reason = out.finish_reason
+        echoed, echo_entries = self._echo(choice, out.seq)
         if out.token is not None and self.logprobs is not None and out.logprob is not None:
-            choice.pending.append(self._logprob_entry(out))
-        text = choice.add_text(out.text)
-        new_logprobs = None if self.logprobs is None else choice.release_logprobs(out.finish_reason)
-        if not (text or out.finish_reason or new_logprobs and new_logprobs["tokens"]):
+            choice.pending.append(self.api.logprob_entry(out.token, out.logprob, out.top_logprobs))
+        text = echoed + choice.add_text(out.text)
+        new = None if self.logprobs is None else echo_entries + choice.release_logprobs(out.finish_reason)
+        if not (text or out.finish_reason or new):
             return None
         if self.chat:
-            return self.chunk({"index": i, "delta": {"content": text} if text else {}, "logprobs": None,
-                               "finish_reason": out.finish_reason})
-        return self.chunk({"index": i, "text": text, "logprobs": new_logprobs, "finish_reason": out.finish_reason})
+            return self.chunk({"index": i, "delta": {"content": text} if text else {},
+                               "logprobs": None if new is None else chat_logprobs(new), "finish_reason": out.finish_reason})
+        logprobs = None
+        if new is not None:
+            logprobs = completion_logprobs(new, choice.offset)
+            choice.offset += sum(len(entry[0]) for entry in new)
+        return self.chunk({"index": i, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason})
 
-    def _logprob_entry(self, out):
-        token = self.api.token_text(out.token)
-        top = {self.api.token_text(t): logprob for t, logprob in out.top_logprobs}
-        top[token] = out.logprob
-        return token, out.logprob, top, len(self.api.enc.decode_single_token_bytes(out.token))
+    def _echo(self, choice, seq):
+        """With echo, the first output of a choice starts with its prompt: (the prompt's text, its
+        logprob entries: the first token has none, as nothing comes before it). Else ("", [])."""
+        if not self.echo or choice.echoed:
+            return "", []
+        choice.echoed = True
+        prompt = seq.tokens[:seq.prompt_len]
+        text = self.api.enc.decode(prompt)
+        choice.texts.append(text)
+        if self.logprobs is None:
+            return text, []
+        first = self.api.token_text(prompt[0])
+        entries = [(first, None, None, self.api.enc.decode_single_token_bytes(prompt[0]), [])]
+        entries += [self.api.logprob_entry(t, lp, top) for t, (lp, top) in zip(prompt[1:], seq.prompt_entries)]
+        choice.entries += entries  # (given out with the prompt's text, which is never held back)
+        return text, entries
 
     @property
     def finished(self):
@@ -293,8 +351,9 @@ class Completion:
 
     def usage(self):
         # Every generated token counts, also those a stop string consumed (they were computed; OpenAI
-        # counts them the same way), though the text and the logprobs end where the stop string began.
-        completion_tokens = sum(len(s.output_ids) for s in self.seqs)
+        # counts them the same way) and the closing <|endoftext|> (as vLLM and llama-server do),
+        # though the text and the logprobs end where the answer does.
+        completion_tokens = sum(len(s.output_ids) + s.ended_by_eot for s in self.seqs)
         return {"prompt_tokens": self.prompt_tokens, "completion_tokens": completion_tokens,
                 "total_tokens": self.prompt_tokens + completion_tokens}
 
@@ -307,11 +366,32 @@ class Completion:
                 "choices": []}
         for i, choice in enumerate(self.choices):
             text = "".join(choice.texts)
+            logprobs = None
+            if self.logprobs is not None:
+                logprobs = chat_logprobs(choice.entries) if self.chat else completion_logprobs(choice.entries, 0)
             if self.chat:
                 body["choices"].append({"index": i, "message": {"role": "assistant", "content": text},
-                                        "logprobs": None, "finish_reason": choice.finish_reason})
+                                        "logprobs": logprobs, "finish_reason": choice.finish_reason})
             else:
-                logprobs = None if self.logprobs is None else choice.logprobs
                 body["choices"].append({"index": i, "text": text, "logprobs": logprobs,
                                         "finish_reason": choice.finish_reason})
         return body
+
+
+def completion_logprobs(entries, offset):
+    """/v1/completions' logprobs: parallel lists, text_offset counting characters from `offset`."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for text, logprob, top, _, _ in entries:
+        out["tokens"].append(text)
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(top)
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def chat_logprobs(entries):
+    """/v1/chat/completions' logprobs: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    return {"content": [{"token": text, "logprob": logprob, "bytes": list(raw),
+                         "top_logprobs": [{"token": t, "logprob": lp, "bytes": list(b)} for t, lp, b in alternatives]}
+                        for text, logprob, _, raw, alternatives in entries]}

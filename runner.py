@@ -133,8 +133,22 @@ class ModelRunner:
                 return self._replay(size, step)[:step.num_decode]
         h = self.model.hidden(step.token_ids, step.positions, cache=PagedKVView(self.kv, step))[0]
         # each sequence's last new token in the packed row: only its logits are needed
-        last = torch.tensor(list(itertools.accumulate([1] * step.num_decode + step.query_lens)), device=self.device) - 1
-        return self.model.lm_head(h[last]).float()
+        return self.model.lm_head(h[self._last_rows(step)]).float()
+
+    @torch.inference_mode()
+    def run_every_token(self, batch, wanted):
+        """run(batch), and {i: logits (new tokens, vocab)} of every new token of batch[i] for each i in
+        `wanted`: a prompt's own log-probabilities (echo) need each position's, not only the last's."""
+        step = self.pack(batch)
+        h = self.model.hidden(step.token_ids, step.positions, cache=PagedKVView(self.kv, step))[0]
+        last = self._last_rows(step)
+        lens = [1] * step.num_decode + step.query_lens
+        every = {i: self.model.lm_head(h[int(last[i]) - lens[i] + 1:int(last[i]) + 1]).float() for i in wanted}
+        return self.model.lm_head(h[last]).float(), every
+
+    def _last_rows(self, step):
+        """Where each sequence's last new token is in the packed row."""
+        return torch.tensor(list(itertools.accumulate([1] * step.num_decode + step.query_lens)), device=self.device) - 1
 
     # CUDA graphs: a decode step launches hundreds of small kernels; recorded once per batch size
     # and replayed, it is one launch. Shapes inside a graph are fixed, so a step of B sequences

@@ -10,7 +10,8 @@ openai_api.py speaks OpenAI's request and response shapes; this file puts them b
 
   EngineLoop  The engine in one background thread, with a queue per HTTP request.
   Handler     The HTTP endpoints (standard library http.server): /v1/completions,
-              /v1/chat/completions, /v1/models, /health, /metrics, and the chat page at /.
+              /v1/chat/completions, /v1/models[/ID], /tokenize, /detokenize, /health, /metrics,
+              and the chat page at /.
 """
 
 import argparse
@@ -27,6 +28,7 @@ import socket
 import threading
 import time
 import traceback
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -306,8 +308,8 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ValueError):
             return True
 
-    ROUTES = {"/": "GET", "/health": "GET", "/metrics": "GET", "/v1/models": "GET",
-              "/v1/completions": "POST", "/v1/chat/completions": "POST"}
+    ROUTES = {"/": "GET", "/health": "GET", "/metrics": "GET", "/v1/models": "GET", "/v1/models/": "GET",
+              "/v1/completions": "POST", "/v1/chat/completions": "POST", "/tokenize": "POST", "/detokenize": "POST"}
 
     def _dispatch(self):
         """Every method comes here (self.command names it), so that a known path asked with the
@@ -323,10 +325,11 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if self.server.stopping:
                 raise ShuttingDown("the server is shutting down").api_error()
-            if path not in self.ROUTES:
+            route = "/v1/models/" if path.startswith("/v1/models/") else path  # (/v1/models/{id})
+            if route not in self.ROUTES:
                 raise ApiError(404, f"no such endpoint: {path}", code="not_found")
-            if method != self.ROUTES[path]:
-                raise ApiError(405, f"{path} accepts {self.ROUTES[path]} only, not {method}", code="method_not_allowed")
+            if method != self.ROUTES[route]:
+                raise ApiError(405, f"{path} accepts {self.ROUTES[route]} only, not {method}", code="method_not_allowed")
             api = self.server.api
             if path == "/":
                 return self.send_bytes(200, "text/html; charset=utf-8", STATIC.read_bytes())
@@ -339,10 +342,19 @@ class Handler(BaseHTTPRequestHandler):
                                type="authentication_error", code="invalid_api_key")
             if path == "/metrics":
                 return self.send_bytes(200, "text/plain; version=0.0.4", metrics_text(api.loop).encode())
+            model = {"id": api.model_name, "object": "model", "created": self.server.started, "owned_by": "local",
+                     "max_model_len": api.n_ctx}
             if path == "/v1/models":
-                return self.send_json(200, {"object": "list", "data": [
-                    {"id": api.model_name, "object": "model", "created": self.server.started, "owned_by": "local",
-                     "max_model_len": api.n_ctx}]})
+                return self.send_json(200, {"object": "list", "data": [model]})
+            if route == "/v1/models/":
+                if urllib.parse.unquote(path.removeprefix("/v1/models/")) != api.model_name:
+                    raise ApiError(404, f"the model '{path.removeprefix('/v1/models/')}' does not exist; this server has "
+                                        f"'{api.model_name}'", param="model", code="model_not_found")
+                return self.send_json(200, model)
+            if path == "/tokenize":
+                return self.send_json(200, api.tokenize(self._body()))
+            if path == "/detokenize":
+                return self.send_json(200, api.detokenize(self._body()))
             self._generate(api, chat=path == "/v1/chat/completions")
         except ApiError as e:
             self._drain_body()

@@ -524,3 +524,28 @@ def test_a_sequence_whose_text_fails_ends_alone(model, monkeypatch):
             if out.finish_reason:
                 reasons[out.seq.seq_id] = out.finish_reason
     assert reasons == {doomed.seq_id: "error", fine.seq_id: "length"} and len(fine.output_ids) == 5
+
+
+def test_prompt_logprobs_survive_chunked_prefill_a_cached_prefix_and_preemption(model):
+    prompt = random_prompts(1, seed=31, lo=70, hi=70)[0]
+    with torch.no_grad():
+        own = torch.log_softmax(model(torch.tensor([prompt]))[0].double(), -1)
+    expected = [float(own[p, prompt[p + 1]]) for p in range(len(prompt) - 1)]
+    engine = Engine(model, max_num_seqs=4, max_num_batched_tokens=20)
+    engine.generate([prompt], greedy(2), use_tqdm=False)  # its blocks are now in the prefix cache
+    seq = engine.add_request(prompt, greedy(0), prompt_logprobs=2)  # max_tokens 0: score it only
+    engine.step()
+    assert seq.num_computed == 20  # computed from the start, the cached blocks not taken: their logits are needed
+    engine.step()
+    engine.scheduler.preempt(seq)  # halfway: it starts over, and no position is scored twice
+    while engine.has_work():
+        engine.step()
+    assert seq.finish_reason == "length" and seq.output_ids == []
+    assert [lp for lp, _ in seq.prompt_entries] == pytest.approx(expected, abs=1e-4)
+    assert [[t for t, _ in top] for _, top in seq.prompt_entries] == [torch.topk(own[p], 2).indices.tolist()
+                                                                      for p in range(len(prompt) - 1)]
+    again = engine.add_request(prompt, greedy(3), prompt_logprobs=0)  # scored, then generated as usual
+    while engine.has_work():
+        engine.step()
+    assert [lp for lp, _ in again.prompt_entries] == pytest.approx(expected, abs=1e-4)
+    assert again.output_ids == one_at_a_time(model, [prompt], [greedy(3)])[0]

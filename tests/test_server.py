@@ -299,7 +299,13 @@ def test_errors_are_openai_style_and_the_server_keeps_serving(server, monkeypatc
         ("POST", "/v1/completions", {"prompt": 5}, 400, "prompt"),
         ("POST", "/v1/completions", {"prompt": [99999999]}, 400, "prompt"),
         ("POST", "/v1/completions", [1, 2], 400, None),
-        ("POST", "/v1/completions", {"prompt": "x", "echo": True}, 400, "echo"),  # unsupported: refused, not ignored
+        ("POST", "/v1/completions", {"prompt": "x", "suffix": "y"}, 400, "suffix"),  # unsupported: refused, not ignored
+        ("POST", "/v1/completions", {"prompt": "x", "echo": 1}, 400, "echo"),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, 400, "echo"),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+         400, "top_logprobs"),
+        ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                          "top_logprobs": 21}, 400, "top_logprobs"),
         ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                                           "presence_penalty": 0.5}, 400, "presence_penalty"),
         ("POST", "/v1/chat/completions", {"messages": [{"role": "user"}]}, 400, "messages"),
@@ -904,3 +910,110 @@ def test_ambiguous_or_ancient_framing_is_a_400_at_once(server, request_bytes, me
     assert reply.startswith(b"HTTP/1.0 400") and message in reply, reply
     assert time.monotonic() - start < 3  # answered, not left to the read timeout
     assert call(server, "GET", "/health")[0] == 200  # and the server goes on
+
+
+# ----------------------------------------------------------------------------- for evaluation harnesses
+
+def own_log_probs(server, ids):
+    """The model's own log-softmax over `ids` (position p: the distribution of token p + 1)."""
+    model = server.api.loop.engine.model
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids]))[0].double(), -1)
+
+
+def test_echo_with_max_tokens_0_gives_the_prompts_own_logprobs(server):
+    enc = get_tokenizer()
+    prompt = "The quick brown fox jumps over the lazy dog, and then it"
+    ids = enc.encode(prompt)
+    for sent in (prompt, ids):  # as text and as token ids
+        status, r = call(server, "POST", "/v1/completions", {"prompt": sent, "echo": True, "max_tokens": 0,
+                                                             "logprobs": 3})
+        assert status == 200, r
+        c = r["choices"][0]
+        assert c["text"] == prompt and c["finish_reason"] == "length"
+        assert r["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+        lp = c["logprobs"]
+        assert lp["tokens"] == [enc.decode([t]) for t in ids] and lp["token_logprobs"][0] is None
+        assert lp["text_offset"] == [len(enc.decode(ids[:i])) for i in range(len(ids))]
+        own = own_log_probs(server, ids)
+        assert lp["token_logprobs"][1:] == pytest.approx([float(own[p, ids[p + 1]]) for p in range(len(ids) - 1)], abs=1e-4)
+        for p, top in enumerate(lp["top_logprobs"][1:]):
+            best = torch.topk(own[p], 3)
+            assert {enc.decode([t]) for t in best.indices.tolist()} <= set(top)  # the top 3, and the token itself
+    assert wait_until(lambda: idle(server))
+
+
+def test_a_log_likelihood_request_as_lm_evaluation_harness_sends_it(server):
+    """local-completions' loglikelihood request: token ids of context + continuation, echo, logprobs 1,
+    max_tokens 1, temperature 0; it sums token_logprobs[ctxlen:-1] and checks each is its top one."""
+    enc = get_tokenizer()
+    context, continuations = enc.encode("Question: what color is the sky? Answer:"), [" blue", " a banana"]
+    prompts = [context + enc.encode(c) for c in continuations]
+    status, r = call(server, "POST", "/v1/completions", {"model": "tiny", "prompt": prompts, "echo": True,
+                                                         "logprobs": 1, "max_tokens": 1, "temperature": 0, "seed": 1234})
+    assert status == 200, r
+    for ids, choice in zip(prompts, r["choices"]):
+        lp = choice["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 1  # the prompt's, then the one token generated
+        own = own_log_probs(server, ids)
+        expected = sum(float(own[p - 1, ids[p]]) for p in range(len(context), len(ids)))
+        assert sum(lp["token_logprobs"][len(context):-1]) == pytest.approx(expected, abs=1e-4)
+        greedy = all(float(own[p - 1, ids[p]]) == float(own[p - 1].max()) for p in range(len(context), len(ids)))
+        assert greedy == all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][len(context):-1],
+                                                                       lp["top_logprobs"][len(context):-1]))
+        assert choice["text"].startswith(enc.decode(ids)) and len(choice["text"]) > len(enc.decode(ids))
+    assert wait_until(lambda: idle(server))
+
+
+def test_chat_logprobs_and_top_logprobs_in_openais_chat_shape(server):
+    messages = [{"role": "user", "content": "Name a color."}]
+    body = {"messages": messages, "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 2}
+    status, r = call(server, "POST", "/v1/chat/completions", body)
+    assert status == 200, r
+    content = r["choices"][0]["logprobs"]["content"]
+    ids = encode_prompt(messages, "chat", get_tokenizer())
+    generated = []
+    for entry in content:
+        assert set(entry) == {"token", "logprob", "bytes", "top_logprobs"} and len(entry["top_logprobs"]) == 2
+        assert bytes(entry["bytes"]).decode("utf-8", "replace") == entry["token"]
+        own = own_log_probs(server, ids + generated)[-1]
+        token = int(own.argmax())  # greedy: each token is the model's most likely one
+        assert entry["logprob"] == pytest.approx(float(own[token]), abs=1e-4)
+        assert [t["logprob"] for t in entry["top_logprobs"]] == pytest.approx(torch.topk(own, 2).values.tolist(), abs=1e-4)
+        generated.append(token)
+    assert "".join(e["token"] for e in content).lstrip() == r["choices"][0]["message"]["content"]
+    status, text = call(server, "POST", "/v1/chat/completions", {**body, "stream": True})
+    streamed = [e for chunk in sse_events(text) if chunk["choices"] and chunk["choices"][0].get("logprobs")
+                for e in chunk["choices"][0]["logprobs"]["content"]]
+    assert [e["token"] for e in streamed] == [e["token"] for e in content]
+    status, r = call(server, "POST", "/v1/chat/completions", {"messages": messages, "max_tokens": 2})
+    assert r["choices"][0]["logprobs"] is None  # not asked for
+
+
+def test_usage_counts_the_closing_endoftext_as_vllm_does(server, monkeypatch):
+    enc = get_tokenizer()
+    script = enc.encode(" Hello world") + [EOT]
+    scripted_model(server, monkeypatch, script)
+    status, r = call(server, "POST", "/v1/completions", {"prompt": "Say it", "max_tokens": 10, "temperature": 0})
+    assert r["choices"][0]["text"] == " Hello world" and r["choices"][0]["finish_reason"] == "stop"
+    assert r["usage"]["completion_tokens"] == len(script)  # the two words' tokens and <|endoftext|>
+
+
+def test_model_by_id_tokenize_and_detokenize(server):
+    status, r = call(server, "GET", "/v1/models/tiny")
+    assert status == 200 and r["id"] == "tiny" and r["object"] == "model" and r["max_model_len"] == 256
+    status, r = call(server, "GET", "/v1/models/gpt-4")
+    assert status == 404 and r["error"]["code"] == "model_not_found"
+    status, r = call(server, "POST", "/tokenize", {"prompt": "Hello world"})
+    assert status == 200 and r == {"count": 2, "max_model_len": 256, "tokens": [15496, 995]}
+    messages = [{"role": "user", "content": "Hi"}]
+    status, r = call(server, "POST", "/tokenize", {"messages": messages})
+    assert r["tokens"] == encode_prompt(messages, "chat", get_tokenizer())  # the served template, cued to answer
+    status, r = call(server, "POST", "/detokenize", {"tokens": [15496, 995]})
+    assert status == 200 and r == {"prompt": "Hello world"}
+    for path, body in [("/tokenize", {"prompt": 5}), ("/tokenize", {}), ("/detokenize", {"tokens": [-1]}),
+                       ("/detokenize", {"tokens": "Hello"})]:
+        status, r = call(server, "POST", path, body)
+        assert status == 400 and r["error"]["message"], (path, body)
+    status, r = call(server, "GET", "/tokenize")
+    assert status == 405
