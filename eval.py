@@ -114,6 +114,8 @@ def run_ppl(args, model, enc):
     ids = read_text_ids(args.text, enc)
     if len(ids) < 2:
         die(f"{args.text}: {len(ids)} token{'s' * (len(ids) != 1)}, too short to score (at least 2)")
+    if max(ids) >= model.config.vocab_size:  # (a token file made for another tokenizer or model)
+        die(f"{args.text}: token id {max(ids)} is outside the model's vocabulary of {model.config.vocab_size}")
     with tqdm(total=len(ids) - 1, desc="scoring", unit="tok", disable=None) as bar:
         result = scoring.perplexity(model, ids, stride, args.batch_size, enc, progress=bar.update)
     bpb = result["bits_per_byte"]
@@ -151,7 +153,7 @@ def run_choice(args, model, enc):
     except ValueError as e:  # (a question that does not fit the context)
         die(f"{path}: {e}")
     result = scoring.choice_accuracy(items, scores)
-    print(f"{path}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} ({result['questions']:,} questions)")
+    print(f"{path}: acc {result['acc']:.4f}, acc_norm {result['acc_norm']:.4f} ({result['questions']:,} question{'s' * (result['questions'] != 1)})")
     return {**result, "file": str(path)}
 
 

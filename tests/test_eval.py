@@ -4,6 +4,7 @@ import json
 import math
 import time
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -388,7 +389,6 @@ def run_eval(*argv):
 
 
 def test_cli_ppl_of_a_text_and_of_its_token_file_agree_and_write_json(hf_and_ours, story_ids, tmp_path, capsys):
-    import numpy as np
     _, ours, hub = hf_and_ours
     text, ids = story_ids
     (tmp_path / "story.txt").write_text(text)
@@ -440,6 +440,7 @@ def test_cli_signals_answers_a_data_file(tmp_path, capsys):
     (["judge", "{tmp}/list.json", "--judge-url", "http://x", "--judge-model", "m"],
      "{tmp}/list.json: item 1 has no string prompt, reference and response"),
     (["ppl", "{hub}", "{tmp}/one.txt", "--out", "{tmp}/one.txt"], "--out {tmp}/one.txt is the input file"),
+    (["ppl", "{small}", "{tmp}/big.bin"], "{tmp}/big.bin: token id 50000 is outside the model's vocabulary of 1000"),
 ])
 def test_cli_bad_input_is_a_one_line_error(hf_and_ours, tmp_path, capsys, argv, message):
     hub = hf_and_ours[2]
@@ -450,7 +451,9 @@ def test_cli_bad_input_is_a_one_line_error(hf_and_ours, tmp_path, capsys, argv, 
     (tmp_path / "badconv.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
     (tmp_path / "long.jsonl").write_text(json.dumps({"context": "a", "choices": ["b " * 70, "c"], "label": 0}))
     (tmp_path / "list.json").write_text(json.dumps([{"prompt": "p", "reference": "r", "response": "x"}, {"prompt": 1}]))
-    fill = lambda s: s.format(hub=hub, tmp=tmp_path)  # noqa: E731
+    np.array([1, 50000, 2], dtype=np.uint16).tofile(tmp_path / "big.bin")
+    GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64, vocab_size=1000)).save_checkpoint(tmp_path / "small")
+    fill = lambda s: s.format(hub=hub, tmp=tmp_path, small=tmp_path / "small")  # noqa: E731
     with pytest.raises(SystemExit):
         run_eval(*map(fill, argv))
     assert fill(message) in one_line_error(capsys)
@@ -508,3 +511,37 @@ def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, one_thread, cap
     assert len(judged["items"]) == 10 and judged["scored"] + judged["unscored"] == 10
     printed = capsys.readouterr().out
     assert "perplexity" in printed and "acc_norm" in printed and "end with <|endoftext|>" in printed and "judged by sft" in printed
+
+
+def test_cli_choice_task_hellaswag_downloads_the_validation_set_once(hf_and_ours, tmp_path, monkeypatch, capsys):
+    import http.server
+    import threading
+    import eval as eval_script
+    record = {"ctx": "A man is sitting on a roof. he", "label": 1, "endings": ["is flying.", "starts pulling up roofing."]}
+    body = (json.dumps(record) + "\n").encode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    monkeypatch.setattr(eval_script, "HELLASWAG_URL", f"http://127.0.0.1:{httpd.server_address[1]}/hellaswag_val.jsonl")
+    monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
+    try:
+        run_eval("choice", str(hf_and_ours[2]), "--task", "hellaswag")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert (tmp_path / "data" / "hellaswag_val.jsonl").read_bytes() == body
+    assert "(1 question)" in capsys.readouterr().out
+    run_eval("choice", str(hf_and_ours[2]), "--task", "hellaswag")  # the server is gone: the cached file serves
+    with pytest.raises(SystemExit):  # offline, with no copy: what to do instead
+        monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path / "empty"))
+        run_eval("choice", str(hf_and_ours[2]), "--task", "hellaswag")
+    assert "offline, copy that file to" in one_line_error(capsys)
