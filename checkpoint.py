@@ -359,12 +359,8 @@ def resolve_weights(name_or_path, released=()):
     .safetensors file -> the path of the .safetensors file to load."""
     name = str(name_or_path)
     if name in released and not Path(name).exists():
-        url, dest = HUB_URL.format(name=name), cache_dir() / name / "model.safetensors"
-        try:
-            return download(url, dest)
-        except DownloadError as e:
-            raise DownloadError(f"{e}; offline, copy that file to {dest}, or give a checkpoint directory or "
-                                f".safetensors file in place of {name!r}") from None
+        return download(HUB_URL.format(name=name), cache_dir() / name / "model.safetensors",
+                        offline=f"give a checkpoint directory or .safetensors file in place of {name!r}")
     p = Path(name)
     if p.is_dir():
         p = p / "model.safetensors"
@@ -387,15 +383,25 @@ class DownloadError(OSError):
     Its message names the URL and why; callers add what to do offline (which flag takes a local file)."""
 
 
-def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
+def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30, offline=None):
     """Download `url` to `dest` unless it is already there, with a progress bar.
 
     The bytes go to `dest.part` and are renamed to `dest` only when complete and verified; if a
     `.part` is left over from an interrupted run, the download resumes from its end with an HTTP
     Range request. The size is checked against the server's (a connection cut where the size is
     unknown is caught too), and the SHA-256 against `sha256` or, failing that, the hub's
-    `X-Linked-Etag` (the LFS object's SHA-256). A mismatch deletes the file."""
-    dest = Path(dest)
+    `X-Linked-Etag` (the LFS object's SHA-256). A mismatch deletes the file. A failure is a
+    DownloadError saying why; `offline` (what the user can give instead) adds what to do without
+    a network: "offline, copy that file to DEST, or OFFLINE"."""
+    try:
+        return _download(url, Path(dest), sha256, chunk_size, timeout)
+    except DownloadError as e:
+        if offline is None:
+            raise
+        raise DownloadError(f"{e}; offline, copy that file to {dest}, or {offline}") from None
+
+
+def _download(url, dest, sha256, chunk_size, timeout):
     if dest.exists():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -406,7 +412,7 @@ def download(url, dest, sha256=None, chunk_size=1 << 16, timeout=30):
         raise DownloadError(f"cannot download {url} ({network_problem(e, url, timeout)})") from None
     if fetched is None:  # our .part is already whole (or bogus): start again
         part.unlink()
-        return download(url, dest, sha256, chunk_size, timeout)
+        return _download(url, dest, sha256, chunk_size, timeout)
     total, hub_sha256, encoded, cut = fetched
     size = part.stat().st_size
     if cut or (total is not None and size != total):
@@ -469,9 +475,12 @@ def _full_size(response, have, encoded):
     """The size of the whole file by the server's headers, or None where they cannot tell."""
     if encoded:  # (what arrives is decompressed: the server's sizes don't apply)
         return None
-    if response.status_code == 206 and "Content-Range" in response.headers:
-        return int(response.headers["Content-Range"].rsplit("/", 1)[1])
-    return have + int(response.headers.get("Content-Length", 0)) or None
+    try:
+        if response.status_code == 206 and "Content-Range" in response.headers:
+            return int(response.headers["Content-Range"].rsplit("/", 1)[1])
+        return have + int(response.headers.get("Content-Length", 0)) or None
+    except ValueError:
+        raise DownloadError(f"cannot download {response.url}: the server sent a size that is not a number") from None
 
 
 def _check_sha256(path, url, expected):

@@ -236,15 +236,13 @@ def _local_text(src, out):
     if src is None or not src.startswith(("http://", "https://")):
         return src
     try:
-        return str(download(src, out / Path(src.split("?")[0]).name))
+        return str(download(src, out / Path(src.split("?")[0]).name, offline="give a text file on this machine instead"))
     except OSError as e:  # a DownloadError, a full disk: one line, not a traceback
         try:
             out.rmdir()  # (only if empty: a failed first download leaves no empty folder behind)
         except OSError:
             pass
-        if isinstance(e, DownloadError):
-            raise ValueError(f"{e}; offline, give a text file on this machine instead") from None
-        raise ValueError(f"cannot save {src} into {out} ({e.strerror or e})") from None
+        raise ValueError(str(e) if isinstance(e, DownloadError) else f"cannot save {src} into {out} ({e.strerror or e})") from None
 
 
 def _prepared(out, stamp, val_fraction):
@@ -466,10 +464,9 @@ def resolve_dataset(name_or_path):
         url = DATASETS[name]
         dest = cache_dir() / "data" / url.rsplit("/", 1)[1]
         try:
-            return download(url, dest)
+            return download(url, dest, offline="give a JSON or JSONL file on this machine (--data FILE)")
         except DownloadError as e:
-            raise DataError(f"the {name} dataset: {e}; offline, copy that file to {dest}, or give a JSON "
-                            "or JSONL file on this machine (--data FILE)") from None
+            raise DataError(f"the {name} dataset: {e}") from None
         except OSError as e:  # a full disk, a cache folder that cannot be written
             raise DataError(f"the {name} dataset: cannot write {dest} ({e.strerror or e})") from None
     if Path(name).is_dir():

@@ -60,7 +60,7 @@ class Sequence:
         self.params, self.logprobs, self.ignore_eos = params, logprobs, ignore_eos
         # echo: the log-probability of each prompt token after the ones before it (and of the top
         # `prompt_logprobs` alternatives), filled in as the prompt is computed; params.max_tokens 0:
-        # nothing is generated, the prompt is only scored
+        # nothing is generated, the prompt only computed (and scored)
         self.prompt_logprobs, self.prompt_entries = prompt_logprobs, []
         self.ended_by_eot = False  # (the <|endoftext|> is no output token, but it was generated)
         self.sink = sink  # where the server wants this sequence's outputs (a queue.Queue), or None
@@ -83,8 +83,9 @@ class Sequence:
         return self.prompt_logprobs is not None and len(self.prompt_entries) < self.prompt_len - 1
 
     @property
-    def score_only(self):
-        return self.prompt_logprobs is not None and self.params.max_tokens == 0
+    def prefill_only(self):
+        """max_tokens 0: nothing is generated (the prompt is computed, and scored if asked)."""
+        return self.params.max_tokens == 0
 
 
 @dataclass
@@ -447,8 +448,8 @@ class Engine:
     def add_request(self, prompt, params=None, logprobs=None, ignore_eos=False, sink=None, prompt_logprobs=None):
         """Queue a prompt (str or token ids); returns its Sequence. `logprobs`: report the chosen
         token's log-probability and the top-`logprobs` alternatives. `prompt_logprobs`: the same for
-        each prompt token after the first (echo), in seq.prompt_entries; with params.max_tokens 0,
-        only that. `ignore_eos`: keep going past <|endoftext|> (benchmarks that want an exact
+        each prompt token after the first (echo), in seq.prompt_entries. params.max_tokens 0: generate
+        nothing (only the prompt's logprobs, if asked). `ignore_eos`: keep going past <|endoftext|> (benchmarks that want an exact
         length). A bad request raises ValueError."""
         return self.add_requests([(prompt, params, logprobs, prompt_logprobs)], ignore_eos, sink)[0]
 
@@ -468,8 +469,8 @@ class Engine:
         check_prompt(ids, self.n_ctx)  # (not empty, and room for one new token)
         if not all(0 <= t < self.model.config.vocab_size for t in ids):
             raise ValueError(f"a token id is outside the vocabulary (0..{self.model.config.vocab_size - 1})")
-        scoring_only = prompt_logprobs is not None and params.max_tokens == 0  # (the one case 0 is allowed)
-        (replace(params, max_tokens=1) if scoring_only else params).check()  # (a BadSamplingParam, naming the field)
+        # (max_tokens 0, prefill only, is the engine's own case: every other caller's rule is >= 1)
+        (replace(params, max_tokens=1) if params.max_tokens == 0 else params).check()  # (a BadSamplingParam)
         return Sequence(ids, params, self.enc, logprobs, ignore_eos, sink, self.device, request_id, prompt_logprobs)
 
     def abort(self, seq_id):
@@ -503,7 +504,7 @@ class Engine:
         else:
             logits = self.runner.run(batch)
         batch, logits = self._fully_computed(batch, logits)
-        outputs += self._score_only(batch)
+        outputs += self._prefill_only(batch)
         batch, logits = self._generating(batch, logits)
         if batch:
             outputs += self._emit_tokens(batch, logits)
@@ -540,26 +541,34 @@ class Engine:
             return batch, logits
         return [batch[i] for i in ready], logits[ready]
 
+    PROMPT_ROWS = 256  # prompt positions scored at a time: their logits over the vocabulary stay small
+
+    @torch.inference_mode()
     def _record_prompt_logprobs(self, batch, every):
         """Each new prompt token's log-probability (and top alternatives) from the logits of the
-        position before it: every[i] holds the logits of batch[i]'s tokens computed this step."""
-        for i, logits in every.items():
+        position before it: every[i] holds the hidden states of batch[i]'s tokens computed this step."""
+        for i, hidden in every.items():
             seq = batch[i]
-            log_probs = F.log_softmax(logits[:, :VOCAB_SIZE], dim=-1)
-            k = seq.prompt_logprobs
-            top = torch.topk(log_probs, k) if k else None
-            for row in range(len(logits)):
-                target = seq.num_computed + row + 1  # the prompt position this row predicts
-                if target != len(seq.prompt_entries) + 1 or target >= seq.prompt_len:
-                    continue  # (already scored before a preemption, or past the prompt)
-                alternatives = list(zip(top.indices[row].tolist(), top.values[row].tolist())) if k else []
-                seq.prompt_entries.append((float(log_probs[row, seq.tokens[target]]), alternatives))
+            # row r predicts prompt token num_computed + r + 1; entry e is that of prompt token e + 1
+            first = len(seq.prompt_entries) - seq.num_computed  # the first row whose token is not scored yet
+            last = min(len(hidden), seq.prompt_len - 1 - seq.num_computed)  # rows from here predict no prompt token
+            for start in range(max(first, 0), last, self.PROMPT_ROWS):  # (rows before `first`: scored before a preemption)
+                rows = range(start, min(start + self.PROMPT_ROWS, last))
+                log_probs = F.log_softmax(self.model.lm_head(hidden[rows.start:rows.stop])[:, :VOCAB_SIZE].float(), -1)
+                targets = torch.tensor(seq.tokens[seq.num_computed + rows.start + 1:seq.num_computed + rows.stop + 1],
+                                       device=log_probs.device)
+                chosen = log_probs.gather(1, targets[:, None])[:, 0].tolist()
+                k = seq.prompt_logprobs
+                top = torch.topk(log_probs, k) if k else None
+                for j in range(len(rows)):
+                    alternatives = list(zip(top.indices[j].tolist(), top.values[j].tolist())) if k else []
+                    seq.prompt_entries.append((chosen[j], alternatives))
 
-    def _score_only(self, batch):
-        """Finish the fully computed sequences that only score their prompt (max_tokens 0)."""
+    def _prefill_only(self, batch):
+        """Finish the fully computed sequences that generate nothing (max_tokens 0)."""
         outputs = []
         for seq in batch:
-            if seq.score_only:
+            if seq.prefill_only:
                 self._finish(seq, "length")
                 outputs.append(StepOutput(seq, None, "", "length"))
         return outputs

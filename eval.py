@@ -15,7 +15,6 @@ How the scores are computed: scoring.py.
 """
 
 import argparse
-import json
 import re
 import sys
 import time
@@ -26,7 +25,7 @@ import requests
 from tqdm import tqdm
 
 import scoring
-from checkpoint import DownloadError, cache_dir, download
+from checkpoint import CheckpointError, DownloadError, cache_dir, download, read_json_file
 from common import (AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die, same_file,
                     write_json_atomic, write_or_die)
 from data import DataError, load_conversations, load_tokens
@@ -135,9 +134,9 @@ def choice_file(args):
         die("give a questions file, or --task hellaswag for HellaSwag's validation set")
     dest = cache_dir() / "data" / "hellaswag_val.jsonl"
     try:
-        return download(HELLASWAG_URL, dest)
+        return download(HELLASWAG_URL, dest, offline="give it as FILE")
     except DownloadError as e:
-        die(f"{e}; offline, copy that file to {dest}, or give it as FILE")
+        die(str(e))
     except OSError as e:
         die(f"cannot write {dest} ({e.strerror or e})")
 
@@ -194,11 +193,9 @@ How good is the assistant's answer, from 0 (useless or wrong) to 100 (as good as
 def read_responses(path):
     """[{prompt, reference, response}] from a test_responses.json, or a one-line error naming the item."""
     try:
-        items = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        die(f"{path}: cannot read ({e.strerror or e})")
-    except (ValueError, RecursionError) as e:
-        die(f"{path}: not valid JSON ({e})")
+        items = read_json_file(path, "not valid JSON")
+    except CheckpointError as e:  # (its message names the file and what is wrong)
+        die(str(e))
     if not isinstance(items, list):
         die(f"{path}: not a list of answers (as sft.py's test_responses.json)")
     for i, item in enumerate(items):
@@ -208,8 +205,8 @@ def read_responses(path):
 
 
 def judge_score(reply):
-    """The score in a judge's reply: its first whole number, if it is 0..100; else None."""
-    m = re.search(r"\d+(?:\.\d+)?", reply or "")
+    """The score in a judge's reply: its first number, rounded, if it is 0 to 100; else None."""
+    m = re.search(r"-?\d+(?:\.\d+)?", reply)
     if not m:
         return None
     value = float(m.group())
@@ -259,9 +256,13 @@ class Judge:
             if r.status_code != 200:
                 raise RuntimeError(f"{self.url} refused the request: HTTP {r.status_code} {error_message(r)}")
             try:
-                return r.json()["choices"][0]["message"]["content"] or ""
+                content = r.json()["choices"][0]["message"]["content"]
             except (ValueError, KeyError, IndexError, TypeError):
                 problem = "a reply that is not an OpenAI chat completion"
+                continue
+            if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content if isinstance(content, str) else ""
         raise RuntimeError(f"{self.url}: {problem} ({self.retries + 1} tries)")
 
 
@@ -278,13 +279,18 @@ def judged_path(args):
 
 
 def previous_scores(path, judge):
-    """{(prompt, reference, response): item} already judged in `path` by the same judge model."""
+    """{(prompt, reference, response): item} already judged in `path` (by the same judge model: a
+    file of another's, or not of this command's, is refused rather than overwritten)."""
+    if not path.exists():
+        return {}
     try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    if not isinstance(saved, dict) or saved.get("judge_model") != judge.model or not isinstance(saved.get("items"), list):
-        return {}
+        saved = read_json_file(path, "not valid JSON")
+    except CheckpointError as e:  # (a file we would overwrite: better said than silently replaced)
+        die(f"{e}; it is not scores this command wrote: move it, or give another --out")
+    if not isinstance(saved, dict) or not isinstance(saved.get("items"), list):
+        die(f"{path}: not scores this command wrote; move it, or give another --out")
+    if saved.get("judge_model") != judge.model:  # (its scores would be lost, or mixed with another judge's)
+        die(f"{path} holds scores by the judge {saved.get('judge_model')!r}, not {judge.model!r}: give another --out")
     return {(i["prompt"], i["reference"], i["response"]): i for i in saved["items"]
             if isinstance(i, dict) and "judge_reply" in i}
 
@@ -314,7 +320,7 @@ def run_judge(args):
             save_judged(out, judge_summary(items, judge, args.responses))
             done_now = sum("judge_reply" in i for i in items)
             die(f"judge {e}; the {done_now} answers judged so far are saved in {out}: run again to go on")
-        item["judge_reply"], item["score"] = reply, judge_score(reply)
+        item["judge_reply"], item["score"] = reply, None if reply is None else judge_score(reply)
         save_judged(out, judge_summary(items, judge, args.responses))  # after each: a kill loses one answer at most
     result = judge_summary(items, judge, args.responses)
     mean = "-" if result["mean"] is None else f"{result['mean']:.1f}"

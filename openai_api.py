@@ -91,8 +91,6 @@ class OpenAIApi:
         """Queue the request's sequences (every prompt, n times) in the engine; its Sequences. The
         engine loop's refusals become ApiErrors."""
         prompt_logprobs = request.logprobs if request.echo else None  # (with echo, also the prompt's)
-        if request.echo and prompt_logprobs is None and request.params[0].max_tokens == 0:
-            prompt_logprobs = 0  # (echo of max_tokens 0 without logprobs: the prompt alone, scored all the same)
         sequences = [(ids, params, request.logprobs, prompt_logprobs)
                      for ids in request.prompts for params in request.params]
         try:
@@ -139,7 +137,7 @@ class OpenAIApi:
         # (chat: max_completion_tokens is the newer name; a null max_tokens does not hide it)
         name = "max_completion_tokens" if chat and body.get("max_tokens") is None else "max_tokens"
         max_tokens = _field(body, name, (int,), default_max, lambda v: v >= (0 if echo else 1),
-                            "at least 0 with echo (0: score the prompt only), else at least 1")
+                            "at least 0 with echo (0: the prompt only)" if echo else "at least 1")
         if longest + max_tokens > self.n_ctx:
             raise ApiError(400, f"This model's maximum context length is {self.n_ctx} tokens; you requested "
                                 f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "

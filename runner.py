@@ -137,13 +137,14 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_every_token(self, batch, wanted):
-        """run(batch), and {i: logits (new tokens, vocab)} of every new token of batch[i] for each i in
-        `wanted`: a prompt's own log-probabilities (echo) need each position's, not only the last's."""
+        """run(batch), and {i: hidden states (new tokens, n_embd)} of every new token of batch[i] for
+        each i in `wanted`: a prompt's own log-probabilities (echo) need each position's, not only
+        the last's. (States, not logits: a chunk's logits over the whole vocabulary would be large.)"""
         step = self.pack(batch)
         h = self.model.hidden(step.token_ids, step.positions, cache=PagedKVView(self.kv, step))[0]
         last = self._last_rows(step)
         lens = [1] * step.num_decode + step.query_lens
-        every = {i: self.model.lm_head(h[int(last[i]) - lens[i] + 1:int(last[i]) + 1]).float() for i in wanted}
+        every = {i: h[int(last[i]) - lens[i] + 1:int(last[i]) + 1] for i in wanted}
         return self.model.lm_head(h[last]).float(), every
 
     def _last_rows(self, step):

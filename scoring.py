@@ -1,10 +1,10 @@
 """How good a model is, in numbers: perplexity and bits per byte over a text, accuracy on
 multiple-choice questions, and what a chatbot's answers show without a judge.
 
-  perplexity     The mean loss of every token of a text given the tokens before it, in windows of
-                 the model's context that slide by `stride` tokens: each token is scored once, with
-                 as much context as the window gives it (the more overlap, the more context, the
-                 slower). Bits per byte divides the same loss by the text's UTF-8 bytes instead of
+  perplexity     The mean loss of every token of a text but the first, given the tokens before
+                 it, in windows of the model's context that slide by `stride` tokens: each token is
+                 scored once, with as much context as its window gives it (the more overlap, the
+                 more context, the slower). Bits per byte divides the same loss by the text's UTF-8 bytes instead of
                  its tokens, so models with different tokenizers compare.
   choices        A question and its candidate endings: each ending is scored by the summed
                  log-probability of its tokens after the context. acc takes the best sum; acc_norm
@@ -23,20 +23,31 @@ import torch.nn.functional as F
 from data import DataError, read_records
 from engine import Engine
 from sampling import SamplingParams
-from tokenizer import EOT, PromptTooLong, encode, fit_conversation, format_prompt, token_sizes
+from tokenizer import EOT, VOCAB_SIZE, PromptTooLong, encode, fit_conversation, format_prompt, token_sizes
 
 
 # ----------------------------------------------------------------------------- perplexity
 
+def target_logprobs(model, x, rows, cols, targets):
+    """log p(targets[j] | the tokens of row rows[j] of `x` up to column cols[j]), in float64 on the
+    CPU. `x` is a right-padded batch (causal attention never sees the pad); the head runs on the
+    scored positions only, over GPT-2's tokens (a padded vocabulary's extra ids are no tokens)."""
+    device = model.wte.weight.device
+    hidden = model.hidden(x.to(device))[rows, cols]
+    logits = model.lm_head(hidden)[:, :VOCAB_SIZE].float()
+    return -F.cross_entropy(logits, targets.to(device), reduction="none").cpu().double()
+
+
 def sliding_windows(n_tokens, context, stride):
-    """[(begin, end, first)]: windows ids[begin:end] of at most `context` tokens, `stride` apart,
-    each scoring the tokens first..end-1 (those no earlier window scored, and never a window's own
-    first token, which has nothing before it to be predicted from)."""
-    windows, scored_to = [], 0
-    for begin in range(0, n_tokens, stride):
-        end = min(begin + context, n_tokens)
-        windows.append((begin, end, max(scored_to, begin + 1)))
-        scored_to = end
+    """[(begin, end, first)]: windows `stride` apart whose model input is ids[begin:end - 1] (at
+    most `context` tokens) and whose targets are ids[first:end], the tokens no earlier window
+    scored: every token but the first is scored exactly once."""
+    windows, scored_to = [], 1
+    for begin in range(0, n_tokens - 1, stride):
+        end = min(begin + context + 1, n_tokens)
+        if end > scored_to:
+            windows.append((begin, end, scored_to))
+            scored_to = end
         if end == n_tokens:
             break
     return windows
@@ -49,12 +60,13 @@ def perplexity(model, ids, stride=None, batch_size=8, enc=None, progress=None):
     the tokens that spell text (not <|endoftext|>), in bits, per byte of that text."""
     context = model.config.block_size
     stride = stride or context
+    if not 1 <= stride <= context:  # (a longer stride would leave tokens between windows unscored)
+        raise ValueError(f"the stride must be 1 to the model's context ({context}), not {stride}")
     ids = torch.as_tensor(ids, dtype=torch.long)
     if len(ids) < 2:
         raise ValueError(f"the text is {len(ids)} token{'s' * (len(ids) != 1)}: at least 2 are needed to score one")
     sizes = torch.tensor(token_sizes(enc), dtype=torch.long)
     sizes[EOT] = 0  # a document separator is no text: no bytes, and left out of bits per byte
-    device = model.wte.weight.device
     windows = sliding_windows(len(ids), context, stride)
     nats = text_nats = 0.0
     n_scored = n_bytes = 0
@@ -68,8 +80,7 @@ def perplexity(model, ids, stride=None, batch_size=8, enc=None, progress=None):
             cols += range(first - begin - 1, end - begin - 1)  # the position whose output predicts each target
             targets.append(ids[first:end])
         targets = torch.cat(targets)
-        hidden = model.hidden(x.to(device))[rows, cols]  # the head on the scored positions only
-        nll = F.cross_entropy(model.lm_head(hidden).float(), targets.to(device), reduction="none").cpu().double()
+        nll = -target_logprobs(model, x, rows, cols, targets)
         spelled = sizes[targets] > 0
         nats += float(nll.sum())
         text_nats += float(nll[spelled].sum())
@@ -123,7 +134,8 @@ def choice_tokens(context, ending, enc, n_ctx):
     """(token ids of context + ending, the number of ending tokens at their end), the context cut
     from the left where the two do not fit the model's context."""
     joined = ending if not context or context[-1].isspace() else " " + ending
-    ctx_ids, end_ids = encode(context, enc), encode(joined, enc)
+    # an empty context: <|endoftext|> stands before the ending, so its first token is predicted too
+    ctx_ids, end_ids = encode(context, enc) or [EOT], encode(joined, enc)
     if len(end_ids) >= n_ctx:
         raise ValueError(f"an ending of {len(end_ids)} tokens does not fit the model's context of {n_ctx}")
     return (ctx_ids + end_ids)[-n_ctx:], len(end_ids)
@@ -132,7 +144,7 @@ def choice_tokens(context, ending, enc, n_ctx):
 @torch.no_grad()
 def score_choices(model, items, enc, batch_size=16, progress=None):
     """For each item, [(summed log-probability of the ending's tokens, their number)] per choice."""
-    device, n_ctx = model.wte.weight.device, model.config.block_size
+    n_ctx = model.config.block_size
     flat = []
     for i, (context, endings, _) in enumerate(items):
         try:
@@ -149,15 +161,13 @@ def score_choices(model, items, enc, batch_size=16, progress=None):
             rows += [r] * n
             cols += range(len(ids) - 1 - n, len(ids) - 1)
             targets += ids[-n:]
-        hidden = model.hidden(x.to(device))[rows, cols]
-        logp = -F.cross_entropy(model.lm_head(hidden).float(), torch.tensor(targets, device=device),
-                                reduction="none").cpu().double()
+        logp = target_logprobs(model, x, rows, cols, torch.tensor(targets))
         at = 0
         for i, (_, n) in batch:
             scores[i].append((float(logp[at:at + n].sum()), n))
             at += n
-        if progress:
-            progress(len({i for i, _ in batch}))
+        if progress:  # questions whose every choice is now scored
+            progress(sum(len(scores[i]) == len(items[i][1]) for i in {i for i, _ in batch}))
     return scores
 
 

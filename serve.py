@@ -67,7 +67,7 @@ class EngineLoop:
         self.thread.join(timeout=10)
 
     def submit(self, requests, sink):
-        """requests: [(prompt ids, SamplingParams, logprobs)], all admitted or none (QueueFull when
+        """requests: [(prompt ids, SamplingParams, logprobs, prompt logprobs)], all admitted or none (QueueFull when
         the queue is full, ValueError when a request is bad)."""
         if len(requests) > self.max_seqs_per_request:
             raise ValueError(f"this request asks for {len(requests)} sequences (prompts x n); the server takes at "

@@ -58,10 +58,11 @@ from tqdm import tqdm
 
 from checkpoint import CheckpointError, read_checkpoint_json
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
-                    check_flags, device_or_die, die, write_json_atomic, write_or_die)
+                    check_flags, default_dtype, device_or_die, die, write_json_atomic, write_or_die)
 from data import (DataError, default_template, encode_examples, eval_batches, iterate_batches, load_conversations,
                   split_dataset)
-from gpt import GPT, SIZES, load_or_die
+from gpt import SIZES, load_or_die
+from inference import load_model
 from lora import add_lora, lora_merged
 from scoring import answer_conversations, answer_signals
 from tokenizer import TEMPLATES, get_tokenizer
@@ -425,28 +426,38 @@ def resume(run):
 # ----------------------------------------------------------------------------- after training: the test answers
 
 def answer_test_set(run):
-    """The best checkpoint, loaded back as generate.py and serve.py will load it, answers the test
+    """The best checkpoint, loaded back as generate.py and serve.py load it, answers the test
     prompts into test_responses.json, and the base model answers them too: their answer signals
     (scoring.answer_signals: do the answers end, do they talk on) show what fine-tuning changed.
-    Returns (the number of answers, the signals {base, fine_tuned})."""
+    Returns (the number of answers, the signals {fine_tuned, base}; base None where it could not
+    answer: the run's own outputs do not depend on it)."""
     run.model = run.optimizer = None  # free the device for the best model (and its KV cache)
-    if run.device_type == "cuda":
-        torch.cuda.empty_cache()
-    test, signals = run.data.test[:run.args.max_test], {}
-    for name, source in (("base", run.args.model), ("fine_tuned", run.out)):
-        try:
-            model = GPT.from_pretrained(source, device=run.device)
-        except (CheckpointError, OSError) as e:  # (e.g. deleted while training ran)
-            die(f"cannot load the {name.replace('_', '-')} model to answer the test prompts: {e}")
-        answers, skipped = answer_conversations(model, test, run.template, run.args.max_new_tokens, run.enc)
-        signals[name] = answer_signals(answers, run.template)
-        del model
+    test = run.data.test[:run.args.max_test]
+    try:
+        answers, skipped = answers_of(run.out, run, test)
+    except (CheckpointError, OSError, ValueError) as e:  # (deleted while training ran; a KV cache that does not fit)
+        die(f"cannot answer the test prompts with the best checkpoint (saved in {run.out}): {e}")
     if skipped:
         print(f"{skipped} test conversations were not asked: no question before their last answer, or too long")
     results = [{k: a[k] for k in ("prompt", "reference", "response")} for a in answers]
     with write_or_die(run.out / "test_responses.json"):
         write_json_atomic(run.out / "test_responses.json", results)
+    signals = {"fine_tuned": answer_signals(answers, run.template), "base": None}
+    try:
+        signals["base"] = answer_signals(answers_of(run.args.model, run, test)[0], run.template)
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"warning: the base model {run.args.model} could not answer the test prompts ({e}); "
+              "its answer signals are left out")
     return len(results), signals
+
+
+def answers_of(source, run, test):
+    """answer_conversations of the model at `source`, loaded as generate.py loads it."""
+    if run.device_type == "cuda":
+        torch.cuda.empty_cache()  # (the previous model and its KV cache are gone)
+    device = torch.device(run.device)
+    model = load_model(source, device, default_dtype(device))
+    return answer_conversations(model, test, run.template, run.args.max_new_tokens, run.enc)
 
 
 def write_metadata(run, n_answers, signals, t_start):
@@ -474,7 +485,7 @@ def write_metadata(run, n_answers, signals, t_start):
         write_json_atomic(out / "training_metadata.json", metadata)
     print(f"best val loss {progress['best']:.4f} at step {progress['best_step']} (from {first_val:.4f}); checkpoint, "
           f"test_responses.json ({n_answers} answers) and training_metadata.json in {out}")
-    if n_answers:
+    if n_answers and signals["base"]:
         base, tuned = signals["base"], signals["fine_tuned"]
         print(f"test answers, base -> fine-tuned: ending with <|endoftext|> {base['ended']:.0%} -> {tuned['ended']:.0%}, "
               f"writing the next turn {base['talks_on']:.0%} -> {tuned['talks_on']:.0%}, "

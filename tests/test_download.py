@@ -213,7 +213,8 @@ def test_offline_a_pretraining_source_says_to_give_a_local_text_file(closed_port
     with pytest.raises(ValueError) as e:
         data.prepare_pretrain_data("tinystories-small", tmp_path / "tokens")
     assert str(e.value) == (f"cannot download {url} (cannot reach 127.0.0.1: no network, or the server is down); "
-                            "offline, give a text file on this machine instead")
+                            f"offline, copy that file to {tmp_path / 'tokens' / 'stories.txt'}, or give a text file "
+                            "on this machine instead")
     assert not (tmp_path / "tokens").exists()  # no empty folder left behind
 
 
@@ -224,3 +225,16 @@ def test_offline_without_the_tokenizer_files_names_tiktoken_cache_dir(closed_por
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("error: cannot load GPT-2's tokenizer files") and "TIKTOKEN_CACHE_DIR" in r.stderr
+
+
+def test_a_size_header_that_is_not_a_number_is_a_download_error(server, tmp_path, monkeypatch):
+    import requests
+    real = requests.get
+
+    def lying(*args, **kwargs):
+        r = real(*args, **kwargs)
+        r.headers["Content-Length"] = "lots"
+        return r
+    monkeypatch.setattr(requests, "get", lying)
+    with pytest.raises(DownloadError, match=r"the server sent a size that is not a number"):
+        download(server.url, tmp_path / "m")

@@ -31,36 +31,31 @@ def story_ids():
 
 
 def hf_sliding_window_nll(hf, ids, context, stride):
-    """Transformers' own perplexity recipe (its docs' "Perplexity of fixed-length models"): windows
-    of `context` tokens `stride` apart, each scoring only the tokens past the previous window's end,
-    labels shifted by the model. Returns (summed nll in nats, tokens scored, the scored tokens)."""
-    total, count, scored, prev_end = 0.0, 0, [], 0
-    for begin in range(0, len(ids), stride):
-        end = min(begin + context, len(ids))
-        inputs = torch.tensor([ids[begin:end]])
-        labels = inputs.clone()
-        labels[:, :-(end - prev_end)] = -100
+    """Transformers' loss of every token t >= 1 of `ids` given the context a sliding window gives it:
+    windows start at multiples of `stride` and hold at most `context` tokens of input, and t is
+    scored in the first one that reaches it, from ids[b:t], b = stride * max(0, ceil((t - context) / stride)).
+    Returns (summed nll in nats, tokens scored, the scored tokens in order)."""
+    by_start = {}
+    for t in range(1, len(ids)):
+        by_start.setdefault(stride * max(0, math.ceil((t - context) / stride)), []).append(t)
+    total, scored = 0.0, []
+    for b, targets in by_start.items():  # one forward per window start, read at each target's position
         with torch.no_grad():
-            logits = hf(inputs).logits[0, :-1]
-        targets = labels[0, 1:]
-        keep = targets != -100
-        total += float(F.cross_entropy(logits[keep].double(), targets[keep], reduction="sum"))
-        count += int(keep.sum())
-        scored += targets[keep].tolist()
-        prev_end = end
-        if end == len(ids):
-            break
-    return total, count, scored
+            logits = hf(torch.tensor([ids[b:targets[-1]]])).logits[0].double()
+        rows = torch.tensor([t - 1 - b for t in targets])
+        total += float(F.cross_entropy(logits[rows], torch.tensor([ids[t] for t in targets]), reduction="sum"))
+        scored += [ids[t] for t in targets]
+    return total, len(scored), scored
 
 
 @pytest.mark.parametrize("stride", [64, 24])  # no overlap; each window two-thirds context
-def test_perplexity_equals_transformers_sliding_window_loss(hf_and_ours, story_ids, stride):
+def test_perplexity_equals_transformers_loss_with_the_context_each_window_gives(hf_and_ours, story_ids, stride):
     hf, ours, _ = hf_and_ours
     _, ids = story_ids
     assert len(ids) > 4 * 64  # several windows, the last one short
     nll, count, scored = hf_sliding_window_nll(hf, ids, 64, stride)
     got = scoring.perplexity(ours, ids, stride=stride, batch_size=3, enc=get_tokenizer())
-    assert got["tokens"] == count
+    assert got["tokens"] == count == len(ids) - 1  # every token but the first, once
     assert got["loss"] == pytest.approx(nll / count, abs=1e-5)
     assert got["perplexity"] == pytest.approx(math.exp(nll / count), rel=1e-5)
     n_bytes = sum(len(get_tokenizer().decode_single_token_bytes(t)) for t in scored)
@@ -70,17 +65,18 @@ def test_perplexity_equals_transformers_sliding_window_loss(hf_and_ours, story_i
 def test_bits_per_byte_counts_the_texts_bytes_and_leaves_document_separators_out(hf_and_ours, story_ids):
     hf, ours, _ = hf_and_ours
     text, ids = story_ids
-    # overlapping windows score every token but the first, once: the bytes are the text's, less the first token's
-    got = scoring.perplexity(ours, ids, stride=32, enc=get_tokenizer())
-    assert got["bytes"] == len(text.encode("utf-8")) - len(get_tokenizer().decode_single_token_bytes(ids[0]))
+    # every token but the first is scored, once: the bytes are the text's, less the first token's
+    for stride in (64, 32):
+        got = scoring.perplexity(ours, ids, stride=stride, enc=get_tokenizer())
+        assert got["bytes"] == len(text.encode("utf-8")) - len(get_tokenizer().decode_single_token_bytes(ids[0]))
     # with <|endoftext|> between documents: it counts in the loss, not in bits per byte (it spells no text)
     with_eot = ids[:100] + [EOT] + ids[100:200]
     nll, count, scored = hf_sliding_window_nll(hf, with_eot, 64, 32)
     got = scoring.perplexity(ours, with_eot, stride=32, enc=get_tokenizer())
     assert got["loss"] == pytest.approx(nll / count, abs=1e-5) and EOT in scored
     i = 100 - 1  # the EOT is the 100th target (targets start at token 1)
-    with torch.no_grad():  # the EOT's own nll, from transformers, with the context the window gave it
-        logits = hf(torch.tensor([with_eot[64:100]])).logits[0, -1]  # predicts token 100
+    with torch.no_grad():  # the EOT's own nll, from transformers, with the context its window gave it
+        logits = hf(torch.tensor([with_eot[64:100]])).logits[0, -1]  # (b = 32 * ceil((100 - 64) / 32) = 64)
     eot_nll = float(F.cross_entropy(logits[None].double(), torch.tensor([EOT]), reduction="sum"))
     assert scored[i] == EOT
     text_bytes = sum(len(get_tokenizer().decode_single_token_bytes(t)) for t in scored if t != EOT)
@@ -89,11 +85,12 @@ def test_bits_per_byte_counts_the_texts_bytes_and_leaves_document_separators_out
 
 
 def test_sliding_windows_score_each_token_once_and_fit_the_context():
-    for n, context, stride in [(10, 4, 4), (10, 4, 1), (10, 4, 3), (4, 8, 8), (2, 8, 3)]:
+    for n, context, stride in [(10, 4, 4), (10, 4, 1), (10, 4, 3), (9, 4, 4), (4, 8, 8), (2, 8, 3), (13, 4, 2)]:
         windows = scoring.sliding_windows(n, context, stride)
         scored = [t for _, end, first in windows for t in range(first, end)]
-        assert all(end - begin <= context and begin < first for begin, end, first in windows)
-        assert scored == sorted(set(scored)) and scored[-1] == n - 1
+        assert scored == list(range(1, n)), (n, context, stride)  # every token but the first, once, in order
+        assert all(end - 1 - begin <= context and begin < first < end for begin, end, first in windows)
+        assert [begin for begin, _, _ in windows] == [stride * k for k in range(len(windows))]
 
 
 # ----------------------------------------------------------------------------- multiple choice
@@ -127,6 +124,23 @@ def test_choice_scores_and_accuracy_equal_an_independent_computation_with_transf
     acc = scoring.choice_accuracy(ITEMS, got)
     assert acc == {"acc": sum(b == label for b, (_, _, label) in zip(best, ITEMS)) / 4,
                    "acc_norm": sum(b == label for b, (_, _, label) in zip(best_norm, ITEMS)) / 4, "questions": 4}
+
+
+def test_an_empty_context_scores_the_ending_after_endoftext(hf_and_ours):
+    hf, ours, _ = hf_and_ours
+    item = ("", ["Once upon a time.", "Zebra."], 0)
+    got = scoring.score_choices(ours, [item], get_tokenizer())[0]
+    for (score, n), ending in zip(got, item[1]):
+        ids = [EOT] + encode(ending)  # nothing before the ending: its first token is predicted from <|endoftext|>
+        with torch.no_grad():
+            logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].double(), -1)
+        assert n == len(ids) - 1 and score == pytest.approx(sum(float(logp[k, ids[k + 1]]) for k in range(n)), abs=1e-4)
+
+
+def test_progress_counts_each_question_once_its_choices_are_all_scored(hf_and_ours):
+    counted = []
+    scoring.score_choices(hf_and_ours[1], ITEMS, get_tokenizer(), batch_size=2, progress=counted.append)
+    assert sum(counted) == len(ITEMS)
 
 
 def test_hellaswag_records_are_read_as_released_and_generic_ones_too(tmp_path):
@@ -285,6 +299,11 @@ def judge(*argv):
     main(["judge", *argv])
 
 
+def eval_judge_score(reply):
+    from eval import judge_score
+    return judge_score(reply)
+
+
 def test_judge_scores_each_answer_and_counts_replies_without_a_score(responses, tmp_path, capsys):
     stub = StubJudge(by_answer)
     try:
@@ -330,6 +349,16 @@ def test_judge_run_cut_short_resumes_keeping_the_scores_it_has(responses, tmp_pa
         stub.close()
     assert len(stub.requests) == 2  # only the two not judged yet
     assert json.loads(out.read_text())["scored"] == 2 and "2 of 4 answers already judged, kept" in capsys.readouterr().out
+    before = out.read_text()
+    with pytest.raises(SystemExit):  # another judge's scores are not overwritten
+        judge(str(responses), "--judge-url", stub.url, "--judge-model", "other")
+    assert one_line_error(capsys) == f"error: {out} holds scores by the judge 'g', not 'other': give another --out"
+    assert out.read_text() == before
+
+
+def test_judge_scores_read_from_replies():
+    assert [eval_judge_score(r) for r in ["85", "Score: 7.6/10", "-5", "101", "none", "I give it 100."]] == \
+        [85, 8, None, None, None, 100]
 
 
 def test_an_answer_the_judge_refuses_goes_unscored_and_the_others_are_judged(responses, tmp_path, capsys):
@@ -355,7 +384,7 @@ def test_a_judge_that_refuses_or_cannot_be_reached_is_a_one_line_error(responses
     assert len(stub.requests) == 1  # a refusal would refuse every answer: no retries
     assert "refused the request: HTTP 404 no (404)" in one_line_error(capsys)
     with pytest.raises(SystemExit):  # the stub is closed: nothing listens there now
-        judge(str(responses), "--judge-url", stub.url, "--judge-model", "g", "--retries", "0")
+        judge(str(responses), "--judge-url", stub.url, "--judge-model", "nope", "--retries", "0")
     assert f"judge {stub.url}/v1/chat/completions: cannot connect (1 tries)" in one_line_error(capsys)
 
 

@@ -526,7 +526,8 @@ def test_a_sequence_whose_text_fails_ends_alone(model, monkeypatch):
     assert reasons == {doomed.seq_id: "error", fine.seq_id: "length"} and len(fine.output_ids) == 5
 
 
-def test_prompt_logprobs_survive_chunked_prefill_a_cached_prefix_and_preemption(model):
+def test_prompt_logprobs_survive_chunked_prefill_a_cached_prefix_and_preemption(model, monkeypatch):
+    monkeypatch.setattr(Engine, "PROMPT_ROWS", 7)  # a chunk's positions scored a few at a time
     prompt = random_prompts(1, seed=31, lo=70, hi=70)[0]
     with torch.no_grad():
         own = torch.log_softmax(model(torch.tensor([prompt]))[0].double(), -1)

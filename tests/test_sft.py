@@ -15,6 +15,7 @@ from conftest import ROOT, file_size_limit, one_line_error, refused_before_any_w
 from data import collate, encode_examples
 from gpt import GPT, GPTConfig
 from lora import LoRALinear, add_lora, lora_merged, merge_lora
+import scoring
 import sft
 from training import make_optimizer, train_step
 
@@ -150,12 +151,28 @@ def test_quick_run_end_to_end_lowers_val_loss(tiny_checkpoint, shared_data, tmp_
     assert best.checkpoint_info["step"] == meta["losses"]["best_step"]
 
 
-def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoint, shared_data, tmp_path, capsys):
+def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoint, shared_data, tmp_path, capsys,
+                                                                    monkeypatch):
     out = tmp_path / "lora"
+    asked = []  # (what the answering model's checkpoint says of itself, its answers)
+    real = sft.answer_conversations
+
+    def recording(model, *args):
+        answers = real(model, *args)
+        asked.append((model.checkpoint_info, answers[0]))
+        return answers
+    monkeypatch.setattr(sft, "answer_conversations", recording)
     sft.main(["--quick", "--model", str(tiny_checkpoint), "--data", str(shared_data / "oasst_sample_trees.jsonl"),
               "--out", str(out), "--lora-rank", "4", "--lora-targets", "c_attn,mlp.c_proj", "--max-steps", "6",
               *SMALL])
     printed = capsys.readouterr().out
+    # the fine-tuned checkpoint answered first (its answers are test_responses.json), then the base model
+    (tuned_info, tuned), (base_info, base) = asked
+    assert tuned_info == GPT.from_pretrained(out).checkpoint_info and tuned_info["template"] == "chat"
+    assert base_info == GPT.from_pretrained(tiny_checkpoint).checkpoint_info and "template" not in base_info
+    signals = json.loads((out / "training_metadata.json").read_text())["answer_signals"]
+    assert signals == {"fine_tuned": scoring.answer_signals(tuned, "chat"), "base": scoring.answer_signals(base, "chat")}
+    assert [r["response"] for r in json.loads((out / "test_responses.json").read_text())] == [a["response"] for a in tuned]
     meta = json.loads((out / "training_metadata.json").read_text())
     trainable = meta["parameters"]["trainable"]
     assert trainable == 2 * 4 * ((64 + 192) + (256 + 64)) and f"{trainable:,} trainable" in printed
