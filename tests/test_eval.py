@@ -506,18 +506,20 @@ def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, one_thread, cap
     import train
     from engine import Engine
     from serve import make_server
-    tokens = data.prepare_pretrain_data(SHARED / "data" / "tinystories_sample.txt", tmp_path / "stories")
+    stories = tmp_path / "stories.txt"
+    stories.write_text((SHARED / "data" / "tinystories_sample.txt").read_text()[:60_000])
+    tokens = data.prepare_pretrain_data(stories, tmp_path / "stories", workers=1)
     train.main(["--data", str(tokens), "--out", str(tmp_path / "run"), "--max-steps", "20", "--eval-every", "20",
                 "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "512", "--batch-size", "4",
                 "--seq-len", "32", "--warmup", "2", "--lr", "3e-3", "--eval-iters", "1", "--sample-tokens", "4"])
     sft.main(["--quick", "--model", str(tmp_path / "run" / "checkpoint"), "--data",
               str(SHARED / "data" / "instruction-data.json"), "--out", str(tmp_path / "sft"), "--max-len", "64",
-              "--batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3"])
+              "--batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3", "--max-steps", "8"])
     signals = json.loads((tmp_path / "sft" / "training_metadata.json").read_text())["answer_signals"]
     assert signals["base"]["answers"] == signals["fine_tuned"]["answers"] == 10
     capsys.readouterr()
     text = tmp_path / "story.txt"
-    text.write_text((SHARED / "data" / "tinystories_sample.txt").read_text()[-3000:])
+    text.write_text((SHARED / "data" / "tinystories_sample.txt").read_text()[-3000:])  # (not trained on)
     run_eval("ppl", str(tmp_path / "run" / "checkpoint"), str(text), "--out", str(tmp_path / "ppl.json"))
     assert json.loads((tmp_path / "ppl.json").read_text())["loss"] < math.log(50257) - 1.5  # it learned something
     questions = tmp_path / "q.jsonl"

@@ -525,16 +525,18 @@ def test_cli_prints_the_greedy_continuation_of_a_base_model(base_ckpt, enc):
     assert r.stdout == "Hello there" + expected + "\n"
 
 
-def test_cli_prompt_asks_a_checkpoint_with_a_template_in_its_template(ckpt, enc):
-    # the same as --compare and --chat: a fine-tuned model is asked, not continued
+def test_cli_prompt_asks_a_checkpoint_with_a_template_in_its_template(ckpt, enc, capsys):
+    # the same as --compare and --chat: a fine-tuned model is asked, not continued (in-process: the
+    # test above runs a real process)
+    from generate import main
     path, model = ckpt
-    r = run_cli("--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12")
-    assert r.returncode == 0, r.stderr
+    main(["--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "12"])
+    out = capsys.readouterr().out
     ids = encode_prompt([{"role": "user", "content": "Hello there"}], "chat", enc)
     expected = "".join(generate(model, ids, SamplingParams(max_tokens=12, **GREEDY), enc))
     continued = "".join(generate(model, encode("Hello there", enc), SamplingParams(max_tokens=12, **GREEDY), enc))
     assert expected.strip() and expected.strip() != continued.strip()  # the two ways really differ
-    assert r.stdout == "Hello there\n" + expected.lstrip() + "\n"
+    assert out == "Hello there\n" + expected.lstrip() + "\n"
 
 
 def test_cli_chat_with_piped_stdin(ckpt, enc):
@@ -566,7 +568,10 @@ BAD_FLAGS = {  # case: (extra flags, what the error must name)
 
 @pytest.mark.parametrize("case", ["missing", "corrupt", "long-prompt", "long-prompt-base", "empty-prompt",
                                   "compare-chat-without-prompt", "unknown-template", "not-utf8", *BAD_FLAGS])
-def test_cli_bad_input_is_a_one_line_error(ckpt, base_ckpt, tmp_path, case):
+def test_cli_bad_input_is_a_one_line_error(ckpt, base_ckpt, tmp_path, monkeypatch, capsys, case):
+    """In-process (a real process's start is tested by the other CLI tests): any exception other than
+    SystemExit fails the test as a traceback would."""
+    import generate as gen
     model = {"missing": str(tmp_path / "nope"), "corrupt": str(tmp_path),
              "long-prompt-base": str(base_ckpt[0])}.get(case, str(ckpt[0]))
     (tmp_path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
@@ -578,13 +583,17 @@ def test_cli_bad_input_is_a_one_line_error(ckpt, base_ckpt, tmp_path, case):
         ckpt[1].save_checkpoint(bad, template="foo")
         model, named = str(bad), "names template 'foo'"
     if case == "compare-chat-without-prompt":
-        r = run_cli("--compare", model, model, "--chat", "--max-new-tokens", "4", stdin="hi\n")
+        monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))
+        argv = ["--compare", model, model, "--chat", "--max-new-tokens", "4"]
     else:
-        r = run_cli("--model", model, *prompt, "--max-new-tokens", "4", *flags)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], r.stderr
-    assert r.stdout == ""  # nothing printed first: not even the echo of an over-long prompt
+        argv = ["--model", model, *prompt, "--max-new-tokens", "4", *flags]
+    with pytest.raises(SystemExit) as e:
+        gen.main(argv)
+    assert e.value.code != 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and named in lines[0], err
+    assert out == ""  # nothing printed first: not even the echo of an over-long prompt
 
 
 def test_cli_output_piped_into_head_ends_quietly(base_ckpt):

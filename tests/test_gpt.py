@@ -9,11 +9,17 @@ import sys
 import pytest
 import torch
 import transformers  # a dev requirement (requirements-dev.txt): parity is checked against it, never skipped
+try:
+    from transformers.initialization import no_init_weights
+except ImportError:  # (transformers 4)
+    from transformers.modeling_utils import no_init_weights
 
 from checkpoint import CheckpointError, read_safetensors_header, write_safetensors
 from conftest import ROOT
 from gpt import GPT, GPTConfig, main
-from tokenizer import encode, get_tokenizer
+from inference import generate_tokens
+from sampling import SamplingParams
+from tokenizer import EOT, encode, get_tokenizer
 
 def hub_layout_file(tmp_path, hf_model, with_config=True):
     """Save a transformers GPT2LMHeadModel exactly as the hub's model.safetensors is laid out: no
@@ -32,22 +38,19 @@ def hub_layout_file(tmp_path, hf_model, with_config=True):
 
 
 def random_hf(n_layer, n_head, n_embd, n_positions=1024):
+    """A transformers GPT2LMHeadModel whose every parameter is random (HF's own init would leave
+    biases and LayerNorms at 0 and 1, where a mapping mistake could hide): N(0, 0.02), the LayerNorm
+    gains around 1. Built without transformers' init, which takes seconds at 124M, then filled."""
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=n_layer, n_head=n_head, n_embd=n_embd, n_positions=n_positions,
                                   attn_implementation="eager")
-    hf = transformers.GPT2LMHeadModel(cfg).eval()
-    # HF's init leaves biases and LayerNorms at 0/1; randomize everything so no mapping mistake hides
+    with no_init_weights():
+        hf = transformers.GPT2LMHeadModel(cfg)
+    hf.tie_weights()  # (the head is the token embedding, as in the released checkpoints)
     with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    return hf
-
-
-def greedy(step_logits, ids, n):
-    ids = list(ids)
-    for _ in range(n):
-        ids.append(int(step_logits(torch.tensor([ids]))[0, -1].argmax()))
-    return ids
+        for name, p in hf.named_parameters():  # (the tied weight is listed once)
+            p.normal_(1.0 if name.split(".")[-2].startswith("ln_") and name.endswith("weight") else 0.0, 0.02)
+    return hf.eval()
 
 
 @pytest.mark.parametrize("n_layer,n_head,n_embd", [
@@ -65,9 +68,10 @@ def test_hub_layout_weights_give_hf_logits_and_greedy_tokens(tmp_path, n_layer, 
         ref = hf(idx).logits
         got = ours(idx)
         assert (got - ref).abs().max().item() < 1e-4
-        a = greedy(lambda x: ours(x), idx[0].tolist(), 30)
-        b = greedy(lambda x: hf(x).logits, idx[0].tolist(), 30)
-    assert a == b
+        # 30 greedy tokens, each side with its own KV cache: what generate.py and hf.generate() run
+        a = list(generate_tokens(ours, idx[0].tolist(), SamplingParams(max_tokens=30, temperature=0.0)))
+        b = hf.generate(idx, max_new_tokens=30, do_sample=False, pad_token_id=EOT)[0, idx.shape[1]:].tolist()
+    assert len(a) == 30 and a == b
 
 
 def test_transformer_prefix_and_no_config_json(tmp_path):
@@ -467,15 +471,16 @@ def test_hub_file_with_unnumbered_layers(tmp_path):
         GPT.from_pretrained(tmp_path / "w.safetensors")
 
 
-def test_command_line_describes_a_checkpoint_or_says_in_one_line_what_is_wrong(tmp_path):
+def test_command_line_describes_a_checkpoint_or_says_in_one_line_what_is_wrong(tmp_path, capsys):
     GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16)).save_checkpoint(tmp_path / "ok", template="chat")
-    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "gpt.py"), *args],  # noqa: E731
-                                       capture_output=True, text=True, timeout=120)
-    r = run(str(tmp_path / "ok"))
+    r = subprocess.run([sys.executable, str(ROOT / "gpt.py"), str(tmp_path / "ok")], capture_output=True, text=True,
+                       timeout=120)  # a real process, as a user runs it
     assert r.returncode == 0, r.stderr
     assert "1 layers, 2 heads, 32 wide, context 16, vocabulary 50257" in r.stdout and '  template: "chat"' in r.stdout
-    r = run(str(tmp_path / "nope"))
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:
+        main([str(tmp_path / "nope")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
 
 
 def test_command_line_cuts_long_metadata_after_a_whole_item_with_an_ellipsis(tmp_path, capsys):
