@@ -448,9 +448,9 @@ class Engine:
     def add_request(self, prompt, params=None, logprobs=None, ignore_eos=False, sink=None, prompt_logprobs=None):
         """Queue a prompt (str or token ids); returns its Sequence. `logprobs`: report the chosen
         token's log-probability and the top-`logprobs` alternatives. `prompt_logprobs`: the same for
-        each prompt token after the first (echo), in seq.prompt_entries. params.max_tokens 0: generate
-        nothing (only the prompt's logprobs, if asked). `ignore_eos`: keep going past <|endoftext|> (benchmarks that want an exact
-        length). A bad request raises ValueError."""
+        each prompt token after the first (echo), in seq.prompt_entries. params.max_tokens 0:
+        generate nothing (only the prompt's logprobs, if asked). `ignore_eos`: keep going past
+        <|endoftext|> (benchmarks that want an exact length). A bad request raises ValueError."""
         return self.add_requests([(prompt, params, logprobs, prompt_logprobs)], ignore_eos, sink)[0]
 
     def add_requests(self, requests, ignore_eos=False, sink=None):
