@@ -298,8 +298,9 @@ def write_gguf(path, metadata, tensors):
 
 def gguf_tensors(model, dtype="f32"):
     """Our weights under llama.cpp's gpt2 names. In f16 mode the matrices are halved while the 1-D
-    tensors (norms, biases) stay float32, as llama.cpp's own converter does: they are tiny, and its
-    kernels add and normalize in float32."""
+    tensors (norms, biases) and the position embedding stay float32, as llama.cpp's own converter
+    does: they are small, its kernels add and normalize in float32, and a position embedding is
+    added to every token as it is."""
     w = named_weights(model)
     names = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
              "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}
@@ -313,8 +314,9 @@ def gguf_tensors(model, dtype="f32"):
             for kind in ("weight", "bias"):
                 out[f"blk.{i}.{theirs}.{kind}"] = w[f"h.{i}.{ours}.{kind}"]  # [out, in], as llama.cpp wants
     # no output.weight: llama.cpp's gpt2 falls back to token_embd when the head is tied
-    half = dtype == "f16"
-    return {k: v.numpy().astype(np.float16 if half and v.ndim > 1 else np.float32, copy=False) for k, v in out.items()}
+    def halved(name, v):
+        return dtype == "f16" and v.ndim > 1 and name != "position_embd.weight"
+    return {k: v.numpy().astype(np.float16 if halved(k, v) else np.float32, copy=False) for k, v in out.items()}
 
 
 def gguf_metadata(model, name, dtype="f32"):
@@ -330,6 +332,7 @@ def gguf_metadata(model, name, dtype="f32"):
     return {
         "general.architecture": "gpt2",
         "general.name": name,
+        "general.size_label": size_label(model.num_params(non_embedding=False)),
         "general.file_type": FILE_TYPE[dtype],
         "general.alignment": ALIGNMENT,
         "gpt2.context_length": c.block_size,
@@ -355,6 +358,30 @@ def export_gguf(model, path, dtype="f32", name="gpt2"):
     """Write one GGUF file that llama.cpp runs as its gpt2 architecture."""
     check_vocab(model.config)
     return write_gguf(path, gguf_metadata(model, name, dtype), gguf_tensors(model, dtype))
+
+
+def size_label(n):
+    """A parameter count as GGUF files label it (llama.cpp's convention): K, M, B or T, with at least
+    two significant digits: 124M, 1.6B, 7.0M."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if n > scale or suffix == "K":
+            break
+    value = n / scale
+    whole_digits = len(str(round(value))) if round(value) else 0
+    return f"{value:.{max(2 - whole_digits, 0)}f}{suffix}"
+
+
+def run_name(source):
+    """What an export calls its model: the run's folder (train.py keeps a run's model in
+    RUN/checkpoint), a file's folder, or a released name as it was given."""
+    path = Path(str(source).rstrip("/\\"))
+    if path.exists():
+        path = path.resolve()
+        if path.suffix == ".safetensors":
+            path = path.parent
+        if path.name in ("checkpoint", "checkpoint.old") and path.parent.name:
+            path = path.parent
+    return path.name or "gpt2"
 
 
 def check_vocab(config):
@@ -429,7 +456,7 @@ def main(argv=None):
         if fmt == "hf":
             export_hf(model, out, args.dtype)
         else:
-            export_gguf(model, out, args.dtype, name=Path(str(args.checkpoint).rstrip("/\\")).name or "gpt2")
+            export_gguf(model, out, args.dtype, name=run_name(args.checkpoint))
     except CheckpointError as e:
         die(str(e))
     except OSError as e:  # an unwritable path, a full disk ...

@@ -232,6 +232,9 @@ def jinja_template(template):
     format_prompt does. It shares the preambles with _pieces but spells out the other strings
     again, so tests/test_export.py checks that the two render its sample conversations alike."""
     q = json.dumps  # a Python string as a Jinja string literal (JSON string syntax is valid Jinja)
+
+    def cue(text):  # the answer's cue after a user turn: after the last one only if a generation is asked for
+        return "{%- if not loop.last or add_generation_prompt %}{{ " + text + " }}{% endif %}"
     system = "{%- for m in messages if m.role == 'system' %}{{ m.content + " + q("\n\n") + " }}{% endfor %}"
     if template == "alpaca":
         return ("{%- set ns = namespace(has_input=false) %}"
@@ -242,7 +245,7 @@ def jinja_template(template):
                 "{%- for m in messages if m.role != 'system' %}"
                 "{%- if m.role == 'user' %}{{ " + q("### Instruction:\n") + " + m.content + " + q("\n\n") + " }}"
                 "{%- if m.input is defined and m.input %}{{ " + q("### Input:\n") + " + m.input + " + q("\n\n") + " }}{% endif %}"
-                "{{ " + q("### Response:\n") + " }}"
+                + cue(q("### Response:\n")) +
                 "{%- else %}{{ m.content + " + q("<|endoftext|>\n\n") + " }}{% endif %}"
                 "{%- endfor %}")
     if template == "chat":
@@ -250,7 +253,7 @@ def jinja_template(template):
                 "{%- for m in messages if m.role != 'system' %}"
                 "{%- if m.role == 'user' %}{{ " + q("User: ") + " + m.content }}"
                 "{%- if m.input is defined and m.input %}{{ " + q("\n\n") + " + m.input }}{% endif %}"
-                "{{ " + q("\nAssistant:") + " }}"
+                + cue(q("\nAssistant:")) +
                 "{%- else %}{{ " + q(" ") + " + m.content + " + q("<|endoftext|>\n") + " }}{% endif %}"
                 "{%- endfor %}")
     raise ValueError(f"unknown template {template!r}; choose one of {', '.join(TEMPLATES)}")

@@ -174,6 +174,8 @@ def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
     }
     for key, value in expected.items():
         assert field(r, key) == value, key
+    # the size label as the gguf package's own convention writes it, from every weight in the file
+    assert field(r, "general.size_label") == gguf.utility.size_label(sum(t.n_elements for t in r.tensors), 0, 0, 0)
     assert r.fields["gpt2.context_length"].types == [gguf.GGUFValueType.UINT32]
     assert field(r, "gpt2.attention.layer_norm_epsilon") == pytest.approx(1e-5)
     types = field(r, "tokenizer.ggml.token_type")
@@ -195,7 +197,7 @@ def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
     for name, t in tensors.items():
         w = ours[mapping[name]]
         assert list(t.shape) == list(reversed(w.shape)), name  # ggml order: fastest dimension first
-        half = dtype == "f16" and w.ndim == 2
+        half = dtype == "f16" and w.ndim == 2 and name != "position_embd.weight"  # (kept f32, as llama.cpp's converter keeps it)
         assert t.tensor_type == (gguf.GGMLQuantizationType.F16 if half else gguf.GGMLQuantizationType.F32), name
         assert t.data_offset % 32 == 0
         want = w.numpy().astype(np.float16 if half else np.float32)
@@ -249,12 +251,23 @@ def test_gguf_padded_vocab_gets_unused_tokens(tmp_path):
 
 # ----------------------------------------------------------------------------- command line
 
+def test_size_labels_follow_the_gguf_packages_convention():
+    import gguf
+    for n in (454, 999, 1000, 1001, 31_415, 454_000, 7_000_000, 124_439_808, 354_823_168, 999_999_999,
+              1_557_611_200, 13_000_000_000, 2_000_000_000_000):
+        assert export.size_label(n) == gguf.utility.size_label(n, 0, 0, 0), n
+
+
 def test_cli_exports_a_checkpoint_both_ways(tmp_path, tiny, capsys):
     import gguf
     tiny.save_checkpoint(tmp_path / "ckpt", template="chat")
     export.main([str(tmp_path / "ckpt"), "--to", "gguf", str(tmp_path / "m.gguf"), "--dtype", "f16"])
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     assert field(r, "general.name") == "ckpt" and field(r, "general.file_type") == 1
+    tiny.save_checkpoint(tmp_path / "story-run" / "checkpoint")  # train.py's layout: the run is the name
+    for source in (tmp_path / "story-run" / "checkpoint", tmp_path / "story-run" / "checkpoint" / "model.safetensors"):
+        export.main([str(source), "--to", "gguf", str(tmp_path / "r.gguf")])
+        assert field(gguf.GGUFReader(tmp_path / "r.gguf"), "general.name") == "story-run"
     export.main([str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")])
     assert GPT.from_pretrained(tmp_path / "hf").config == tiny.config
     assert "wrote" in capsys.readouterr().out
@@ -310,11 +323,19 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
         # an "input" on a system message: neither side takes alpaca's with-input preamble for it
         [{"role": "system", "content": "Be brief.", "input": "x"}, {"role": "user", "content": "Hi"}],
     ]
+    cue = {"alpaca": "### Response:\n", "chat": "\nAssistant:"}[template]  # what asks the model to answer
     for messages in conversations:
         assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
             format_prompt(messages, template)
         assert tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=False) == \
             encode_prompt(messages, template)
+        # without a generation prompt: the conversation as it stands, no cue after its last turn
+        assert format_prompt(messages, template).endswith(cue)
+        assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=False) == \
+            format_prompt(messages, template).removesuffix(cue)
+        answered = messages + [{"role": "assistant", "content": "Blue."}]  # the text training sees
+        assert tok.apply_chat_template(answered, tokenize=False, add_generation_prompt=False) == \
+            format_prompt(answered, template)
     export.export_gguf(model, tmp_path / "m.gguf")
     assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.chat_template") == jinja_template(template)
     export.export_hf(tiny, tmp_path / "base")
