@@ -442,7 +442,7 @@ def main(argv=None):
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"),
                    help="hf DIR (transformers, vLLM) or gguf FILE (llama.cpp)")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="f32",
-                   help="f16 halves the size (GGUF keeps norms and biases in f32); default f32")
+                   help="f16 halves the size (GGUF keeps norms, biases and the position embedding in f32); default f32")
     args = p.parse_args(argv)
     fmt, out = args.to
     if fmt not in ("hf", "gguf"):
