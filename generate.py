@@ -13,6 +13,7 @@ too long to fit is refused. Generation stops at <|endoftext|>, at a --stop strin
 
 import argparse
 import os
+import re
 import shutil
 import sys
 import textwrap
@@ -141,6 +142,9 @@ def answer_prompts(model, args, params, enc):
     templated = bool(getattr(model, "checkpoint_info", {}).get("template"))  # (a fine-tuned model)
     n = len(args.prompt)  # all checked before any is answered:
     ids = [checked_answer_ids(model, prompt, enc, prompt_label(i, n)) for i, prompt in enumerate(args.prompt)]
+    for i, prompt_ids in enumerate(ids):
+        note_room(params.max_tokens, model.config.block_size - len(prompt_ids), model.config.block_size,
+                  f"{prompt_label(i, n)}after this prompt")
     for prompt, prompt_ids in zip(args.prompt, ids):
         for i in range(args.num_samples):
             if args.num_samples > 1:
@@ -163,6 +167,14 @@ def compare(models, args, params, enc):
     for prompt, pair in zip(args.prompt, ids):
         answers = ["".join(generate(m, i, params, enc)) for m, i in zip(models, pair)]
         print(f"\n=== {prompt}\n" + side_by_side(*answers, args.compare), flush=True)
+
+
+def note_room(max_tokens, room, n_ctx, after):
+    """Say so (on stderr) when --max-new-tokens asks for more than the context has room for: the
+    answer will stop when the context is full, not at --max-new-tokens."""
+    if max_tokens > room:
+        print(f"note: --max-new-tokens {max_tokens}, but the {n_ctx}-token context has room for {room} {after}: "
+              "the answer stops when it is full", file=sys.stderr)
 
 
 def answer_ids(model, prompt, enc):
@@ -204,18 +216,20 @@ def chat(model, enc, params, system=None):
     n_ctx = model.config.block_size
     reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns
     messages = [{"role": "system", "content": system}] if system else []
-    check_system_prompt_fits(messages, template, n_ctx, enc)
+    least = check_system_prompt_fits(messages, template, n_ctx, enc)
+    note_room(params.max_tokens, n_ctx - least, n_ctx, "after a one-word message (less as the chat grows)")
     tty = sys.stdin.isatty()
     stdin = getattr(sys.stdin, "buffer", sys.stdin)  # (a text stream without one, e.g. io.StringIO: as is)
     if tty:
-        print(f"chat ({template} template, {n_ctx}-token context); /reset to start over, "
+        print(f"chat ({template} template, {n_ctx}-token context); /help lists the commands, "
               f"Ctrl-C stops an answer, Ctrl-D quits")
     answers = 0
     while (line := read_message(stdin, tty)) is not None:
-        if line in ("/quit", "/exit"):
+        command = line.split()[0] if line.startswith("/") else None
+        if command in ("/quit", "/exit"):
             break
-        if line == "/reset":
-            messages = messages[:1] if system else []
+        if command in CHAT_COMMANDS or re.fullmatch(r"/\w+", line):  # (a message may start with "/usr ...")
+            messages = chat_command(command, messages, system)
             continue
         if not line:
             continue
@@ -232,13 +246,30 @@ def chat(model, enc, params, system=None):
     return messages
 
 
+CHAT_COMMANDS = {"/help": "list these commands", "/reset": "start a new conversation (a --system prompt stays)",
+                 "/quit": "end the chat (so do /exit and Ctrl-D)"}
+
+
+def chat_command(command, messages, system):
+    """Carry out a chat command, saying on stderr what it did; returns the conversation after it."""
+    if command == "/reset":
+        print("(a new conversation" + (": the system prompt stays)" if system else ")"), file=sys.stderr)
+        return messages[:1] if system else []
+    if command == "/help":
+        print("\n".join(f"  {name:7} {what}" for name, what in CHAT_COMMANDS.items()), file=sys.stderr)
+    else:
+        print(f"(unknown command {command}: /help lists them; nothing was sent)", file=sys.stderr)
+    return messages
+
+
 def check_system_prompt_fits(messages, template, n_ctx, enc):
     """A system prompt that leaves no room for any message is refused up front (else every message
-    would be refused, for the system prompt's fault)."""
+    would be refused, for the system prompt's fault). Returns the tokens of the shortest prompt."""
     least = len(encode_prompt(messages + [{"role": "user", "content": "hi"}], template, enc))
     if least >= n_ctx:
         die(f"--system makes every prompt at least {least} tokens: the {n_ctx}-token context has no room "
             f"left to answer")
+    return least
 
 
 def read_message(stdin, tty):

@@ -763,3 +763,27 @@ def test_cli_help_shows_each_default_once(capsys):
     out = " ".join(capsys.readouterr().out.split())  # undo argparse's line wrapping
     assert "(default: 128)" in out and "(default: 0.8)" in out  # from the formatter, read off the parser
     assert "default 128" not in out and out.count("0.8") == 1  # no hand-written copies to drift
+
+
+def test_chat_commands_say_what_they_did_and_help_lists_them(ckpt, enc, monkeypatch, capsys):
+    import generate as gen
+    path, model = ckpt
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/help\nHi!\n/reset\n/nope\nHi!\n/quit\nnever sent\n"))
+    gen.main(["--model", str(path), "--chat", "--temperature", "0", "--max-new-tokens", "6"])
+    out, err = capsys.readouterr()
+    answer = "".join(generate(model, encode_prompt([{"role": "user", "content": "Hi!"}], "chat", enc),
+                              SamplingParams(max_tokens=6, **GREEDY), enc)).strip()
+    assert out == f"{answer}\n{answer}\n"  # after /reset, "Hi!" is asked afresh; after /quit, nothing
+    assert all(f"  {name}" in err for name in ("/help", "/reset", "/quit"))
+    assert "(a new conversation)" in err and "(unknown command /nope: /help lists them; nothing was sent)" in err
+
+
+def test_max_new_tokens_past_the_context_says_how_many_fit(base_ckpt, enc, capsys):
+    from generate import main
+    path, _ = base_ckpt
+    main(["--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "500"])
+    room = 128 - len(encode("Hello there", enc))
+    assert capsys.readouterr().err == (f"note: --max-new-tokens 500, but the 128-token context has room for {room} "
+                                       "after this prompt: the answer stops when it is full\n")
+    main(["--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "5"])
+    assert capsys.readouterr().err == ""  # room enough: nothing to say
