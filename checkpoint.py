@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from common import JSON_ERRORS, json_problem, replace_atomically, write_json_atomic
+from tokenizer import TEMPLATES, jinja_template
 
 
 class CheckpointError(ValueError):
@@ -261,15 +262,27 @@ def is_our_layout(path, header):
 
 def read_model_config(path, header, name, released, config_fields):
     """What the weights at `path` are, before anything is built: (the GPTConfig fields but dropout,
-    as a dict; our config.json's contents, {} for hub weights; the file to name in a config error).
-    Ours come from our config.json; hub weights from a released name's sizes in `released`, else
-    from hub_config."""
+    as a dict; our config.json's contents, or for hub weights their template (hub_template); the
+    file to name in a config error; whether they are in the hub's Conv1D layout). Ours come from
+    our config.json; hub weights from a released name's sizes in `released`, else from hub_config."""
     config_json = path.parent / "config.json"
     where = config_json if config_json.exists() else path
     if is_our_layout(path, header):
         info = read_checkpoint_json(path.parent, config_fields)
-        return {k: v for k, v in info["config"].items() if k != "dropout"}, info, where
-    return released.get(str(name)) or hub_config(path, header, released), {}, where
+        return {k: v for k, v in info["config"].items() if k != "dropout"}, info, where, False
+    return released.get(str(name)) or hub_config(path, header, released), hub_template(path), where, True
+
+
+def hub_template(path):
+    """{"template": NAME} when the tokenizer_config.json beside hub weights carries one of our chat
+    templates, word for word (our HF export writes it: a model fine-tuned in a template keeps it on
+    the way back); {} otherwise (none, another tool's, or an unreadable file: the weights still load)."""
+    config = Path(path).parent / "tokenizer_config.json"
+    try:
+        jinja = read_json_file(config, "not valid JSON").get("chat_template") if config.exists() else None
+    except (CheckpointError, AttributeError):
+        return {}
+    return next(({"template": name} for name in TEMPLATES if jinja == jinja_template(name)), {})
 
 
 def check_config(config, header, where, path):

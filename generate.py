@@ -212,7 +212,11 @@ def side_by_side(left, right, titles):
 def chat(model, enc, params, system=None):
     """A multi-turn conversation on stdin/stdout in the checkpoint's template; works piped too.
     Returns the conversation (the turns still within the context)."""
-    template = getattr(model, "checkpoint_info", {}).get("template") or "chat"
+    template = getattr(model, "checkpoint_info", {}).get("template")
+    if template is None:  # (a base model continues text; it never learned to take turns)
+        print("note: this model was never fine-tuned (its checkpoint names no chat template): it chats in the "
+              "'chat' template it never learned", file=sys.stderr)
+        template = "chat"
     n_ctx = model.config.block_size
     reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns
     messages = [{"role": "system", "content": system}] if system else []

@@ -176,7 +176,7 @@ class GPT(nn.Module):
         """gpt2 | gpt2-medium | gpt2-large | gpt2-xl, a checkpoint directory, or a .safetensors file."""
         path = resolve_weights(name_or_path, SIZES)
         header, _ = read_safetensors_header(path)
-        sizes, info, where = read_model_config(path, header, name_or_path, SIZES, [f.name for f in fields(GPTConfig)])
+        sizes, info, where, hub = read_model_config(path, header, name_or_path, SIZES, [f.name for f in fields(GPTConfig)])
         config = GPTConfig(**sizes, dropout=dropout)
         check_config(config, header, where, path)  # before anything is built or allocated
         # Build on the meta device (no memory, no random init), then materialize directly in the
@@ -185,8 +185,8 @@ class GPT(nn.Module):
             model = cls(config).to(dtype)
         model.to_empty(device=device)
         model.lm_head.weight = model.wte.weight  # to_empty breaks the tie; tie again
-        load_state_from_file(model, path, transposed=not info)
-        model.checkpoint_info = info  # metadata from config.json (template, ...), {} for hub weights
+        load_state_from_file(model, path, transposed=hub)
+        model.checkpoint_info = info  # metadata from our config.json (template, ...); hub weights: their template, if ours
         return model.eval()
 
     def save_checkpoint(self, directory, **metadata):

@@ -340,6 +340,22 @@ def test_fine_tuned_export_carries_its_chat_template(tmp_path, tiny, template):
     assert field(gguf.GGUFReader(tmp_path / "m.gguf"), "tokenizer.chat_template") == jinja_template(template)
     export.export_hf(tiny, tmp_path / "base")
     assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
+    # and back: the export loads in the template it was fine-tuned in (generate.py --chat, serve.py use it)
+    assert GPT.from_pretrained(tmp_path / "hf").checkpoint_info == {"template": template}
+    assert GPT.from_pretrained(tmp_path / "base").checkpoint_info == {}
+
+
+def test_an_hf_export_shows_its_template_and_another_tools_template_is_not_taken_for_ours(tmp_path, tiny, capsys):
+    from gpt import main as describe
+    tiny.save_checkpoint(tmp_path / "ckpt", template="alpaca")
+    export.export_hf(GPT.from_pretrained(tmp_path / "ckpt"), tmp_path / "hf")
+    describe([str(tmp_path / "hf")])
+    assert '  template: "alpaca"' in capsys.readouterr().out
+    config = tmp_path / "hf" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": "{{ messages }}"}))
+    assert GPT.from_pretrained(tmp_path / "hf").checkpoint_info == {}  # someone else's: no template of ours
+    config.write_text("{not json")
+    assert GPT.from_pretrained(tmp_path / "hf").checkpoint_info == {}  # the weights load all the same
 
 
 def test_cli_failed_download_says_which_model(tmp_path, monkeypatch, capsys):

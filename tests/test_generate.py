@@ -787,3 +787,12 @@ def test_max_new_tokens_past_the_context_says_how_many_fit(base_ckpt, enc, capsy
                                        "after this prompt: the answer stops when it is full\n")
     main(["--model", str(path), "--prompt", "Hello there", "--temperature", "0", "--max-new-tokens", "5"])
     assert capsys.readouterr().err == ""  # room enough: nothing to say
+
+
+def test_chat_with_a_model_never_fine_tuned_says_so_in_one_line(base_ckpt, monkeypatch, capsys):
+    import generate as gen
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi!\n"))
+    gen.main(["--model", str(base_ckpt[0]), "--chat", "--temperature", "0", "--max-new-tokens", "4"])
+    err = capsys.readouterr().err
+    assert err == ("note: this model was never fine-tuned (its checkpoint names no chat template): it chats in "
+                   "the 'chat' template it never learned\n")
