@@ -265,9 +265,9 @@ def test_cli_exports_a_checkpoint_both_ways(tmp_path, tiny, capsys):
     r = gguf.GGUFReader(tmp_path / "m.gguf")
     assert field(r, "general.name") == "ckpt" and field(r, "general.file_type") == 1
     tiny.save_checkpoint(tmp_path / "story-run" / "checkpoint")  # train.py's layout: the run is the name
-    for source in (tmp_path / "story-run" / "checkpoint", tmp_path / "story-run" / "checkpoint" / "model.safetensors"):
-        export.main([str(source), "--to", "gguf", str(tmp_path / "r.gguf")])
-        assert field(gguf.GGUFReader(tmp_path / "r.gguf"), "general.name") == "story-run"
+    for source in ("story-run/checkpoint", "story-run/checkpoint/", "story-run/checkpoint/model.safetensors"):
+        assert export.run_name(tmp_path / source) == "story-run", source
+    assert export.run_name("gpt2-medium") == "gpt2-medium"  # a released name, as given
     export.main([str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")])
     assert GPT.from_pretrained(tmp_path / "hf").config == tiny.config
     assert "wrote" in capsys.readouterr().out

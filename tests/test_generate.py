@@ -539,17 +539,18 @@ def test_cli_prompt_asks_a_checkpoint_with_a_template_in_its_template(ckpt, enc,
     assert out == "Hello there\n" + expected.lstrip() + "\n"
 
 
-def test_cli_chat_with_piped_stdin(ckpt, enc):
+def test_cli_chat_with_piped_stdin(ckpt, enc, monkeypatch, capsys):
+    from generate import main
     path, model = ckpt
-    r = run_cli("--model", str(path), "--chat", "--temperature", "0", "--max-new-tokens", "8",
-                stdin="Hi!\nWhat is 2+2?\n")
-    assert r.returncode == 0, r.stderr
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi!\nWhat is 2+2?\n"))  # (not a terminal: no prompt shown)
+    main(["--model", str(path), "--chat", "--temperature", "0", "--max-new-tokens", "8"])
+    stdout = capsys.readouterr().out
     params = SamplingParams(max_tokens=8, **GREEDY)
     turns = [{"role": "user", "content": "Hi!"}]
     answer = "".join(generate(model, encode_prompt(turns, "chat", enc), params, enc)).strip()
     turns += [{"role": "assistant", "content": answer}, {"role": "user", "content": "What is 2+2?"}]
     second = "".join(generate(model, encode_prompt(turns, "chat", enc), params, enc)).strip()
-    assert r.stdout == f"{answer}\n{second}\n"
+    assert stdout == f"{answer}\n{second}\n"
 
 
 BAD_FLAGS = {  # case: (extra flags, what the error must name)
