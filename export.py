@@ -1,7 +1,7 @@
 """Export a checkpoint for other runtimes: a Hugging Face directory, or one GGUF file for llama.cpp.
 
-    python export.py CHECKPOINT --to hf DIR   [--dtype f32|f16]   # transformers, vLLM, TGI, ...
-    python export.py CHECKPOINT --to gguf FILE [--dtype f32|f16]  # llama.cpp, ollama, LM Studio, ...
+    python export.py CHECKPOINT --to hf DIR   [--dtype f32|f16|bf16]   # transformers, vLLM, TGI, ...
+    python export.py CHECKPOINT --to gguf FILE [--dtype f32|f16|bf16]  # llama.cpp, ollama, LM Studio, ...
 
 CHECKPOINT is anything GPT.from_pretrained takes: one of our checkpoint directories, gpt2 ... gpt2-xl,
 a Hugging Face directory or a .safetensors file.
@@ -115,7 +115,7 @@ def named_weights(model):
     return {k: v.detach().float().cpu() for k, v in state.items()}
 
 
-TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16}
+TORCH_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
 
 
 # ----------------------------------------------------------------------------- Hugging Face
@@ -143,7 +143,7 @@ def hf_config(config, dtype="f32"):
         "bos_token_id": EOT,
         "eos_token_id": EOT,
         "tie_word_embeddings": True,
-        "torch_dtype": {"f32": "float32", "f16": "float16"}[dtype],
+        "torch_dtype": {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}[dtype],
     }
 
 
@@ -234,8 +234,8 @@ ALIGNMENT = 32
 # types of metadata values (gguf_type in ggml)
 UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
 # types of tensors (ggml_type), and general.file_type (llama_ftype) for a file of them
-GGML_TYPE = {"f32": 0, "f16": 1}
-FILE_TYPE = {"f32": 0, "f16": 1}  # ALL_F32, MOSTLY_F16
+GGML_TYPE = {"f32": 0, "f16": 1, "bf16": 30}
+FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16
 # token types (llama_token_type)
 NORMAL, CONTROL, UNUSED = 1, 3, 5
 
@@ -264,8 +264,9 @@ def gguf_value(v):
 
 
 def write_gguf(path, metadata, tensors):
-    """Write a GGUF v3 file. metadata: {key: value} (see gguf_value); tensors: {name: numpy array} in
-    the order to store them, float32 or float16, in torch's dimension order.
+    """Write a GGUF v3 file. metadata: {key: value} (see gguf_value); tensors: {name: (ggml type: f32,
+    f16 or bf16, numpy array)} in the order to store them, in torch's dimension order (a bf16 array
+    holds the bits, as int16: numpy has no bfloat16).
 
     Layout (little-endian): "GGUF", version u32, tensor count u64, metadata count u64; the metadata,
     each a string key, a u32 type, the value; the tensor infos, each a name, n_dims u32, the dims
@@ -278,10 +279,9 @@ def write_gguf(path, metadata, tensors):
         kind, payload = gguf_value(value)
         header += [gguf_string(key), struct.pack("<I", kind), payload]
     offset = 0
-    for name, a in tensors.items():
-        kind = {np.dtype(np.float32): GGML_TYPE["f32"], np.dtype(np.float16): GGML_TYPE["f16"]}[a.dtype]
+    for name, (kind, a) in tensors.items():
         header += [gguf_string(name), struct.pack("<I", a.ndim), struct.pack(f"<{a.ndim}Q", *reversed(a.shape)),
-                   struct.pack("<IQ", kind, offset)]
+                   struct.pack("<IQ", GGML_TYPE[kind], offset)]
         offset += a.nbytes + (-a.nbytes % ALIGNMENT)
     path = Path(path)
 
@@ -289,7 +289,7 @@ def write_gguf(path, metadata, tensors):
         with open(tmp, "wb") as f:
             head = b"".join(header)
             f.write(head + bytes(-len(head) % ALIGNMENT))
-            for a in tqdm(tensors.values(), desc=path.name, unit="tensor", disable=None):
+            for _, a in tqdm(tensors.values(), desc=path.name, unit="tensor", disable=None):
                 data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
                 f.write(data + bytes(-len(data) % ALIGNMENT))
     write_files(path.parent, {path.name: write})
@@ -297,10 +297,10 @@ def write_gguf(path, metadata, tensors):
 
 
 def gguf_tensors(model, dtype="f32"):
-    """Our weights under llama.cpp's gpt2 names. In f16 mode the matrices are halved while the 1-D
-    tensors (norms, biases) and the position embedding stay float32, as llama.cpp's own converter
-    does: they are small, its kernels add and normalize in float32, and a position embedding is
-    added to every token as it is."""
+    """Our weights under llama.cpp's gpt2 names, as write_gguf takes them. In f16 and bf16 the
+    matrices are halved while the 1-D tensors (norms, biases) and the position embedding stay
+    float32, as llama.cpp's own converter does: they are small, its kernels add and normalize in
+    float32, and a position embedding is added to every token as it is."""
     w = named_weights(model)
     names = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
              "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}
@@ -314,9 +314,13 @@ def gguf_tensors(model, dtype="f32"):
             for kind in ("weight", "bias"):
                 out[f"blk.{i}.{theirs}.{kind}"] = w[f"h.{i}.{ours}.{kind}"]  # [out, in], as llama.cpp wants
     # no output.weight: llama.cpp's gpt2 falls back to token_embd when the head is tied
-    def halved(name, v):
-        return dtype == "f16" and v.ndim > 1 and name != "position_embd.weight"
-    return {k: v.numpy().astype(np.float16 if halved(k, v) else np.float32, copy=False) for k, v in out.items()}
+    def stored(name, v):
+        if dtype == "f32" or v.ndim == 1 or name == "position_embd.weight":
+            return "f32", v.float().numpy()
+        if dtype == "bf16":  # (rounded to nearest even by torch, then its bits)
+            return "bf16", v.to(torch.bfloat16).view(torch.int16).numpy()
+        return "f16", v.float().numpy().astype(np.float16)
+    return {k: stored(k, v) for k, v in out.items()}
 
 
 def gguf_metadata(model, name, dtype="f32"):
@@ -442,7 +446,8 @@ def main(argv=None):
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"),
                    help="hf DIR (transformers, vLLM) or gguf FILE (llama.cpp)")
     p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="f32",
-                   help="f16 halves the size (GGUF keeps norms, biases and the position embedding in f32); default f32")
+                   help="f16 or bf16 halve the size (GGUF keeps norms, biases and the position embedding in f32); "
+                        "default f32")
     args = p.parse_args(argv)
     fmt, out = args.to
     if fmt not in ("hf", "gguf"):

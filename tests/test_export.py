@@ -156,7 +156,7 @@ def field(reader, key):
     return reader.fields[key].contents()
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
 def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
     import gguf
     path = export.export_gguf(tiny, tmp_path / "m.gguf", dtype=dtype, name="tiny")
@@ -166,7 +166,8 @@ def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
     r = gguf.GGUFReader(path)
     expected = {
         "general.architecture": "gpt2", "general.name": "tiny", "general.alignment": 32,
-        "general.file_type": {"f32": 0, "f16": 1}[dtype],
+        "general.file_type": {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype],
         "gpt2.context_length": 128, "gpt2.embedding_length": 64, "gpt2.feed_forward_length": 256,
         "gpt2.block_count": 2, "gpt2.attention.head_count": 4,
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
@@ -197,11 +198,14 @@ def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
     for name, t in tensors.items():
         w = ours[mapping[name]]
         assert list(t.shape) == list(reversed(w.shape)), name  # ggml order: fastest dimension first
-        half = dtype == "f16" and w.ndim == 2 and name != "position_embd.weight"  # (kept f32, as llama.cpp's converter keeps it)
-        assert t.tensor_type == (gguf.GGMLQuantizationType.F16 if half else gguf.GGMLQuantizationType.F32), name
+        half = dtype != "f32" and w.ndim == 2 and name != "position_embd.weight"  # (kept f32, as llama.cpp's converter keeps it)
+        kind = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16}.get(dtype) if half else None
+        assert t.tensor_type == (kind or gguf.GGMLQuantizationType.F32), name
+        # the gguf package reads back exactly our weights rounded to the stored type
+        stored = {"f16": torch.float16, "bf16": torch.bfloat16}.get(dtype) if half else torch.float32
+        back = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        assert torch.equal(back.reshape(w.shape), w.to(stored).float()), name
         assert t.data_offset % 32 == 0
-        want = w.numpy().astype(np.float16 if half else np.float32)
-        assert np.array_equal(np.asarray(t.data).reshape(w.shape), want), name
     # llama.cpp's shapes: attn_qkv {n_embd, 3 n_embd}, ffn_up {n_embd, n_ff}, ffn_down {n_ff, n_embd}
     assert list(tensors["blk.0.attn_qkv.weight"].shape) == [64, 192]
     assert list(tensors["blk.0.ffn_up.weight"].shape) == [64, 256]
@@ -464,3 +468,11 @@ def test_cli_notes_an_earlier_export_it_replaces(tmp_path, tiny, capsys):
     export.main([str(tmp_path / "ckpt"), "--to", "hf", str(tmp_path / "hf")])
     assert f"note: replacing existing {', '.join(export.HF_FILES)} in {tmp_path / 'hf'}\n" in capsys.readouterr().out
     assert (tmp_path / "hf" / "README.md").read_text() == "mine"
+
+
+def test_hf_export_in_bf16_loads_back_as_the_rounded_weights(tmp_path, tiny):
+    export.export_hf(tiny, tmp_path / "hf", "bf16")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    back = GPT.from_pretrained(tmp_path / "hf")
+    for name, w in tiny.state_dict().items():
+        assert torch.equal(back.state_dict()[name], w.to(torch.bfloat16).float()), name
