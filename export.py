@@ -155,7 +155,7 @@ def template_name(model):
 
 
 HF_FILES = ("model.safetensors", "config.json", "generation_config.json", "vocab.json", "merges.txt",
-            "special_tokens_map.json", "tokenizer_config.json")
+            "tokenizer.json", "special_tokens_map.json", "tokenizer_config.json")
 
 
 def export_hf(model, directory, dtype="f32"):
@@ -176,6 +176,7 @@ def export_hf(model, directory, dtype="f32"):
         "config.json": json_file(hf_config(model.config, dtype)),
         "generation_config.json": json_file({"bos_token_id": EOT, "eos_token_id": EOT}),
         "vocab.json": json_file({t: i for i, t in enumerate(tokens)}),
+        "tokenizer.json": json_file(tokenizer_json(tokens, merges)),
         "merges.txt": lambda tmp: tmp.write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8"),
         "special_tokens_map.json": json_file(special),
         "tokenizer_config.json": json_file({
@@ -191,6 +192,27 @@ def export_hf(model, directory, dtype="f32"):
     }
     write_files(directory, files)
     return directory
+
+
+def tokenizer_json(tokens, merges):
+    """tokenizer.json, the `tokenizers` library's one-file format (what transformers' fast tokenizer,
+    TGI, transformers.js, candle and mistral.rs read): GPT-2's byte-level BPE from the same vocabulary
+    and merges as vocab.json and merges.txt, <|endoftext|> an added special token."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    return {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [{"id": EOT, "content": EOT_TEXT, "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": True, "special": True}],
+        "normalizer": None,
+        "pre_tokenizer": byte_level,  # GPT-2's regex split, then bytes as printable characters
+        "post_processor": {**byte_level, "trim_offsets": False},
+        "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": "",
+                  "end_of_word_suffix": "", "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {t: i for i, t in enumerate(tokens[:EOT])}, "merges": merges},
+    }
 
 
 def json_file(obj):

@@ -476,3 +476,19 @@ def test_hf_export_in_bf16_loads_back_as_the_rounded_weights(tmp_path, tiny):
     back = GPT.from_pretrained(tmp_path / "hf")
     for name, w in tiny.state_dict().items():
         assert torch.equal(back.state_dict()[name], w.to(torch.bfloat16).float()), name
+
+
+TOKENIZER_TEXTS = ["Hello world", "  two  spaces\n\n\tand tabs   \n", "emoji 🤖👍🏽 and 日本語のテキスト, 한국어",
+                   "a<|endoftext|>b <|endoftext|>", "don't I'll we've THEY'RE", "x" * 300, "  ", "\u2028\u00a0é"]
+
+
+def test_tokenizer_json_encodes_and_decodes_as_tiktoken(hf_dir):
+    """tokenizer.json in the `tokenizers` library itself (what TGI, transformers.js, candle read)."""
+    import tokenizers
+    tok = tokenizers.Tokenizer.from_file(str(hf_dir / "tokenizer.json"))
+    enc = get_tokenizer()
+    assert tok.get_vocab_size() == 50257 and tok.token_to_id("<|endoftext|>") == EOT
+    for text in TOKENIZER_TEXTS:
+        ids = enc.encode(text, allowed_special="all")  # <|endoftext|> in the text is the special token there
+        assert tok.encode(text).ids == ids, text
+        assert tok.decode(ids, skip_special_tokens=False) == text, text
