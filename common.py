@@ -84,6 +84,20 @@ def device_or_die(requested=None):
     return device
 
 
+DTYPES = ("float32", "bfloat16", "float16", "int8")  # the --dtype choices of the scripts that run a model
+
+
+def dtype_or_die(device, name=None):
+    """(the weights' torch dtype, whether their matrices run in int8) for a --dtype flag. int8 loads
+    the weights in float32 and quantizes every matrix at load (inference.quantize_int8): PyTorch's
+    int8 matrix kernels are CPU ones, so elsewhere it is a one-line error."""
+    if name == "int8":
+        if torch.device(device).type != "cpu":
+            die(f"--dtype int8 runs on the CPU only, not on {device}; use bfloat16 there")
+        return torch.float32, True
+    return default_dtype(device, name), False
+
+
 def default_dtype(device, name=None):
     """The dtype `name`d (a --dtype flag: "bfloat16"), else the device's usual one: bfloat16 on CUDA
     (tensor cores, half the memory traffic), float32 elsewhere (CPUs without bf16 matrix units run

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import scoring
 from checkpoint import CheckpointError, DownloadError, cache_dir, download, read_json_file
-from common import (AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die, same_file,
+from common import (AT_LEAST_1, DTYPES, HelpFormatter, check_flags, device_or_die, die, dtype_or_die, same_file,
                     write_json_atomic, write_or_die)
 from data import DataError, load_conversations, load_tokens
 from gpt import load_or_die
@@ -46,8 +46,9 @@ def parse_args(argv=None):
         if name != "judge":
             c.add_argument("model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir | .safetensors file")
             c.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
-            c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                           help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere)")
+            c.add_argument("--dtype", choices=DTYPES, default=None,
+                           help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere); int8: the "
+                                "matrices in int8, as generate.py and serve.py run them (CPU only)")
         c.add_argument("--out", default=None, help="also write the results to this JSON file")
         return c
 
@@ -346,13 +347,14 @@ def main(argv=None):
         run_judge(args)  # (writes its own file as it goes)
         return
     device = device_or_die(args.device)
-    dtype = default_dtype(device, args.dtype)
+    dtype, int8 = dtype_or_die(device, args.dtype)
     enc = get_tokenizer()
-    if args.command == "signals":  # generates: the model as generate.py and serve.py load it
-        result = run_signals(args, load_model_or_die(args.model, device, dtype), enc)
-    else:
+    if args.command == "signals" or int8:  # the model as generate.py and serve.py load it
+        model = load_model_or_die(args.model, device, dtype, int8)
+    else:  # (scoring: no CPU layout packing, which is tuned for one token at a time)
         model = load_or_die(args.model, device=device, dtype=dtype)
-        result = (run_ppl if args.command == "ppl" else run_choice)(args, model, enc)
+    result = {"ppl": run_ppl, "choice": run_choice, "signals": run_signals}[args.command](args, model, enc)
+    result["dtype"] = args.dtype or str(dtype).removeprefix("torch.")
     if args.out:
         with write_or_die(args.out):
             write_json_atomic(args.out, {"model": str(args.model), **result})

@@ -19,7 +19,7 @@ import sys
 import textwrap
 from dataclasses import replace
 
-from common import AT_LEAST_1, HelpFormatter, check_flags, default_dtype, device_or_die, die, flag
+from common import AT_LEAST_1, DTYPES, HelpFormatter, check_flags, device_or_die, die, dtype_or_die, flag
 from inference import generate, load_model_or_die
 from sampling import MAX_SEED, BadSamplingParam, NothingToSample, SamplingParams
 from tokenizer import (PromptTooLong, check_prompt, encode, encode_prompt, fit_conversation, get_tokenizer,
@@ -46,8 +46,9 @@ def parse_args(argv=None):
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable), never printed")
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere); int8: the "
+                        "matrices in int8 (CPU only)")
     return p.parse_args(argv)
 
 
@@ -118,15 +119,15 @@ def main(argv=None):
     args = parse_args(argv)
     params = check_args(args)
     device = device_or_die(args.device)
-    dtype = default_dtype(device, args.dtype)
+    dtype, int8 = dtype_or_die(device, args.dtype)
     enc = get_tokenizer()
     try:
         if args.compare:
-            compare([load_model_or_die(name, device, dtype) for name in args.compare], args, params, enc)
+            compare([load_model_or_die(name, device, dtype, int8) for name in args.compare], args, params, enc)
         elif args.chat:
-            chat(load_model_or_die(args.model or "gpt2", device, dtype), enc, params, args.system)
+            chat(load_model_or_die(args.model or "gpt2", device, dtype, int8), enc, params, args.system)
         else:
-            answer_prompts(load_model_or_die(args.model or "gpt2", device, dtype), args, params, enc)
+            answer_prompts(load_model_or_die(args.model or "gpt2", device, dtype, int8), args, params, enc)
     except (PromptTooLong, NothingToSample) as e:
         die(str(e))
     except KeyboardInterrupt:

@@ -316,30 +316,50 @@ def pack_for_cpu(model, layout=None):
 
 # ----------------------------------------------------------------------------- loading a model to generate with
 
-def load_model(name, device, dtype):
+def load_model(name, device, dtype, int8=False):
     """A model ready to generate with: GPT.from_pretrained, its chat template checked, its weights
-    packed for this CPU when it runs on one. Raises CheckpointError (a bad checkpoint or template)
-    or OSError (a failed download, an unreadable file)."""
-    return ready_to_generate(GPT.from_pretrained(name, device=device, dtype=dtype), name)
+    packed for this CPU when it runs on one (`int8`: quantized, see quantize_int8). Raises
+    CheckpointError (a bad checkpoint or template) or OSError (a failed download, an unreadable file)."""
+    return ready_to_generate(GPT.from_pretrained(name, device=device, dtype=dtype), name, int8)
 
 
-def load_model_or_die(name, device, dtype):
+def load_model_or_die(name, device, dtype, int8=False):
     """load_model for the scripts: a bad checkpoint is a one-line error, not a traceback."""
     model = load_or_die(name, device=device, dtype=dtype)
     try:
-        return ready_to_generate(model, name)
+        return ready_to_generate(model, name, int8)
     except CheckpointError as e:
         die(str(e))
 
 
-def ready_to_generate(model, name):
+def ready_to_generate(model, name, int8=False):
     """`model` with its chat template checked (a name this version knows) and, on a CPU, its weights
-    in the layout this CPU reads fastest."""
+    in the layout this CPU reads fastest, or in int8."""
     template = model.checkpoint_info.get("template")
     if template is not None and template not in TEMPLATES:
         raise CheckpointError(f"{name}: config.json names template {template!r}; known: {', '.join(TEMPLATES)}")
     check_logits_finite(model, name)
+    if int8:
+        return quantize_int8(model)
     return pack_for_cpu(model) if model_device(model).type == "cpu" else model
+
+
+def quantize_int8(model):
+    """Every matrix of `model` in int8, for the CPU: PyTorch's dynamic quantization turns each
+    nn.Linear into one with int8 weights (a scale per output row) that quantizes its input on the
+    fly, one scale per row of it, and multiplies in int8 (fbgemm on x86, VNNI where the CPU has it).
+    A decode step reads every weight once, so a quarter of float32's bytes is most of the gain. The
+    head gets its own int8 copy of the token embedding (the embedding itself stays float32: a lookup
+    reads one row). Inference only. Sets model.cpu_layout to "int8"; returns the model."""
+    import warnings
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    if model_device(model).type != "cpu":
+        raise ValueError("int8 weights run on the CPU only")
+    with warnings.catch_warnings():  # (torch.ao.quantization announces its move to torchao)
+        warnings.simplefilter("ignore")
+        model = quantize_dynamic(model, {torch.nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
+    model.cpu_layout = "int8"
+    return model
 
 
 @torch.no_grad()

@@ -33,7 +33,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from checkpoint import CheckpointError, resolve_weights
-from common import AT_LEAST_1, POSITIVE, HelpFormatter, check_flags, default_dtype, device_or_die, die
+from common import AT_LEAST_1, DTYPES, POSITIVE, HelpFormatter, check_flags, device_or_die, die, dtype_or_die
 from engine import TTFT_BUCKETS, Engine, check_engine_limits
 from gpt import SIZES
 from inference import load_model_or_die
@@ -583,8 +583,9 @@ def parse_args(argv):
     p.add_argument("--metrics-need-key", action="store_true",
                    help="require the API key on /metrics too (Prometheus: authorization: {credentials: KEY})")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere); int8: the "
+                        "matrices in int8, the KV cache float32 (CPU only)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="most tokens in one forward pass (a step's token budget, at least --max-num-seqs): running "
@@ -643,10 +644,10 @@ def listen(args):
     return server
 
 
-def load_engine(args, device, dtype):
+def load_engine(args, device, dtype, int8=False):
     """The model's Engine, and the chat template it was trained with (a bad checkpoint or a KV cache
     that does not fit: a one-line error, exit 2)."""
-    model = load_model_or_die(args.model, device, dtype)
+    model = load_model_or_die(args.model, device, dtype, int8)
     template = model.checkpoint_info.get("template", "chat")  # (load_model refused an unknown one)
     try:
         engine = Engine(model, max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
@@ -661,17 +662,17 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     device = device_or_die(args.device)
-    dtype = default_dtype(device, args.dtype)
+    dtype, int8 = dtype_or_die(device, args.dtype)
     # systemd, `docker stop`, `kill`: stop as on Ctrl-C, at once (not common.StopSignal's request to stop
     # at a safe point: the server has no loop of its own to check one, and may be loading a model)
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     server = loop = None
     try:
         server = listen(args)  # first, so that /health can say "loading" (503) while the weights come in
-        engine, template = load_engine(args, device, dtype)
+        engine, template = load_engine(args, device, dtype, int8)
         loop = EngineLoop(engine, args.max_waiting, args.max_seqs_per_request).start()
         server.attach(loop, args.served_model_name or args.model, template)
-        print(f"ready: {args.model} on {device} ({dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} "
+        print(f"ready: {args.model} on {device} ({'int8' if int8 else dtype}), KV cache {len(engine.blocks.blocks)} blocks of {BLOCK} "
               f"tokens = {len(engine.blocks.blocks) * BLOCK} tokens", flush=True)
         while True:
             time.sleep(3600)

@@ -521,7 +521,11 @@ def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, one_thread, cap
     text = tmp_path / "story.txt"
     text.write_text((SHARED / "data" / "tinystories_sample.txt").read_text()[-3000:])  # (not trained on)
     run_eval("ppl", str(tmp_path / "run" / "checkpoint"), str(text), "--out", str(tmp_path / "ppl.json"))
-    assert json.loads((tmp_path / "ppl.json").read_text())["loss"] < math.log(50257) - 1.5  # it learned something
+    loss = json.loads((tmp_path / "ppl.json").read_text())["loss"]
+    assert loss < math.log(50257) - 1.5  # it learned something
+    run_eval("ppl", str(tmp_path / "run" / "checkpoint"), str(text), "--dtype", "int8", "--out", str(tmp_path / "q.json"))
+    int8 = json.loads((tmp_path / "q.json").read_text())
+    assert int8["dtype"] == "int8" and abs(math.exp(int8["loss"] - loss) - 1) < 0.01  # perplexity within 1%
     questions = tmp_path / "q.jsonl"
     questions.write_text("".join(json.dumps({"context": c, "choices": e, "label": label}) + "\n" for c, e, label in ITEMS))
     run_eval("choice", str(tmp_path / "sft"), str(questions), "--out", str(tmp_path / "choice.json"))

@@ -797,3 +797,39 @@ def test_chat_with_a_model_never_fine_tuned_says_so_in_one_line(base_ckpt, monke
     err = capsys.readouterr().err
     assert err == ("note: this model was never fine-tuned (its checkpoint names no chat template): it chats in "
                    "the 'chat' template it never learned\n")
+
+
+# ----------------------------------------------------------------------------- int8 weights on the CPU
+
+def test_int8_replaces_every_matrix_and_keeps_the_logits_close(tiny_model):
+    import inference
+    model = inference.quantize_int8(copy.deepcopy(tiny_model))
+    assert not [m for m in model.modules() if type(m) is torch.nn.Linear]  # the head too
+    assert model.wte.weight.dtype == torch.float32  # the embedding, a lookup, stays as it was
+    ids = torch.randint(0, 50257, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact, int8 = tiny_model(ids), model(ids)
+    # int8 weights (a scale per row) and inputs: the next-token distributions all but the same
+    kl = torch.nn.functional.kl_div(int8.log_softmax(-1), exact.log_softmax(-1), log_target=True,
+                                    reduction="batchmean") / ids.shape[1]
+    assert kl < 1e-3  # nats per position (measured: 1e-5 on this random model)
+    assert (int8 - exact).abs().mean() < 0.03 * exact.std()
+
+
+def test_int8_through_the_engine_gives_the_tokens_generate_gives(tiny_model):
+    import inference
+    from engine import Engine
+    model = inference.quantize_int8(copy.deepcopy(tiny_model))
+    prompts = [encode(t) for t in ("Once upon a time", "The cat sat on", "Hello")]
+    params = SamplingParams(max_tokens=12, **GREEDY)
+    alone = [list(generate_tokens(model, p, params)) for p in prompts]
+    batched = Engine(model, max_num_seqs=4).generate(prompts, params, use_tqdm=False)
+    assert [out.token_ids for out in batched] == alone
+
+
+def test_dtype_int8_off_the_cpu_is_a_one_line_error(capsys):
+    from common import dtype_or_die
+    assert dtype_or_die(torch.device("cpu"), "int8") == (torch.float32, True)
+    with pytest.raises(SystemExit):
+        dtype_or_die(torch.device("cuda"), "int8")
+    assert capsys.readouterr().err == "error: --dtype int8 runs on the CPU only, not on cuda; use bfloat16 there\n"
