@@ -6,6 +6,7 @@ number of new tokens, in the same process. Each is timed end to end (prefill + d
 warm-up, alternating runs, best of --repeats.
 
     python bench_generate.py --prompt-len 32 --new-tokens 64
+    python bench_generate.py --dtype int8                # our int8 path against transformers in float32
     python bench_generate.py --device cuda --dtype bfloat16
 
 transformers is a test-only dependency of this project: this script needs it, generate.py does not.
@@ -19,9 +20,9 @@ import time
 import torch
 
 from checkpoint import write_safetensors
-from common import AT_LEAST_1, HelpFormatter, check_flags, device_or_die, die
+from common import AT_LEAST_1, DTYPES, HelpFormatter, check_flags, device_or_die, die, dtype_or_die
 from gpt import GPT
-from inference import CpuLinear, generate_tokens, pack_for_cpu
+from inference import CpuLinear, generate_tokens, pack_for_cpu, quantize_int8
 from sampling import SamplingParams
 
 
@@ -33,7 +34,9 @@ def sync(device):
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--device", default=None, help="cpu | cuda (default: the best available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.add_argument("--dtype", choices=DTYPES, default="float32",
+                   help="int8 (CPU): ours quantized (inference.quantize_int8), transformers in float32, having no "
+                        "int8 path for GPT-2's Conv1D layers")
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=2, help="timed runs of each; the best counts")
@@ -68,10 +71,13 @@ def main():
     args = parse_args()
     torch.set_num_threads(args.threads)
     device = device_or_die(args.device)
-    dtype = getattr(torch, args.dtype)
+    dtype, int8 = dtype_or_die(device, args.dtype)
     hf, ours = same_random_models(device, dtype)
     layout = ""
-    if device.type == "cpu":  # as inference.load_model does for generate.py
+    if int8:
+        quantize_int8(ours)
+        layout = " (our matrices in int8; transformers in float32)"
+    elif device.type == "cpu":  # as inference.load_model does for generate.py
         pack_for_cpu(ours, layout=None if args.layout == "auto" else args.layout)
         layout = f" (weight layout: {ours.cpu_layout}{', measured fastest' if args.layout == 'auto' else ''})"
 
