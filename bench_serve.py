@@ -23,10 +23,10 @@ import time
 import torch
 
 from checkpoint import CheckpointError
-from common import HelpFormatter, check_flags, default_dtype, device_or_die, die, flag
+from common import DTYPES, HelpFormatter, check_flags, device_or_die, die, dtype_or_die, flag
 from engine import Engine, check_engine_limits
 from gpt import GPT, GPTConfig, SIZES
-from inference import pack_for_cpu
+from inference import pack_for_cpu, quantize_int8
 from runner import kv_cache_blocks
 from sampling import BadSamplingParam, SamplingParams
 
@@ -173,8 +173,9 @@ def parse_args(argv):
     p.add_argument("--model", default="gpt2", help="gpt2 | gpt2-medium | ... | checkpoint dir")
     p.add_argument("--random-init", action="store_true", help="random weights of --model's size (no download)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
-    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="default: bfloat16 on CUDA, float32 elsewhere")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="default: bfloat16 on CUDA, float32 elsewhere; int8 (CPU): our engine's matrices in int8, "
+                        "transformers in float32")
     p.add_argument("--num-requests", type=int, default=256)
     p.add_argument("--min-len", type=int, default=16, help="shortest prompt, tokens")
     p.add_argument("--max-len", type=int, default=512, help="longest prompt, tokens")
@@ -258,7 +259,7 @@ def main(argv=None):
     args = parse_args(argv)
     check_args(args)
     device = device_or_die(args.device)
-    dtype = default_dtype(device, args.dtype)
+    dtype, int8 = dtype_or_die(device, args.dtype)
     model = build_model(args, device, dtype)
     n_ctx = model.config.block_size
     if args.max_len + args.max_out > n_ctx:
@@ -274,7 +275,10 @@ def main(argv=None):
     except ValueError as e:
         die(str(e))
     hf = None if args.hf_mode == "none" else hf_model(model)  # (before packing: transformers gets the plain weights)
-    if device.type == "cpu":  # as inference.load_model does for serve.py (in place: the engine runs the packed model)
+    if int8:  # as inference.load_model does for serve.py --dtype int8 (in place)
+        quantize_int8(model)
+        print("  (our matrices in int8; transformers' in float32)")
+    elif device.type == "cpu":  # as inference.load_model does for serve.py (in place: the engine runs the packed model)
         pack_for_cpu(model)
         print(f"  (CPU weight layout: {model.cpu_layout}, measured fastest)")
     ours = run_engine(model, requests, args)
