@@ -34,6 +34,8 @@ from inference import load_model_or_die
 from tokenizer import TEMPLATES, encode, get_tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
+# its SHA-256 (12,246,618 bytes, 10,042 questions), as TensorFlow Datasets records it for this URL
+HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 
 
 def parse_args(argv=None):
@@ -135,7 +137,7 @@ def choice_file(args):
         die("give a questions file, or --task hellaswag for HellaSwag's validation set")
     dest = cache_dir() / "data" / "hellaswag_val.jsonl"
     try:
-        return download(HELLASWAG_URL, dest, offline="give it as FILE")
+        return download(HELLASWAG_URL, dest, sha256=HELLASWAG_SHA256, offline="give it as FILE")
     except DownloadError as e:
         die(str(e))
     except OSError as e:

@@ -1,5 +1,6 @@
 """eval.py and scoring.py: every score against an independent computation with transformers'
 GPT2LMHeadModel on random weights saved in the hub's layout, and the CLI's one-line errors."""
+import hashlib
 import json
 import math
 import time
@@ -569,6 +570,10 @@ def test_cli_choice_task_hellaswag_downloads_the_validation_set_once(hf_and_ours
     monkeypatch.setattr(eval_script, "HELLASWAG_URL", f"http://127.0.0.1:{httpd.server_address[1]}/hellaswag_val.jsonl")
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
     try:
+        with pytest.raises(SystemExit):  # this server's file is not the released one: its checksum says so
+            run_eval("choice", str(hf_and_ours[2]), "--task", "hellaswag")
+        assert "checksum mismatch" in one_line_error(capsys) and not (tmp_path / "data" / "hellaswag_val.jsonl").exists()
+        monkeypatch.setattr(eval_script, "HELLASWAG_SHA256", hashlib.sha256(body).hexdigest())
         run_eval("choice", str(hf_and_ours[2]), "--task", "hellaswag")
     finally:
         httpd.shutdown()
