@@ -72,6 +72,8 @@ def main():
     torch.set_num_threads(args.threads)
     device = device_or_die(args.device)
     dtype, int8 = dtype_or_die(device, args.dtype)
+    if int8 and args.layout != "auto":
+        die("--layout picks a float weight layout; --dtype int8 has its own")
     hf, ours = same_random_models(device, dtype)
     layout = ""
     if int8:

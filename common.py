@@ -93,7 +93,7 @@ def dtype_or_die(device, name=None):
     int8 matrix kernels are CPU ones, so elsewhere it is a one-line error."""
     if name == "int8":
         if torch.device(device).type != "cpu":
-            die(f"--dtype int8 runs on the CPU only, not on {device}; use bfloat16 there")
+            die(f"--dtype int8 runs on the CPU only, not on {device}: add --device cpu (or use bfloat16 on {device})")
         return torch.float32, True
     return default_dtype(device, name), False
 

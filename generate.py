@@ -145,7 +145,7 @@ def answer_prompts(model, args, params, enc):
     ids = [checked_answer_ids(model, prompt, enc, prompt_label(i, n)) for i, prompt in enumerate(args.prompt)]
     for i, prompt_ids in enumerate(ids):
         note_room(params.max_tokens, model.config.block_size - len(prompt_ids), model.config.block_size,
-                  f"{prompt_label(i, n)}after this prompt")
+                  "after this prompt", prompt_label(i, n))
     for prompt, prompt_ids in zip(args.prompt, ids):
         for i in range(args.num_samples):
             if args.num_samples > 1:
@@ -170,12 +170,12 @@ def compare(models, args, params, enc):
         print(f"\n=== {prompt}\n" + side_by_side(*answers, args.compare), flush=True)
 
 
-def note_room(max_tokens, room, n_ctx, after):
+def note_room(max_tokens, room, n_ctx, after, label=""):
     """Say so (on stderr) when --max-new-tokens asks for more than the context has room for: the
     answer will stop when the context is full, not at --max-new-tokens."""
     if max_tokens > room:
-        print(f"note: --max-new-tokens {max_tokens}, but the {n_ctx}-token context has room for {room} {after}: "
-              "the answer stops when it is full", file=sys.stderr)
+        print(f"note: {label}--max-new-tokens {max_tokens}, but the {n_ctx}-token context has room for {room} "
+              f"{after}: the answer stops when it is full", file=sys.stderr)
 
 
 def answer_ids(model, prompt, enc):
@@ -215,8 +215,8 @@ def chat(model, enc, params, system=None):
     Returns the conversation (the turns still within the context)."""
     template = getattr(model, "checkpoint_info", {}).get("template")
     if template is None:  # (a base model continues text; it never learned to take turns)
-        print("note: this model was never fine-tuned (its checkpoint names no chat template): it chats in the "
-              "'chat' template it never learned", file=sys.stderr)
+        print("note: this model's checkpoint names no chat template of ours (never fine-tuned here?): it chats in "
+              "the 'chat' template, which it may never have learned", file=sys.stderr)
         template = "chat"
     n_ctx = model.config.block_size
     reserve = min(params.max_tokens, n_ctx // 4)  # room kept for the answer when dropping old turns

@@ -319,7 +319,8 @@ def pack_for_cpu(model, layout=None):
 def load_model(name, device, dtype, int8=False):
     """A model ready to generate with: GPT.from_pretrained, its chat template checked, its weights
     packed for this CPU when it runs on one (`int8`: quantized, see quantize_int8). Raises
-    CheckpointError (a bad checkpoint or template) or OSError (a failed download, an unreadable file)."""
+    CheckpointError (a bad checkpoint or template), OSError (a failed download, an unreadable file)
+    or ValueError (int8 off the CPU)."""
     return ready_to_generate(GPT.from_pretrained(name, device=device, dtype=dtype), name, int8)
 
 
@@ -328,7 +329,7 @@ def load_model_or_die(name, device, dtype, int8=False):
     model = load_or_die(name, device=device, dtype=dtype)
     try:
         return ready_to_generate(model, name, int8)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:  # (a bad template or overflowing logits; int8 unavailable)
         die(str(e))
 
 
@@ -347,12 +348,20 @@ def ready_to_generate(model, name, int8=False):
 def quantize_int8(model):
     """Every matrix of `model` in int8, for the CPU: PyTorch's dynamic quantization turns each
     nn.Linear into one with int8 weights (a scale per output row) that quantizes its input on the
-    fly, one scale per row of it, and multiplies in int8 (fbgemm on x86, VNNI where the CPU has it).
-    A decode step reads every weight once, so a quarter of float32's bytes is most of the gain. The
-    head gets its own int8 copy of the token embedding (the embedding itself stays float32: a lookup
-    reads one row). Inference only. Sets model.cpu_layout to "int8"; returns the model."""
+    fly, with one scale for the whole input, and multiplies in int8 (fbgemm on x86, VNNI where the
+    CPU has it). A decode step reads every weight once, so a quarter of float32's bytes is most of
+    the gain. The head gets its own int8 copy of the token embedding (the embedding itself stays
+    float32: a lookup reads one row). Since the input's scale is the batch's, a sequence's logits
+    depend a little on what shares its forward pass (the engine batches requests): float32's
+    "the same alone or batched, to rounding" does not hold as tightly. Inference only. Sets
+    model.cpu_layout to "int8"; returns the model. ValueError off the CPU, or in a PyTorch without
+    torch.ao.quantization."""
     import warnings
-    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    try:
+        from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+    except ImportError:
+        raise ValueError(f"this PyTorch ({torch.__version__}) has no dynamic int8 quantization "
+                         "(torch.ao.quantization); use --dtype float32 or bfloat16") from None
     if model_device(model).type != "cpu":
         raise ValueError("int8 weights run on the CPU only")
     with warnings.catch_warnings():  # (torch.ao.quantization announces its move to torchao)
