@@ -34,7 +34,7 @@ from inference import load_model_or_die
 from tokenizer import TEMPLATES, encode, get_tokenizer
 
 HELLASWAG_URL = "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl"
-# its SHA-256 (12,246,618 bytes, 10,042 questions), as TensorFlow Datasets records it for this URL
+# its SHA-256 (of 12,246,618 bytes), as TensorFlow Datasets records it for this URL
 HELLASWAG_SHA256 = "0aa3b88843990f3f10a97b9575c94d7b71fb2205240ba04ae4884d9e9c992588"
 
 

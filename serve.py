@@ -33,7 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from checkpoint import CheckpointError, resolve_weights
-from common import AT_LEAST_1, DTYPES, POSITIVE, HelpFormatter, check_flags, device_or_die, die, dtype_or_die
+from common import (AT_LEAST_1, DTYPES, JSON_ERRORS, POSITIVE, HelpFormatter, check_flags, device_or_die, die,
+                    dtype_or_die, json_problem)
 from engine import TTFT_BUCKETS, Engine, check_engine_limits
 from gpt import SIZES
 from inference import load_model_or_die
@@ -431,10 +432,8 @@ class Handler(BaseHTTPRequestHandler):
                                 "Content-Length announced")
         try:
             return json.loads(raw)
-        except RecursionError:  # "[[[[...": nested deeper than the parser's recursion limit
-            raise ApiError(400, "the request body is not valid JSON (nested too deeply)") from None
-        except ValueError as e:  # (JSONDecodeError, UnicodeDecodeError, an integer of over 4300 digits)
-            raise ApiError(400, f"the request body is not valid JSON ({e})") from None
+        except JSON_ERRORS as e:  # (nested too deeply, not UTF-8, an integer of over 4300 digits, ...)
+            raise ApiError(400, f"the request body is not valid JSON ({json_problem(e)})") from None
 
     # ------------------------------------------------------------ completions
     def _generate(self, api, chat):

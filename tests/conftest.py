@@ -97,3 +97,17 @@ def tiny_model():
     from gpt import GPT, GPTConfig
     torch.manual_seed(0)
     return GPT(GPTConfig(n_layer=2, n_head=4, n_embd=64, block_size=128)).eval()
+
+
+def saying_always(token, block_size=128):
+    """A tiny model whose every greedy token is `token`: ln_f outputs a constant vector b, and the (tied)
+    embedding of `token` points along b, so its logit dwarfs every other."""
+    from gpt import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=block_size)).eval()
+    with torch.no_grad():
+        b = torch.randn(32)
+        model.ln_f.weight.zero_()
+        model.ln_f.bias.copy_(b)
+        model.wte.weight[token] = 10 * b
+    return model

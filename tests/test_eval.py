@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import scoring
-from conftest import SHARED, one_line_error
+from conftest import SHARED, one_line_error, saying_always
 from gpt import GPT, GPTConfig
 from test_gpt import hub_layout_file, random_hf
 from tokenizer import EOT, encode, get_tokenizer
@@ -180,19 +180,6 @@ def test_answer_signals_count_endings_next_turns_and_lengths():
     assert scoring.answer_signals(answers, "alpaca") == {"ended": 0.5, "talks_on": 0.5, "mean_tokens": 5.0, "answers": 4}
     assert scoring.answer_signals(answers, "chat")["talks_on"] == 0.0  # chat's next turn is "User:"
     assert scoring.answer_signals([], "chat") == {"ended": None, "talks_on": None, "mean_tokens": None, "answers": 0}
-
-
-def saying_always(token):
-    """A tiny model whose every greedy token is `token`: ln_f outputs a constant vector b, and the (tied)
-    embedding of `token` points along b, so its logit dwarfs every other."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=128)).eval()
-    with torch.no_grad():
-        b = torch.randn(32)
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.copy_(b)
-        model.wte.weight[token] = 10 * b
-    return model
 
 
 CONVERSATIONS = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
@@ -490,10 +477,14 @@ def test_cli_bad_input_is_a_one_line_error(hf_and_ours, tmp_path, capsys, argv, 
 
 
 def test_cli_help_for_each_command(capsys):
-    for command in ([], ["ppl"], ["choice"], ["signals"], ["judge"]):
+    with pytest.raises(SystemExit):
+        run_eval("--help")
+    assert "{ppl,choice,signals,judge}" in capsys.readouterr().out
+    for command, flag in (("ppl", "--stride"), ("choice", "--task"), ("signals", "--template"), ("judge", "--judge-url")):
         with pytest.raises(SystemExit):
-            run_eval(*command, "--help")
-        assert "--out" in capsys.readouterr().out or not command
+            run_eval(command, "--help")
+        out = capsys.readouterr().out
+        assert "--out" in out and flag in out, command
 
 
 # ----------------------------------------------------------------------------- the whole life, end to end

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, context_sensitive
+from conftest import ROOT, context_sensitive, saying_always
 from generate import chat
 from gpt import GPT, GPTConfig
 from inference import KVCache, StaticStep, generate, generate_tokens
@@ -39,16 +39,8 @@ def greedy_without_cache(model, ids, n):
 
 
 def eot_model():
-    """A tiny model that always says <|endoftext|>: ln_f outputs a constant vector b, and the (tied)
-    EOT embedding points along b, so EOT's logit dwarfs every other."""
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=64)).eval()
-    with torch.no_grad():
-        b = torch.randn(32)
-        model.ln_f.weight.zero_()
-        model.ln_f.bias.copy_(b)
-        model.wte.weight[EOT] = 10 * b
-    return model
+    """A tiny model that always says <|endoftext|>."""
+    return saying_always(EOT, block_size=64)
 
 
 # ----------------------------------------------------------------------------- the KV cache
