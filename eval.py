@@ -49,8 +49,9 @@ def parse_args(argv=None):
             c.add_argument("model", help="gpt2 | gpt2-medium | gpt2-large | gpt2-xl | checkpoint dir | .safetensors file")
             c.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
             c.add_argument("--dtype", choices=DTYPES, default=None,
-                           help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere); int8: the "
-                                "matrices in int8, as generate.py and serve.py run them (CPU only)")
+                           help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere); auto: bfloat16 "
+                                "where the chip computes in it natively; int8: the matrices in int8, as generate.py and "
+                                "serve.py run them (CPU only)")
         c.add_argument("--out", default=None, help="also write the results to this JSON file")
         return c
 
@@ -356,7 +357,7 @@ def main(argv=None):
     else:  # (scoring: no CPU layout packing, which is tuned for one token at a time)
         model = load_or_die(args.model, device=device, dtype=dtype)
     result = {"ppl": run_ppl, "choice": run_choice, "signals": run_signals}[args.command](args, model, enc)
-    result["dtype"] = args.dtype or str(dtype).removeprefix("torch.")
+    result["dtype"] = "int8" if int8 else str(dtype).removeprefix("torch.")
     if args.out:
         with write_or_die(args.out):
             write_json_atomic(args.out, {"model": str(args.model), **result})

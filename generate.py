@@ -47,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=1, help="answers per prompt (seeds --seed, --seed + 1, ...)")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere); int8: the "
-                        "matrices in int8 (CPU only)")
+                   help="default: the device's usual one (bfloat16 on CUDA, float32 elsewhere); auto: bfloat16 "
+                        "where the chip computes in it natively (said on stderr); int8: the matrices in int8 (CPU only)")
     return p.parse_args(argv)
 
 

@@ -583,8 +583,8 @@ def parse_args(argv):
                    help="require the API key on /metrics too (Prometheus: authorization: {credentials: KEY})")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
-                   help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere); int8: the "
-                        "matrices in int8, the KV cache float32 (CPU only)")
+                   help="weights and KV cache (default: bfloat16 on CUDA, float32 elsewhere); auto: bfloat16 where "
+                        "the chip computes in it natively; int8: the matrices in int8, the KV cache float32 (CPU only)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="most sequences in one batch")
     p.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="most tokens in one forward pass (a step's token budget, at least --max-num-seqs): running "

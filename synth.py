@@ -31,7 +31,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from common import JSON_ERRORS, default_dtype, device_or_die, die, json_problem, same_file
+from common import DTYPES, JSON_ERRORS, device_or_die, die, dtype_or_die, json_problem, same_file
 from engine import Engine
 from inference import load_model_or_die
 from sampling import RULES, BadSamplingParam, SamplingParams
@@ -286,17 +286,18 @@ def append_all(texts):
         raise
 
 
-def engine_generate(model, device=None):
+def engine_generate(model, device=None, dtype=None):
     """generate() for `build`, backed by engine.py's Engine: every prompt in one batched call. The model
     is loaded at the first call, once `build` has read the output back: a bad output file is found
-    first, and a run with no words left to do loads nothing."""
+    first, and a run with no words left to do loads nothing. `dtype`: a --dtype choice (common.DTYPES)."""
     device = device_or_die(device)
+    dtype, int8 = dtype_or_die(device, dtype)
     engine = None
 
     def generate(prompts, cfg):
         nonlocal engine
         if engine is None:
-            engine = Engine(load_model_or_die(model, device, default_dtype(device)))  # a bad checkpoint: one-line error
+            engine = Engine(load_model_or_die(model, device, dtype, int8))  # a bad checkpoint: one-line error
         rng = random.Random(cfg["seed"])
         params = [SamplingParams(max_tokens=cfg["max_tokens"], temperature=cfg["temperature"], top_k=cfg["top_k"],
                                  top_p=cfg["top_p"], seed=rng.randrange(2**31)) for _ in prompts]
@@ -311,10 +312,12 @@ def main(argv=None):
     ap.add_argument("--output", help="override the config's output file")
     ap.add_argument("--model", help="override the config's model (a name or checkpoint path)")
     ap.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    ap.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="the model's weights, as generate.py's --dtype (default: bfloat16 on CUDA, float32 elsewhere)")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, output=args.output, model=args.model)
-        kept, dropped = build(cfg, engine_generate(cfg["model"], args.device))
+        kept, dropped = build(cfg, engine_generate(cfg["model"], args.device, args.dtype))
     except ValueError as e:  # a bad config or output file, or a KV cache that does not fit
         die(str(e))
     except OSError as e:  # an unreadable output, a full disk ...

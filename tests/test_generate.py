@@ -832,3 +832,17 @@ def test_dtype_int8_off_the_cpu_is_a_one_line_error(capsys):
         dtype_or_die(torch.device("cuda"), "int8")
     assert capsys.readouterr().err == ("error: --dtype int8 runs on the CPU only, not on cuda: add --device cpu "
                                        "(or use bfloat16 on cuda)\n")
+
+
+@pytest.mark.parametrize("bf16, amx, expected", [(True, False, "bfloat16"), (False, True, "bfloat16"),
+                                                 (False, False, "float32")])
+def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_in_it_and_says_which(monkeypatch, capsys, bf16, amx, expected):
+    from common import dtype_or_die
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert dtype_or_die(torch.device("cpu"), "auto") == (getattr(torch, expected), False)
+    isa = "AVX512-BF16" if bf16 else "AMX"
+    why = f"this CPU has {isa}" if expected == "bfloat16" else "this CPU has no native bf16 arithmetic"
+    assert capsys.readouterr().err == f"--dtype auto: {expected} ({why})\n"
+    assert dtype_or_die(torch.device("cuda"), "auto") == (torch.bfloat16, False)
+    assert dtype_or_die(torch.device("mps"), "auto") == (torch.float32, False)
