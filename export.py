@@ -1,7 +1,7 @@
 """Export a checkpoint for other runtimes: a Hugging Face directory, or one GGUF file for llama.cpp.
 
     python export.py CHECKPOINT --to hf DIR   [--dtype f32|f16|bf16]   # transformers, vLLM, TGI, ...
-    python export.py CHECKPOINT --to gguf FILE [--dtype f32|f16|bf16]  # llama.cpp, ollama, LM Studio, ...
+    python export.py CHECKPOINT --to gguf FILE [--dtype f32|f16|bf16|q8_0]  # llama.cpp, ollama, LM Studio, ...
 
 CHECKPOINT is anything GPT.from_pretrained takes: one of our checkpoint directories, gpt2 ... gpt2-xl,
 a Hugging Face directory or a .safetensors file.
@@ -256,8 +256,9 @@ ALIGNMENT = 32
 # types of metadata values (gguf_type in ggml)
 UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY = 4, 5, 6, 7, 8, 9
 # types of tensors (ggml_type), and general.file_type (llama_ftype) for a file of them
-GGML_TYPE = {"f32": 0, "f16": 1, "bf16": 30}
-FILE_TYPE = {"f32": 0, "f16": 1, "bf16": 32}  # ALL_F32, MOSTLY_F16, MOSTLY_BF16
+GGML_TYPE = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}
+FILE_TYPE = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}  # ALL_F32, MOSTLY_F16, MOSTLY_Q8_0, MOSTLY_BF16
+Q8_0_BLOCK = 32  # weights per Q8_0 block, stored as one f16 scale and 32 int8s: 34 bytes
 # token types (llama_token_type)
 NORMAL, CONTROL, UNUSED = 1, 3, 5
 
@@ -287,8 +288,9 @@ def gguf_value(v):
 
 def write_gguf(path, metadata, tensors):
     """Write a GGUF v3 file. metadata: {key: value} (see gguf_value); tensors: {name: (ggml type: f32,
-    f16 or bf16, numpy array)} in the order to store them, in torch's dimension order (a bf16 array
-    holds the bits, as int16: numpy has no bfloat16).
+    f16, bf16 or q8_0, numpy array)} in the order to store them, in torch's dimension order (a bf16
+    array holds the bits, as int16: numpy has no bfloat16; a q8_0 one the blocks' bytes, each row
+    34/32 bytes a weight: see quantize_q8_0).
 
     Layout (little-endian): "GGUF", version u32, tensor count u64, metadata count u64; the metadata,
     each a string key, a u32 type, the value; the tensor infos, each a name, n_dims u32, the dims
@@ -302,7 +304,8 @@ def write_gguf(path, metadata, tensors):
         header += [gguf_string(key), struct.pack("<I", kind), payload]
     offset = 0
     for name, (kind, a) in tensors.items():
-        header += [gguf_string(name), struct.pack("<I", a.ndim), struct.pack(f"<{a.ndim}Q", *reversed(a.shape)),
+        shape = (*a.shape[:-1], a.shape[-1] // (Q8_0_BLOCK + 2) * Q8_0_BLOCK) if kind == "q8_0" else a.shape  # in weights
+        header += [gguf_string(name), struct.pack("<I", a.ndim), struct.pack(f"<{a.ndim}Q", *reversed(shape)),
                    struct.pack("<IQ", GGML_TYPE[kind], offset)]
         offset += a.nbytes + (-a.nbytes % ALIGNMENT)
     path = Path(path)
@@ -319,10 +322,11 @@ def write_gguf(path, metadata, tensors):
 
 
 def gguf_tensors(model, dtype="f32"):
-    """Our weights under llama.cpp's gpt2 names, as write_gguf takes them. In f16 and bf16 the
-    matrices are halved while the 1-D tensors (norms, biases) and the position embedding stay
-    float32, as llama.cpp's own converter does: they are small, its kernels add and normalize in
-    float32, and a position embedding is added to every token as it is."""
+    """Our weights under llama.cpp's gpt2 names, as write_gguf takes them. In f16, bf16 and q8_0 the
+    matrices shrink while the 1-D tensors (norms, biases) and the position embedding stay float32,
+    as llama.cpp's own converter and llama-quantize do: they are small, its kernels add and normalize
+    in float32, and a position embedding is added to every token as it is. A matrix whose rows do
+    not split into Q8_0 blocks of 32 is stored in f16, as llama.cpp's converter falls back."""
     w = named_weights(model)
     names = {"wte.weight": "token_embd.weight", "wpe.weight": "position_embd.weight",
              "ln_f.weight": "output_norm.weight", "ln_f.bias": "output_norm.bias"}
@@ -341,8 +345,25 @@ def gguf_tensors(model, dtype="f32"):
             return "f32", v.float().numpy()
         if dtype == "bf16":  # (rounded to nearest even by torch, then its bits)
             return "bf16", v.to(torch.bfloat16).view(torch.int16).numpy()
+        if dtype == "q8_0" and v.shape[-1] % Q8_0_BLOCK == 0:
+            return "q8_0", quantize_q8_0(v.float().numpy())
         return "f16", v.float().numpy().astype(np.float16)
     return {k: stored(k, v) for k, v in out.items()}
+
+
+def quantize_q8_0(w):
+    """A float32 matrix [rows, cols] as llama.cpp's Q8_0 blocks, bit for bit as ggml's reference
+    quantizer writes them: each run of 32 weights along a row gets the scale d = max|w| / 127 (stored
+    as f16) and the int8s round(w / d), halves away from zero (C's roundf). Returns uint8 [rows,
+    cols / 32 * 34]: per block, d's two bytes, then the 32 int8s."""
+    rows, cols = w.shape
+    blocks = w.astype(np.float32).reshape(rows, cols // Q8_0_BLOCK, Q8_0_BLOCK)
+    d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    inv = np.divide(np.float32(1), d, out=np.zeros_like(d), where=d != 0)  # an all-zero block: d = 0, q = 0
+    x = (blocks * inv).astype(np.float64)  # (float32 products, as ggml's; rounded in float64, where |x| + 0.5 is exact)
+    q = (np.sign(x) * np.floor(np.abs(x) + 0.5)).astype(np.int8)
+    scale = d.astype("<f2").view(np.uint8)  # [rows, blocks, 2]
+    return np.concatenate([scale, q.view(np.uint8)], axis=-1).reshape(rows, -1)
 
 
 def gguf_metadata(model, name, dtype="f32"):
@@ -360,6 +381,7 @@ def gguf_metadata(model, name, dtype="f32"):
         "general.name": name,
         "general.size_label": size_label(model.num_params(non_embedding=False)),
         "general.file_type": FILE_TYPE[dtype],
+        **({"general.quantization_version": 2} if dtype == "q8_0" else {}),  # (ggml's GGML_QNT_VERSION)
         "general.alignment": ALIGNMENT,
         "gpt2.context_length": c.block_size,
         "gpt2.embedding_length": c.n_embd,
@@ -467,13 +489,15 @@ def main(argv=None):
     p.add_argument("checkpoint", help="checkpoint directory, .safetensors file, or gpt2 / gpt2-medium / ...")
     p.add_argument("--to", nargs=2, required=True, metavar=("FORMAT", "PATH"),
                    help="hf DIR (transformers, vLLM) or gguf FILE (llama.cpp)")
-    p.add_argument("--dtype", choices=sorted(TORCH_DTYPES), default="f32",
-                   help="f16 or bf16 halve the size (GGUF keeps norms, biases and the position embedding in f32); "
-                        "default f32")
+    p.add_argument("--dtype", choices=[*sorted(TORCH_DTYPES), "q8_0"], default="f32",
+                   help="f16 or bf16 halve the size, q8_0 (GGUF only: llama.cpp's int8 blocks) nearly quarters it; "
+                        "GGUF keeps norms, biases and the position embedding in f32; default f32")
     args = p.parse_args(argv)
     fmt, out = args.to
     if fmt not in ("hf", "gguf"):
         die(f"--to: unknown format {fmt!r}; choose hf or gguf")
+    if fmt == "hf" and args.dtype == "q8_0":
+        die("--dtype q8_0 is a GGUF format (llama.cpp's); for --to hf choose f32, f16 or bf16")
     check_output(fmt, out)
 
     model = load_or_die(args.checkpoint)  # a bad checkpoint or failed download: "cannot load model ..."

@@ -156,23 +156,26 @@ def field(reader, key):
     return reader.fields[key].contents()
 
 
-@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16"])
+@pytest.mark.parametrize("dtype", ["f32", "f16", "bf16", "q8_0"])
 def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
     import gguf
     path = export.export_gguf(tiny, tmp_path / "m.gguf", dtype=dtype, name="tiny")
     raw = path.read_bytes()
     assert raw[:4] == b"GGUF" and struct.unpack_from("<IQQ", raw, 4)[:2] == (3, 2 + 2 + 12 * 2)
+    assert struct.unpack_from("<Q", raw, 4 + 4 + 8)[0] == 20 + (dtype == "q8_0")  # metadata keys (q8_0: + general.quantization_version)
 
     r = gguf.GGUFReader(path)
     expected = {
         "general.architecture": "gpt2", "general.name": "tiny", "general.alignment": 32,
         "general.file_type": {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                              "bf16": gguf.LlamaFileType.MOSTLY_BF16}[dtype],
+                              "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype],
         "gpt2.context_length": 128, "gpt2.embedding_length": 64, "gpt2.feed_forward_length": 256,
         "gpt2.block_count": 2, "gpt2.attention.head_count": 4,
         "tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
         "tokenizer.ggml.bos_token_id": EOT, "tokenizer.ggml.eos_token_id": EOT,
     }
+    if dtype == "q8_0":
+        expected["general.quantization_version"] = 2  # llama.cpp refuses quantized files without it
     for key, value in expected.items():
         assert field(r, key) == value, key
     # the size label as the gguf package's own convention writes it, from every weight in the file
@@ -199,17 +202,46 @@ def test_gguf_keys_tensors_and_values(tmp_path, tiny, dtype):
         w = ours[mapping[name]]
         assert list(t.shape) == list(reversed(w.shape)), name  # ggml order: fastest dimension first
         half = dtype != "f32" and w.ndim == 2 and name != "position_embd.weight"  # (kept f32, as llama.cpp's converter keeps it)
-        kind = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16}.get(dtype) if half else None
+        kind = {"f16": gguf.GGMLQuantizationType.F16, "bf16": gguf.GGMLQuantizationType.BF16,
+                "q8_0": gguf.GGMLQuantizationType.Q8_0}.get(dtype) if half else None
         assert t.tensor_type == (kind or gguf.GGMLQuantizationType.F32), name
+        back = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        back = back.reshape(w.shape)
+        if kind == gguf.GGMLQuantizationType.Q8_0:  # within one quantization step (its block's max|w| / 127)
+            step = w.reshape(w.shape[0], -1, 32).abs().amax(-1, keepdim=True) / 127
+            assert ((back - w).reshape(step.shape[0], -1, 32).abs() <= step).all(), name
+            continue
         # the gguf package reads back exactly our weights rounded to the stored type
         stored = {"f16": torch.float16, "bf16": torch.bfloat16}.get(dtype) if half else torch.float32
-        back = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
-        assert torch.equal(back.reshape(w.shape), w.to(stored).float()), name
+        assert torch.equal(back, w.to(stored).float()), name
         assert t.data_offset % 32 == 0
     # llama.cpp's shapes: attn_qkv {n_embd, 3 n_embd}, ffn_up {n_embd, n_ff}, ffn_down {n_ff, n_embd}
     assert list(tensors["blk.0.attn_qkv.weight"].shape) == [64, 192]
     assert list(tensors["blk.0.ffn_up.weight"].shape) == [64, 256]
     assert list(tensors["blk.0.ffn_down.weight"].shape) == [256, 64]
+
+
+def test_q8_0_blocks_are_the_gguf_packages_reference_quantization_byte_for_byte():
+    """llama.cpp's Q8_0 as ggml's reference quantizer (and the gguf package, its Python twin) writes
+    it: per 32 weights an f16 scale max|w| / 127, then round(w / scale) with halves away from zero
+    (0.5 -> 1, -0.5 -> -1, where numpy's round would give 0), and an all-zero block all zeros."""
+    import gguf
+    w = torch.randn(6, 96, generator=torch.Generator().manual_seed(0)).numpy()
+    w[0, :32] = 0
+    w[1, :32] = [127, 0.5, -0.5, 1.5, -2.5] + [0] * 27
+    ours = export.quantize_q8_0(w)
+    assert ours.shape == (6, 3 * 34) and ours.dtype == np.uint8
+    assert ours.tobytes() == gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).tobytes()
+    assert ours[0, :34].tolist() == [0] * 34
+    assert ours[1, :2].view("<f2")[0] == 1 and ours[1, 2:7].view(np.int8).tolist() == [127, 1, -1, 2, -3]
+
+
+def test_q8_0_falls_back_to_f16_for_rows_that_do_not_split_into_blocks():
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=48, block_size=16, vocab_size=50257)).eval()
+    kinds = {name: kind for name, (kind, a) in export.gguf_tensors(model, "q8_0").items() if a.ndim == 2}
+    assert kinds.pop("position_embd.weight") == "f32"
+    assert kinds.pop("blk.0.ffn_down.weight") == "q8_0"  # rows of 4 * 48 = 192 weights: 6 blocks
+    assert set(kinds.values()) == {"f16"}  # rows of 48: one and a half blocks
 
 
 def gguf_bpe_encode(text, tokens, merges):
@@ -291,6 +323,7 @@ def test_cli_bad_input_is_one_line_error(tmp_path, tiny, capsys):
     assert "error:" in run_cli_error(capsys, junk, "--to", "hf", tmp_path / "out")
     assert "no such file" in run_cli_error(capsys, tmp_path / "missing", "--to", "gguf", tmp_path / "m.gguf")
     assert "unknown format" in run_cli_error(capsys, junk, "--to", "onnx", tmp_path / "x")
+    assert "q8_0 is a GGUF format" in run_cli_error(capsys, junk, "--to", "hf", tmp_path / "x", "--dtype", "q8_0")
     tiny.save_checkpoint(tmp_path / "ckpt")
     # unwritable destinations: a path beneath a regular file cannot be created
     for fmt, dest in (("hf", junk / "dir"), ("gguf", junk / "sub" / "m.gguf")):
