@@ -17,6 +17,21 @@ sys.path.insert(0, str(ROOT))
 if (SHARED / "tiktoken_cache").is_dir():
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken_cache"))
 
+
+
+def pytest_sessionstart(session):
+    """Every test needs GPT-2's tokenizer files; all other data the tests make themselves (made_data.py).
+    Without the files (no ../shared beside the clone, no internet to download them) the run stops at
+    once, in one line, rather than failing test by test."""
+    import tiktoken
+    try:
+        tiktoken.get_encoding("gpt2")
+    except Exception as e:  # (requests' ConnectionError offline, ProxyError, ...)
+        pytest.exit(f"GPT-2's tokenizer files are missing: no {SHARED / 'tiktoken_cache'} and tiktoken cannot "
+                    f"download them ({type(e).__name__}); connect to the internet once, or set TIKTOKEN_CACHE_DIR "
+                    f"to a folder that holds them", returncode=4)
+
+
 # One thread, here and in the scripts the tests start: the models are tiny, and a second thread mostly
 # spins waiting for the first (CPU time the suite's budget counts); the few large parity checks lose
 # seconds of wall time, not of CPU time.
@@ -83,12 +98,12 @@ def one_thread():
         yield
 
 
-@pytest.fixture
-def shared_data():
-    """../shared/data, the small real datasets; tests that need it fail loudly when it is absent."""
-    path = SHARED / "data"
-    assert path.is_dir(), f"fixtures folder {path} is missing (see the README's Tests section)"
-    return path
+@pytest.fixture(scope="session")
+def made_data(tmp_path_factory):
+    """A folder of the datasets the tests make themselves (made_data.py): stories.txt,
+    instructions.json (Alpaca's layout), oasst_trees.jsonl (OpenAssistant's trees)."""
+    import made_data
+    return made_data.write_all(tmp_path_factory.mktemp("made_data"))
 
 
 @pytest.fixture

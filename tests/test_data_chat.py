@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from data import (DataError, collate, default_template, encode_examples, eval_batches, iterate_batches,
-                  load_conversations, read_records, split_dataset)
+                  load_conversations, read_records, split_dataset, to_conversation)
 import data
 from tokenizer import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, EOT, IGNORE, encode, encode_conversation, encode_prompt,
                        get_tokenizer, jinja_template)
@@ -199,13 +199,15 @@ def test_endoftext_written_in_a_message_is_text_not_the_special_token():
         assert get_tokenizer().decode(ids).count("<|endoftext|>") == 3
 
 
-def test_shared_samples_load_and_pick_templates(shared_data):
-    alpaca = load_conversations(shared_data / "instruction-data.json")
+def test_alpaca_and_oasst_files_load_and_pick_templates(made_data):
+    alpaca = load_conversations(made_data / "instructions.json")
     assert len(alpaca) == 1100 and default_template(alpaca) == "alpaca"
-    oasst = load_conversations(shared_data / "oasst_sample_trees.jsonl")
+    oasst = load_conversations(made_data / "oasst_trees.jsonl")
     assert len(oasst) == 100 and default_template(oasst) == "chat"
     assert any(len(c) >= 4 for c in oasst)  # multi-turn paths are kept whole
-    assert all(c[-1]["role"] == "assistant" for c in oasst)  # a trailing unanswered question is dropped
+    trees = [json.loads(line) for line in (made_data / "oasst_trees.jsonl").read_text().splitlines()]
+    assert any(to_conversation(t)[-1]["role"] == "user" for t in trees)  # some paths end in a question...
+    assert all(c[-1]["role"] == "assistant" for c in oasst)  # ... which is dropped: nothing answers it
     assert default_template(load_conversations(FIXTURES / "dolly_sample.jsonl")) == "alpaca"
 
 
@@ -363,9 +365,9 @@ def test_records_without_an_answer_are_skipped_loudly(tmp_path):
 
 # ----------------------------------------------------------------------------- pretraining preparation
 
-def test_prepare_is_redone_when_val_fraction_changes(tmp_path, shared_data):
+def test_prepare_is_redone_when_val_fraction_changes(tmp_path, made_data):
     src, out = tmp_path / "play.txt", tmp_path / "prep"
-    src.write_text((shared_data / "tinyshakespeare.txt").read_text()[:20000])
+    src.write_text((made_data / "stories.txt").read_text()[:20000])
     data.prepare_pretrain_data(src, out, val_fraction=0.1)
     total = len(data.load_tokens(out, "train")) + len(data.load_tokens(out, "val"))
     data.prepare_pretrain_data(src, out, val_fraction=0.25)  # the same file, another split: not "done already"
@@ -389,12 +391,12 @@ def test_prepare_into_a_file_is_a_one_line_error(tmp_path, capsys):
     assert out.read_text() == "someone's file"
 
 
-def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_path, shared_data):
+def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_path, made_data):
     """Ctrl-C reaches every process of the terminal's foreground group: the tokenizing workers ignore
     it, the main process stops them, removes its partial file and exits 130, without a traceback."""
     src, out = tmp_path / "big.txt", tmp_path / "prep"
     # ~27 MB: 2 workers with ~10 s of work, stopped after the first second or so
-    src.write_text((shared_data / "tinyshakespeare.txt").read_text() * 24)
+    src.write_text((made_data / "stories.txt").read_text() * 24)
     proc = subprocess.Popen([sys.executable, "data.py", "pretrain", str(src), "--out", str(out), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)  # its own process group, as a terminal's job is

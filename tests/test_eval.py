@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import scoring
-from conftest import SHARED, one_line_error, saying_always
+from conftest import one_line_error, saying_always
 from gpt import GPT, GPTConfig
 from test_gpt import hub_layout_file, random_hf
 from tokenizer import EOT, encode, get_tokenizer
@@ -26,8 +26,8 @@ def hf_and_ours(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def story_ids():
-    text = (SHARED / "data" / "tinystories_sample.txt").read_text()[:1500]
+def story_ids(made_data):
+    text = (made_data / "stories.txt").read_text()[:1500]
     return text, encode(text)
 
 
@@ -489,7 +489,7 @@ def test_cli_help_for_each_command(capsys):
 
 # ----------------------------------------------------------------------------- the whole life, end to end
 
-def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, one_thread, capsys):
+def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, made_data, one_thread, capsys):
     """A tiny pretrain, sft --quick on it, then eval.py's four commands, the judge being our own
     server serving the fine-tuned model: the plumbing of the whole life, on the fixtures."""
     import threading
@@ -499,19 +499,19 @@ def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, one_thread, cap
     from engine import Engine
     from serve import make_server
     stories = tmp_path / "stories.txt"
-    stories.write_text((SHARED / "data" / "tinystories_sample.txt").read_text()[:60_000])
+    stories.write_text((made_data / "stories.txt").read_text()[:60_000])
     tokens = data.prepare_pretrain_data(stories, tmp_path / "stories", workers=1)
     train.main(["--data", str(tokens), "--out", str(tmp_path / "run"), "--max-steps", "20", "--eval-every", "20",
                 "--n-layer", "2", "--n-head", "4", "--n-embd", "64", "--block-size", "512", "--batch-size", "4",
                 "--seq-len", "32", "--warmup", "2", "--lr", "3e-3", "--eval-iters", "1", "--sample-tokens", "4"])
     sft.main(["--quick", "--model", str(tmp_path / "run" / "checkpoint"), "--data",
-              str(SHARED / "data" / "instruction-data.json"), "--out", str(tmp_path / "sft"), "--max-len", "64",
+              str(made_data / "instructions.json"), "--out", str(tmp_path / "sft"), "--max-len", "64",
               "--batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3", "--max-steps", "8"])
     signals = json.loads((tmp_path / "sft" / "training_metadata.json").read_text())["answer_signals"]
     assert signals["base"]["answers"] == signals["fine_tuned"]["answers"] == 10
     capsys.readouterr()
     text = tmp_path / "story.txt"
-    text.write_text((SHARED / "data" / "tinystories_sample.txt").read_text()[-3000:])  # (not trained on)
+    text.write_text((made_data / "stories.txt").read_text()[-3000:])  # (not trained on)
     run_eval("ppl", str(tmp_path / "run" / "checkpoint"), str(text), "--out", str(tmp_path / "ppl.json"))
     loss = json.loads((tmp_path / "ppl.json").read_text())["loss"]
     assert loss < math.log(50257) - 1.5  # it learned something
@@ -522,7 +522,7 @@ def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, one_thread, cap
     questions.write_text("".join(json.dumps({"context": c, "choices": e, "label": label}) + "\n" for c, e, label in ITEMS))
     run_eval("choice", str(tmp_path / "sft"), str(questions), "--out", str(tmp_path / "choice.json"))
     assert json.loads((tmp_path / "choice.json").read_text())["questions"] == 4
-    run_eval("signals", str(tmp_path / "sft"), str(SHARED / "data" / "instruction-data.json"), "--limit", "5",
+    run_eval("signals", str(tmp_path / "sft"), str(made_data / "instructions.json"), "--limit", "5",
              "--max-new-tokens", "8", "--out", str(tmp_path / "signals.json"))
     assert json.loads((tmp_path / "signals.json").read_text())["answers"] == 5
     srv = make_server(Engine(GPT.from_pretrained(tmp_path / "sft"), max_num_seqs=4), port=0, model_name="sft",

@@ -49,3 +49,27 @@ def test_the_library_imports_have_no_cycle():
         return any(n == goal or (n not in seen and reaches(n, goal, (*seen, n))) for n in graph.get(start, ()))
     cycles = [m for m in LIBRARIES if reaches(m, m)]
     assert not cycles, f"import cycle through {sorted(cycles)}"
+
+
+def test_a_clone_without_the_tokenizer_files_and_offline_stops_at_once_saying_what_is_missing(tmp_path):
+    """No ../shared beside the clone and no way to download: the whole run stops before collecting a
+    test, saying in one line what is missing and how to get it (not hundreds of failures)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    clone = tmp_path / "clone"
+    (clone / "tests").mkdir(parents=True)
+    shutil.copy(ROOT / "tests" / "conftest.py", clone / "tests")
+    shutil.copy(ROOT / "pytest.ini", clone)
+    (clone / "tests" / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
+    # offline: every download through a proxy that is not there; and tiktoken's default cache (in the
+    # temporary directory) empty
+    env.update(HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", TMPDIR=str(tmp_path))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 4, r.stdout + r.stderr
+    said = [line for line in (r.stdout + r.stderr).splitlines() if "tokenizer files are missing" in line]
+    assert said and "TIKTOKEN_CACHE_DIR" in said[0] and str(tmp_path / "shared" / "tiktoken_cache") in said[0]
+    assert "passed" not in r.stdout and "Traceback" not in r.stdout + r.stderr

@@ -128,10 +128,10 @@ def tiny_checkpoint(tmp_path):
 SMALL = ["--lr", "1e-3", "--max-len", "64", "--batch-size", "2", "--grad-accum", "2", "--max-new-tokens", "8"]
 
 
-def test_quick_run_end_to_end_lowers_val_loss(tiny_checkpoint, shared_data, tmp_path):
+def test_quick_run_end_to_end_lowers_val_loss(tiny_checkpoint, made_data, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "sft.py", "--quick", "--model", str(tiny_checkpoint),
-           "--data", str(shared_data / "instruction-data.json"), "--out", str(out), *SMALL]
+           "--data", str(made_data / "instructions.json"), "--out", str(out), *SMALL]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     meta = json.loads((out / "training_metadata.json").read_text())
@@ -151,7 +151,7 @@ def test_quick_run_end_to_end_lowers_val_loss(tiny_checkpoint, shared_data, tmp_
     assert best.checkpoint_info["step"] == meta["losses"]["best_step"]
 
 
-def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoint, shared_data, tmp_path, capsys,
+def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoint, made_data, tmp_path, capsys,
                                                                     monkeypatch):
     out = tmp_path / "lora"
     asked = []  # (what the answering model's checkpoint says of itself, its answers)
@@ -162,7 +162,7 @@ def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoi
         asked.append((model.checkpoint_info, answers[0]))
         return answers
     monkeypatch.setattr(sft, "answer_conversations", recording)
-    sft.main(["--quick", "--model", str(tiny_checkpoint), "--data", str(shared_data / "oasst_sample_trees.jsonl"),
+    sft.main(["--quick", "--model", str(tiny_checkpoint), "--data", str(made_data / "oasst_trees.jsonl"),
               "--out", str(out), "--lora-rank", "4", "--lora-targets", "c_attn,mlp.c_proj", "--max-steps", "6",
               *SMALL])
     printed = capsys.readouterr().out

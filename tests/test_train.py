@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import SHARED, file_size_limit, one_line_error, refused_before_any_work
+from conftest import file_size_limit, one_line_error, refused_before_any_work
 import data
 from gpt import GPT, GPTConfig
 from tokenizer import EOT, encode
@@ -30,11 +30,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # (conftest.py)
 
 
 @pytest.fixture(scope="module")
-def story_data(tmp_path_factory):
-    """tinystories_sample.txt tokenized once for the whole module."""
-    path = SHARED / "data" / "tinystories_sample.txt"
-    assert path.exists(), f"{path} is missing (see ../shared/README.md)"
-    return data.prepare_pretrain_data(path, tmp_path_factory.mktemp("data") / "stories")
+def story_data(made_data, tmp_path_factory):
+    """The made stories tokenized once for the whole module."""
+    return data.prepare_pretrain_data(made_data / "stories.txt", tmp_path_factory.mktemp("data") / "stories")
 
 
 def read_log(run):
@@ -46,8 +44,8 @@ def read_log(run):
 
 # ----------------------------------------------------------------------------- data.py, section 2
 
-def test_chunked_tokenization_equals_whole_document(tmp_path, shared_data):
-    text = (shared_data / "tinyshakespeare.txt").read_text()[:60000]
+def test_chunked_tokenization_equals_whole_document(tmp_path, made_data):
+    text = (made_data / "stories.txt").read_text()[:60000]
     src = tmp_path / "play.txt"
     src.write_text(text)
     n = data.tokenize_file(src, tmp_path / "out.bin", workers=2, batch_chars=2000)  # ~30 pieces, 2 processes
@@ -66,18 +64,18 @@ def test_separator_lines_split_documents(tmp_path):
     assert tokens == [EOT] + encode("First story.") + [EOT] + encode("Second one, with <|endoftext|> inline.")
 
 
-def test_prepare_splits_and_skips_when_done(tmp_path, shared_data):
+def test_prepare_splits_and_skips_when_done(tmp_path, made_data):
     out = tmp_path / "prep"
-    data.prepare_pretrain_data(shared_data / "tinystories_sample.txt", out, val_fraction=0.1)
+    data.prepare_pretrain_data(made_data / "stories.txt", out, val_fraction=0.1)
     meta = json.loads((out / "meta.json").read_text())
     train_tokens, val_tokens = data.load_tokens(out, "train"), data.load_tokens(out, "val")
     assert len(train_tokens) == meta["train_tokens"] and len(val_tokens) == meta["val_tokens"]
     total = len(train_tokens) + len(val_tokens)
     assert len(val_tokens) == int(total * 0.1)
-    whole = [EOT] + encode((shared_data / "tinystories_sample.txt").read_text().strip())
+    whole = [EOT] + encode((made_data / "stories.txt").read_text().strip())
     assert np.concatenate([train_tokens, val_tokens]).tolist() == whole
     stamp = (out / "train.bin").stat().st_mtime_ns
-    data.prepare_pretrain_data(shared_data / "tinystories_sample.txt", out)
+    data.prepare_pretrain_data(made_data / "stories.txt", out)
     assert (out / "train.bin").stat().st_mtime_ns == stamp  # done already: not redone
 
 
