@@ -846,3 +846,18 @@ def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_in_it_and_says_which(mon
     assert capsys.readouterr().err == f"--dtype auto: {expected} ({why})\n"
     assert dtype_or_die(torch.device("cuda"), "auto") == (torch.bfloat16, False)
     assert dtype_or_die(torch.device("mps"), "auto") == (torch.float32, False)
+
+
+def test_bench_generate_reads_llama_cpps_own_timings():
+    """bench_generate.py --llama-cpp times llama.cpp by the figures llama.cpp prints (these lines are
+    llama-completion's, GPT-2 124M in q8_0): the total covers prompt, decode and sampling, as our
+    timing does; the prompt's token count checks that both read the same prompt."""
+    import bench_generate
+    log = """0.00.740.981 I common_perf_print:    sampling time =       4.26 ms
+0.00.740.990 I common_perf_print:        load time =     285.01 ms
+0.00.740.992 I common_perf_print: prompt eval time =      24.26 ms /     6 tokens (    4.04 ms per token,   247.31 tokens per second)
+0.00.740.993 I common_perf_print:        eval time =     257.70 ms /    31 runs   (    8.31 ms per token,   120.29 tokens per second)
+0.00.740.994 I common_perf_print:       total time =     289.67 ms /    37 tokens
+"""
+    assert bench_generate.llama_cpp_timings(log) == {"total_ms": 289.67, "prompt_tokens": 6}
+    assert bench_generate.llama_cpp_timings("main: error: unknown argument: -no-cnv\n") is None
