@@ -82,3 +82,17 @@ def lora_merged(model):
             for (name, m), w in zip(layers, saved):
                 m.base.weight.copy_(w)
                 _replace(model, name, m)
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The model without its adapters (the base layers put back, untouched) for as long as the
+    context lasts: the model training started from, which DPO needs as its reference."""
+    layers = _lora_layers(model)
+    for name, m in layers:
+        _replace(model, name, m.base)
+    try:
+        yield model
+    finally:
+        for name, m in layers:
+            _replace(model, name, m)

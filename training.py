@@ -56,7 +56,22 @@ def lr_at(step, max_lr, warmup_steps, max_steps, min_lr):
 
 # ----------------------------------------------------------------------------- the step and evaluation
 
-def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=contextlib.nullcontext, stats=None):
+class TokenCrossEntropy:
+    """train_step's usual objective: the cross-entropy of every learned token (y != -100), so the unit
+    a step averages over is the token. Another objective (preference.DPOObjective) gives its own
+    count(batch) of units and loss_sum(model, batch, n), the loss summed over the batch's n units."""
+
+    def count(self, batch):
+        return int((batch[1] != IGNORE).sum())
+
+    def loss_sum(self, model, batch, n):
+        logits, loss = model(*batch)  # mean over this micro-batch's learned tokens
+        # back to a sum (a micro-batch with nothing to learn still runs backward: DDP needs every rank's)
+        return loss * n if n else logits.sum() * 0.0
+
+
+def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=contextlib.nullcontext, stats=None,
+               objective=TokenCrossEntropy()):
     """One optimizer step over a list of (x, y) micro-batches; returns the loss (a float).
 
     The loss is the sum of the token cross-entropies over ALL micro-batches divided by the number
@@ -64,11 +79,12 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=cont
     batch of 8 exactly, however unevenly the learned tokens fall. Under DDP (`model` a DDP
     wrapper) the count is summed over every process and gradients are all-reduced only once, on
     the last micro-batch, so N processes compute what one process would on the whole batch.
-    `stats`, when a dict, receives the gradient norm before clipping."""
+    `stats`, when a dict, receives the gradient norm before clipping. `objective`: what is summed
+    and over which units (TokenCrossEntropy)."""
     ddp = isinstance(model, DDP)
     world = dist.get_world_size() if ddp else 1
     device = next(model.parameters()).device
-    counts = [int((y != IGNORE).sum()) for _, y in micro_batches]
+    counts = [objective.count(batch) for batch in micro_batches]
     n_total = torch.tensor(sum(counts), device=device)
     if ddp:
         dist.all_reduce(n_total)
@@ -82,9 +98,7 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=cont
         with sync:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
-                logits, loss = model(x, y)  # mean over this micro-batch's learned tokens
-            # back to a sum (a micro-batch with nothing to learn still runs backward: DDP needs every rank's)
-            part = loss * n if n else logits.sum() * 0.0
+                part = objective.loss_sum(model, (x, y), n)
             # DDP averages gradients over processes; scaling by world undoes that, leaving sum / n_total
             (part * (world / n_total)).backward()
         loss_sum += part.detach()

@@ -395,8 +395,8 @@ def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_p
     """Ctrl-C reaches every process of the terminal's foreground group: the tokenizing workers ignore
     it, the main process stops them, removes its partial file and exits 130, without a traceback."""
     src, out = tmp_path / "big.txt", tmp_path / "prep"
-    # ~27 MB: 2 workers with ~10 s of work, stopped after the first second or so
-    src.write_text((made_data / "stories.txt").read_text() * 24)
+    # ~100 MB of simple stories: 2 workers with several seconds of work, stopped after the first second or so
+    src.write_text((made_data / "stories.txt").read_text() * 600)
     proc = subprocess.Popen([sys.executable, "data.py", "pretrain", str(src), "--out", str(out), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)  # its own process group, as a terminal's job is

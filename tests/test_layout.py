@@ -4,8 +4,8 @@ import ast
 from conftest import ROOT
 
 LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "sampling", "inference", "kernels", "runner",
-             "engine", "openai_api", "training", "lora", "scoring"}
-SCRIPTS = {"train", "sft", "generate", "serve", "synth", "export", "eval"}
+             "engine", "openai_api", "training", "lora", "scoring", "preference"}
+SCRIPTS = {"train", "sft", "dpo", "generate", "serve", "synth", "export", "eval"}
 
 
 def project_imports(path, modules):

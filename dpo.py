@@ -1,0 +1,187 @@
+"""Preference tuning with DPO: after SFT, teach the model which of two answers people prefer.
+
+    python dpo.py --model out/sft --data pairs.jsonl                 # the whole model, a frozen copy as reference
+    python dpo.py --model out/sft --data pairs.jsonl --lora-rank 8   # adapters; the reference is the model without them
+    python dpo.py --model out/sft --data pairs.jsonl --loss ipo --beta 0.5
+
+--data holds preference pairs: {prompt or messages, chosen, rejected}, the answers as strings or
+message lists (TRL's and UltraFeedback-binarized's layouts), or HH-RLHF's two transcripts
+(preference.py reads them all). Each pair is rendered in the model's chat template (the one its
+checkpoint records; --template otherwise) and only the final answers' tokens are scored. The loss
+and the reference model are explained in preference.py; the optimizer step is training.train_step,
+with the pair as the unit gradient accumulation averages over.
+
+Every --eval-interval steps the held-out pairs (--val-frac) are scored: the loss and TRL's metrics,
+rewards/accuracies being the held-out preference accuracy. Everything goes to OUT/log.jsonl; the
+trained model (LoRA merged) is written to OUT as a plain checkpoint with its template, and
+OUT/training_metadata.json holds the first and last held-out metrics.
+
+Not yet: --resume (a stopped run starts over; a finished one is never overwritten without
+--overwrite).
+"""
+
+import argparse
+import copy
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, autocast_for, check_flags,
+                    device_or_die, die, write_json_atomic, write_or_die)
+from data import DataError, split_dataset
+from gpt import load_or_die
+from lora import add_lora, lora_merged
+from preference import LOSS_TYPES, DPOObjective, encode_pairs, evaluate_pairs, pair_batches, read_pairs
+from tokenizer import TEMPLATES, get_tokenizer
+from training import (lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
+                      train_step)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    p.add_argument("--model", default="out/sft", help="the fine-tuned model to start from (a checkpoint directory)")
+    p.add_argument("--data", required=True, help="a JSON or JSONL file of preference pairs")
+    p.add_argument("--template", choices=TEMPLATES, default=None,
+                   help="chat template (default: the one the model's checkpoint records)")
+    p.add_argument("--out", default="out/dpo", help="output directory: the model, log.jsonl, training_metadata.json")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out instead of refusing")
+    p.add_argument("--beta", type=float, default=0.1, help="how far from the reference the model may move (small: far)")
+    p.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid", help="DPO's sigmoid loss, or IPO's squared one")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="the share of pairs assumed mislabelled (sigmoid loss only; conservative DPO)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=4, help="pairs per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=float, default=None, help="peak learning rate (default: 5e-6, or 5e-5 with LoRA)")
+    p.add_argument("--warmup-steps", type=int, default=None, help="default: 10%% of the steps")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this (0: off)")
+    p.add_argument("--max-len", type=int, default=None, help="longest prompt plus answer, tokens (default: the context)")
+    p.add_argument("--val-frac", type=float, default=0.1, help="share of the pairs held out")
+    p.add_argument("--eval-interval", type=int, default=None, help="steps between held-out evaluations (default: ~5 per run)")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank; 0 = the whole model")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA scale: the update is (alpha / rank) B A")
+    p.add_argument("--lora-targets", default="c_attn,c_proj", help="comma-separated linear layers to adapt")
+    p.add_argument("--seed", type=int, default=1337, help="seeds the split and the batch order")
+    p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
+    args = p.parse_args(argv)
+    check_flags(args, beta=POSITIVE, label_smoothing=(lambda v: 0 <= v < 0.5, "in [0, 0.5)"), epochs=POSITIVE,
+                max_steps=AT_LEAST_1, batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, lr=POSITIVE,
+                warmup_steps=NON_NEGATIVE, grad_clip=NON_NEGATIVE, max_len=(lambda v: v >= 2, "at least 2"),
+                val_frac=(lambda v: 0 < v < 1, "in (0, 1)"), eval_interval=AT_LEAST_1, lora_rank=NON_NEGATIVE,
+                lora_alpha=POSITIVE)
+    if args.label_smoothing and args.loss == "ipo":
+        die("--label-smoothing is for the sigmoid loss; IPO has none")
+    args.lr = args.lr or (5e-5 if args.lora_rank else 5e-6)
+    refuse_to_overwrite_weights("--model", args.model, args.out, [args.out])
+    return args
+
+
+def load_data(args, template, max_len, enc):
+    """(train pairs, held-out pairs), encoded, or a one-line error."""
+    try:
+        pairs = read_pairs(args.data)
+        train, val, _ = split_dataset(pairs, args.val_frac, 0.0, args.seed)
+    except DataError as e:
+        die(str(e))
+    (train, dropped), (val, dropped_val) = (encode_pairs(part, template, max_len, enc) for part in (train, val))
+    if dropped or dropped_val:
+        print(f"{dropped + dropped_val} pairs longer than --max-len {max_len} left out")
+    if not train or not val:
+        die(f"no training or held-out pair fits in --max-len {max_len}")
+    return train, val
+
+
+def batches_forever(pairs, batch_size, seed):
+    """Micro-batches of training pairs, a fresh seeded shuffle each epoch."""
+    rng = random.Random(seed)
+    while True:
+        order = pairs[:]
+        rng.shuffle(order)
+        yield from pair_batches(order, batch_size)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    out = Path(args.out)
+    refuse_to_overwrite_a_run(out, out, "dpo_args", args.overwrite)
+    torch.manual_seed(args.seed)
+    device = str(device_or_die(args.device))
+    enc = get_tokenizer()
+    model = load_or_die(args.model, device=device)
+    template = args.template or model.checkpoint_info.get("template")
+    if template is None:
+        die(f"{args.model} records no chat template (it was never fine-tuned by sft.py): run sft.py first, or "
+            "give --template")
+    max_len = args.max_len or model.config.block_size
+    train, val = load_data(args, template, min(max_len, model.config.block_size), enc)
+    if args.lora_rank:
+        reference = None  # the model with its adapters off
+        try:
+            add_lora(model, args.lora_rank, args.lora_alpha, [t.strip() for t in args.lora_targets.split(",")])
+        except ValueError as e:
+            die(str(e))
+    else:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    steps = args.max_steps or max(1, math.ceil(args.epochs * len(train) / (args.batch_size * args.grad_accum)))
+    warmup = args.warmup_steps if args.warmup_steps is not None else steps // 10
+    eval_interval = args.eval_interval or max(1, steps // 5)
+    optimizer = make_optimizer(model, args.lr, weight_decay=0.0, device_type=torch.device(device).type, verbose=False)
+    autocast = autocast_for(device)
+    objective = DPOObjective(reference, args.beta, args.loss, args.label_smoothing)
+    val_batches = list(pair_batches(val, args.batch_size))
+    batches = batches_forever(train, args.batch_size, args.seed)
+    print(f"DPO on {len(train)} pairs ({len(val)} held out), template {template!r}, beta {args.beta}, {args.loss} loss, "
+          f"{steps} steps of {args.batch_size} x {args.grad_accum} pairs on {device}"
+          + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
+    make_run_dir(out)
+
+    def held_out(step):
+        metrics = evaluate_pairs(model, val_batches, objective, autocast)
+        model.train()
+        log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
+        log.flush()
+        tqdm.write(f"step {step}: held-out loss {metrics['loss']:.4f}, preference accuracy "
+                   f"{metrics['rewards/accuracies']:.0%}, reward margin {metrics['rewards/margins']:+.4f}")
+        return metrics
+
+    t0 = time.time()
+    with open(out / "log.jsonl", "w") as log:
+        first = held_out(0)
+        for step in tqdm(range(1, steps + 1), desc="dpo", disable=None):
+            lr = lr_at(step - 1, args.lr, warmup, steps, args.lr * 0.1)
+            micro = [tuple(t.to(device) for t in next(batches)) for _ in range(args.grad_accum)]
+            n_pairs = sum(x.shape[0] // 2 for x, _ in micro)
+            objective.metrics = {}
+            loss = train_step(model, optimizer, micro, lr, grad_clip=args.grad_clip, autocast=autocast,
+                              objective=objective)
+            log.write(json.dumps({"step": step, "loss": loss, "lr": lr,
+                                  **{k: v / n_pairs for k, v in objective.metrics.items()}}) + "\n")
+            if step % eval_interval == 0 or step == steps:
+                last = held_out(step)
+    model.eval()
+    with write_or_die(out):
+        with lora_merged(model):
+            model.save_checkpoint(out, template=template, base_model=str(args.model), data=str(args.data), step=steps,
+                                  dpo_args={k: v for k, v in vars(args).items() if k != "overwrite"}, max_steps=steps)
+        write_json_atomic(out / "training_metadata.json", {
+            "base_model": str(args.model), "data": str(args.data), "template": template,
+            "pairs": {"train": len(train), "held_out": len(val)},
+            "hyperparameters": {**{k: v for k, v in vars(args).items() if k not in ("model", "data", "out")},
+                                "max_steps": steps, "warmup_steps": warmup},
+            "held_out": {"first": first, "last": last}, "time_s": round(time.time() - t0, 1)})
+    print(f"held-out preference accuracy {first['rewards/accuracies']:.0%} -> {last['rewards/accuracies']:.0%}, "
+          f"reward margin {first['rewards/margins']:+.4f} -> {last['rewards/margins']:+.4f}; model and log in {out}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except KeyboardInterrupt:  # nothing finished is lost: the model is written only at the end
+        sys.exit(130)
