@@ -3,10 +3,13 @@
     python dpo.py --model out/sft --data pairs.jsonl                 # the whole model, a frozen copy as reference
     python dpo.py --model out/sft --data pairs.jsonl --lora-rank 8   # adapters; the reference is the model without them
     python dpo.py --model out/sft --data pairs.jsonl --loss ipo --beta 0.5
+    python dpo.py --model out/sft --pairs-from alpaca                # pairs made from the model's own answers
 
 --data holds preference pairs: {prompt or messages, chosen, rejected}, the answers as strings or
 message lists (TRL's and UltraFeedback-binarized's layouts), or HH-RLHF's two transcripts
-(preference.py reads them all). Each pair is rendered in the model's chat template (the one its
+(preference.py reads them all). Without pairs, --pairs-from takes an SFT dataset instead: its
+answers become the chosen ones and the model's own greedy answers to the same prompts (all in one
+engine batch) the rejected ones, written to OUT/pairs.jsonl first. Each pair is rendered in the model's chat template (the one its
 checkpoint records; --template otherwise) and only the final answers' tokens are scored. The loss
 and the reference model are explained in preference.py; the optimizer step is training.train_step,
 with the pair as the unit gradient accumulation averages over.
@@ -33,11 +36,12 @@ import torch
 from tqdm import tqdm
 
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, autocast_for, check_flags,
-                    device_or_die, die, write_json_atomic, write_or_die)
-from data import DataError, split_dataset
+                    device_or_die, die, replace_atomically, write_json_atomic, write_or_die)
+from data import DataError, load_conversations, split_dataset
 from gpt import load_or_die
 from lora import add_lora, lora_merged
-from preference import LOSS_TYPES, DPOObjective, encode_pairs, evaluate_pairs, pair_batches, read_pairs
+from preference import (LOSS_TYPES, DPOObjective, encode_pairs, evaluate_pairs, pair_batches, pairs_from_answers,
+                        read_pairs)
 from tokenizer import TEMPLATES, get_tokenizer
 from training import (lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
                       train_step)
@@ -46,7 +50,13 @@ from training import (lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_a
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="out/sft", help="the fine-tuned model to start from (a checkpoint directory)")
-    p.add_argument("--data", required=True, help="a JSON or JSONL file of preference pairs")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="a JSON or JSONL file of preference pairs")
+    source.add_argument("--pairs-from", metavar="DATA",
+                        help="an SFT dataset (alpaca | dolly | guanaco or a file, as sft.py's --data): its answers "
+                             "chosen, the model's own rejected")
+    p.add_argument("--max-pairs", type=int, default=1000, help="with --pairs-from: conversations to answer (a seeded sample)")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="with --pairs-from: the longest answer the model writes")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="chat template (default: the one the model's checkpoint records)")
     p.add_argument("--out", default="out/dpo", help="output directory: the model, log.jsonl, training_metadata.json")
@@ -75,7 +85,7 @@ def parse_args(argv=None):
                 max_steps=AT_LEAST_1, batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, lr=POSITIVE,
                 warmup_steps=NON_NEGATIVE, grad_clip=NON_NEGATIVE, max_len=(lambda v: v >= 2, "at least 2"),
                 val_frac=(lambda v: 0 < v < 1, "in (0, 1)"), eval_interval=AT_LEAST_1, lora_rank=NON_NEGATIVE,
-                lora_alpha=POSITIVE)
+                lora_alpha=POSITIVE, max_pairs=AT_LEAST_1, max_new_tokens=AT_LEAST_1)
     if args.label_smoothing and args.loss == "ipo":
         die("--label-smoothing is for the sigmoid loss; IPO has none")
     args.lr = args.lr or (5e-5 if args.lora_rank else 5e-6)
@@ -83,10 +93,10 @@ def parse_args(argv=None):
     return args
 
 
-def load_data(args, template, max_len, enc):
+def load_data(args, model, template, max_len, enc):
     """(train pairs, held-out pairs), encoded, or a one-line error."""
     try:
-        pairs = read_pairs(args.data)
+        pairs = read_pairs(args.data) if args.data else make_pairs(args, model, template, enc)
         train, val, _ = split_dataset(pairs, args.val_frac, 0.0, args.seed)
     except DataError as e:
         die(str(e))
@@ -96,6 +106,24 @@ def load_data(args, template, max_len, enc):
     if not train or not val:
         die(f"no training or held-out pair fits in --max-len {max_len}")
     return train, val
+
+
+def make_pairs(args, model, template, enc):
+    """--pairs-from: the dataset's answers chosen, the model's own rejected; saved in OUT/pairs.jsonl."""
+    conversations = load_conversations(args.pairs_from)
+    if len(conversations) > args.max_pairs:
+        conversations = random.Random(args.seed).sample(conversations, args.max_pairs)
+    pairs, left_out = pairs_from_answers(model, conversations, template, args.max_new_tokens, enc)
+    if not pairs:
+        raise DataError(f"{args.pairs_from}: the model answered none of {len(conversations)} prompts differently "
+                        "from the dataset, or none fits the context")
+    make_run_dir(args.out)
+    path = Path(args.out) / "pairs.jsonl"
+    with write_or_die(path):
+        replace_atomically(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs)))
+    print(f"{len(pairs)} pairs from {args.pairs_from} (the dataset's answers chosen, {args.model}'s rejected) in {path}"
+          + (f"; {left_out} left out (no question that fits, or the same answer)" if left_out else ""))
+    return pairs
 
 
 def batches_forever(pairs, batch_size, seed):
@@ -120,7 +148,7 @@ def main(argv=None):
         die(f"{args.model} records no chat template (it was never fine-tuned by sft.py): run sft.py first, or "
             "give --template")
     max_len = args.max_len or model.config.block_size
-    train, val = load_data(args, template, min(max_len, model.config.block_size), enc)
+    train, val = load_data(args, model, template, min(max_len, model.config.block_size), enc)
     if args.lora_rank:
         reference = None  # the model with its adapters off
         try:
@@ -168,10 +196,10 @@ def main(argv=None):
     model.eval()
     with write_or_die(out):
         with lora_merged(model):
-            model.save_checkpoint(out, template=template, base_model=str(args.model), data=str(args.data), step=steps,
+            model.save_checkpoint(out, template=template, base_model=str(args.model), data=str(args.data or args.pairs_from), step=steps,
                                   dpo_args={k: v for k, v in vars(args).items() if k != "overwrite"}, max_steps=steps)
         write_json_atomic(out / "training_metadata.json", {
-            "base_model": str(args.model), "data": str(args.data), "template": template,
+            "base_model": str(args.model), "data": str(args.data or args.pairs_from), "template": template,
             "pairs": {"train": len(train), "held_out": len(val)},
             "hyperparameters": {**{k: v for k, v in vars(args).items() if k not in ("model", "data", "out")},
                                 "max_steps": steps, "warmup_steps": warmup},

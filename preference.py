@@ -29,7 +29,8 @@ import torch.nn.functional as F
 
 from data import DataError, collate, read_records, to_conversation
 from lora import adapters_off
-from tokenizer import IGNORE, encode_conversation, encode_prompt
+from scoring import answer_conversations
+from tokenizer import IGNORE, encode_conversation, encode_prompt, get_tokenizer
 
 LOSS_TYPES = ("sigmoid", "ipo")
 
@@ -102,6 +103,19 @@ def read_pairs(path):
     if not pairs:
         raise DataError(f"{path}: no preference pairs")
     return pairs
+
+
+def pairs_from_answers(model, conversations, template, max_new_tokens, enc=None):
+    """Preference pairs from what a fine-tuner already has: a dataset's answer as `chosen` and the
+    model's own greedy answer to the same prompt as `rejected` (LLMs-from-scratch's recipe, there
+    with a stronger model writing the chosen answers), all answered through the engine in one batch.
+    An answer the model already gives word for word teaches nothing and is left out. Returns (the
+    pairs, how many conversations gave none)."""
+    answers, skipped = answer_conversations(model, conversations, template, max_new_tokens, enc or get_tokenizer())
+    pairs = [{"prompt": a["conversation"], "chosen": a["reference"].strip(), "rejected": a["response"].strip()}
+             for a in answers]
+    kept = [p for p in pairs if p["rejected"] and p["chosen"] and p["rejected"] != p["chosen"]]
+    return kept, skipped + len(pairs) - len(kept)
 
 
 # ----------------------------------------------------------------------------- encoding

@@ -187,9 +187,9 @@ NEXT_TURN = {"alpaca": "### Instruction", "chat": "User:"}  # what an answer tha
 def answer_conversations(model, conversations, template, max_new_tokens, enc, max_num_seqs=64):
     """Greedy answers to each conversation's last question, all through the engine in one batch.
     The prompt is the conversation up to its last answer (oldest turns dropped where it does not
-    fit); the reference is that answer. Returns ([{prompt, reference, response, finish_reason,
-    tokens}], how many conversations could not be asked: no question before their last answer, or
-    a question longer than the context)."""
+    fit: `conversation` is what was kept); the reference is that answer. Returns ([{prompt,
+    conversation, reference, response, finish_reason, tokens}], how many conversations could not be
+    asked: no question before their last answer, or a question longer than the context)."""
     asked, skipped = [], 0
     for conv in conversations:
         if len(conv) < 2 or conv[-2]["role"] != "user":
@@ -200,13 +200,14 @@ def answer_conversations(model, conversations, template, max_new_tokens, enc, ma
         except PromptTooLong:
             skipped += 1
             continue
-        asked.append((ids, format_prompt(kept, template), conv[-1]["content"]))
+        asked.append((ids, kept, conv[-1]["content"]))
     if not asked:
         return [], skipped
     engine = Engine(model, enc, max_num_seqs=min(max_num_seqs, len(asked)), cuda_graph=False)
     outputs = engine.generate([ids for ids, _, _ in asked], SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
-    return [{"prompt": prompt, "reference": reference, "response": out.text, "finish_reason": out.finish_reason,
-             "tokens": len(out.token_ids)} for (_, prompt, reference), out in zip(asked, outputs)], skipped
+    return [{"prompt": format_prompt(kept, template), "conversation": kept, "reference": reference, "response": out.text,
+             "finish_reason": out.finish_reason, "tokens": len(out.token_ids)}
+            for (_, kept, reference), out in zip(asked, outputs)], skipped
 
 
 def answer_signals(answers, template):

@@ -490,10 +490,12 @@ def test_cli_help_for_each_command(capsys):
 # ----------------------------------------------------------------------------- the whole life, end to end
 
 def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, made_data, one_thread, capsys):
-    """A tiny pretrain, sft --quick on it, then eval.py's four commands, the judge being our own
-    server serving the fine-tuned model: the plumbing of the whole life, on the fixtures."""
+    """A tiny pretrain, sft --quick on it, preference pairs from the SFT model's answers and DPO on
+    them, then eval.py's four commands, the judge being our own server serving the fine-tuned model:
+    the plumbing of the whole life, on the made data."""
     import threading
     import data
+    import dpo
     import sft
     import train
     from engine import Engine
@@ -509,6 +511,15 @@ def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, made_data, one_
               "--batch-size", "2", "--max-new-tokens", "8", "--lr", "1e-3", "--max-steps", "8"])
     signals = json.loads((tmp_path / "sft" / "training_metadata.json").read_text())["answer_signals"]
     assert signals["base"]["answers"] == signals["fine_tuned"]["answers"] == 10
+    # preference pairs from the SFT model's own answers (rejected) and the dataset's (chosen), then DPO
+    dpo.main(["--model", str(tmp_path / "sft"), "--pairs-from", str(made_data / "instructions.json"), "--max-pairs", "24",
+              "--max-new-tokens", "8", "--out", str(tmp_path / "dpo"), "--max-steps", "4", "--batch-size", "2",
+              "--lr", "1e-3", "--eval-interval", "2", "--device", "cpu"])
+    pairs = [json.loads(line) for line in (tmp_path / "dpo" / "pairs.jsonl").read_text().splitlines()]
+    assert 16 <= len(pairs) <= 24 and all(p["chosen"] != p["rejected"] for p in pairs)
+    held_out = json.loads((tmp_path / "dpo" / "training_metadata.json").read_text())["held_out"]
+    assert held_out["first"]["rewards/margins"] == 0 < held_out["last"]["rewards/margins"]
+    assert held_out["last"]["rewards/accuracies"] > held_out["first"]["rewards/accuracies"] == 0
     capsys.readouterr()
     text = tmp_path / "story.txt"
     text.write_text((made_data / "stories.txt").read_text()[-3000:])  # (not trained on)
@@ -522,7 +533,7 @@ def test_end_to_end_pretrain_sft_then_every_evaluation(tmp_path, made_data, one_
     questions.write_text("".join(json.dumps({"context": c, "choices": e, "label": label}) + "\n" for c, e, label in ITEMS))
     run_eval("choice", str(tmp_path / "sft"), str(questions), "--out", str(tmp_path / "choice.json"))
     assert json.loads((tmp_path / "choice.json").read_text())["questions"] == 4
-    run_eval("signals", str(tmp_path / "sft"), str(made_data / "instructions.json"), "--limit", "5",
+    run_eval("signals", str(tmp_path / "dpo"), str(made_data / "instructions.json"), "--limit", "5",
              "--max-new-tokens", "8", "--out", str(tmp_path / "signals.json"))
     assert json.loads((tmp_path / "signals.json").read_text())["answers"] == 5
     srv = make_server(Engine(GPT.from_pretrained(tmp_path / "sft"), max_num_seqs=4), port=0, model_name="sft",
