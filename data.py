@@ -7,6 +7,7 @@ Two parts, one per kind of training (tokenizer.py turns a conversation into toke
 """
 
 import argparse
+import gzip
 import itertools
 import json
 import multiprocessing
@@ -16,6 +17,7 @@ import re
 import signal
 import sys
 import threading
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -290,6 +292,15 @@ def get_batch(tokens, position, batch_size, seq_len):
 #   chat      {"messages": [{"role", "content"}, ...]}                  JSONL (OpenAI / UltraChat style)
 #   sharegpt  {"conversations": [{"from", "value"}, ...]}               JSONL
 #   ultrachat {"id", "data": ["user text", "assistant text", ...]}       JSONL (the raw UltraChat files)
+#   openorca  {"system_prompt", "question", "response"}                 JSONL / parquet rows
+#   dialogue  {"dialog": ["turn", "turn", ...]} (daily_dialog), or blended_skill_talk's
+#             {"previous_utterance": [...], "free_messages": [...], "guided_messages": [...]}: turns
+#             alternate, the first speaker as the user
+#   prompt/completion {"prompt", "completion"}: strings, or message lists (TRL's conversational form)
+#   text      {"text": "..."} with no Guanaco markers: a document, every token of it learned (in the
+#             chat layout, " text<|endoftext|>"; sft.py picks that layout for such data)
+#
+# Any of them may be gzipped (name.jsonl.gz, as OpenAssistant's tree exports ship).
 #
 # A record that fits none of them stops loading with an error naming the file and line: training on
 # a silently half-read file is worse than not training at all.
@@ -311,11 +322,14 @@ def read_records(path):
     is where each record starts, so an error can still point into the file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark is skipped, not an error
+        raw = path.read_bytes()
+        if raw[:2] == b"\x1f\x8b":  # gzip's magic number, whatever the file's name
+            raw = gzip.decompress(raw)
+        text = raw.decode("utf-8-sig")  # -sig: a byte-order mark is skipped, not an error
     except UnicodeDecodeError as e:  # the line, not the byte offset Python's message gives
         line = e.object.count(b"\n", 0, e.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
-    except OSError as e:
+    except (OSError, EOFError, zlib.error) as e:  # (a truncated or corrupt gzip file too)
         raise DataError(f"{path}: cannot read ({e})") from None
     if text.lstrip().startswith("["):
         yield from _json_list_records(path, text)
@@ -444,10 +458,45 @@ def to_conversation(record):
         return _single_turn(_text(record, "instruction"), _text(record, "input"), _text(record, "output"))
     if "instruction" in record and "response" in record:
         return _single_turn(_text(record, "instruction"), _text(record, "context"), _text(record, "response"))
+    if "question" in record and "response" in record:  # OpenOrca
+        system = _text(record, "system_prompt")
+        return ([{"role": "system", "content": system}] if system else []) + \
+            _single_turn(_text(record, "question"), "", _text(record, "response"))
+    if "dialog" in record or "free_messages" in record:
+        turns = record["dialog"] if "dialog" in record else _blended_skill_talk(record)
+        if not isinstance(turns, list) or not all(isinstance(t, str) for t in turns):
+            raise ValueError("a dialogue's turns must be a list of strings")
+        return [{"role": ("user", "assistant")[i % 2], "content": t.strip()} for i, t in enumerate(turns)]
+    if "prompt" in record and "completion" in record:
+        return _from_prompt_completion(record["prompt"], record["completion"])
     if isinstance(record.get("text"), str) and GUANACO_TURN.search(record["text"]):
         return _from_guanaco(record["text"])
+    if isinstance(record.get("text"), str):
+        return [{"role": "assistant", "content": record["text"].strip()}]
     raise ValueError(f"fits no known format (keys: {', '.join(sorted(record)) or 'none'}); expected "
-                     f"alpaca, dolly, guanaco, oasst, chat 'messages', sharegpt or ultrachat")
+                     f"alpaca, dolly, guanaco, oasst, chat 'messages', sharegpt, ultrachat, openorca, dialog, "
+                     f"prompt/completion or text")
+
+
+def _blended_skill_talk(record):
+    """blended_skill_talk's turns in order: the two seed utterances, then free and guided speaker
+    alternating (the free speaker opens)."""
+    free, guided = record.get("free_messages") or [], record.get("guided_messages") or []
+    if not isinstance(free, list) or not isinstance(guided, list):
+        raise ValueError("free_messages and guided_messages must be lists")
+    turns = list(record.get("previous_utterance") or [])
+    for a, b in itertools.zip_longest(free, guided):
+        turns += [t for t in (a, b) if t is not None]
+    return turns
+
+
+def _from_prompt_completion(prompt, completion):
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return _single_turn(prompt.strip(), "", completion.strip())
+    if isinstance(prompt, list) and isinstance(completion, list):
+        roles = {"system": "system", "user": "user", "assistant": "assistant"}
+        return _from_turns(prompt, "role", "content", roles) + _from_turns(completion, "role", "content", roles)
+    raise ValueError("prompt and completion must both be strings or both be lists of messages")
 
 
 def _trainable(conversation):
@@ -504,7 +553,8 @@ def is_multi_turn(conversation):
 def default_template(conversations):
     """alpaca for single-turn data (what its instructions were written for), chat when any
     conversation has more than one answer (the alpaca layout reads badly as a dialogue)."""
-    return "chat" if any(is_multi_turn(c) for c in conversations) else "alpaca"
+    return "chat" if any(is_multi_turn(c) or not any(t["role"] == "user" for t in c) for c in conversations) \
+        else "alpaca"
 
 
 def split_dataset(items, val_frac, test_frac, seed):

@@ -9,6 +9,7 @@ At the end, data.py's pretraining preparation (section 1) as a command: redone w
 changes, and Ctrl-C in the middle of it.
 """
 import itertools
+import gzip
 import json
 import os
 import signal
@@ -142,6 +143,42 @@ def test_chat_messages_sharegpt_and_ultrachat_mask():
     check_example(conv[3], "chat", [
         ("User: Is water wet?\nAssistant:", False), (" It makes things wet.", True), (EOT, True), ("\n", False),
         ("User: Is ice?\nAssistant:", False), (" Only when it melts.", True), (EOT, True)])
+
+
+def test_openorca_dialogues_prompt_completion_and_text_mask(tmp_path):
+    """The layouts the fine-tuning guides use beyond the classic ones, gzipped JSONL among them."""
+    records = [
+        {"id": "niv.1", "system_prompt": "You are terse.", "question": "Name a color.", "response": "Blue."},
+        {"id": "cot.2", "system_prompt": "", "question": "2 + 2?", "response": "4."},
+        {"dialog": ["Hi there.", "Hello!", "How are you?", "Fine.", "Bye."], "act": [1, 1, 2, 1, 1]},
+        {"personas": ["i like tea."], "previous_utterance": ["I like tea.", "Me too."],
+         "free_messages": ["Green or black?", "Why?"], "guided_messages": ["Green.", "It is light."]},
+        {"prompt": "Say yes.", "completion": "Yes."},
+        {"prompt": [{"role": "user", "content": "Say no."}], "completion": [{"role": "assistant", "content": "No."}]},
+        {"text": "Once upon a time there was a cat."},
+    ]
+    path = tmp_path / "mixed.jsonl.gz"
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    conv = load_conversations(path)
+    assert len(conv) == 7
+    check_example(conv[0], "chat", [("You are terse.\n\n", False), ("User: Name a color.\nAssistant:", False),
+                                    (" Blue.", True), (EOT, True)])
+    assert conv[1] == [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4."}]  # no system
+    # daily_dialog: turns alternate from the user; the unanswered last one is dropped
+    assert [t["role"] for t in conv[2]] == ["user", "assistant", "user", "assistant"]
+    check_example(conv[2], "chat", [("User: Hi there.\nAssistant:", False), (" Hello!", True), (EOT, True),
+                                    ("\n", False), ("User: How are you?\nAssistant:", False), (" Fine.", True),
+                                    (EOT, True)])
+    # blended_skill_talk: the seed utterances, then free (user) and guided (assistant) speakers in turn
+    assert [t["content"] for t in conv[3]] == ["I like tea.", "Me too.", "Green or black?", "Green.", "Why?",
+                                               "It is light."]
+    assert [t["role"] for t in conv[3]] == ["user", "assistant"] * 3
+    check_example(conv[4], "alpaca", [(ALPACA_PREAMBLE, False), ("### Instruction:\nSay yes.\n\n### Response:\n", False),
+                                      ("Yes.", True), (EOT, True)])
+    assert conv[5] == [{"role": "user", "content": "Say no."}, {"role": "assistant", "content": "No."}]
+    # plain text: a document, every token learned (the chat layout, which such data gets by default)
+    check_example(conv[6], "chat", [(" Once upon a time there was a cat.", True), (EOT, True)])
+    assert default_template([conv[6]]) == "chat" and default_template([conv[4]]) == "alpaca"
 
 
 def render(conversation, template):
@@ -283,7 +320,11 @@ def test_split_is_seeded_disjoint_and_complete():
     ("bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"question": "c"}\n]\n', ":3:", "fits no known"),
     ("bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", \n]\n', ":4:", "invalid JSON"),
     ("bad.json", '[\n  {"instruction": "a", "output": "b"}\n', "", "never closed"),
-    ("bad.jsonl", '{"text": "no markers here"}\n', ":1:", "fits no known format"),
+    ("bad.jsonl", '{"text": ["not", "a", "string"]}\n', ":1:", "fits no known format"),
+    ("bad.jsonl", '{"dialog": ["Hi", 3]}\n', ":1:", "a dialogue's turns must be a list of strings"),
+    ("bad.jsonl", '{"prompt": "Hi", "completion": [{"role": "assistant", "content": "x"}]}\n', ":1:",
+     "both be strings or both be lists"),
+    ("cut.jsonl.gz", None, "", "cannot read"),  # a gzip file cut short
     # two JSON files concatenated: the second list must not be dropped without a word
     ("two.json", '[\n  {"instruction": "a", "output": "b"}\n]\n\n[{"instruction": "c", "output": "d"}]\n', ":5:",
      "extra data after the JSON list"),
@@ -291,7 +332,10 @@ def test_split_is_seeded_disjoint_and_complete():
 ])
 def test_malformed_record_names_file_and_line(tmp_path, name, text, where, what):
     path = tmp_path / name
-    path.write_text(text)
+    if text is None:
+        path.write_bytes(gzip.compress(b'{"instruction": "a", "output": "b"}\n' * 100)[:40])
+    else:
+        path.write_text(text)
     with pytest.raises(DataError) as e:
         load_conversations(path)
     assert str(path) + where in str(e.value) and what in str(e.value)
