@@ -574,14 +574,17 @@ def split_dataset(items, val_frac, test_frac, seed):
 # to the position *before* its token. Padding goes on the right with label IGNORE; masking is done
 # by label, never by "token == pad", because the pad token (EOT) is also the learned end of answer.
 
-def encode_examples(conversations, template, max_len, enc=None, log=print):
+def encode_examples(conversations, template, max_len, enc=None, log=print, learn_prompt=False):
     """Encode conversations into examples of at most max_len + 1 tokens (so x and y hold max_len).
     A longer example is cut at the end; one with nothing left to learn is dropped. Both are counted
-    and printed, never silent. Returns (examples, stats)."""
+    and printed, never silent. `learn_prompt`: every token is learned, the prompts' too (sft.py
+    --no-mask), not only the answers'. Returns (examples, stats)."""
     enc = enc or get_tokenizer()
     examples, stats = [], {"examples": 0, "truncated": 0, "dropped": 0, "tokens_cut": 0, "learned_tokens": 0}
     for conversation in tqdm(conversations, desc="tokenizing", unit="conv", disable=None, leave=False):
         ids, labels = encode_conversation(conversation, template, enc)
+        if learn_prompt:
+            labels = list(ids)
         if len(ids) > max_len + 1:
             stats["truncated"] += 1
             stats["tokens_cut"] += len(ids) - (max_len + 1)

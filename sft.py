@@ -107,6 +107,10 @@ def build_parser():
     p.add_argument("--dropout", type=float, default=0.0, help="dropout probability while fine-tuning")
     p.add_argument("--max-len", type=int, default=None,
                    help="tokens per example (default: the model's context; --quick: at most 256)")
+    p.add_argument("--max-samples", type=int, default=None,
+                   help="a seeded sample of this many conversations, before the split (the guides' 5k-subset runs)")
+    p.add_argument("--no-mask", action="store_true",
+                   help="learn every token, the prompts' too, not only the answers' (an instructive comparison)")
     p.add_argument("--val-frac", type=float, default=0.05, help="share of the data held out for validation")
     p.add_argument("--test-frac", type=float, default=0.05, help="share held out for the test answers")
     p.add_argument("--eval-interval", type=int, default=None, help="steps between val evaluations (default: ~10 per run)")
@@ -175,14 +179,14 @@ def check_values(args, given):
     """Before any data or model is loaded: a bad value is a one-line error, not a traceback (--epochs
     inf) or a silently different run (a negative --grad-clip would reverse the gradients)."""
     check_flags(args, **{flag: AT_LEAST_1 for flag in ("batch_size", "grad_accum", "max_new_tokens", "max_steps",
-                                                      "eval_interval", "save_every", "stop_at_step")},
+                                                      "eval_interval", "save_every", "stop_at_step", "max_samples")},
                 epochs=POSITIVE, lr=POSITIVE, warmup_steps=NON_NEGATIVE,
                 min_lr_ratio=(lambda v: 0 <= v <= 1, "between 0 and 1 (the schedule decays to it)"),
                 weight_decay=NON_NEGATIVE, grad_clip=NON_NEGATIVE, dropout=PROBABILITY,
                 max_len=(lambda v: v >= 2, "at least 2"), lora_rank=NON_NEGATIVE, lora_alpha=POSITIVE,
                 max_test=NON_NEGATIVE, val_frac=(lambda v: 0 < v < 1, "in (0, 1)"),
                 test_frac=(lambda v: 0 <= v < 1, "in [0, 1)"))
-    for flag in ("val_frac", "test_frac"):  # --quick's own split would replace them without a word
+    for flag in ("val_frac", "test_frac", "max_samples"):  # --quick's own split would replace them without a word
         if args.quick and flag in given:
             die(f"--{flag.replace('_', '-')} cannot be combined with --quick, which splits its 120 conversations "
                 "100 / 10 / 10")
@@ -226,6 +230,17 @@ def read_conversations(args):
     return conversations
 
 
+def sampled(conversations, args):
+    """The conversations a run uses: with --quick a seeded 120 (100 to train on, 10 to validate, 10
+    to test), with --max-samples N a seeded N, else all of them."""
+    n = 120 if args.quick else args.max_samples
+    if args.quick:
+        args.val_frac = args.test_frac = 1 / 12
+    if n and len(conversations) > n:
+        return random.Random(args.seed).sample(conversations, n)
+    return conversations
+
+
 @dataclass
 class Split:
     """The conversations split train / val / test, and the train and val ones encoded as examples."""
@@ -244,8 +259,8 @@ def split_and_encode(args, conversations, template, max_len, enc):
         train_conv, val_conv, test_conv = split_dataset(conversations, args.val_frac, args.test_frac, args.seed)
     except DataError as e:
         die(str(e))
-    train_ex, train_stats = encode_examples(train_conv, template, max_len, enc)
-    val_ex, val_stats = encode_examples(val_conv, template, max_len, enc)
+    train_ex, train_stats = encode_examples(train_conv, template, max_len, enc, learn_prompt=args.no_mask)
+    val_ex, val_stats = encode_examples(val_conv, template, max_len, enc, learn_prompt=args.no_mask)
     if not train_ex or not val_ex:
         die(f"no training or validation example fits in --max-len {max_len}")
     return Split(conversations, train_conv, val_conv, test_conv, train_ex, val_ex, train_stats, val_stats)
@@ -317,7 +332,8 @@ class Run:
     step: int = 0  # optimizer steps done
     # The run's progress besides weights and optimizer: what a resumed run needs to carry on exactly.
     progress: dict = field(default_factory=lambda: {"history": [], "best": float("inf"), "best_step": None,
-                                                    "train_loss": float("nan"), "train_time": 0.0, "resumed_at": []})
+                                                    "train_loss": float("nan"), "train_time": 0.0, "resumed_at": [],
+                                                    "tokens": 0})
     clock: float = 0.0  # when the training time not yet in progress["train_time"] started
 
     @property
@@ -367,10 +383,7 @@ def setup(args):
     enc = get_tokenizer()
     conversations = read_conversations(args)
     model = load_or_die(args.model, device=device, dropout=args.dropout)
-    if args.quick:  # a seeded handful: 100 to train on, 10 to validate, 10 to test
-        if len(conversations) > 120:
-            conversations = random.Random(args.seed).sample(conversations, 120)
-        args.val_frac = args.test_frac = 1 / 12
+    conversations = sampled(conversations, args)
     template = args.template or default_template(conversations)
     block_size = model.config.block_size
     max_len = args.max_len or (min(256, block_size) if args.quick else block_size)
@@ -478,6 +491,9 @@ def write_metadata(run, n_answers, signals, t_start):
         "answer_signals": signals,
         "parameters": run.parameters,
         "time_s": {"train": round(progress["train_time"], 1), "total": round(time.time() - t_start, 1)},
+        # the tokens of every batch (padding included: what the device computes on), per second of training
+        "tokens_per_s": round(progress.get("tokens", 0) / max(progress["train_time"], 1e-9), 1),
+        "peak_memory_bytes": torch.cuda.max_memory_allocated() if run.device_type == "cuda" else None,
         "resumed_at_steps": progress["resumed_at"],
         "outputs": {"checkpoint": str(out), "test_responses": str(out / "test_responses.json")},
     }
@@ -539,6 +555,7 @@ def main(argv=None):
             run.step += 1  # step counts the steps done; lr_at takes this step's 0-based index
             lr = lr_at(run.step - 1, args.lr, run.warmup, run.max_steps, args.lr * args.min_lr_ratio)
             micro_batches = run.next_micro_batches()
+            progress["tokens"] = progress.get("tokens", 0) + sum(x.numel() for x, _ in micro_batches)
             torch.manual_seed(args.seed + run.step)  # dropout masks depend on (seed, step) only: resumable
             progress["train_loss"] = train_step(run.model, run.optimizer, micro_batches, lr, grad_clip=args.grad_clip,
                                                 autocast=run.autocast)

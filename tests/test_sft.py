@@ -1,5 +1,6 @@
 """Instruction fine-tuning (sft.py): loss normalization under accumulation, LoRA, the whole run,
 exact resumption after a stop or Ctrl-C, and refused resumes."""
+import argparse
 import copy
 import json
 import os
@@ -17,6 +18,7 @@ from gpt import GPT, GPTConfig
 from lora import LoRALinear, add_lora, lora_merged, merge_lora
 import scoring
 import sft
+from tokenizer import IGNORE, encode_prompt, get_tokenizer
 from training import make_optimizer, train_step
 
 def conversations_of_uneven_length():
@@ -139,6 +141,7 @@ def test_quick_run_end_to_end_lowers_val_loss(tiny_checkpoint, made_data, tmp_pa
     assert meta["hyperparameters"]["max_steps"] == 20 and meta["template"] == "alpaca"
     assert meta["losses"]["best_val"] < meta["losses"]["initial_val"] - 0.1
     assert meta["parameters"]["trainable"] == meta["parameters"]["total"]
+    assert meta["tokens_per_s"] > 0 and meta["peak_memory_bytes"] is None  # (peak memory: CUDA's figure)
     responses = json.loads((out / "test_responses.json").read_text())
     assert len(responses) == 10
     assert all(set(r) == {"prompt", "reference", "response"} for r in responses)
@@ -452,3 +455,27 @@ def test_failed_save_is_one_line_error_and_leaves_no_temporary_file(stopped_lora
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
     assert snapshot(tmp_path / "out") == before  # the best checkpoint and the resumable state as they were
 
+
+
+def test_max_samples_takes_a_seeded_subset_and_quick_its_120():
+    convs = list(range(500))
+    args = lambda **kw: argparse.Namespace(**{"quick": False, "max_samples": None, "seed": 1, **kw})  # noqa: E731
+    assert sft.sampled(convs, args()) == convs
+    five = sft.sampled(convs, args(max_samples=5))
+    assert len(set(five)) == 5 and five == sft.sampled(convs, args(max_samples=5)) != sft.sampled(convs, args(max_samples=5, seed=2))
+    quick = args(quick=True)
+    assert len(sft.sampled(convs, quick)) == 120 and quick.val_frac == quick.test_frac == 1 / 12
+    assert sft.sampled(convs[:7], args(max_samples=50)) == convs[:7]
+
+
+def test_no_mask_learns_the_prompt_too():
+    conversation = [{"role": "user", "content": "Name a fruit."}, {"role": "assistant", "content": "Apple."}]
+    args = argparse.Namespace(val_frac=0.25, test_frac=0.0, seed=0, no_mask=True)
+    split = sft.split_and_encode(args, [conversation] * 4, "alpaca", 128, get_tokenizer())
+    ids, labels = split.train_examples[0]
+    assert labels == ids
+    assert split.train_stats["learned_tokens"] == sum(len(ids) - 1 for ids, _ in split.train_examples)
+    args.no_mask = False
+    ids, labels = sft.split_and_encode(args, [conversation] * 4, "alpaca", 128, get_tokenizer()).train_examples[0]
+    prompt = len(encode_prompt(conversation[:1], "alpaca"))
+    assert labels[:prompt] == [IGNORE] * prompt and labels[prompt:] == ids[prompt:]  # (the answer alone)
