@@ -172,6 +172,11 @@ def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):
     # sft.py's loader reads the file as it is
     assert load_conversations(out, log=lambda *_: None) == [
         [{"role": "user", "content": "What is a cat?"}, {"role": "assistant", "content": "A small pet."}]]
+    # --dtype int8 (synth.py's flag, as generate.py's): the memorized dialogue survives int8 weights
+    out.unlink()
+    kept, _ = build(cfg, engine_generate(cfg["model"], device="cpu", dtype="int8"))
+    assert kept == 1 and [json.loads(line)["messages"] for line in out.read_text().splitlines()] == [
+        [{"role": "user", "content": "What is a cat?"}, {"role": "assistant", "content": "A small pet."}]]
 
 
 @pytest.mark.parametrize("key,value,message", [
