@@ -615,14 +615,51 @@ def collate(examples, pad_id=EOT):
     return x, y
 
 
-def iterate_batches(examples, batch_size, seed=0):
-    """Endless (x, y) batches: each epoch a fresh seeded shuffle, cut into batches of batch_size
-    (the last of an epoch may be smaller). The same seed gives the same batches."""
+def pack_examples(examples, max_len):
+    """Short examples packed into rows of at most max_len tokens (of x), in order, each row a list of
+    examples: one row computes what padding to the longest example would spend on pad tokens. An
+    example never straddles two rows. Batch them with collate_packed."""
+    rows, row, used = [], [], 0
+    for ids, labels in examples:
+        n = len(ids) - 1
+        if row and used + n > max_len:
+            rows.append(row)
+            row, used = [], 0
+        row.append((ids, labels))
+        used += n
+    return rows + ([row] if row else [])
+
+
+def collate_packed(rows, pad_id=EOT):
+    """Rows of packed examples -> (x, y, pos, segments), each (B, T): x and y as collate makes them,
+    pos restarting at 0 with each example, and segments numbering the examples of a row (padding
+    -1). GPT.hidden keeps each token's attention within its own example, so a packed example's
+    loss is what it would be alone."""
+    parts = [collate(row, pad_id) for row in rows]  # (per row: its examples, each padded to the row's longest)
+    T = max(sum(len(ids) - 1 for ids, _ in row) for row in rows)
+    x = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    y = torch.full((len(rows), T), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    segments = torch.full((len(rows), T), -1, dtype=torch.long)
+    for r, (row, (rx, ry)) in enumerate(zip(rows, parts)):
+        at = 0
+        for k, (ids, _) in enumerate(row):
+            n = len(ids) - 1
+            x[r, at:at + n], y[r, at:at + n] = rx[k, :n], ry[k, :n]
+            pos[r, at:at + n], segments[r, at:at + n] = torch.arange(n), k
+            at += n
+    return x, y, pos, segments
+
+
+def iterate_batches(examples, batch_size, seed=0, collate_fn=collate):
+    """Endless batches of `examples` (or of packed rows, with collate_fn=collate_packed): each epoch
+    a fresh seeded shuffle, cut into batches of batch_size (the last of an epoch may be smaller).
+    The same seed gives the same batches."""
     for epoch in itertools.count():
         order = list(range(len(examples)))
         random.Random(seed * 100_003 + epoch).shuffle(order)
         for i in range(0, len(order), batch_size):
-            yield collate([examples[j] for j in order[i:i + batch_size]])
+            yield collate_fn([examples[j] for j in order[i:i + batch_size]])
 
 
 def eval_batches(examples, batch_size):

@@ -73,14 +73,14 @@ class CausalSelfAttention(nn.Module):
         self.dropout_p = config.dropout  # (a probability: SDPA applies it to the attention weights)
         self.layer_index = 0  # set by GPT: which layer this is, so a cache knows where to store k and v
 
-    def forward(self, x, cache=None):
+    def forward(self, x, cache=None, mask=None):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if cache is None:
+        if cache is None:  # `mask` (B, 1, T, T), True where a query may attend: packed examples (packing_mask)
             p = self.dropout_p if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
         else:
             y = cache.attend(self.layer_index, q, k, v)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
@@ -107,9 +107,18 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=1e-5, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, cache=None):
-        x = x + self.attn(self.ln_1(x), cache)
+    def forward(self, x, cache=None, mask=None):
+        x = x + self.attn(self.ln_1(x), cache, mask)
         return x + self.mlp(self.ln_2(x))
+
+
+def packing_mask(segments):
+    """(B, 1, T, T) attention mask for rows of packed examples: causal, and within a segment only, so
+    each example sees exactly what it would alone (a block-diagonal causal mask)."""
+    T = segments.shape[1]
+    same = segments[:, :, None] == segments[:, None, :]
+    causal = torch.ones(T, T, dtype=torch.bool, device=segments.device).tril()
+    return (same & causal)[:, None]
 
 
 class GPT(nn.Module):
@@ -146,24 +155,27 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
-    def hidden(self, idx, pos=None, cache=None):
+    def hidden(self, idx, pos=None, cache=None, segments=None):
         """The final hidden states (after ln_f), (B, T, n_embd). Callers that need logits for a few
         positions only (generation, serving) apply lm_head to those rows and skip the rest. Callers
-        that pass `pos` keep every position below block_size (the caches check their own lengths)."""
+        that pass `pos` keep every position below block_size (the caches check their own lengths).
+        `segments` (B, T): a row packs several examples (data.pack_examples), numbered; each token
+        attends only within its own, and `pos` (B, T) restarts at 0 with each."""
         B, T = idx.shape
         if pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context of {self.config.block_size}")
             pos = torch.arange(T, device=idx.device)
+        mask = None if segments is None else packing_mask(segments)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.h:
-            x = block(x, cache)
+            x = block(x, cache, mask)
         return self.ln_f(x)
 
-    def forward(self, idx, targets=None, pos=None, cache=None):
+    def forward(self, idx, targets=None, pos=None, cache=None, segments=None):
         """Logits (B, T, vocab). With targets, also the mean cross-entropy over the positions whose
         target is not -100 (the label every masked position carries)."""
-        logits = self.lm_head(self.hidden(idx, pos, cache))
+        logits = self.lm_head(self.hidden(idx, pos, cache, segments))
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)

@@ -59,8 +59,8 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, read_checkpoint_json
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
                     check_flags, default_dtype, device_or_die, die, write_json_atomic, write_or_die)
-from data import (DataError, default_template, encode_examples, eval_batches, iterate_batches, load_conversations,
-                  split_dataset)
+from data import (DataError, collate, collate_packed, default_template, encode_examples, eval_batches,
+                  iterate_batches, load_conversations, pack_examples, split_dataset)
 from gpt import SIZES, load_or_die
 from inference import load_model
 from lora import add_lora, lora_merged
@@ -109,6 +109,9 @@ def build_parser():
                    help="tokens per example (default: the model's context; --quick: at most 256)")
     p.add_argument("--max-samples", type=int, default=None,
                    help="a seeded sample of this many conversations, before the split (the guides' 5k-subset runs)")
+    p.add_argument("--pack", action="store_true",
+                   help="pack short training examples into rows of --max-len tokens, each attending only within "
+                        "itself (no padding; --batch-size then counts rows)")
     p.add_argument("--no-mask", action="store_true",
                    help="learn every token, the prompts' too, not only the answers' (an instructive comparison)")
     p.add_argument("--val-frac", type=float, default=0.05, help="share of the data held out for validation")
@@ -349,8 +352,7 @@ class Run:
         return torch.device(self.device).type
 
     def next_micro_batches(self):
-        return [(x.to(self.device), y.to(self.device))
-                for x, y in (next(self.batches) for _ in range(self.args.grad_accum))]
+        return [tuple(t.to(self.device) for t in next(self.batches)) for _ in range(self.args.grad_accum)]
 
     def save_best(self, val_loss):
         """The output checkpoint: this model (LoRA merged), a plain GPT with its template."""
@@ -391,7 +393,11 @@ def setup(args):
         die(f"--max-len {max_len} must be between 2 and the model's context, {block_size}")
     data = split_and_encode(args, conversations, template, max_len, enc)
     lora_targets, total, trainable = attach_lora(model, args)
-    max_steps, warmup, eval_interval = schedule(args, len(data.train_examples))
+    train_items, collate_fn = data.train_examples, collate
+    if args.pack:  # rows of several short examples, one attention block each (GPT.hidden's segments)
+        train_items, collate_fn = pack_examples(data.train_examples, max_len), collate_packed
+        print(f"packed {len(data.train_examples)} training examples into {len(train_items)} rows of at most {max_len} tokens")
+    max_steps, warmup, eval_interval = schedule(args, len(train_items))
     print(f"data {', '.join(args.data)}: {len(data.train_examples)} train / {len(data.val_examples)} val / "
           f"{len(data.test)} test examples, template {template!r}, max_len {max_len}; {max_steps} steps of "
           f"{args.batch_size} x {args.grad_accum} examples on {device}")
@@ -400,7 +406,7 @@ def setup(args):
               autocast=autocast_for(device), enc=enc, template=template, max_len=max_len, data=data,
               lora_targets=lora_targets, parameters={"total": total, "trainable": trainable}, max_steps=max_steps,
               warmup=warmup, eval_interval=eval_interval, save_every=args.save_every or eval_interval,
-              batches=iterate_batches(data.train_examples, args.batch_size, seed=args.seed),
+              batches=iterate_batches(train_items, args.batch_size, seed=args.seed, collate_fn=collate_fn),
               val_batches=[(x.to(device), y.to(device)) for x, y in eval_batches(data.val_examples, args.batch_size)],
               fingerprint=data_fingerprint(data.train_examples, data.val_examples))
     if args.resume:
@@ -555,7 +561,7 @@ def main(argv=None):
             run.step += 1  # step counts the steps done; lr_at takes this step's 0-based index
             lr = lr_at(run.step - 1, args.lr, run.warmup, run.max_steps, args.lr * args.min_lr_ratio)
             micro_batches = run.next_micro_batches()
-            progress["tokens"] = progress.get("tokens", 0) + sum(x.numel() for x, _ in micro_batches)
+            progress["tokens"] = progress.get("tokens", 0) + sum(batch[0].numel() for batch in micro_batches)
             torch.manual_seed(args.seed + run.step)  # dropout masks depend on (seed, step) only: resumable
             progress["train_loss"] = train_step(run.model, run.optimizer, micro_batches, lr, grad_clip=args.grad_clip,
                                                 autocast=run.autocast)

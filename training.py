@@ -65,14 +65,16 @@ class TokenCrossEntropy:
         return int((batch[1] != IGNORE).sum())
 
     def loss_sum(self, model, batch, n):
-        logits, loss = model(*batch)  # mean over this micro-batch's learned tokens
+        x, y, *packed = batch  # (packed rows add positions and segments: data.collate_packed)
+        logits, loss = model(x, y, *packed[:1], segments=packed[1] if packed else None)  # mean over its learned tokens
         # back to a sum (a micro-batch with nothing to learn still runs backward: DDP needs every rank's)
         return loss * n if n else logits.sum() * 0.0
 
 
 def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=contextlib.nullcontext, stats=None,
                objective=TokenCrossEntropy()):
-    """One optimizer step over a list of (x, y) micro-batches; returns the loss (a float).
+    """One optimizer step over a list of (x, y) micro-batches (or (x, y, pos, segments) of packed
+    rows); returns the loss (a float).
 
     The loss is the sum of the token cross-entropies over ALL micro-batches divided by the number
     of learned tokens (y != -100) in all of them, so accumulating 4 micro-batches of 2 equals one
@@ -92,13 +94,13 @@ def train_step(model, optimizer, micro_batches, lr, grad_clip=1.0, autocast=cont
     if n_total == 0:
         raise ValueError("no learned tokens (labels other than -100) in this batch")
     loss_sum = torch.zeros((), device=device)
-    for i, ((x, y), n) in enumerate(zip(micro_batches, counts)):
+    for i, (batch, n) in enumerate(zip(micro_batches, counts)):
         last = i == len(micro_batches) - 1
         sync = contextlib.nullcontext() if (last or not ddp) else model.no_sync()
         with sync:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            batch = tuple(t.to(device, non_blocking=True) for t in batch)
             with autocast():
-                part = objective.loss_sum(model, (x, y), n)
+                part = objective.loss_sum(model, batch, n)
             # DDP averages gradients over processes; scaling by world undoes that, leaving sum / n_total
             (part * (world / n_total)).backward()
         loss_sum += part.detach()

@@ -4,6 +4,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -167,7 +168,7 @@ def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoi
     monkeypatch.setattr(sft, "answer_conversations", recording)
     sft.main(["--quick", "--model", str(tiny_checkpoint), "--data", str(made_data / "oasst_trees.jsonl"),
               "--out", str(out), "--lora-rank", "4", "--lora-targets", "c_attn,mlp.c_proj", "--max-steps", "6",
-              *SMALL])
+              "--pack", *SMALL])
     printed = capsys.readouterr().out
     # the fine-tuned checkpoint answered first (its answers are test_responses.json), then the base model
     (tuned_info, tuned), (base_info, base) = asked
@@ -179,6 +180,7 @@ def test_lora_quick_run_on_multi_turn_data_writes_plain_checkpoint(tiny_checkpoi
     meta = json.loads((out / "training_metadata.json").read_text())
     trainable = meta["parameters"]["trainable"]
     assert trainable == 2 * 4 * ((64 + 192) + (256 + 64)) and f"{trainable:,} trainable" in printed
+    assert re.search(r"packed \d+ training examples into \d+ rows of at most 64 tokens", printed)
     assert meta["template"] == "chat"  # the OpenAssistant paths are multi-turn
     model = GPT.from_pretrained(out)  # a plain checkpoint: loads with no LoRA code involved
     assert model.checkpoint_info["template"] == "chat"
@@ -479,3 +481,28 @@ def test_no_mask_learns_the_prompt_too():
     ids, labels = sft.split_and_encode(args, [conversation] * 4, "alpaca", 128, get_tokenizer()).train_examples[0]
     prompt = len(encode_prompt(conversation[:1], "alpaca"))
     assert labels[:prompt] == [IGNORE] * prompt and labels[prompt:] == ids[prompt:]  # (the answer alone)
+
+
+def test_packed_rows_give_every_example_the_loss_and_gradients_it_has_alone(tiny_model):
+    """--pack: examples share a row but never attend across their boundaries, and positions restart
+    with each, so the loss and its gradients are those of the examples padded one per row."""
+    from data import collate_packed, pack_examples
+    enc = get_tokenizer()
+    convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+             for q, a in [("Hi", "Hello there, friend."), ("Name a fruit.", "Apple."), ("2 + 2?", "4"),
+                          ("Say something long.", "This answer goes on for a while, word after word, to fill a row."),
+                          ("Bye", "Goodbye.")]]
+    examples, _ = encode_examples(convs, "chat", 64, enc, log=lambda *a: None)
+    rows = pack_examples(examples, 48)
+    assert [e for row in rows for e in row] == examples  # all of them, in order, none split
+    assert len(rows) < len(examples) and all(sum(len(ids) - 1 for ids, _ in row) <= 48 for row in rows)
+    model = tiny_model.train()
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        _, loss = model(batch[0], batch[1], *batch[2:3], segments=batch[3] if len(batch) > 2 else None)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+    packed, alone = loss_and_grads(collate_packed(rows)), loss_and_grads(collate(examples))
+    assert torch.allclose(packed[0], alone[0], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(packed[1], alone[1]))
