@@ -27,6 +27,8 @@ Template default: alpaca when every conversation is single-turn, chat when any i
 
 Output layout, all in --out:
     model.safetensors, config.json   the best checkpoint so far (LoRA merged): load it with generate.py
+    log.jsonl                        a record per step (loss, lr) and per evaluation (val_loss); loss.png
+                                     from it at the end when matplotlib is installed
     test_responses.json, training_metadata.json     written when training is done
     last/                            the resumable training state (training.save_training_state): weights
                                      (with LoRA: the frozen base plus the unmerged adapters), AdamW
@@ -43,6 +45,7 @@ cannot be exact (another model, data, template, LoRA rank, device type, a change
 
 import argparse
 import hashlib
+import json
 import math
 import pickle
 import random
@@ -67,9 +70,9 @@ from lora import add_lora, lora_merged
 from scoring import answer_conversations, answer_signals
 from tokenizer import TEMPLATES, get_tokenizer
 from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, evaluate, flags_given, load_training_state,
-                      lr_at, make_optimizer, make_run_dir, refuse_another_out, refuse_resuming_nothing,
-                      refuse_to_overwrite_a_run, refuse_to_overwrite_weights, save_training_state, train_step,
-                      warn_if_warmup_outlasts)
+                      lr_at, make_optimizer, plot_losses, refuse_another_out, refuse_resuming_nothing,
+                      refuse_to_overwrite_a_run, refuse_to_overwrite_weights, save_training_state, start_log,
+                      train_step, warn_if_warmup_outlasts)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -354,6 +357,11 @@ class Run:
     def next_micro_batches(self):
         return [tuple(t.to(self.device) for t in next(self.batches)) for _ in range(self.args.grad_accum)]
 
+    def log(self, record):
+        """One record (a step's loss, an evaluation) appended to OUT/log.jsonl, as train.py keeps it."""
+        with write_or_die(self.out / "log.jsonl"), open(self.out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
     def save_best(self, val_loss):
         """The output checkpoint: this model (LoRA merged), a plain GPT with its template."""
         meta = dict(template=self.template, base_model=str(self.args.model), data=self.args.data, step=self.step,
@@ -411,7 +419,9 @@ def setup(args):
               fingerprint=data_fingerprint(data.train_examples, data.val_examples))
     if args.resume:
         resume(run)
-    make_run_dir(run.out)  # every input is checked; now --out must be writable, before any training
+    # every input is checked; now --out must be writable, before any training. A resumed run keeps the
+    # log's records up to its step (its evaluation there, if any, was made before the state was saved)
+    start_log(run.out, run.step, False, args.resume)
     return run
 
 
@@ -526,6 +536,7 @@ def evaluate_and_keep_best(run):
                if progress["best_step"] else ""))
     run.model.train()
     progress["history"].append({"step": run.step, "train_loss": progress["train_loss"], "val_loss": val_loss})
+    run.log({"step": run.step, "val_loss": val_loss})
     improved = val_loss < progress["best"]
     if improved:  # keep the best model so far as the output checkpoint
         progress["best"], progress["best_step"] = val_loss, run.step
@@ -543,6 +554,7 @@ def main(argv=None):
     if not progress["history"]:
         first_val = evaluate(run.model, run.val_batches, autocast=run.autocast)
         progress["history"].append({"step": 0, "val_loss": first_val})
+        run.log({"step": 0, "val_loss": first_val})
         print(f"step 0: val loss {first_val:.4f}")
     run.model.train()
     saved_at = run.step if args.resume else None
@@ -565,6 +577,7 @@ def main(argv=None):
             torch.manual_seed(args.seed + run.step)  # dropout masks depend on (seed, step) only: resumable
             progress["train_loss"] = train_step(run.model, run.optimizer, micro_batches, lr, grad_clip=args.grad_clip,
                                                 autocast=run.autocast)
+            run.log({"step": run.step, "loss": progress["train_loss"], "lr": lr})
             bar.update()
             bar.set_postfix(loss=f"{progress['train_loss']:.4f}", lr=f"{lr:.2e}")
             if run.step % run.eval_interval == 0 or run.step == run.max_steps:
@@ -573,6 +586,9 @@ def main(argv=None):
                 run.save_state()
                 saved_at = run.step
         bar.close()
+    png = run.out / "loss.png"
+    with write_or_die(png, leftovers=[png]):
+        plot_losses(run.out / "log.jsonl", png)
     n_answers, signals = answer_test_set(run)
     write_metadata(run, n_answers, signals, t_start)
 

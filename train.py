@@ -40,16 +40,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, read_checkpoint_json
-from common import (AT_LEAST_1, JSON_ERRORS, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
-                    check_flags, device_or_die, die, flag, replace_atomically, write_or_die)
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
+                    check_flags, device_or_die, die, flag, write_or_die)
 from data import get_batch, load_tokens, prepare_pretrain_data
 from gpt import GPT, GPTConfig, SIZES
 from sampling import sample
 from tokenizer import EOT, get_tokenizer
 from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, device_peak_flops, evaluate, flags_given,
-                      flops_per_token, load_training_state, lr_at, make_optimizer, make_run_dir, mfu,
+                      flops_per_token, load_training_state, lr_at, make_optimizer, mfu, plot_losses,
                       refuse_another_out, refuse_resuming_nothing, refuse_to_overwrite_a_run,
-                      refuse_to_overwrite_weights, save_training_state, train_step, warn_if_warmup_outlasts)
+                      refuse_to_overwrite_weights, save_training_state, start_log, train_step, warn_if_warmup_outlasts)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -295,46 +295,6 @@ def restore(ckpt, model, optimizer):
     return step, extra["data_position"]
 
 
-def log_lines_before(log_path, step, evaluates_at_step=True):
-    """The lines of log.jsonl a run resumed after `step` steps keeps: the training records of steps
-    1 to `step`, the evaluations before `step`, and the one at `step` unless the resumed run
-    evaluates there again (it does not when a finished run goes on past a step that is not a
-    multiple of --eval-every: its final evaluation stays). A last line that is
-    not a record is skipped rather than refused: it is one cut short by a kill in the middle of a
-    write, and as the log is written before the checkpoint, it is from a step the resumed run redoes
-    anyway. A bad line anywhere else is an error."""
-    if not log_path.exists():
-        return []
-    try:
-        lines = log_path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        die(f"--resume: cannot read {log_path}: {e.strerror or e}")
-    kept = []
-    for number, line in enumerate(lines, 1):
-        try:
-            record = json.loads(line)
-            keep = record["step"] < step or (record["step"] == step and ("val_loss" not in record
-                                                                            or not evaluates_at_step))
-        except (*JSON_ERRORS, KeyError, TypeError):
-            if number == len(lines):
-                break
-            die(f"{log_path}:{number}: not a log record ({line[:40]!r}); delete that line to resume")
-        if keep:
-            kept.append(line)
-    return kept
-
-
-def start_log(out, args, step):
-    """Create the run directory and (re)write log.jsonl: empty for a new run; on resume, without the
-    records of steps the checkpoint had not reached."""
-    make_run_dir(out)  # every input is checked; now --out must be writable, before any training
-    log_path = out / "log.jsonl"
-    evaluates = step % args.eval_every == 0 or step >= args.max_steps  # (as main's loop decides)
-    kept = log_lines_before(log_path, step, evaluates) if args.resume else []
-    with write_or_die(log_path):  # replaced whole or not at all
-        replace_atomically(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-
-
 @dataclass
 class Run:
     """What main's loop works with, made by setup(): the processes, the model and optimizer, the
@@ -449,8 +409,8 @@ def setup(args):
         model = torch.compile(model)
     if ddp:
         model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
-    if master:
-        start_log(out, args, step)
+    if master:  # (a resumed run evaluates again at `step` when main's loop would: see log_lines_before)
+        start_log(out, step, step % args.eval_every == 0 or step >= args.max_steps, args.resume)
     return Run(args=args, ddp=ddp, rank=rank, world=world, device=device, autocast=autocast_for(device_type, dtype),
                out=out, model=model, raw=raw, optimizer=optimizer, train_tokens=train_tokens,
                val_batches=[get_batch(val_tokens, i * B * T, B, T) for i in range(rank, n_val_batches, world)],
@@ -483,29 +443,6 @@ def sample_text(model, prompt_ids, max_new_tokens=64, top_k=50, seed=1337, autoc
         idx = torch.cat([idx, nxt], dim=1)
     model.train(was_training)
     return get_tokenizer().decode(idx[0, len(prompt_ids):].tolist())
-
-
-def plot_losses(log_path, png_path):
-    """Train and validation loss curves from log.jsonl, if matplotlib is installed (optional)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("note: matplotlib is not installed, so no loss plot (pip install matplotlib)")
-        return
-    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(8, 5))
-    for points, label in ((train, "train"), (val, "validation")):
-        if points:
-            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
-    ax.set(xlabel="step", ylabel="loss (nats per token)", title=str(Path(log_path).parent.name))
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.savefig(png_path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- the loop

@@ -6,6 +6,7 @@ that cannot be written, a resume with other flags), and measuring (FLOPs, MFU).
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import pickle
@@ -20,7 +21,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import CheckpointError, read_checkpoint_json
-from common import die, flag, same_file
+from common import JSON_ERRORS, die, flag, replace_atomically, same_file, write_or_die
 from gpt import load_state_from_file
 from tokenizer import IGNORE
 
@@ -305,6 +306,70 @@ def make_run_dir(out):
         tempfile.TemporaryFile(dir=out).close()
     except OSError as e:
         die(f"--out {out}: cannot write there ({e.strerror or e})")
+
+
+# ----------------------------------------------------------------------------- the run's log
+
+def log_lines_before(log_path, step, evaluates_at_step=True):
+    """The lines of log.jsonl a run resumed after `step` steps keeps: the training records of steps
+    1 to `step`, the evaluations before `step`, and the one at `step` unless the resumed run
+    evaluates there again (it does not when a finished run goes on past a step that is not a
+    multiple of --eval-every: its final evaluation stays). A last line that is
+    not a record is skipped rather than refused: it is one cut short by a kill in the middle of a
+    write, and as the log is written before the checkpoint, it is from a step the resumed run redoes
+    anyway. A bad line anywhere else is an error."""
+    if not log_path.exists():
+        return []
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError as e:
+        die(f"--resume: cannot read {log_path}: {e.strerror or e}")
+    kept = []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+            keep = record["step"] < step or (record["step"] == step and ("val_loss" not in record
+                                                                            or not evaluates_at_step))
+        except (*JSON_ERRORS, KeyError, TypeError):
+            if number == len(lines):
+                break
+            die(f"{log_path}:{number}: not a log record ({line[:40]!r}); delete that line to resume")
+        if keep:
+            kept.append(line)
+    return kept
+
+
+def start_log(out, step, evaluates_at_step, resume):
+    """Create the run directory and (re)write its log.jsonl: empty for a new run; on resume, without
+    the records of steps the checkpoint had not reached (log_lines_before)."""
+    make_run_dir(out)  # every input is checked; now --out must be writable, before any training
+    log_path = Path(out) / "log.jsonl"
+    kept = log_lines_before(log_path, step, evaluates_at_step) if resume else []
+    with write_or_die(log_path):  # replaced whole or not at all
+        replace_atomically(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+
+
+def plot_losses(log_path, png_path):
+    """Train and validation loss curves from log.jsonl, if matplotlib is installed (optional)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib is not installed, so no loss plot (pip install matplotlib)")
+        return
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for points, label in ((train, "train"), (val, "validation")):
+        if points:
+            ax.plot(*zip(*points), label=label, marker="o" if label == "validation" else None)
+    ax.set(xlabel="step", ylabel="loss (nats per token)", title=str(Path(log_path).parent.name))
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.savefig(png_path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- resuming with the saved flags

@@ -284,6 +284,12 @@ def assert_same_run(whole, parts):
     opt_w, opt_p = (torch.load(d / "last" / "training_state.pt", weights_only=True)["optimizer"]["state"]
                     for d in (whole, parts))
     assert all(torch.equal(opt_w[i]["exp_avg_sq"], opt_p[i]["exp_avg_sq"]) for i in opt_w)
+    # log.jsonl: a record per step and per evaluation, the resumed run's the same, none twice
+    log_w, log_p = ((d / "log.jsonl").read_text().splitlines() for d in (whole, parts))
+    assert log_p == log_w
+    records = [json.loads(line) for line in log_w]
+    assert [r["step"] for r in records if "loss" in r] == list(range(1, 9))
+    assert [(r["step"], r["val_loss"]) for r in records if "val_loss" in r] == [(h["step"], h["val_loss"]) for h in history]
     return meta_p
 
 
@@ -455,7 +461,12 @@ def test_failed_save_is_one_line_error_and_leaves_no_temporary_file(stopped_lora
     assert e.value.code == 2
     assert one_line_error(capsys) == "error: cannot write out: File too large"
     assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
-    assert snapshot(tmp_path / "out") == before  # the best checkpoint and the resumable state as they were
+    # the best checkpoint and the resumable state as they were; the log only gained the records of the
+    # steps after the saved state, which the next resume drops (training.log_lines_before)
+    log = tmp_path / "out" / "log.jsonl"
+    logged_before = before.pop(log)[1].decode()
+    assert log.read_text().startswith(logged_before)
+    assert {p: v for p, v in snapshot(tmp_path / "out").items() if p != log} == before
 
 
 

@@ -502,7 +502,7 @@ def test_a_failed_save_is_a_one_line_error_that_leaves_the_last_checkpoint_intac
 
 
 def test_a_resumed_run_keeps_the_log_up_to_its_checkpoint_and_an_evaluation_it_will_not_redo(tmp_path):
-    from train import log_lines_before
+    from training import log_lines_before
     records = [{"step": 0, "val_loss": 9.0}, {"step": 1, "loss": 8.0}, {"step": 2, "loss": 7.0},
                {"step": 2, "val_loss": 7.5}, {"step": 3, "loss": 6.0}]  # (a checkpoint at step 2)
     log = tmp_path / "log.jsonl"
