@@ -19,15 +19,19 @@ rewards/accuracies being the held-out preference accuracy. Everything goes to OU
 trained model (LoRA merged) is written to OUT as a plain checkpoint with its template, and
 OUT/training_metadata.json holds the first and last held-out metrics.
 
-Not yet: --resume (a stopped run starts over; a finished one is never overwritten without
---overwrite).
+Resuming: OUT/last is rewritten atomically every --save-every steps, at the end and on Ctrl-C;
+`python dpo.py --resume OUT` continues exactly as sft.py's does (the saved flags, the seeded batch
+order skipped forward, AdamW's moments; with --pairs-from, the pairs saved in OUT/pairs.jsonl). A
+new run over an earlier one is refused unless given --overwrite.
 """
 
 import argparse
 import copy
 import json
 import math
+import pickle
 import random
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -35,7 +39,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, autocast_for, check_flags,
+from checkpoint import CheckpointError, read_checkpoint_json
+from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, StopSignal, autocast_for, check_flags,
                     device_or_die, die, replace_atomically, write_json_atomic, write_or_die)
 from data import DataError, load_conversations, split_dataset
 from gpt import load_or_die
@@ -43,14 +48,20 @@ from lora import add_lora, lora_merged
 from preference import (LOSS_TYPES, DPOObjective, encode_pairs, evaluate_pairs, pair_batches, pairs_from_answers,
                         read_pairs)
 from tokenizer import TEMPLATES, get_tokenizer
-from training import (lr_at, make_optimizer, make_run_dir, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
-                      train_step)
+from training import (check_resumed_flags, checkpoint_dir, flags_given, load_training_state, lr_at, make_optimizer,
+                      make_run_dir, refuse_resuming_nothing, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
+                      save_training_state, start_log, train_step)
 
 
-def parse_args(argv=None):
+STATE_DIR = "last"  # the resumable training state, inside --out
+NOT_SAVED = {"resume", "stop_at_step", "out", "overwrite"}  # flags of one invocation
+RESUMABLE_CHANGES = NOT_SAVED | {"device", "save_every"}  # flags a resumed run may change: no number depends on them
+
+
+def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--model", default="out/sft", help="the fine-tuned model to start from (a checkpoint directory)")
-    source = p.add_mutually_exclusive_group(required=True)
+    source = p.add_mutually_exclusive_group()
     source.add_argument("--data", help="a JSON or JSONL file of preference pairs")
     source.add_argument("--pairs-from", metavar="DATA",
                         help="an SFT dataset (alpaca | dolly | guanaco or a file, as sft.py's --data): its answers "
@@ -61,6 +72,12 @@ def parse_args(argv=None):
                    help="chat template (default: the one the model's checkpoint records)")
     p.add_argument("--out", default="out/dpo", help="output directory: the model, log.jsonl, training_metadata.json")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out instead of refusing")
+    p.add_argument("--resume", nargs="?", const="", default=None, metavar="OUT",
+                   help=f"continue the run saved in OUT/{STATE_DIR} (OUT: --out) exactly, with its saved flags")
+    p.add_argument("--save-every", type=int, default=None,
+                   help=f"steps between saves of the resumable state in OUT/{STATE_DIR} (default: at every evaluation)")
+    p.add_argument("--stop-at-step", type=int, default=None,
+                   help="save the resumable state and stop after this many steps (as Ctrl-C would)")
     p.add_argument("--beta", type=float, default=0.1, help="how far from the reference the model may move (small: far)")
     p.add_argument("--loss", choices=LOSS_TYPES, default="sigmoid", help="DPO's sigmoid loss, or IPO's squared one")
     p.add_argument("--label-smoothing", type=float, default=0.0,
@@ -80,23 +97,58 @@ def parse_args(argv=None):
     p.add_argument("--lora-targets", default="c_attn,c_proj", help="comma-separated linear layers to adapt")
     p.add_argument("--seed", type=int, default=1337, help="seeds the split and the batch order")
     p.add_argument("--device", default=None, help="cpu | cuda | mps (default: the best available)")
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv=None):
+    """Flags; with --resume, the saved run's, which flags given now may repeat but not change."""
+    args = build_parser().parse_args(argv)
+    given = flags_given(build_parser, argv)
+    for name in ("model", "data", "pairs_from"):  # saved with the run: --resume finds them from anywhere
+        value = getattr(args, name)
+        if isinstance(value, str) and Path(value).exists():
+            setattr(args, name, str(Path(value).resolve()))
+            if name in given:
+                given[name] = getattr(args, name)
+    if args.resume is not None:
+        out = Path(args.resume or args.out)
+        refuse_resuming_nothing(out, out / STATE_DIR, f"dpo.py saves its state in {STATE_DIR}/ there every "
+                                                      "--save-every steps and on Ctrl-C")
+        try:
+            saved = read_checkpoint_json(checkpoint_dir(out / STATE_DIR)).get("dpo_args")
+        except CheckpointError as e:
+            die(f"--resume: {e}")
+        if not isinstance(saved, dict):
+            die(f"--resume: {out / STATE_DIR} is not a training state saved by dpo.py")
+        check_resumed_flags(given, saved, [k for k in given if k not in RESUMABLE_CHANGES],
+                            "an exact resume needs the same run; start a new one with another --out")
+        args = argparse.Namespace(**{**vars(args), **{k: v for k, v in saved.items() if k not in NOT_SAVED},
+                                     **given, "out": str(out), "resume": str(out)})
+    if not (args.data or args.pairs_from):
+        die("give the preference pairs (--data FILE), or an SFT dataset to make them from (--pairs-from DATA)")
     check_flags(args, beta=POSITIVE, label_smoothing=(lambda v: 0 <= v < 0.5, "in [0, 0.5)"), epochs=POSITIVE,
                 max_steps=AT_LEAST_1, batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, lr=POSITIVE,
                 warmup_steps=NON_NEGATIVE, grad_clip=NON_NEGATIVE, max_len=(lambda v: v >= 2, "at least 2"),
                 val_frac=(lambda v: 0 < v < 1, "in (0, 1)"), eval_interval=AT_LEAST_1, lora_rank=NON_NEGATIVE,
-                lora_alpha=POSITIVE, max_pairs=AT_LEAST_1, max_new_tokens=AT_LEAST_1)
+                lora_alpha=POSITIVE, max_pairs=AT_LEAST_1, max_new_tokens=AT_LEAST_1, save_every=AT_LEAST_1,
+                stop_at_step=AT_LEAST_1)
     if args.label_smoothing and args.loss == "ipo":
         die("--label-smoothing is for the sigmoid loss; IPO has none")
     args.lr = args.lr or (5e-5 if args.lora_rank else 5e-6)
-    refuse_to_overwrite_weights("--model", args.model, args.out, [args.out])
+    refuse_to_overwrite_weights("--model", args.model, args.out, [args.out, Path(args.out) / STATE_DIR])
     return args
 
 
 def load_data(args, model, template, max_len, enc):
     """(train pairs, held-out pairs), encoded, or a one-line error."""
     try:
-        pairs = read_pairs(args.data) if args.data else make_pairs(args, model, template, enc)
+        saved_pairs = Path(args.out) / "pairs.jsonl"
+        if args.data:
+            pairs = read_pairs(args.data)
+        elif args.resume and saved_pairs.exists():  # (the pairs the run was started on)
+            pairs = read_pairs(saved_pairs)
+        else:
+            pairs = make_pairs(args, model, template, enc)
         train, val, _ = split_dataset(pairs, args.val_frac, 0.0, args.seed)
     except DataError as e:
         die(str(e))
@@ -137,8 +189,9 @@ def batches_forever(pairs, batch_size, seed):
 
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.out)
-    refuse_to_overwrite_a_run(out, out, "dpo_args", args.overwrite)
+    out, state = Path(args.out), Path(args.out) / STATE_DIR
+    if not args.resume:  # a new run would overwrite another's model and state: make that a choice
+        refuse_to_overwrite_a_run(out, state, "dpo_args", args.overwrite)
     torch.manual_seed(args.seed)
     device = str(device_or_die(args.device))
     enc = get_tokenizer()
@@ -155,55 +208,106 @@ def main(argv=None):
             add_lora(model, args.lora_rank, args.lora_alpha, [t.strip() for t in args.lora_targets.split(",")])
         except ValueError as e:
             die(str(e))
-    else:
+    else:  # the starting model, frozen (made before a resumed run loads its trained weights)
         reference = copy.deepcopy(model).eval().requires_grad_(False)
     steps = args.max_steps or max(1, math.ceil(args.epochs * len(train) / (args.batch_size * args.grad_accum)))
     warmup = args.warmup_steps if args.warmup_steps is not None else steps // 10
     eval_interval = args.eval_interval or max(1, steps // 5)
+    save_every = args.save_every or eval_interval
     optimizer = make_optimizer(model, args.lr, weight_decay=0.0, device_type=torch.device(device).type, verbose=False)
     autocast = autocast_for(device)
     objective = DPOObjective(reference, args.beta, args.loss, args.label_smoothing)
     val_batches = list(pair_batches(val, args.batch_size))
     batches = batches_forever(train, args.batch_size, args.seed)
+    run_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
+    step, progress = 0, {"first": None, "last": None, "train_time": 0.0}
+    if args.resume:
+        step, progress = resume(state, model, optimizer, args, batches)
     print(f"DPO on {len(train)} pairs ({len(val)} held out), template {template!r}, beta {args.beta}, {args.loss} loss, "
           f"{steps} steps of {args.batch_size} x {args.grad_accum} pairs on {device}"
-          + (f", LoRA rank {args.lora_rank}" if args.lora_rank else ""))
-    make_run_dir(out)
+          + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + (f"; resumed at step {step}" if step else ""))
+    start_log(out, step, False, args.resume)  # (a resumed run keeps the records up to its step)
+
+    def log(record):
+        with write_or_die(out / "log.jsonl"), open(out / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def held_out(step):
         metrics = evaluate_pairs(model, val_batches, objective, autocast)
         model.train()
-        log.write(json.dumps({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}}) + "\n")
-        log.flush()
+        log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
         tqdm.write(f"step {step}: held-out loss {metrics['loss']:.4f}, preference accuracy "
                    f"{metrics['rewards/accuracies']:.0%}, reward margin {metrics['rewards/margins']:+.4f}")
         return metrics
 
-    t0 = time.time()
-    with open(out / "log.jsonl", "w") as log:
-        first = held_out(0)
-        for step in tqdm(range(1, steps + 1), desc="dpo", disable=None):
+    def save_state():
+        nonlocal clock
+        progress["train_time"] += time.time() - clock
+        with write_or_die(state):  # (save_training_state deletes its own half-written copy)
+            save_training_state(state, model, optimizer, step, progress, dpo_args=run_args, max_steps=steps,
+                                template=template)
+        clock = time.time()  # (saving is not training time)
+
+    clock = time.time()
+    if progress["first"] is None:
+        progress["first"] = held_out(0)
+    model.train()
+    # Ctrl-C: finish the current step, save the state, stop. A second Ctrl-C quits at once.
+    with StopSignal("saving the training state after this step (Ctrl-C again to quit without saving)",
+                    write=tqdm.write) as stop:
+        bar = tqdm(total=steps, initial=step, desc="dpo", disable=None)
+        while step < steps:
+            if stop.requested or step == args.stop_at_step:
+                save_state()
+                bar.close()
+                print(f"stopped at step {step} of {steps}, state saved in {state}; continue with: "
+                      f"python dpo.py --resume {shlex.quote(str(out))}")
+                return
+            step += 1
             lr = lr_at(step - 1, args.lr, warmup, steps, args.lr * 0.1)
             micro = [tuple(t.to(device) for t in next(batches)) for _ in range(args.grad_accum)]
             n_pairs = sum(x.shape[0] // 2 for x, _ in micro)
             objective.metrics = {}
             loss = train_step(model, optimizer, micro, lr, grad_clip=args.grad_clip, autocast=autocast,
                               objective=objective)
-            log.write(json.dumps({"step": step, "loss": loss, "lr": lr,
-                                  **{k: v / n_pairs for k, v in objective.metrics.items()}}) + "\n")
+            log({"step": step, "loss": loss, "lr": lr, **{k: v / n_pairs for k, v in objective.metrics.items()}})
+            bar.update()
             if step % eval_interval == 0 or step == steps:
-                last = held_out(step)
+                progress["last"] = held_out(step)
+            if step % save_every == 0 or step == steps:
+                save_state()
+        bar.close()
+    write_outputs(args, out, model, template, steps, warmup, progress, len(train), len(val))
+
+
+def resume(state, model, optimizer, args, batches):
+    """The weights (LoRA: the frozen base and the adapters), AdamW's moments and the progress from
+    OUT/last; the batch iterator skips the batches already trained on."""
+    try:
+        step, progress = load_training_state(state, model, optimizer)
+    except (CheckpointError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:
+        die(f"--resume: cannot load the training state in {state}: {e}")
+    if args.stop_at_step is not None and args.stop_at_step <= step:
+        die(f"--stop-at-step {args.stop_at_step}: the saved run is already at step {step}")
+    for _ in range(step * args.grad_accum):  # the batch order is seeded: skip what was trained on
+        next(batches)
+    return step, progress
+
+
+def write_outputs(args, out, model, template, steps, warmup, progress, n_train, n_val):
+    """The trained model (LoRA merged) as a plain checkpoint with its template, and training_metadata.json."""
     model.eval()
+    first, last = progress["first"], progress["last"]
     with write_or_die(out):
         with lora_merged(model):
-            model.save_checkpoint(out, template=template, base_model=str(args.model), data=str(args.data or args.pairs_from), step=steps,
-                                  dpo_args={k: v for k, v in vars(args).items() if k != "overwrite"}, max_steps=steps)
+            model.save_checkpoint(out, template=template, base_model=str(args.model),
+                                  data=str(args.data or args.pairs_from), step=steps)
         write_json_atomic(out / "training_metadata.json", {
             "base_model": str(args.model), "data": str(args.data or args.pairs_from), "template": template,
-            "pairs": {"train": len(train), "held_out": len(val)},
+            "pairs": {"train": n_train, "held_out": n_val},
             "hyperparameters": {**{k: v for k, v in vars(args).items() if k not in ("model", "data", "out")},
                                 "max_steps": steps, "warmup_steps": warmup},
-            "held_out": {"first": first, "last": last}, "time_s": round(time.time() - t0, 1)})
+            "held_out": {"first": first, "last": last}, "time_s": {"train": round(progress["train_time"], 1)}})
     print(f"held-out preference accuracy {first['rewards/accuracies']:.0%} -> {last['rewards/accuracies']:.0%}, "
           f"reward margin {first['rewards/margins']:+.4f} -> {last['rewards/margins']:+.4f}; model and log in {out}")
 

@@ -182,3 +182,29 @@ def test_a_model_with_no_template_is_a_one_line_error(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit):
         dpo.main(["--model", str(tmp_path / "base"), "--data", str(data), "--out", str(tmp_path / "out")])
     assert "records no chat template" in one_line_error(capsys)
+
+
+def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, made_data, tmp_path, monkeypatch, capsys):
+    """As sft.py's: the same final weights bit for bit, the same log, none of it twice; the flags come
+    from the saved state, and a flag that would change the run is refused."""
+    tiny.save_checkpoint(tmp_path / "sft", template="chat")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(p) + "\n" for p in learnable_pairs(made_data, 24)))
+    flags = ["--model", str(tmp_path / "sft"), "--data", str(data), "--max-steps", "6", "--batch-size", "2",
+             "--grad-accum", "2", "--lr", "1e-3", "--eval-interval", "2", "--save-every", "2", "--device", "cpu"]
+    dpo.main([*flags, "--out", str(tmp_path / "whole")])
+    dpo.main([*flags, "--out", str(tmp_path / "parts"), "--stop-at-step", "3"])
+    assert "stopped at step 3 of 6" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        dpo.main(["--resume", str(tmp_path / "parts"), "--beta", "0.5"])
+    assert "--beta 0.5 differs from the saved run's 0.1" in one_line_error(capsys)
+    monkeypatch.chdir(tmp_path)
+    dpo.main(["--resume", "parts"])
+    whole, parts = (GPT.from_pretrained(tmp_path / d).state_dict() for d in ("whole", "parts"))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    logs = [(tmp_path / d / "log.jsonl").read_text() for d in ("whole", "parts")]
+    assert logs[0] == logs[1] and [json.loads(line)["step"] for line in logs[0].splitlines()] == [
+        0, 1, 2, 2, 3, 4, 4, 5, 6, 6]
+    with pytest.raises(SystemExit):
+        dpo.main(["--resume", str(tmp_path / "nothing")])
+    assert "no run in" in one_line_error(capsys)
