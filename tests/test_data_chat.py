@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -435,12 +436,15 @@ def test_prepare_into_a_file_is_a_one_line_error(tmp_path, capsys):
     assert out.read_text() == "someone's file"
 
 
-def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_path, made_data):
+def test_ctrl_c_while_tokenizing_exits_quietly_and_leaves_no_partial_files(tmp_path):
     """Ctrl-C reaches every process of the terminal's foreground group: the tokenizing workers ignore
     it, the main process stops them, removes its partial file and exits 130, without a traceback."""
     src, out = tmp_path / "big.txt", tmp_path / "prep"
-    # ~100 MB of simple stories: 2 workers with several seconds of work, stopped after the first second or so
-    src.write_text((made_data / "stories.txt").read_text() * 600)
+    # ~24 MB of made-up words (slow to tokenize: many merges a word), blank-line separated documents: 2
+    # workers with several seconds of work, stopped after the first second or so
+    letters = np.random.default_rng(0).integers(ord("a"), ord("z") + 1, size=24_000_000, dtype=np.uint8)
+    letters[::7], letters[::701] = ord(" "), ord("\n")  # words of 6 letters, lines of 100 words
+    src.write_bytes(letters.tobytes().replace(b"\n", b"\n\n"))
     proc = subprocess.Popen([sys.executable, "data.py", "pretrain", str(src), "--out", str(out), "--workers", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             start_new_session=True)  # its own process group, as a terminal's job is
