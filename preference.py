@@ -79,9 +79,11 @@ def to_pair(record):
         if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
             raise ValueError("the chosen and rejected transcripts must share every turn but the last answer")
         return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
-    prompt = record.get("messages", record.get("prompt", []))
-    prompt = [{"role": "user", "content": prompt.strip()}] if isinstance(prompt, str) else to_conversation(
-        {"messages": prompt}) if prompt else []
+    prompt = record.get("messages", record.get("prompt")) or []
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt.strip()}]
+    elif prompt:
+        prompt = to_conversation({"messages": prompt})
     (before_c, chosen), (before_r, rejected) = (_answer_and_prefix(record[k], prompt) for k in ("chosen", "rejected"))
     if before_c != before_r:
         raise ValueError("chosen and rejected must answer the same conversation")
