@@ -1,5 +1,6 @@
 """serve.py's HTTP API over real sockets on 127.0.0.1: OpenAI-style completions and chat, streaming,
 errors, client disconnects, metrics, the chat page in headless Chromium, and the command line."""
+import base64
 import http.client
 import json
 import os
@@ -481,8 +482,18 @@ class Chromium:
         page = next(t for t in self.send("Target.getTargets")["targetInfos"] if t["type"] == "page")
         return self.send("Target.attachToTarget", targetId=page["targetId"], flatten=True)["sessionId"]
 
-    def evaluate(self, session, expression):
-        return self.send("Runtime.evaluate", session, expression=expression, returnByValue=True)["result"].get("value")
+    def evaluate(self, session, expression, wait=False, gesture=False):
+        """`expression`'s value in the page; wait: for the promise it gives; gesture: as if the user
+        did it (what a click on a copy button is)."""
+        return self.send("Runtime.evaluate", session, expression=expression, returnByValue=True, awaitPromise=wait,
+                         userGesture=gesture)["result"].get("value")
+
+    def screenshot(self, session, path):
+        """The whole page as it is drawn now (scrolled parts too), a PNG, also saved at `path` (to look at)."""
+        shot = self.send("Page.captureScreenshot", session, format="png", captureBeyondViewport=True)
+        png = base64.b64decode(shot["data"])
+        Path(path).write_bytes(png)
+        return png
 
     def close(self):
         os.killpg(self.proc.pid, signal.SIGKILL)  # Chromium's zygote and renderers, not only the browser
@@ -491,23 +502,96 @@ class Chromium:
         os.close(self.out_r)
 
 
-def test_chat_page_streams_an_answer_in_headless_chromium(server):
+def browser_or_fail():
     browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     assert browser, "headless Chromium is needed for this test: apt-get update && apt-get install -y chromium"
-    status, r = call(server, "POST", "/v1/chat/completions",
-                     {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12, "temperature": 0})
-    expected = r["choices"][0]["message"]["content"]
+    return browser
+
+
+def test_chat_page_streams_with_its_settings_copies_stops_and_starts_a_new_chat_in_headless_chromium(server, monkeypatch):
+    """One browser for the page's controls, each checked against what the API itself answers: the URL's
+    settings, the model's name, the system prompt and sampling fields, copy, New chat and Stop."""
+    def api_chat(messages, **fields):  # the API's own (greedy) answer to these messages
+        status, r = call(server, "POST", "/v1/chat/completions", {"messages": messages, "temperature": 0, **fields})
+        assert status == 200, r
+        return r
+    first = api_chat([{"role": "user", "content": "hello"}], max_tokens=12)
+    expected = first["choices"][0]["message"]["content"]
     host, port = server.server_address[:2]
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        chrome = Chromium(browser, f"http://{host}:{port}/?q=hello&temperature=0&max_tokens=12", profile)
+        chrome = Chromium(browser_or_fail(), f"http://{host}:{port}/?q=hello&temperature=0&max_tokens=12", profile)
         try:
             session = chrome.page_session()
-            status = lambda: chrome.evaluate(session, "document.getElementById('status')?.textContent")  # noqa: E731
+            js = lambda expression, **kw: chrome.evaluate(session, expression, **kw)  # noqa: E731
+            status = lambda: js("document.getElementById('status')?.textContent")  # noqa: E731
             assert wait_until(lambda: (status() or "").startswith("done"), timeout=60), status()
-            answers = chrome.evaluate(session, "[...document.querySelectorAll('.msg')].map(d => d.className + ':' + d.textContent)")
+            bubbles = "[...document.querySelectorAll('.msg')].map(d => d.className + ':' + d.textContent)"
+            assert js(bubbles) == ["msg user:hello", "msg assistant:" + expected]
+            # ?temperature= and ?max_tokens= are the fields' first values; the tokens counted are the API's
+            assert js('["temperature", "top_p", "max_tokens"].map(n => $(n).value)') == ["0", "", "12"]
+            usage = first["usage"]
+            assert f"prompt {usage['prompt_tokens']} tokens, answer {usage['completion_tokens']}" in status(), status()
+            # the header names the served model
+            assert wait_until(lambda: js("$('model').textContent") == server.api.model_name == "tiny")
+            # copy: the answer onto the clipboard, by navigator.clipboard where it may be used ...
+            chrome.send("Browser.grantPermissions", origin=f"http://{host}:{port}",
+                        permissions=["clipboardReadWrite", "clipboardSanitizedWrite"])
+            clipboard = lambda: js("navigator.clipboard.readText()", wait=True)  # noqa: E731
+            js("document.querySelector('.copy').click()", gesture=True)
+            assert wait_until(lambda: js("document.querySelector('.copy').textContent") == "copied")
+            assert js("document.querySelector('.copy').dataset.via") == "clipboard" and clipboard() == expected
+            # the system prompt and sampling fields as typed: the API's answer to the same messages, and
+            # temperature 1 with a top-p this small is greedy (only the likeliest token is left to draw)
+            system = "You are a pirate. Answer in one line."
+            fields = {"system": system, "temperature": "1", "top_p": "0.000001", "max_tokens": "6"}
+            js(f"""for (const [name, value] of Object.entries({json.dumps(fields)})) {{
+                       $(name).value = value; $(name).dispatchEvent(new Event("change")); }}""")  # as if typed
+            js('send("Who are you?")', wait=True)
+            history = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": expected},
+                       {"role": "user", "content": "Who are you?"}]
+            second = api_chat([{"role": "system", "content": system}, *history], max_tokens=6)
+            answer = second["choices"][0]["message"]["content"]
+            assert answer != expected  # (so the clipboard below tells the two copies apart)
+            assert js("[...document.querySelectorAll('.msg')].pop().textContent") == answer
+            usage = second["usage"]
+            assert f"prompt {usage['prompt_tokens']} tokens, answer {usage['completion_tokens']}" in status(), status()
+            assert usage["prompt_tokens"] > call(server, "POST", "/tokenize", {"messages": history})[1]["count"]
+            assert js("messages") == history + [{"role": "assistant", "content": answer}]  # (the system prompt: the field's)
+            assert js('JSON.parse(localStorage.getItem("chatSettings")).system') == system  # kept for next time
+            # ... and by a selected textarea and execCommand("copy") where it may not (plain http)
+            js('navigator.clipboard.writeText = () => Promise.reject(new DOMException("not here", "NotAllowedError"))')
+            last_copy = "[...document.querySelectorAll('.copy')].pop()"
+            js(f"{last_copy}.click()", gesture=True)
+            assert wait_until(lambda: js(f"{last_copy}.textContent") == "copied")
+            assert js(f"{last_copy}.dataset.via") == "execCommand" and clipboard() == answer
+            png = chrome.screenshot(session, Path(tempfile.gettempdir()) / "chat_page.png")
+            assert png.startswith(b"\x89PNG") and len(png) > 1000
+            # New chat: an empty log and conversation, the settings as they were
+            js("$('new').click()")
+            assert js("[messages.length, document.querySelectorAll('#log > *').length, status.textContent]") == \
+                [0, 0, "new chat"]
+            assert js(f"{json.dumps(list(fields))}.map(n => $(n).value)") == list(fields.values())
+            # Stop: a long answer ends early; what came stays (the beginning of the API's answer), the engine is idle
+            story = [{"role": "system", "content": system}, {"role": "user", "content": "Tell me a long story."}]
+            full = api_chat(story, max_tokens=200)
+            assert full["choices"][0]["finish_reason"] == "length"
+            full = full["choices"][0]["message"]["content"]
+            engine = server.api.loop.engine
+            aborted = engine.stats.aborted
+            slow_engine(server, monkeypatch, delay=0.05)  # (200 tokens: 10 s, if Stop did nothing)
+            js('$("max_tokens").value = "200"; send("Tell me a long story.")')
+            shown = "[...document.querySelectorAll('.msg')].pop().textContent"
+            assert wait_until(lambda: js(shown))  # (some text has come)
+            assert js('[$("send").disabled, $("stop").disabled]') == [True, False]  # while answering
+            js("$('stop').click()")
+            assert wait_until(lambda: status() == "stopped"), status()
+            assert js('[$("send").disabled, $("stop").disabled]') == [False, True]
+            partial = js(shown)
+            assert 0 < len(partial) < len(full) and full.startswith(partial), (partial, full)
+            assert js("messages") == [story[1], {"role": "assistant", "content": partial}]  # the conversation keeps it
+            assert wait_until(lambda: idle(server)) and engine.stats.aborted == aborted + 1
         finally:
             chrome.close()
-    assert answers == ["msg user:hello", "msg assistant:" + expected]
 
 
 def serve_command(checkpoint, *flags):
@@ -819,49 +903,54 @@ def test_every_token_of_a_character_split_across_tokens_keeps_its_logprobs_entry
 
 
 def test_chat_page_drops_the_oldest_exchanges_when_the_context_is_full_and_shows_stream_errors(server, monkeypatch):
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-    assert browser, "headless Chromium is needed for this test: apt-get update && apt-get install -y chromium"
+    """Against a server with an API key, too: the page says where the key goes, and names the model once it has it."""
     host, port = server.server_address[:2]
+    monkeypatch.setattr(server, "api_key", "sesame")  # a server with an API key, from the page's first request
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
-        chrome = Chromium(browser, f"http://{host}:{port}/?temperature=0&max_tokens=8", profile)
+        chrome = Chromium(browser_or_fail(), f"http://{host}:{port}/?temperature=0&max_tokens=8", profile)
         try:
             session = chrome.page_session()
-            assert wait_until(lambda: chrome.evaluate(session, "typeof send") == "function")
-            send = lambda text: chrome.send("Runtime.evaluate", session, expression=f"send({json.dumps(text)})",  # noqa: E731
-                                            awaitPromise=True, returnByValue=True)
-            # a server with an API key: the page says where to enter it, and sends what is entered there
-            monkeypatch.setattr(server, "api_key", "sesame")
+            js = lambda expression, **kw: chrome.evaluate(session, expression, **kw)  # noqa: E731
+            send = lambda text: js(f"send({json.dumps(text)})", wait=True)  # noqa: E731
+            model = lambda: js("$('model').textContent")  # noqa: E731
+            assert wait_until(lambda: model() == "API key needed"), model()  # (/v1/models: 401)
+            # the page says where to enter the key, and sends what is entered there
             send("hello")
-            last = chrome.evaluate(session, "[...document.querySelectorAll('.msg')].pop().textContent")
-            assert "needs an API key: enter it in the field" in last and chrome.evaluate(session, "messages.length") == 0
-            chrome.evaluate(session, 'key.value = "sesame"; key.dispatchEvent(new Event("change"))')
-            assert chrome.evaluate(session, 'sessionStorage.getItem("apiKey")') == "sesame"  # (kept for the tab)
-            # a history of about 3 x 2 x 60 tokens: more than the tiny model's 256-token context
-            chrome.evaluate(session, """messages.push({role: "system", content: "Be kind."});
+            last = js("[...document.querySelectorAll('.msg')].pop().textContent")
+            assert "needs an API key: enter it in the API key field" in last and js("messages.length") == 0
+            js('key.value = "sesame"; key.dispatchEvent(new Event("change"))')
+            assert js('sessionStorage.getItem("apiKey")') == "sesame"  # (kept for the tab)
+            assert wait_until(lambda: model() == "tiny"), model()  # asked again, with the key
+            # a system prompt and a history of about 3 x 2 x 60 tokens: more than the tiny model's 256-token context
+            js("""$("system").value = "Be kind.";
                 for (let i = 0; i < 3; i++) messages.push({role: "user", content: `question ${i} ` + "word ".repeat(60)},
                                                           {role: "assistant", content: `answer ${i} ` + "word ".repeat(60)});""")
             send("hello")
-            assert chrome.evaluate(session, "status.textContent").startswith("done")
-            kept = chrome.evaluate(session, "messages.map(m => m.role + ':' + m.content.split(' ')[0])")
+            assert js("status.textContent").startswith("done")
+            kept = js("messages")
+            roles = [m["role"] + ":" + m["content"].split(" ")[0] for m in kept]
             history = ["user:question", "assistant:answer"] * 3
-            # the system message stays, the answer came, and of the history only the newest exchanges remain
-            assert kept[0] == "system:Be" and kept[-2] == "user:hello" and kept[-1].startswith("assistant:")
-            middle = kept[1:-2]
+            # the answer came, and of the history only the newest exchanges remain ...
+            assert roles[-2] == "user:hello" and roles[-1].startswith("assistant:")
+            middle = roles[:-2]
             assert len(middle) < len(history) and len(middle) % 2 == 0 and middle == history[len(history) - len(middle):]
-            # without ?max_tokens= a reply may take 256 tokens, but no more than a quarter of the context
-            budget = chrome.send("Runtime.evaluate", session, expression='replyTokens({Authorization: "Bearer sesame"})',
-                                 awaitPromise=True, returnByValue=True)["result"]["value"]
-            assert budget == min(256, server.api.n_ctx // 4)
+            # ... after the system prompt: what the model read is it and them (the prompt's tokens, counted)
+            sent = [{"role": "system", "content": "Be kind."}, *kept[:-1]]
+            count = call(server, "POST", "/tokenize", {"messages": sent}, headers={"Authorization": "Bearer sesame"})[1]["count"]
+            assert f"prompt {count} tokens" in js("status.textContent"), (count, js("status.textContent"))
+            # without max tokens a reply may take 256 tokens, but no more than a quarter of the context
+            budget = js('replyTokens({Authorization: "Bearer sesame"})', wait=True)
+            assert budget == min(256, server.api.n_ctx // 4) and js("$('max_tokens').placeholder") == f"auto: {budget}"
             # a message that cannot fit even alone: an error, and the conversation is left as it was
-            before = chrome.evaluate(session, "messages.length")
+            before = js("messages.length")
             send("word " * 400)
-            assert chrome.evaluate(session, "status.textContent") == "error"
-            assert chrome.evaluate(session, "messages.length") == before
+            assert js("status.textContent") == "error"
+            assert js("messages.length") == before
             # an engine failure mid-stream: its message shows, not a script error
             monkeypatch.setattr(server.api.loop.engine.runner, "run", lambda batch: 1 / 0)
             send("again")
-            last = chrome.evaluate(session, "[...document.querySelectorAll('.msg')].pop().className + '|' + "
-                                            "[...document.querySelectorAll('.msg')].pop().textContent")
+            last = js("[...document.querySelectorAll('.msg')].pop().className + '|' + "
+                      "[...document.querySelectorAll('.msg')].pop().textContent")
             assert last.startswith("msg error|error: the engine failed"), last
         finally:
             chrome.close()
