@@ -2,6 +2,7 @@
 import contextlib
 import os
 import resource
+import signal
 import sys
 from pathlib import Path
 
@@ -31,6 +32,11 @@ def pytest_sessionstart(session):
                     f"download them ({type(e).__name__}); connect to the internet once, or set TIKTOKEN_CACHE_DIR "
                     f"to a folder that holds them", returncode=4)
 
+
+# A suite started in the background of a non-interactive shell (`pytest &`) inherits SIGINT ignored, and
+# so would every script the tests start, which the tests stop with Ctrl-C as a user would: take it back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # One thread, here and in the scripts the tests start: the models are tiny, and a second thread mostly
 # spins waiting for the first (CPU time the suite's budget counts); the few large parity checks lose
