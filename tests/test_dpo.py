@@ -208,3 +208,24 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, made_data, 
     with pytest.raises(SystemExit):
         dpo.main(["--resume", str(tmp_path / "nothing")])
     assert "no run in" in one_line_error(capsys)
+
+
+def test_gradient_accumulation_over_pairs_equals_one_batch(tiny):
+    """train_step averages DPO's loss over the pairs of all micro-batches: 2 x 2 pairs is 1 x 4."""
+    from training import train_step
+    encoded, _ = encode_pairs([PAIR, {**PAIR, "rejected": "Five, I think."}, {**PAIR, "chosen": "It is 5."},
+                               {**PAIR, "rejected": "No."}], "chat", 128)
+    policy = copy.deepcopy(tiny)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.01 * torch.randn_like(p))  # (away from the reference: the margins are not all 0)
+    results = []
+    for micro in ([next(pair_batches(encoded, 4))], list(pair_batches(encoded, 2))):
+        model = copy.deepcopy(policy).train()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)  # (plain SGD: the step is the gradient itself)
+        loss = train_step(model, optimizer, micro, 1.0, grad_clip=0, objective=DPOObjective(tiny, 0.1))
+        results.append((loss, model.state_dict()))
+    (loss_one, one), (loss_two, two) = results
+    assert loss_one == pytest.approx(loss_two, rel=1e-6)
+    assert all(torch.allclose(one[k], two[k], atol=1e-6) for k in one)
+    assert any(not torch.equal(one[k], policy.state_dict()[k]) for k in one)  # (it did step)
