@@ -66,8 +66,9 @@ class TokenCrossEntropy:
         return int((batch[1] != IGNORE).sum())
 
     def loss_sum(self, model, batch, n):
-        x, y, *packed = batch  # (packed rows add positions and segments: data.collate_packed)
-        logits, loss = model(x, y, *packed[:1], segments=packed[1] if packed else None)  # mean over its learned tokens
+        x, y, *packing = batch  # (packed rows also carry positions and segments: data.collate_packed)
+        pos, segments = packing or (None, None)
+        logits, loss = model(x, y, pos=pos, segments=segments)  # mean over its learned tokens
         # back to a sum (a micro-batch with nothing to learn still runs backward: DDP needs every rank's)
         return loss * n if n else logits.sum() * 0.0
 
