@@ -20,7 +20,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernels
+import paged_attention
 from common import AT_LEAST_1, HelpFormatter, check_flags, device_or_die, die
 
 BLOCK_SIZE = 16
@@ -62,10 +62,10 @@ def bench_cuda_case(args, dtype, batch, context):
     q, k_cache, v_cache, tables, lens, k, v = make_case(batch, context, args.n_head, args.head_dim,
                                                         getattr(torch, dtype), "cuda")
     scale = args.head_dim ** -0.5
-    splits = args.num_splits or kernels.default_num_splits(batch, args.n_head, context, q.device)
+    splits = args.num_splits or paged_attention.default_num_splits(batch, args.n_head, context, q.device)
 
     def paged():
-        return kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)
+        return paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale, num_splits=splits)
 
     def sdpa():
         return F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)
@@ -88,7 +88,7 @@ def bench_cpu(args):
                                                                 torch.float32, "cpu")
             scale = args.head_dim ** -0.5
             seconds, outputs = {}, {}
-            for name, fn in (("ref", lambda: kernels.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)),
+            for name, fn in (("ref", lambda: paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, lens, scale)),
                              ("sdpa", lambda: F.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale)[:, :, 0])):
                 fn()
                 t0 = time.perf_counter()
@@ -113,7 +113,7 @@ def main():
     p.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when available")
     args = p.parse_args()
     device = "cuda" if device_or_die(args.device).type == "cuda" else "cpu"
-    if device == "cuda" and not kernels.HAVE_TRITON:
+    if device == "cuda" and not paged_attention.HAVE_TRITON:
         die("triton is not installed; the CUDA benchmark times the Triton kernel (pip install triton)")
     cuda = device == "cuda"
     args.batch = args.batch or ([64, 128] if cuda else [4])

@@ -1,7 +1,7 @@
 """The serving engine: many requests at once over a paged KV cache (the vLLM recipe, small).
 
   BlockManager  The KV cache is a pool of fixed-size blocks (16 tokens each, the "pages" of
-                kernels.py). A sequence owns a block table: its i-th block holds tokens 16i..16i+15.
+                paged_attention.py). A sequence owns a block table: its i-th block holds tokens 16i..16i+15.
                 Memory is handed out 16 tokens at a time as sequences grow, so nothing is reserved
                 for a length a request may never reach. Full blocks are also remembered by their
                 content (prefix caching): a request that starts like an earlier one (a system

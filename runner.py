@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from common import capture_cuda_graph
-from kernels import paged_decode_attention, paged_prefill_attention, write_kv
+from paged_attention import paged_decode_attention, paged_prefill_attention, write_kv
 
 
 BLOCK = 16  # tokens per KV block

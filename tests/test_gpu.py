@@ -21,7 +21,7 @@ from engine import Engine
 import inference
 from gpt import GPT, GPTConfig
 from inference import generate_tokens
-import kernels
+import paged_attention
 from sampling import SamplingParams
 import runner
 from test_kernels import DECODE_CASES, PREFILL_CASES, make_paged
@@ -109,7 +109,7 @@ def test_cuda_graph_decode_equals_uncached_greedy_for_100_tokens_and_later_calls
     assert_same_greedy(model, short, again, greedy_without_cache(model, short, 50))
 
 
-# ----------------------------------------------------------------------------- kernels.py on GPU tensors
+# ----------------------------------------------------------------------------- paged_attention.py on GPU tensors
 
 @pytest.mark.parametrize("lens,n_head,head_dim,num_splits", DECODE_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -117,9 +117,9 @@ def test_decode_kernel_on_cuda_equals_reference(lens, n_head, head_dim, num_spli
     k_cache, v_cache, tables, context_lens = (t.cuda() for t in make_paged(lens, n_head, head_dim, dtype=dtype))
     q = torch.randn(len(lens), 3, n_head, head_dim, device="cuda").to(dtype)[:, 0]
     scale = head_dim ** -0.5
-    assert kernels.use_triton(q)
-    got = kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits=num_splits)
-    want = kernels.paged_decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables,
+    assert paged_attention.use_triton(q)
+    got = paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, num_splits=num_splits)
+    want = paged_attention.paged_decode_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables,
                                                     context_lens, scale)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert got.dtype == dtype
@@ -133,8 +133,8 @@ def test_prefill_kernel_on_cuda_equals_reference(prefix, new, n_head, head_dim, 
     k_cache, v_cache, tables, context_lens = (t.cuda() for t in make_paged(lens, n_head, head_dim, dtype=dtype))
     q = torch.randn(sum(new), 3, n_head, head_dim, device="cuda").to(dtype)[:, 0]
     query_lens = torch.tensor(new, dtype=torch.int32, device="cuda")
-    got = kernels.paged_prefill_attention(q, k_cache, v_cache, tables, context_lens, query_lens, head_dim ** -0.5)
-    want = kernels.paged_prefill_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables,
+    got = paged_attention.paged_prefill_attention(q, k_cache, v_cache, tables, context_lens, query_lens, head_dim ** -0.5)
+    want = paged_attention.paged_prefill_attention_reference(q.float(), k_cache.float(), v_cache.float(), tables,
                                                      context_lens, query_lens, head_dim ** -0.5)
     tol = 1e-5 if dtype == torch.float32 else 2e-2  # fp32: "ieee" dots, not TF32; bf16: p is rounded too
     torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
@@ -147,8 +147,8 @@ def test_write_kv_kernel_on_cuda_writes_only_its_slots():
     slots = torch.tensor([5, -1, 17, 95, 0, -1, 48, 33, 16], device="cuda")
     caches = [torch.randn(6, 16, 4, 32, device="cuda") for _ in range(2)]
     got, want = [c.clone() for c in caches], [c.clone() for c in caches]
-    kernels.write_kv(k, v, *got, slots)
-    kernels.write_kv_reference(k, v, *want, slots)
+    paged_attention.write_kv(k, v, *got, slots)
+    paged_attention.write_kv_reference(k, v, *want, slots)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -167,7 +167,7 @@ def test_engine_with_cuda_graphs_matches_generate(model, monkeypatch):
     assert sorted(engine.runner.graphs) == [1, 2, 4, 6], "decode graphs were not captured"
     prefills = []
     monkeypatch.setattr(runner, "paged_prefill_attention",
-                        lambda q, *args: prefills.append(q.is_cuda) or kernels.paged_prefill_attention(q, *args))
+                        lambda q, *args: prefills.append(q.is_cuda) or paged_attention.paged_prefill_attention(q, *args))
     outs = engine.generate(prompts, params, use_tqdm=False)
     assert prefills and all(prefills), "no chunk went through the prefill kernel"
     for prompt, p, out in zip(prompts, params, outs):

@@ -1,4 +1,4 @@
-"""kernels.py: the Triton kernels equal their PyTorch references, and the references equal plain
+"""paged_attention.py: the Triton kernels equal their PyTorch references, and the references equal plain
 dense attention.
 
 The Triton kernels run on the CPU through Triton's interpreter, which is chosen by TRITON_INTERPRET=1
@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import paged_attention
 
 ROOT = Path(__file__).resolve().parent.parent
 BLOCK = 16  # tokens per cache block, as in serve.py
@@ -74,12 +74,12 @@ def interpreted(test):
 
 @pytest.fixture
 def K():
-    """The kernels module with the Triton path forced on for CPU tensors (only in the interpreter child)."""
-    assert kernels.HAVE_TRITON, "triton is not importable; it is a required dependency (pip install triton)"
-    assert kernels.INTERPRET, "K is for the interpreter child only"
-    kernels.FORCE_TRITON = True
-    yield kernels
-    kernels.FORCE_TRITON = False
+    """The paged_attention module with the Triton path forced on for CPU tensors (only in the interpreter child)."""
+    assert paged_attention.HAVE_TRITON, "triton is not importable; it is a required dependency (pip install triton)"
+    assert paged_attention.INTERPRET, "K is for the interpreter child only"
+    paged_attention.FORCE_TRITON = True
+    yield paged_attention
+    paged_attention.FORCE_TRITON = False
 
 
 def make_paged(lens, n_head, head_dim, dtype=torch.float32, pad=-1, spare_blocks=5, seed=0):
@@ -199,7 +199,7 @@ def test_decode_reference_equals_dense_attention():
     lens = [1, 16, 17, 50]
     k_cache, v_cache, tables, context_lens = make_paged(lens, 4, 32)
     q = torch.randn(len(lens), 4, 32)
-    got = kernels.paged_decode_attention_reference(q, k_cache, v_cache, tables, context_lens, 32 ** -0.5)
+    got = paged_attention.paged_decode_attention_reference(q, k_cache, v_cache, tables, context_lens, 32 ** -0.5)
     for b, n in enumerate(lens):
         k, v = dense_kv(k_cache, v_cache, tables[b], n)
         want = F.scaled_dot_product_attention(q[b][:, None], k, v)[:, 0]
@@ -207,12 +207,12 @@ def test_decode_reference_equals_dense_attention():
 
 
 def test_num_splits_grow_for_small_batches_and_long_contexts():
-    many = kernels.default_num_splits(batch=64, n_head=12, max_context=1024, device="cpu")
-    one_long = kernels.default_num_splits(batch=1, n_head=2, max_context=1024, device="cpu")
-    one_short = kernels.default_num_splits(batch=1, n_head=2, max_context=64, device="cpu")
+    many = paged_attention.default_num_splits(batch=64, n_head=12, max_context=1024, device="cpu")
+    one_long = paged_attention.default_num_splits(batch=1, n_head=2, max_context=1024, device="cpu")
+    one_short = paged_attention.default_num_splits(batch=1, n_head=2, max_context=64, device="cpu")
     assert many == 1 and one_short == 1
-    assert one_long > 1 and one_long <= 1024 // kernels.MIN_SPLIT_TOKENS
-    assert kernels.default_num_splits(batch=1, n_head=4, max_context=1000, device="cpu") == 2  # (a DECODE_CASES row)
+    assert one_long > 1 and one_long <= 1024 // paged_attention.MIN_SPLIT_TOKENS
+    assert paged_attention.default_num_splits(batch=1, n_head=4, max_context=1000, device="cpu") == 2  # (a DECODE_CASES row)
 
 
 @interpreted
@@ -222,12 +222,12 @@ def test_forced_interpreter_sends_cpu_tensors_to_triton(K):
 
 def test_cpu_tensors_use_the_reference():
     """The dispatch rule: without the interpreter and the flag, CPU tensors go to the references."""
-    assert not (kernels.INTERPRET and kernels.FORCE_TRITON)
-    assert not kernels.use_triton(torch.zeros(1))
+    assert not (paged_attention.INTERPRET and paged_attention.FORCE_TRITON)
+    assert not paged_attention.use_triton(torch.zeros(1))
     k_cache, v_cache, tables, context_lens = make_paged([30], 2, 32)
     q = torch.randn(1, 2, 32)
-    torch.testing.assert_close(kernels.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.1),
-                               kernels.paged_decode_attention_reference(q, k_cache, v_cache, tables, context_lens, 0.1))
+    torch.testing.assert_close(paged_attention.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, 0.1),
+                               paged_attention.paged_decode_attention_reference(q, k_cache, v_cache, tables, context_lens, 0.1))
 
 
 # ----------------------------------------------------------------------------- prefill (varlen)
@@ -242,10 +242,10 @@ def test_prefill_reference_equals_causal_attention_over_prefix_and_new_tokens():
     k_cache, v_cache, tables, context_lens = make_paged(lens, n_head, head_dim)
     q = torch.randn(sum(new), n_head, head_dim)
     scale = head_dim ** -0.5
-    got = kernels.paged_prefill_attention_reference(q, k_cache, v_cache, tables, context_lens,
+    got = paged_attention.paged_prefill_attention_reference(q, k_cache, v_cache, tables, context_lens,
                                                     torch.tensor(new, dtype=torch.int32), scale)
     cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
-    same = kernels.paged_prefill_attention(q, k_cache, v_cache, tables, context_lens, cu, scale)
+    same = paged_attention.paged_prefill_attention(q, k_cache, v_cache, tables, context_lens, cu, scale)
     torch.testing.assert_close(got, same)
     for b in range(3):
         k, v = dense_kv(k_cache, v_cache, tables[b], lens[b])
@@ -284,20 +284,20 @@ def test_prefill_of_one_token_is_decode():
     q = torch.randn(2, 2, 32)
     one = torch.ones(2, dtype=torch.int32)
     torch.testing.assert_close(
-        kernels.paged_prefill_attention_reference(q, k_cache, v_cache, tables, context_lens, one, 0.3),
-        kernels.paged_decode_attention_reference(q, k_cache, v_cache, tables, context_lens, 0.3))
+        paged_attention.paged_prefill_attention_reference(q, k_cache, v_cache, tables, context_lens, one, 0.3),
+        paged_attention.paged_decode_attention_reference(q, k_cache, v_cache, tables, context_lens, 0.3))
 
 
 def test_references_reject_inconsistent_lengths():
     k_cache, v_cache, tables, context_lens = make_paged([9, 33], 2, 32)
     with pytest.raises(ValueError, match="does not fit"):  # 33 tokens need 3 blocks of 16
-        kernels.paged_decode_attention_reference(torch.randn(2, 2, 32), k_cache, v_cache, tables[:, :2],
+        paged_attention.paged_decode_attention_reference(torch.randn(2, 2, 32), k_cache, v_cache, tables[:, :2],
                                                  context_lens, 0.3)
     with pytest.raises(ValueError, match="add up to"):
-        kernels.paged_prefill_attention_reference(torch.randn(5, 2, 32), k_cache, v_cache, tables, context_lens,
+        paged_attention.paged_prefill_attention_reference(torch.randn(5, 2, 32), k_cache, v_cache, tables, context_lens,
                                                   torch.tensor([2, 2]), 0.3)
     with pytest.raises(ValueError, match="new tokens but a context"):
-        kernels.paged_prefill_attention_reference(torch.randn(12, 2, 32), k_cache, v_cache, tables, context_lens,
+        paged_attention.paged_prefill_attention_reference(torch.randn(12, 2, 32), k_cache, v_cache, tables, context_lens,
                                                   torch.tensor([10, 2]), 0.3)
 
 
@@ -309,7 +309,7 @@ def test_kernels_compile_for_h100():
     checks the CUDA path on a machine without a GPU. Like Triton's JIT on real GPT-2 shapes, we tell
     the compiler that pointers, strides and head_dim are multiples of 16, and check that the decode
     kernel then reads K and V with 16-byte vector loads: bandwidth is what decoding is made of."""
-    assert kernels.HAVE_TRITON, "triton is not importable; it is a required dependency (pip install triton)"
+    assert paged_attention.HAVE_TRITON, "triton is not importable; it is a required dependency (pip install triton)"
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -319,37 +319,37 @@ def test_kernels_compile_for_h100():
         aligned = [n for n in names if n.endswith("_ptr") or n.startswith("stride") or n in ("head_dim", "row_size")]
         attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
         src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": kernels.FP_FUSION})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "enable_fp_fusion": paged_attention.FP_FUSION})
         assert compiled.asm["cubin"], f"{fn} produced no cubin"
         return compiled.asm["ptx"]
 
     i32 = "i32"
     for dt in ("fp16", "bf16", "fp32"):
         for splits in (1, 4):
-            ptx = build(kernels._decode_split_kernel,
+            ptx = build(paged_attention._decode_split_kernel,
                   {"q_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}", "block_tables_ptr": "*i32",
                    "context_lens_ptr": "*i32", "out_ptr": f"*{dt}", "part_out_ptr": "*fp32", "part_lse_ptr": "*fp32",
                    "qk_scale": "fp32", "stride_qb": i32, "stride_qh": i32, "stride_ob": i32, "stride_oh": i32,
                    "stride_tb": i32, "stride_cb": i32, "stride_cs": i32, "stride_ch": i32, "n_head": i32,
                    "head_dim": i32, "BLOCK_SIZE": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr",
                    "NUM_SPLITS": "constexpr"},
-                  {"BLOCK_SIZE": BLOCK, "BLOCK_N": kernels.DECODE_BLOCK_N, "BLOCK_D": 64, "NUM_SPLITS": splits})
+                  {"BLOCK_SIZE": BLOCK, "BLOCK_N": paged_attention.DECODE_BLOCK_N, "BLOCK_D": 64, "NUM_SPLITS": splits})
             assert "ld.global.v4" in ptx, f"decode kernel ({dt}) does not use 16-byte loads"
             assert ".local" not in ptx, f"decode kernel ({dt}) spills registers"
-        build(kernels._write_kv_kernel,
+        build(paged_attention._write_kv_kernel,
               {"k_ptr": f"*{dt}", "v_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}",
                "slot_ptr": "*i64", "stride_k": i32, "stride_v": i32, "n_tokens": i32, "row_size": i32,
                "BLOCK_T": "constexpr", "BLOCK_C": "constexpr"},
               {"BLOCK_T": 4, "BLOCK_C": 1024})
-        build(kernels._prefill_kernel,
+        build(paged_attention._prefill_kernel,
               {"q_ptr": f"*{dt}", "k_cache_ptr": f"*{dt}", "v_cache_ptr": f"*{dt}", "block_tables_ptr": "*i32",
                "context_lens_ptr": "*i32", "cu_ptr": "*i32", "out_ptr": f"*{dt}", "qk_scale": "fp32",
                "stride_qn": i32, "stride_qh": i32, "stride_on": i32, "stride_oh": i32, "stride_tb": i32,
                "stride_cb": i32, "stride_cs": i32, "stride_ch": i32, "head_dim": i32,
                "BLOCK_SIZE": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr"},
-              {"BLOCK_SIZE": BLOCK, "BLOCK_M": kernels.PREFILL_BLOCK_M, "BLOCK_N": kernels.PREFILL_BLOCK_N,
+              {"BLOCK_SIZE": BLOCK, "BLOCK_M": paged_attention.PREFILL_BLOCK_M, "BLOCK_N": paged_attention.PREFILL_BLOCK_N,
                "BLOCK_D": 64})
-    build(kernels._decode_reduce_kernel,
+    build(paged_attention._decode_reduce_kernel,
           {"part_out_ptr": "*fp32", "part_lse_ptr": "*fp32", "out_ptr": "*bf16", "stride_ob": i32, "stride_oh": i32,
            "n_head": i32, "head_dim": i32, "NUM_SPLITS": "constexpr", "BLOCK_S": "constexpr", "BLOCK_D": "constexpr"},
           {"NUM_SPLITS": 5, "BLOCK_S": 8, "BLOCK_D": 64}, num_warps=1)

@@ -1,9 +1,11 @@
 """The project's layout is part of what it teaches: libraries apart from scripts, imports one way."""
 import ast
+import importlib.metadata
+import sys
 
 from conftest import ROOT
 
-LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "sampling", "inference", "kernels", "runner",
+LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "sampling", "inference", "paged_attention", "runner",
              "engine", "openai_api", "training", "lora", "scoring", "preference"}
 SCRIPTS = {"train", "sft", "dpo", "generate", "serve", "synth", "export", "eval"}
 
@@ -25,6 +27,15 @@ def test_every_top_level_file_is_a_library_a_script_or_a_benchmark():
     names = {p.stem for p in ROOT.glob("*.py")}
     unknown = names - LIBRARIES - SCRIPTS - {n for n in names if n.startswith("bench_")}
     assert not unknown, f"say whether {sorted(unknown)} is a library or a script (tests/test_layout.py)"
+
+
+def test_no_top_level_file_shadows_an_installed_package_or_the_standard_library():
+    """The repository's folder comes first on sys.path, so a file named like a package hides it from
+    every library that imports it (transformers imports Hugging Face's `kernels` when installed: a
+    kernels.py here broke transformers)."""
+    installed = set(importlib.metadata.packages_distributions()) | set(sys.stdlib_module_names)
+    clashes = sorted(p.name for p in ROOT.glob("*.py") if p.stem in installed)
+    assert not clashes, f"rename {clashes}: an installed package or the standard library has that name"
 
 
 def test_libraries_never_import_scripts_and_scripts_never_import_each_other():
