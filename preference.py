@@ -76,9 +76,9 @@ def to_pair(record):
         raise ValueError("a preference record needs 'chosen' and 'rejected'")
     if "prompt" not in record and "messages" not in record and isinstance(record["chosen"], str):
         chosen, rejected = _from_hh(record["chosen"]), _from_hh(record["rejected"])
-        if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant":
+        if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise ValueError("the chosen and rejected transcripts must share every turn but the last answer")
-        return {"prompt": chosen[:-1], "chosen": chosen[-1]["content"], "rejected": rejected[-1]["content"]}
+        return checked_pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
     prompt = record.get("messages", record.get("prompt")) or []
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt.strip()}]
@@ -87,11 +87,15 @@ def to_pair(record):
     (before_c, chosen), (before_r, rejected) = (_answer_and_prefix(record[k], prompt) for k in ("chosen", "rejected"))
     if before_c != before_r:
         raise ValueError("chosen and rejected must answer the same conversation")
-    if not before_c or before_c[-1]["role"] != "user":
+    return checked_pair(before_c, chosen, rejected)
+
+
+def checked_pair(prompt, chosen, rejected):
+    if not prompt or prompt[-1]["role"] != "user":
         raise ValueError("the prompt must end with a user turn")
     if not chosen or not rejected:
         raise ValueError("an empty chosen or rejected answer")
-    return {"prompt": before_c, "chosen": chosen, "rejected": rejected}
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
 
 
 def read_pairs(path):
@@ -131,12 +135,12 @@ def encode_answer(prompt, answer, template, enc=None):
 
 
 def encode_pairs(pairs, template, max_len, enc=None):
-    """[(chosen example, rejected example)] of the pairs whose both sides fit in max_len tokens, and
-    how many did not."""
+    """[(chosen example, rejected example)] of the pairs whose both sides fit in max_len tokens of
+    input (max_len + 1 with the last token, which is only predicted), and how many did not."""
     encoded, too_long = [], 0
     for p in pairs:
         chosen, rejected = (encode_answer(p["prompt"], p[k], template, enc) for k in ("chosen", "rejected"))
-        if max(len(chosen[0]), len(rejected[0])) > max_len:
+        if max(len(chosen[0]), len(rejected[0])) > max_len + 1:
             too_long += 1
         else:
             encoded.append((chosen, rejected))
@@ -168,18 +172,14 @@ def reference_logprobs(model, reference, x, y):
             model.train(training)
 
 
-def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0,
-             lengths=None):
+def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoid", label_smoothing=0.0):
     """The per-pair loss and the implicit rewards (losses, chosen rewards, rejected rewards), each (B,).
-    chosen, rejected: the model's summed answer log-probabilities; ref_*: the reference's. IPO uses
-    the mean per-token log-probabilities (`lengths`: (chosen lengths, rejected lengths)), as its
-    paper and TRL do."""
+    chosen, rejected: the model's answer log-probabilities; ref_*: the reference's (for IPO, means
+    per answer token: see DPOObjective)."""
+    margin = (chosen - ref_chosen) - (rejected - ref_rejected)
     if loss_type == "ipo":
-        (lc, lr) = lengths
-        margin = (chosen - ref_chosen) / lc - (rejected - ref_rejected) / lr
         losses = (margin - 1 / (2 * beta)) ** 2
     elif loss_type == "sigmoid":
-        margin = (chosen - ref_chosen) - (rejected - ref_rejected)
         losses = -(1 - label_smoothing) * F.logsigmoid(beta * margin) - label_smoothing * F.logsigmoid(-beta * margin)
     else:
         raise ValueError(f"unknown loss type {loss_type!r}: {', '.join(LOSS_TYPES)}")
@@ -189,7 +189,9 @@ def dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta, loss_type="sigmoi
 class DPOObjective:
     """DPO as training.train_step's objective: a micro-batch is (x, y) with the chosen answers in
     its first half of rows and the rejected ones in the second (one forward pass for both); the
-    unit the loss is averaged over is the pair. Sums TRL's metrics over the step into `metrics`."""
+    unit the loss is averaged over is the pair. Sums TRL's metrics over the step into `metrics`.
+    IPO works on each answer's mean per-token log-probability, as TRL does, and so do its rewards
+    and logps metrics: they describe the margin the loss is trained on."""
 
     def __init__(self, reference, beta, loss_type="sigmoid", label_smoothing=0.0):
         self.reference, self.beta, self.loss_type, self.label_smoothing = reference, beta, loss_type, label_smoothing
@@ -202,8 +204,10 @@ class DPOObjective:
         x, y = batch
         logp, lengths = answer_logprobs(model, x, y)
         ref = reference_logprobs(model, self.reference, x, y)
+        if self.loss_type == "ipo":
+            logp, ref = logp / lengths, ref / lengths
         losses, rc, rr = dpo_loss(logp[:n], logp[n:], ref[:n], ref[n:], self.beta, self.loss_type,
-                                  self.label_smoothing, (lengths[:n], lengths[n:]))
+                                  self.label_smoothing)
         for key, v in pair_metrics(rc, rr, logp[:n].detach(), logp[n:].detach()).items():
             self.metrics[key] = self.metrics.get(key, 0.0) + float(v.sum())
         return losses.sum()
