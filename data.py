@@ -409,7 +409,10 @@ def _from_turns(turns, role_key, text_key, roles):
     for t in turns:
         if not isinstance(t, dict) or t.get(role_key) not in roles:
             raise ValueError(f"a turn's {role_key!r} must be one of {', '.join(roles)}")
-        out.append({"role": roles[t[role_key]], "content": _text(t, text_key)})
+        turn = {"role": roles[t[role_key]], "content": _text(t, text_key)}
+        if turn["role"] == "user" and isinstance(t.get("input"), str) and t["input"].strip():
+            turn["input"] = t["input"].strip()  # (Alpaca's input, kept as our own conversations write it)
+        out.append(turn)
     return out
 
 
@@ -471,7 +474,7 @@ def to_conversation(record):
         return _from_prompt_completion(record["prompt"], record["completion"])
     if isinstance(record.get("text"), str) and GUANACO_TURN.search(record["text"]):
         return _from_guanaco(record["text"])
-    if isinstance(record.get("text"), str):
+    if isinstance(record.get("text"), str) and "role" not in record:  # (one message of a thread is no document)
         return [{"role": "assistant", "content": record["text"].strip()}]
     raise ValueError(f"fits no known format (keys: {', '.join(sorted(record)) or 'none'}); expected "
                      f"alpaca, dolly, guanaco, oasst, chat 'messages', sharegpt, ultrachat, openorca, dialog, "
@@ -557,14 +560,14 @@ def default_template(conversations):
         else "alpaca"
 
 
-def split_dataset(items, val_frac, test_frac, seed):
+def split_dataset(items, val_frac, test_frac, seed, what="conversations"):
     """Shuffle with `seed` and cut into (train, val, test): the same seed gives the same split."""
     items = list(items)
     random.Random(seed).shuffle(items)
     n_val, n_test = (max(1, round(f * len(items))) if f > 0 else 0 for f in (val_frac, test_frac))
     if n_val + n_test >= len(items):
-        raise DataError(f"{len(items)} conversations are too few to split off {n_val} for validation "
-                        f"and {n_test} for test")
+        raise DataError(f"{len(items)} {what} are too few to split off {n_val} for validation"
+                        + (f" and {n_test} for test" if n_test else ""))
     return items[n_val + n_test:], items[:n_val], items[n_val:n_val + n_test]
 
 
