@@ -9,20 +9,22 @@
 message lists (TRL's and UltraFeedback-binarized's layouts), or HH-RLHF's two transcripts
 (preference.py reads them all). Without pairs, --pairs-from takes an SFT dataset instead: its
 answers become the chosen ones and the model's own greedy answers to the same prompts (all in one
-engine batch) the rejected ones, written to OUT/pairs.jsonl first. Each pair is rendered in the model's chat template (the one its
-checkpoint records; --template otherwise) and only the final answers' tokens are scored. The loss
+engine batch) the rejected ones, written to OUT/pairs.jsonl first and trained on as read back from
+it. Each pair is rendered in the model's chat template (the one its checkpoint records; --template
+otherwise) and only the final answers' tokens are scored. The loss
 and the reference model are explained in preference.py; the optimizer step is training.train_step,
 with the pair as the unit gradient accumulation averages over.
 
-Every --eval-interval steps the held-out pairs (--val-frac) are scored: the loss and TRL's metrics,
-rewards/accuracies being the held-out preference accuracy. Everything goes to OUT/log.jsonl; the
+Every --eval-interval steps the held-out pairs (--val-frac) are scored: the loss and TRL's metrics
+under TRL's names (eval_rewards/accuracies is the held-out preference accuracy). Everything goes to OUT/log.jsonl; the
 trained model (LoRA merged) is written to OUT as a plain checkpoint with its template, and
 OUT/training_metadata.json holds the first and last held-out metrics.
 
 Resuming: OUT/last is rewritten atomically every --save-every steps, at the end and on Ctrl-C;
 `python dpo.py --resume OUT` continues exactly as sft.py's does (the saved flags, the seeded batch
-order skipped forward, AdamW's moments; with --pairs-from, the pairs saved in OUT/pairs.jsonl). A
-new run over an earlier one is refused unless given --overwrite.
+order skipped forward, AdamW's moments; with --pairs-from, the pairs saved in OUT/pairs.jsonl), and
+refuses to when the encoded pairs or the reference weights differ from the saved run's. A new run
+over an earlier one is refused unless given --overwrite.
 """
 
 import argparse
@@ -48,9 +50,9 @@ from lora import add_lora, lora_merged
 from preference import (LOSS_TYPES, DPOObjective, encode_pairs, evaluate_pairs, pair_batches, pairs_from_answers,
                         read_pairs)
 from tokenizer import TEMPLATES, get_tokenizer
-from training import (check_resumed_flags, checkpoint_dir, flags_given, load_training_state, lr_at, make_optimizer,
-                      make_run_dir, refuse_resuming_nothing, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
-                      save_training_state, start_log, train_step)
+from training import (check_resumed_flags, checkpoint_dir, data_fingerprint, flags_given, load_training_state, lr_at,
+                      make_optimizer, make_run_dir, refuse_resuming_nothing, refuse_to_overwrite_a_run,
+                      refuse_to_overwrite_weights, save_training_state, start_log, train_step, weights_fingerprint)
 
 
 STATE_DIR = "last"  # the resumable training state, inside --out
@@ -149,7 +151,7 @@ def load_data(args, model, template, max_len, enc):
             pairs = read_pairs(saved_pairs)
         else:
             pairs = make_pairs(args, model, template, enc)
-        train, val, _ = split_dataset(pairs, args.val_frac, 0.0, args.seed)
+        train, val, _ = split_dataset(pairs, args.val_frac, 0.0, args.seed, what="preference pairs")
     except DataError as e:
         die(str(e))
     (train, dropped), (val, dropped_val) = (encode_pairs(part, template, max_len, enc) for part in (train, val))
@@ -175,7 +177,7 @@ def make_pairs(args, model, template, enc):
         replace_atomically(path, lambda tmp: Path(tmp).write_text("".join(json.dumps(p) + "\n" for p in pairs)))
     print(f"{len(pairs)} pairs from {args.pairs_from} (the dataset's answers chosen, {args.model}'s rejected) in {path}"
           + (f"; {left_out} left out (no question that fits, or the same answer)" if left_out else ""))
-    return pairs
+    return read_pairs(path)  # (trained on as read back, exactly as a resumed run will read them)
 
 
 def batches_forever(pairs, batch_size, seed):
@@ -220,9 +222,12 @@ def main(argv=None):
     val_batches = list(pair_batches(val, args.batch_size))
     batches = batches_forever(train, args.batch_size, args.seed)
     run_args = {k: v for k, v in vars(args).items() if k not in NOT_SAVED}
+    sides = ([side for pair in part for side in pair] for part in (train, val))
+    fingerprints = {"data_fingerprint": data_fingerprint(*sides),  # (what a resume must find unchanged)
+                    "reference_fingerprint": weights_fingerprint(reference) if reference is not None else None}
     step, progress = 0, {"first": None, "last": None, "train_time": 0.0}
     if args.resume:
-        step, progress = resume(state, model, optimizer, args, batches)
+        step, progress = resume(state, model, optimizer, args, batches, fingerprints)
     print(f"DPO on {len(train)} pairs ({len(val)} held out), template {template!r}, beta {args.beta}, {args.loss} loss, "
           f"{steps} steps of {args.batch_size} x {args.grad_accum} pairs on {device}"
           + (f", LoRA rank {args.lora_rank}" if args.lora_rank else "") + (f"; resumed at step {step}" if step else ""))
@@ -235,7 +240,7 @@ def main(argv=None):
     def held_out(step):
         metrics = evaluate_pairs(model, val_batches, objective, autocast)
         model.train()
-        log({"step": step, **{f"eval/{k}": v for k, v in metrics.items()}})
+        log({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})  # (TRL's names)
         tqdm.write(f"step {step}: held-out loss {metrics['loss']:.4f}, preference accuracy "
                    f"{metrics['rewards/accuracies']:.0%}, reward margin {metrics['rewards/margins']:+.4f}")
         return metrics
@@ -245,7 +250,7 @@ def main(argv=None):
         progress["train_time"] += time.time() - clock
         with write_or_die(state):  # (save_training_state deletes its own half-written copy)
             save_training_state(state, model, optimizer, step, progress, dpo_args=run_args, max_steps=steps,
-                                template=template)
+                                template=template, **fingerprints)
         clock = time.time()  # (saving is not training time)
 
     clock = time.time()
@@ -280,9 +285,17 @@ def main(argv=None):
     write_outputs(args, out, model, template, steps, warmup, progress, len(train), len(val))
 
 
-def resume(state, model, optimizer, args, batches):
+def resume(state, model, optimizer, args, batches, fingerprints):
     """The weights (LoRA: the frozen base and the adapters), AdamW's moments and the progress from
-    OUT/last; the batch iterator skips the batches already trained on."""
+    OUT/last, once the pairs and the reference are those the run was started on; the batch iterator
+    skips the batches already trained on."""
+    saved = read_checkpoint_json(checkpoint_dir(state))
+    if saved.get("data_fingerprint") != fingerprints["data_fingerprint"]:
+        die(f"--resume: the preference pairs differ from those of the run saved in {state} (a changed data file "
+            "or tokenization); nothing was written")
+    if saved.get("reference_fingerprint") != fingerprints["reference_fingerprint"]:
+        die(f"--resume: the reference, {args.model}, differs from the one the run saved in {state} started from; "
+            "nothing was written")
     try:
         step, progress = load_training_state(state, model, optimizer)
     except (CheckpointError, OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError) as e:

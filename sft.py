@@ -44,7 +44,6 @@ cannot be exact (another model, data, template, LoRA rank, device type, a change
 """
 
 import argparse
-import hashlib
 import json
 import math
 import pickle
@@ -52,7 +51,6 @@ import random
 import shlex
 import sys
 import time
-from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,10 +67,10 @@ from inference import load_model
 from lora import add_lora, lora_merged
 from scoring import answer_conversations, answer_signals
 from tokenizer import TEMPLATES, get_tokenizer
-from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, evaluate, flags_given, load_training_state,
-                      lr_at, make_optimizer, plot_losses, refuse_another_out, refuse_resuming_nothing,
-                      refuse_to_overwrite_a_run, refuse_to_overwrite_weights, save_training_state, start_log,
-                      train_step, warn_if_warmup_outlasts)
+from training import (STATE_FILE, check_resumed_flags, checkpoint_dir, data_fingerprint, evaluate, flags_given,
+                      load_training_state, lr_at, make_optimizer, plot_losses, refuse_another_out,
+                      refuse_resuming_nothing, refuse_to_overwrite_a_run, refuse_to_overwrite_weights,
+                      save_training_state, start_log, train_step, warn_if_warmup_outlasts)
 
 # ----------------------------------------------------------------------------- command line
 
@@ -270,17 +268,6 @@ def split_and_encode(args, conversations, template, max_len, enc):
     if not train_ex or not val_ex:
         die(f"no training or validation example fits in --max-len {max_len}")
     return Split(conversations, train_conv, val_conv, test_conv, train_ex, val_ex, train_stats, val_stats)
-
-
-def data_fingerprint(*example_lists):
-    """A hash of the encoded examples (ids and labels): it changes with the data, the template,
-    --max-len, --seed or the split, any of which would make a resumed run a different run."""
-    h = hashlib.sha256()
-    for examples in example_lists:
-        h.update(len(examples).to_bytes(8, "little"))
-        for ids, labels in examples:
-            h.update(array("q", [len(ids), *ids, *labels]).tobytes())
-    return h.hexdigest()
 
 
 def attach_lora(model, args):

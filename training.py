@@ -6,6 +6,7 @@ that cannot be written, a resume with other flags), and measuring (FLOPs, MFU).
 
 import argparse
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -14,6 +15,7 @@ import shlex
 import shutil
 import tempfile
 import types
+from array import array
 from pathlib import Path
 
 import torch
@@ -246,6 +248,27 @@ def load_training_state(directory, model, optimizer):
                                           f"{list(value.shape)}, the parameter {list(p.shape)} (a state saved from "
                                           "another model)")
     return step, extra
+
+
+def data_fingerprint(*example_lists):
+    """A hash of the encoded examples (ids and labels): it changes with the data, the template,
+    --max-len, --seed or the split, any of which would make a resumed run a different run."""
+    h = hashlib.sha256()
+    for examples in example_lists:
+        h.update(len(examples).to_bytes(8, "little"))
+        for ids, labels in examples:
+            h.update(array("q", [len(ids), *ids, *labels]).tobytes())
+    return h.hexdigest()
+
+
+def weights_fingerprint(model):
+    """A hash of a model's weights, for what a resume rebuilds from a file rather than the saved
+    state (DPO's frozen reference): a file changed between stop and resume is another run."""
+    h = hashlib.sha256()
+    for name, t in sorted(unwrap(model).state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().flatten().view(torch.uint8).numpy())
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- guarding a run
