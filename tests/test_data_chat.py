@@ -322,6 +322,9 @@ def test_split_is_seeded_disjoint_and_complete():
     ("bad.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "c", \n]\n', ":4:", "invalid JSON"),
     ("bad.json", '[\n  {"instruction": "a", "output": "b"}\n', "", "never closed"),
     ("bad.jsonl", '{"text": ["not", "a", "string"]}\n', ":1:", "fits no known format"),
+    # one message of OpenAssistant's flat export is not a document to learn whole
+    ("bad.jsonl", '{"message_id": "m1", "parent_id": null, "role": "prompter", "text": "Hi"}\n', ":1:",
+     "fits no known format"),
     ("bad.jsonl", '{"dialog": ["Hi", 3]}\n', ":1:", "a dialogue's turns must be a list of strings"),
     ("bad.jsonl", '{"prompt": "Hi", "completion": [{"role": "assistant", "content": "x"}]}\n', ":1:",
      "both be strings or both be lists"),

@@ -13,7 +13,7 @@ from gpt import GPT, GPTConfig
 from lora import add_lora
 from preference import (DPOObjective, answer_logprobs, dpo_loss, encode_pairs, pair_batches, read_pairs,
                         reference_logprobs, to_pair)
-from tokenizer import IGNORE, encode_prompt
+from tokenizer import IGNORE, encode_prompt, get_tokenizer
 
 PROMPT = [{"role": "user", "content": "What is 2 plus 3?"}]
 PAIR = {"prompt": PROMPT, "chosen": "2 plus 3 is 5.", "rejected": "I do not know."}
@@ -48,16 +48,33 @@ def test_a_multi_turn_hh_transcript_keeps_its_earlier_turns_as_the_prompt():
     assert (pair["chosen"], pair["rejected"]) == ("5.", "No idea.")
 
 
-def test_a_bad_record_is_named_by_file_and_line(tmp_path, capsys):
+def test_a_bad_record_is_named_by_file_and_line(tiny, tmp_path, capsys):
     path = tmp_path / "pairs.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "chosen": "Hello", "rejected": "Go away"}) + "\n"
                     + json.dumps({"prompt": "Hi", "chosen": "Hello"}) + "\n")
     with pytest.raises(Exception) as e:
         read_pairs(path)
     assert str(e.value) == f"{path}:2: a preference record needs 'chosen' and 'rejected'"
+    tiny.save_checkpoint(tmp_path / "sft", template="chat")
     with pytest.raises(SystemExit):
-        dpo.main(["--model", str(tmp_path), "--data", str(path), "--out", str(tmp_path / "out")])
-    assert "error:" in one_line_error(capsys)
+        dpo.main(["--model", str(tmp_path / "sft"), "--data", str(path), "--out", str(tmp_path / "out")])
+    assert f"{path}:2: a preference record needs" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("chosen,rejected", [
+    ("\n\nHuman: Hi\n\nAssistant: ", "\n\nHuman: Hi\n\nAssistant: Go away."),  # an empty answer
+    ("\n\nHuman: Hi\n\nAssistant: Hello!", "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: More"),  # no answer
+], ids=["empty-answer", "ends-with-human"])
+def test_an_hh_transcript_pair_without_two_answers_is_refused(chosen, rejected):
+    with pytest.raises(ValueError):
+        to_pair({"chosen": chosen, "rejected": rejected})
+
+
+def test_a_prompt_with_an_alpaca_input_reads_back_from_pairs_jsonl_unchanged():
+    """dpo --pairs-from writes its pairs to OUT/pairs.jsonl; a resumed run trains on what it reads back."""
+    pair = {"prompt": [{"role": "user", "content": "Translate to French.", "input": "Good morning"}],
+            "chosen": "Bonjour", "rejected": "Hello"}
+    assert to_pair(json.loads(json.dumps(pair))) == pair
 
 
 def test_only_the_final_answer_is_scored(tiny):
@@ -93,18 +110,25 @@ def test_the_loss_on_a_batch_equals_the_formula_computed_independently(tiny, los
     objective = DPOObjective(tiny, beta, loss_type, smoothing)
     with torch.no_grad():
         mean_loss = float(objective.loss_sum(policy, (x, y), 2)) / 2
-    expected = []
+    expected, metrics = [], {}
     for chosen, rejected in encoded:
         (pc, pr), (rc, rr) = ([independent_answer_logprob(m, *side) for side in (chosen, rejected)] for m in (policy, tiny))
-        if loss_type == "ipo":
+        if loss_type == "ipo":  # mean log-probabilities per answer token, the loss and the metrics alike
             lc, lr = (sum(label != IGNORE for label in side[1]) for side in (chosen, rejected))
-            expected.append(((pc - rc) / lc - (pr - rr) / lr - 1 / (2 * beta)) ** 2)
+            pc, rc, pr, rr = pc / lc, rc / lc, pr / lr, rr / lr
+            expected.append(((pc - rc) - (pr - rr) - 1 / (2 * beta)) ** 2)
         else:
             z = beta * ((pc - rc) - (pr - rr))
             log_sigmoid = lambda v: -math.log1p(math.exp(-v))  # noqa: E731
             expected.append(-(1 - smoothing) * log_sigmoid(z) - smoothing * log_sigmoid(-z))
+        pair = {"rewards/chosen": beta * (pc - rc), "rewards/rejected": beta * (pr - rr),
+                "rewards/margins": beta * ((pc - rc) - (pr - rr)), "rewards/accuracies": float(pc - rc > pr - rr),
+                "logps/chosen": pc, "logps/rejected": pr}
+        metrics = {k: metrics.get(k, 0.0) + v for k, v in pair.items()}
     assert mean_loss == pytest.approx(sum(expected) / 2, rel=1e-5)
-    assert objective.metrics["rewards/accuracies"] in (0.0, 1.0, 2.0)
+    assert objective.metrics.keys() == metrics.keys()
+    for key, value in metrics.items():  # (summed over the two pairs)
+        assert objective.metrics[key] == pytest.approx(value, rel=1e-4, abs=1e-6), key
 
 
 def test_identical_chosen_and_rejected_give_log_2():
@@ -198,6 +222,20 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, made_data, 
     with pytest.raises(SystemExit):
         dpo.main(["--resume", str(tmp_path / "parts"), "--beta", "0.5"])
     assert "--beta 0.5 differs from the saved run's 0.1" in one_line_error(capsys)
+    pairs = data.read_text()
+    data.write_text(pairs.replace("Sorry", "Alas"))  # other pairs
+    with pytest.raises(SystemExit):
+        dpo.main(["--resume", str(tmp_path / "parts")])
+    assert "the preference pairs differ from those of the run saved in" in one_line_error(capsys)
+    data.write_text(pairs)
+    other = copy.deepcopy(tiny)
+    with torch.no_grad():
+        other.ln_f.bias.add_(0.5)
+    other.save_checkpoint(tmp_path / "sft", template="chat")  # another reference
+    with pytest.raises(SystemExit):
+        dpo.main(["--resume", str(tmp_path / "parts")])
+    assert "differs from the one the run saved in" in one_line_error(capsys)
+    tiny.save_checkpoint(tmp_path / "sft", template="chat")
     monkeypatch.chdir(tmp_path)
     dpo.main(["--resume", "parts"])
     whole, parts = (GPT.from_pretrained(tmp_path / d).state_dict() for d in ("whole", "parts"))
@@ -208,6 +246,26 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, made_data, 
     with pytest.raises(SystemExit):
         dpo.main(["--resume", str(tmp_path / "nothing")])
     assert "no run in" in one_line_error(capsys)
+
+
+def test_pairs_made_from_the_models_answers_resume_exactly(tiny, made_data, tmp_path):
+    """--pairs-from with Alpaca inputs in the prompts: the resumed run reads OUT/pairs.jsonl and trains
+    on the same pairs as the run that made them."""
+    word = get_tokenizer().encode(" maybe")[0]
+    with torch.no_grad():  # (a random model answers newlines, which strip to nothing: make it say a word)
+        tiny.ln_f.bias.copy_(tiny.wte.weight[word] * 100)
+    tiny.save_checkpoint(tmp_path / "sft", template="alpaca")
+    records = json.loads((made_data / "instructions.json").read_text())
+    source = tmp_path / "sft_data.json"
+    source.write_text(json.dumps([r for r in records if r["input"]][:8]))
+    flags = ["--model", str(tmp_path / "sft"), "--pairs-from", str(source), "--max-new-tokens", "4", "--max-steps", "4",
+             "--batch-size", "2", "--eval-interval", "2", "--val-frac", "0.25", "--device", "cpu"]
+    dpo.main([*flags, "--out", str(tmp_path / "whole")])
+    dpo.main([*flags, "--out", str(tmp_path / "parts"), "--stop-at-step", "2"])
+    dpo.main(["--resume", str(tmp_path / "parts")])
+    whole, parts = (GPT.from_pretrained(tmp_path / d).state_dict() for d in ("whole", "parts"))
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert (tmp_path / "whole" / "log.jsonl").read_text() == (tmp_path / "parts" / "log.jsonl").read_text()
 
 
 def test_gradient_accumulation_over_pairs_equals_one_batch(tiny):
