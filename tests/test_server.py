@@ -590,6 +590,17 @@ def test_chat_page_streams_with_its_settings_copies_stops_and_starts_a_new_chat_
             assert 0 < len(partial) < len(full) and full.startswith(partial), (partial, full)
             assert js("messages") == [story[1], {"role": "assistant", "content": partial}]  # the conversation keeps it
             assert wait_until(lambda: idle(server)) and engine.stats.aborted == aborted + 1
+            # a browser that blocks site data (storage throws SecurityError): the page still asks and answers
+            monkeypatch.undo()  # (the engine at full speed again)
+            chrome.send("Page.enable", session)
+            chrome.send("Page.addScriptToEvaluateOnNewDocument", session, source="""
+                for (const name of ["localStorage", "sessionStorage"])
+                  Object.defineProperty(window, name, {get() { throw new DOMException("blocked", "SecurityError"); }});""")
+            # (another URL than the first: a reload of the same one would bring back the fields as typed)
+            chrome.send("Page.navigate", session, url=f"http://{host}:{port}/?max_tokens=12&temperature=0&q=hello")
+            assert wait_until(lambda: (status() or "").startswith("done"), timeout=60), status()
+            assert js(bubbles) == ["msg user:hello", "msg assistant:" + expected]
+            assert js('try { localStorage; "readable" } catch (e) { e.name }') == "SecurityError"  # (it was blocked)
         finally:
             chrome.close()
 
