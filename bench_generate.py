@@ -93,6 +93,7 @@ def main():
     torch.set_num_threads(args.threads)
     device = device_or_die(args.device)
     dtype, int8 = dtype_or_die(device, args.dtype)
+    precision = "int8" if int8 else str(dtype).removeprefix("torch.")  # (what --dtype auto resolved to)
     if int8 and args.layout != "auto":
         die("--layout picks a float weight layout; --dtype int8 has its own")
     tmp = tempfile.TemporaryDirectory()
@@ -119,12 +120,12 @@ def main():
                           max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=50256)
         return out[0, len(prompt):].tolist()
 
-    print(f"device {device}{layout}, {args.dtype}, {torch.get_num_threads()} threads, GPT-2 124M (random weights), "
+    print(f"device {device}{layout}, {precision}, {torch.get_num_threads()} threads, GPT-2 124M (random weights), "
           f"prompt {args.prompt_len} tokens, {args.new_tokens} new tokens, greedy")
     best, tokens = best_of(args.repeats, device, {"ours": run_ours, "hf": run_hf})
     report(best, tokens)
     if args.llama_cpp:
-        gguf = export_gguf(weights, GGUF_DTYPE[args.dtype], tmp.name)
+        gguf = export_gguf(weights, GGUF_DTYPE[precision], tmp.name)
         seconds, text = time_llama_cpp(args, gguf, enc.decode(prompt))
         report_llama_cpp(args.new_tokens / seconds, best, tokens, text, enc.decode(tokens["ours"]))
     tmp.cleanup()

@@ -109,7 +109,9 @@ def auto_dtype(device):
     slower than float32."""
     kind = torch.device(device).type
     if kind == "cuda":
-        return "bfloat16", "CUDA tensor cores"
+        if torch.cuda.is_bf16_supported(including_emulation=False):  # (Ampere and later)
+            return "bfloat16", "CUDA tensor cores"
+        return "float32", "this GPU has no native bf16 arithmetic (before Ampere)"
     if kind == "cpu":
         native = [isa for isa, has in (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
                   if getattr(torch.cpu, has, lambda: False)()]

@@ -844,8 +844,14 @@ def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_in_it_and_says_which(mon
     isa = "AVX512-BF16" if bf16 else "AMX"
     why = f"this CPU has {isa}" if expected == "bfloat16" else "this CPU has no native bf16 arithmetic"
     assert capsys.readouterr().err == f"--dtype auto: {expected} ({why})\n"
-    assert dtype_or_die(torch.device("cuda"), "auto") == (torch.bfloat16, False)
     assert dtype_or_die(torch.device("mps"), "auto") == (torch.float32, False)
+
+
+@pytest.mark.parametrize("native, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_dtype_auto_on_cuda_is_bf16_only_on_a_gpu_that_computes_in_it(monkeypatch, native, expected):
+    from common import dtype_or_die
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native or including_emulation)
+    assert dtype_or_die(torch.device("cuda"), "auto") == (expected, False)
 
 
 def test_bench_generate_reads_llama_cpps_own_timings():
