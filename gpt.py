@@ -162,6 +162,8 @@ class GPT(nn.Module):
         `segments` (B, T): a row packs several examples (data.pack_examples), numbered; each token
         attends only within its own, and `pos` (B, T) restarts at 0 with each."""
         B, T = idx.shape
+        if segments is not None and (pos is None or cache is not None):
+            raise ValueError("packed rows (segments) need their positions restarting per example (pos), and no cache")
         if pos is None:
             if T > self.config.block_size:
                 raise ValueError(f"sequence of {T} tokens is longer than the context of {self.config.block_size}")

@@ -517,3 +517,6 @@ def test_packed_rows_give_every_example_the_loss_and_gradients_it_has_alone(tiny
     packed, alone = loss_and_grads(collate_packed(rows)), loss_and_grads(collate(examples))
     assert torch.allclose(packed[0], alone[0], atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(packed[1], alone[1]))
+    x, _, _, segments = collate_packed(rows)
+    with pytest.raises(ValueError, match="restarting per example"):  # (positions 0..T-1 would be silently wrong)
+        model(x, segments=segments)
