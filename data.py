@@ -484,10 +484,10 @@ def to_conversation(record):
 def _blended_skill_talk(record):
     """blended_skill_talk's turns in order: the two seed utterances, then free and guided speaker
     alternating (the free speaker opens)."""
-    free, guided = record.get("free_messages") or [], record.get("guided_messages") or []
-    if not isinstance(free, list) or not isinstance(guided, list):
-        raise ValueError("free_messages and guided_messages must be lists")
-    turns = list(record.get("previous_utterance") or [])
+    seed, free, guided = (record.get(k) or [] for k in ("previous_utterance", "free_messages", "guided_messages"))
+    if not all(isinstance(part, list) for part in (seed, free, guided)):
+        raise ValueError("previous_utterance, free_messages and guided_messages must be lists")
+    turns = list(seed)
     for a, b in itertools.zip_longest(free, guided):
         turns += [t for t in (a, b) if t is not None]
     return turns

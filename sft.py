@@ -395,7 +395,7 @@ def setup(args):
     max_steps, warmup, eval_interval = schedule(args, len(train_items))
     print(f"data {', '.join(args.data)}: {len(data.train_examples)} train / {len(data.val_examples)} val / "
           f"{len(data.test)} test examples, template {template!r}, max_len {max_len}; {max_steps} steps of "
-          f"{args.batch_size} x {args.grad_accum} examples on {device}")
+          f"{args.batch_size} x {args.grad_accum} {'packed rows' if args.pack else 'examples'} on {device}")
     optimizer = make_optimizer(model, args.lr, weight_decay=args.weight_decay, device_type=torch.device(device).type)
     run = Run(args=args, run_args=run_args, device=device, model=model, optimizer=optimizer,
               autocast=autocast_for(device), enc=enc, template=template, max_len=max_len, data=data,

@@ -326,6 +326,8 @@ def test_split_is_seeded_disjoint_and_complete():
     ("bad.jsonl", '{"message_id": "m1", "parent_id": null, "role": "prompter", "text": "Hi"}\n', ":1:",
      "fits no known format"),
     ("bad.jsonl", '{"dialog": ["Hi", 3]}\n', ":1:", "a dialogue's turns must be a list of strings"),
+    ("bad.jsonl", '{"previous_utterance": "hi there", "free_messages": ["a"], "guided_messages": ["b"]}\n', ":1:",
+     "must be lists"),
     ("bad.jsonl", '{"prompt": "Hi", "completion": [{"role": "assistant", "content": "x"}]}\n', ":1:",
      "both be strings or both be lists"),
     ("cut.jsonl.gz", None, "", "cannot read"),  # a gzip file cut short
