@@ -355,7 +355,12 @@ def quantize_q8_0(w):
     """A float32 matrix [rows, cols] as llama.cpp's Q8_0 blocks, bit for bit as ggml's reference
     quantizer writes them: each run of 32 weights along a row gets the scale d = max|w| / 127 (stored
     as f16) and the int8s round(w / d), halves away from zero (C's roundf). Returns uint8 [rows,
-    cols / 32 * 34]: per block, d's two bytes, then the 32 int8s."""
+    cols / 32 * 34]: per block, d's two bytes, then the 32 int8s. A few thousand rows at a time:
+    the float64 copies of a whole gpt2-xl embedding would take gigabytes."""
+    return np.concatenate([_q8_0_rows(w[i:i + 4096]) for i in range(0, len(w), 4096)])
+
+
+def _q8_0_rows(w):
     rows, cols = w.shape
     blocks = w.astype(np.float32).reshape(rows, cols // Q8_0_BLOCK, Q8_0_BLOCK)
     d = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)

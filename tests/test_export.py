@@ -234,6 +234,8 @@ def test_q8_0_blocks_are_the_gguf_packages_reference_quantization_byte_for_byte(
     assert ours.tobytes() == gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0).tobytes()
     assert ours[0, :34].tolist() == [0] * 34
     assert ours[1, :2].view("<f2")[0] == 1 and ours[1, 2:7].view(np.int8).tolist() == [127, 1, -1, 2, -3]
+    tall = torch.randn(4099, 64, generator=torch.Generator().manual_seed(1)).numpy()  # (across a chunk of rows)
+    assert export.quantize_q8_0(tall).tobytes() == gguf.quants.quantize(tall, gguf.GGMLQuantizationType.Q8_0).tobytes()
 
 
 def test_q8_0_falls_back_to_f16_for_rows_that_do_not_split_into_blocks():
