@@ -24,12 +24,23 @@ def pytest_sessionstart(session):
     """Every test needs GPT-2's tokenizer files; all other data the tests make themselves (made_data.py).
     Without the files (no ../shared beside the clone, no internet to download them) the run stops at
     once, in one line, rather than failing test by test."""
+    import threading
+
     import tiktoken
-    try:
-        tiktoken.get_encoding("gpt2")
-    except Exception as e:  # (requests' ConnectionError offline, ProxyError, ...)
+    failure = ["TimeoutError"]  # (tiktoken downloads with no timeout: a network that drops packets would hang)
+
+    def load():
+        try:
+            tiktoken.get_encoding("gpt2")
+            failure.clear()
+        except Exception as e:  # (requests' ConnectionError offline, ProxyError, ...)
+            failure[0] = type(e).__name__
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(timeout=float(os.environ.get("TIKTOKEN_DOWNLOAD_TIMEOUT", 120)))
+    if failure:
         pytest.exit(f"GPT-2's tokenizer files are missing: no {SHARED / 'tiktoken_cache'} and tiktoken cannot "
-                    f"download them ({type(e).__name__}); connect to the internet once, or set TIKTOKEN_CACHE_DIR "
+                    f"download them ({failure[0]}); connect to the internet once, or set TIKTOKEN_CACHE_DIR "
                     f"to a folder that holds them", returncode=4)
 
 

@@ -3,6 +3,8 @@ import ast
 import importlib.metadata
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "sampling", "inference", "paged_attention", "runner",
@@ -62,11 +64,14 @@ def test_the_library_imports_have_no_cycle():
     assert not cycles, f"import cycle through {sorted(cycles)}"
 
 
-def test_a_clone_without_the_tokenizer_files_and_offline_stops_at_once_saying_what_is_missing(tmp_path):
-    """No ../shared beside the clone and no way to download: the whole run stops before collecting a
-    test, saying in one line what is missing and how to get it (not hundreds of failures)."""
+@pytest.mark.parametrize("network", ["refused", "mute"])
+def test_a_clone_without_the_tokenizer_files_and_offline_stops_at_once_saying_what_is_missing(tmp_path, network):
+    """No ../shared beside the clone and no way to download (connections refused, or a network that
+    takes them and never answers): the whole run stops before collecting a test, saying in one line
+    what is missing and how to get it (not hundreds of failures, nor a hang)."""
     import os
     import shutil
+    import socket
     import subprocess
     import sys
     clone = tmp_path / "clone"
@@ -75,12 +80,16 @@ def test_a_clone_without_the_tokenizer_files_and_offline_stops_at_once_saying_wh
     shutil.copy(ROOT / "pytest.ini", clone)
     (clone / "tests" / "test_nothing.py").write_text("def test_nothing():\n    pass\n")
     env = {k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")}
-    # offline: every download through a proxy that is not there; and tiktoken's default cache (in the
-    # temporary directory) empty
-    env.update(HTTPS_PROXY="http://127.0.0.1:9", https_proxy="http://127.0.0.1:9", TMPDIR=str(tmp_path))
-    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone, env=env,
-                       capture_output=True, text=True, timeout=120)
+    # offline: every download through a proxy that is not there, or one that never answers; and
+    # tiktoken's default cache (in the temporary directory) empty
+    mute = socket.create_server(("127.0.0.1", 0))  # (listens, and never reads or answers)
+    proxy = f"http://127.0.0.1:{mute.getsockname()[1] if network == 'mute' else 9}"
+    env.update(HTTPS_PROXY=proxy, https_proxy=proxy, TMPDIR=str(tmp_path), TIKTOKEN_DOWNLOAD_TIMEOUT="3")
+    with mute:
+        r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=clone, env=env,
+                           capture_output=True, text=True, timeout=120)
     assert r.returncode == 4, r.stdout + r.stderr
     said = [line for line in (r.stdout + r.stderr).splitlines() if "tokenizer files are missing" in line]
     assert said and "TIKTOKEN_CACHE_DIR" in said[0] and str(tmp_path / "shared" / "tiktoken_cache") in said[0]
+    assert ("TimeoutError" in said[0]) == (network == "mute")
     assert "passed" not in r.stdout and "Traceback" not in r.stdout + r.stderr
