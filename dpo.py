@@ -9,16 +9,17 @@
 message lists (TRL's and UltraFeedback-binarized's layouts), or HH-RLHF's two transcripts
 (preference.py reads them all). Without pairs, --pairs-from takes an SFT dataset instead: its
 answers become the chosen ones and the model's own greedy answers to the same prompts (all in one
-engine batch) the rejected ones, written to OUT/pairs.jsonl first and trained on as read back from
+engine batch) the rejected ones (an answer the token limit cut short scored without the closing
+<|endoftext|> it never wrote), written to OUT/pairs.jsonl first and trained on as read back from
 it. Each pair is rendered in the model's chat template (the one its checkpoint records; --template
-otherwise) and only the final answers' tokens are scored. The loss
-and the reference model are explained in preference.py; the optimizer step is training.train_step,
-with the pair as the unit gradient accumulation averages over.
+otherwise) and only the final answers' tokens are scored. The loss and the reference model are
+explained in preference.py; the optimizer step is training.train_step, with the pair as the unit
+gradient accumulation averages over.
 
 Every --eval-interval steps the held-out pairs (--val-frac) are scored: the loss and TRL's metrics
-under TRL's names (eval_rewards/accuracies is the held-out preference accuracy). Everything goes to OUT/log.jsonl; the
-trained model (LoRA merged) is written to OUT as a plain checkpoint with its template, and
-OUT/training_metadata.json holds the first and last held-out metrics.
+under TRL's names (eval_rewards/accuracies is the held-out preference accuracy). Everything goes to
+OUT/log.jsonl; the trained model (LoRA merged) is written to OUT as a plain checkpoint with its
+template, and OUT/training_metadata.json holds the first and last held-out metrics.
 
 Resuming: OUT/last is rewritten atomically every --save-every steps, at the end and on Ctrl-C;
 `python dpo.py --resume OUT` continues exactly as sft.py's does (the saved flags, the seeded batch

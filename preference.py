@@ -41,6 +41,8 @@ LOSS_TYPES = ("sigmoid", "ipo")
 #   UltraFeedback binarized: the same keys, chosen and rejected whole conversations (prompt included)
 #   messages     {"messages": [...], "chosen": str | {"role": "assistant", ...}, "rejected": ...}
 #   HH-RLHF      {"chosen": "\n\nHuman: ...\n\nAssistant: ...", "rejected": "...same turns, other last answer"}
+# Any layout may add "rejected_cut": true (dpo --pairs-from does, for an answer the token limit cut
+# short): the rejected answer is then scored without a closing <|endoftext|>, which it never had.
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
 
@@ -78,7 +80,7 @@ def to_pair(record):
         chosen, rejected = _from_hh(record["chosen"]), _from_hh(record["rejected"])
         if chosen[:-1] != rejected[:-1] or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
             raise ValueError("the chosen and rejected transcripts must share every turn but the last answer")
-        return checked_pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"])
+        return checked_pair(chosen[:-1], chosen[-1]["content"], rejected[-1]["content"], record)
     prompt = record.get("messages", record.get("prompt")) or []
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt.strip()}]
@@ -87,15 +89,18 @@ def to_pair(record):
     (before_c, chosen), (before_r, rejected) = (_answer_and_prefix(record[k], prompt) for k in ("chosen", "rejected"))
     if before_c != before_r:
         raise ValueError("chosen and rejected must answer the same conversation")
-    return checked_pair(before_c, chosen, rejected)
+    return checked_pair(before_c, chosen, rejected, record)
 
 
-def checked_pair(prompt, chosen, rejected):
+def checked_pair(prompt, chosen, rejected, record):
     if not prompt or prompt[-1]["role"] != "user":
         raise ValueError("the prompt must end with a user turn")
     if not chosen or not rejected:
         raise ValueError("an empty chosen or rejected answer")
-    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
+    if record.get("rejected_cut") not in (None, False, True):
+        raise ValueError("rejected_cut must be true or false")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected,
+            **({"rejected_cut": True} if record.get("rejected_cut") else {})}
 
 
 def read_pairs(path):
@@ -118,20 +123,22 @@ def pairs_from_answers(model, conversations, template, max_new_tokens, enc=None)
     An answer the model already gives word for word teaches nothing and is left out. Returns (the
     pairs, how many conversations gave none)."""
     answers, skipped = answer_conversations(model, conversations, template, max_new_tokens, enc or get_tokenizer())
-    pairs = [{"prompt": a["conversation"], "chosen": a["reference"].strip(), "rejected": a["response"].strip()}
-             for a in answers]
+    pairs = [{"prompt": a["conversation"], "chosen": a["reference"].strip(), "rejected": a["response"].strip(),
+              **({"rejected_cut": True} if a["finish_reason"] == "length" else {})} for a in answers]
     kept = [p for p in pairs if p["rejected"] and p["chosen"] and p["rejected"] != p["chosen"]]
     return kept, skipped + len(pairs) - len(kept)
 
 
 # ----------------------------------------------------------------------------- encoding
 
-def encode_answer(prompt, answer, template, enc=None):
+def encode_answer(prompt, answer, template, enc=None, closed=True):
     """(ids, labels) of the prompt followed by one answer, with labels on that answer (and its
-    closing <|endoftext|>) only: earlier answers in a multi-turn prompt are context, not learned."""
+    closing <|endoftext|>, unless not `closed`) only: earlier answers in a multi-turn prompt are
+    context, not learned."""
     ids, labels = encode_conversation(prompt + [{"role": "assistant", "content": answer}], template, enc)
     start = len(encode_prompt(prompt, template, enc))
-    return ids, [IGNORE] * start + labels[start:]
+    end = len(ids) if closed else len(ids) - 1  # (the answer's closing <|endoftext|> is the last token)
+    return ids[:end], [IGNORE] * start + labels[start:end]
 
 
 def encode_pairs(pairs, template, max_len, enc=None):
@@ -139,7 +146,8 @@ def encode_pairs(pairs, template, max_len, enc=None):
     input (max_len + 1 with the last token, which is only predicted), and how many did not."""
     encoded, too_long = [], 0
     for p in pairs:
-        chosen, rejected = (encode_answer(p["prompt"], p[k], template, enc) for k in ("chosen", "rejected"))
+        chosen = encode_answer(p["prompt"], p["chosen"], template, enc)
+        rejected = encode_answer(p["prompt"], p["rejected"], template, enc, closed=not p.get("rejected_cut"))
         if max(len(chosen[0]), len(rejected[0])) > max_len + 1:
             too_long += 1
         else:

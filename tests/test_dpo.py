@@ -13,7 +13,7 @@ from gpt import GPT, GPTConfig
 from lora import add_lora
 from preference import (DPOObjective, answer_logprobs, dpo_loss, encode_pairs, pair_batches, read_pairs,
                         reference_logprobs, to_pair)
-from tokenizer import IGNORE, encode_prompt, get_tokenizer
+from tokenizer import EOT, IGNORE, encode_prompt, get_tokenizer
 
 PROMPT = [{"role": "user", "content": "What is 2 plus 3?"}]
 PAIR = {"prompt": PROMPT, "chosen": "2 plus 3 is 5.", "rejected": "I do not know."}
@@ -85,6 +85,17 @@ def test_only_the_final_answer_is_scored(tiny):
     for ids, labels in (chosen, rejected):
         assert set(labels[:start]) == {IGNORE} and all(label != IGNORE for label in labels[start:])
         assert ids[start:] == labels[start:]
+
+
+def test_a_rejected_answer_cut_by_the_token_limit_is_scored_without_a_closing_endoftext():
+    """Its <|endoftext|> was never written: scoring it would teach the model not to stop there."""
+    pair = to_pair({**PAIR, "rejected_cut": True})
+    [(chosen, rejected)], _ = encode_pairs([pair], "chat", 128)
+    [(_, closed)], _ = encode_pairs([PAIR], "chat", 128)
+    assert chosen[0][-1] == chosen[1][-1] == EOT
+    assert rejected == (closed[0][:-1], closed[1][:-1]) and rejected[0][-1] != EOT
+    with pytest.raises(ValueError, match="rejected_cut"):
+        to_pair({**PAIR, "rejected_cut": "yes"})
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -266,6 +277,8 @@ def test_pairs_made_from_the_models_answers_resume_exactly(tiny, made_data, tmp_
     whole, parts = (GPT.from_pretrained(tmp_path / d).state_dict() for d in ("whole", "parts"))
     assert all(torch.equal(whole[k], parts[k]) for k in whole)
     assert (tmp_path / "whole" / "log.jsonl").read_text() == (tmp_path / "parts" / "log.jsonl").read_text()
+    pairs = [json.loads(line) for line in (tmp_path / "whole" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(p["rejected_cut"] and p["prompt"][0]["input"] for p in pairs)  # (4 tokens: every answer cut)
 
 
 def test_gradient_accumulation_over_pairs_equals_one_batch(tiny):
