@@ -93,6 +93,7 @@ def to_pair(record):
 
 
 def checked_pair(prompt, chosen, rejected, record):
+    """The pair, once its parts are what DPO needs (a question to answer, two answers)."""
     if not prompt or prompt[-1]["role"] != "user":
         raise ValueError("the prompt must end with a user turn")
     if not chosen or not rejected:

@@ -1,7 +1,8 @@
-"""The training machinery train.py and sft.py share, in the order a step uses it: the optimizer and
-the learning-rate schedule, the training step, evaluation, the resumable training state, the
-guards that keep a run from losing work (an unfinished run, the weights it starts from, a --out
-that cannot be written, a resume with other flags), and measuring (FLOPs, MFU).
+"""The training machinery train.py, sft.py and dpo.py share, in the order a step uses it: the
+optimizer and the learning-rate schedule, the training step, evaluation, the resumable training
+state and the fingerprints a resume checks, the guards that keep a run from losing work (an
+unfinished run, the weights it starts from, a --out that cannot be written, a resume with other
+flags), and measuring (FLOPs, MFU).
 """
 
 import argparse
