@@ -393,8 +393,10 @@ def plot_losses(log_path, png_path):
     ax.set(xlabel="step", ylabel="loss (nats per token)", title=str(Path(log_path).parent.name))
     ax.legend()
     ax.grid(alpha=0.3)
-    fig.savefig(png_path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    try:  # (all or nothing: a run stopped mid-write keeps the previous plot)
+        replace_atomically(png_path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
 
 
 # ----------------------------------------------------------------------------- resuming with the saved flags

@@ -510,3 +510,26 @@ def test_a_resumed_run_keeps_the_log_up_to_its_checkpoint_and_an_evaluation_it_w
     kept = lambda evaluates: [json.loads(line) for line in log_lines_before(log, 2, evaluates)]  # noqa: E731
     assert kept(True) == records[:3]  # the evaluation at step 2 is done again on resume
     assert kept(False) == records[:4]  # (a finished run resumed further, 2 not a multiple of --eval-every)
+
+
+def test_the_loss_plot_draws_the_logs_train_and_validation_losses(tmp_path, monkeypatch, capsys):
+    """loss.png: one line of the steps' losses, one of the evaluations', from log.jsonl; without
+    matplotlib (optional at run time) a note instead."""
+    import matplotlib.pyplot as plt
+    from training import plot_losses
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"step": 0, "val_loss": 10.9}, {"step": 1, "loss": 10.8, "lr": 1e-3}, {"step": 2, "loss": 9.5, "lr": 1e-3},
+        {"step": 2, "val_loss": 9.7}, {"step": 3, "loss": 8.1, "lr": 1e-3}]))
+    drawn = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: drawn.append(fig) or close(fig))
+    plot_losses(log, tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes().startswith(b"\x89PNG") and not (tmp_path / "loss.png.tmp").exists()
+    [fig] = drawn
+    lines = {line.get_label(): (list(line.get_xdata()), list(line.get_ydata())) for line in fig.axes[0].get_lines()}
+    assert lines == {"train": ([1, 2, 3], [10.8, 9.5, 8.1]), "validation": ([0, 2], [10.9, 9.7])}
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # (not installed)
+    (tmp_path / "loss.png").unlink()
+    plot_losses(log, tmp_path / "loss.png")
+    assert "matplotlib is not installed" in capsys.readouterr().out and not (tmp_path / "loss.png").exists()
