@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "sampling", "inference", "paged_attention", "runner",
-             "engine", "openai_api", "training", "lora", "scoring", "preference"}
+             "scheduler", "engine", "openai_api", "training", "lora", "scoring", "preference"}
 SCRIPTS = {"train", "sft", "dpo", "generate", "serve", "synth", "export", "eval"}
 
 

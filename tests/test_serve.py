@@ -1,4 +1,4 @@
-"""The serving engine (engine.py, runner.py) without HTTP: paged KV cache, prefix cache, preemption, continuous
+"""The serving engine (engine.py, scheduler.py, runner.py) without HTTP: paged KV cache, prefix cache, preemption, continuous
 batching. The yardstick is generate.py: a batch through the engine must give, token for token, what
 generating each prompt alone gives."""
 import random
@@ -15,6 +15,7 @@ from runner import BLOCK, parse_memory
 from sampling import SamplingParams
 import engine as engine_module
 import runner
+import scheduler
 import serve
 
 @pytest.fixture(scope="module")
@@ -117,7 +118,7 @@ def test_whole_prompt_cached_still_computes_one_token(model):
 
 
 def test_hash_collision_never_returns_wrong_kv(model, monkeypatch):
-    monkeypatch.setattr(engine_module, "block_hash", lambda parent, ids: 0)  # every block collides
+    monkeypatch.setattr(scheduler, "block_hash", lambda parent, ids: 0)  # every block collides
     prompts = random_prompts(6, seed=6, lo=33, hi=60)
     prompts.append(prompts[0][:40] + [7, 8])  # a genuine shared prefix too
     params = [greedy(10)] * len(prompts)
