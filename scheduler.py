@@ -258,10 +258,10 @@ class Scheduler:
          a prompt once started finishes before newer ones start, so its first token is not
          postponed forever by newcomers.
       3. Waiting sequences are admitted while the budget, the sequence cap and the free blocks
-         allow, round robin between requests (WaitingQueue). The last one admitted gets what is left of the budget, which may
-         be only a chunk of its prompt: the rest follows in the next steps (chunked prefill). So a
-         prompt longer than the whole budget is fine, and a step never idles budget that a
-         waiting prompt could use.
+         allow, round robin between requests (WaitingQueue). The last one admitted gets what is
+         left of the budget, which may be only a chunk of its prompt: the rest follows in the next
+         steps (chunked prefill). So a prompt longer than the whole budget is fine, and a step
+         never idles budget that a waiting prompt could use.
 
     A chunk costs little extra: attention over the cached earlier chunks, and every matmul sees
     the same tokens it would have seen in one piece. A sequence samples its next token only in the
