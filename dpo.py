@@ -8,8 +8,8 @@
 --data holds preference pairs: {prompt or messages, chosen, rejected}, the answers as strings or
 message lists (TRL's and UltraFeedback-binarized's layouts), or HH-RLHF's two transcripts
 (preference.py reads them all). Without pairs, --pairs-from takes an SFT dataset instead: its
-answers become the chosen ones and the model's own greedy answers to the same prompts (all in one
-engine batch) the rejected ones (an answer the token limit cut short scored without the closing
+answers become the chosen ones and the model's own answers to the same prompts (greedy, or sampled
+with --temperature; all in one engine batch) the rejected ones (an answer the token limit cut short scored without the closing
 <|endoftext|> it never wrote), written to OUT/pairs.jsonl first and trained on as read back from
 it. Each pair is rendered in the model's chat template (the one its checkpoint records; --template
 otherwise) and only the final answers' tokens are scored. The loss and the reference model are
@@ -71,6 +71,8 @@ def build_parser():
                              "chosen, the model's own rejected")
     p.add_argument("--max-pairs", type=int, default=1000, help="with --pairs-from: conversations to answer (a seeded sample)")
     p.add_argument("--max-new-tokens", type=int, default=128, help="with --pairs-from: the longest answer the model writes")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="with --pairs-from: 0 = the model's greedy answers; above, sampled ones (seeded by --seed)")
     p.add_argument("--template", choices=TEMPLATES, default=None,
                    help="chat template (default: the one the model's checkpoint records)")
     p.add_argument("--out", default="out/dpo", help="output directory: the model, log.jsonl, training_metadata.json")
@@ -133,8 +135,8 @@ def parse_args(argv=None):
                 max_steps=AT_LEAST_1, batch_size=AT_LEAST_1, grad_accum=AT_LEAST_1, lr=POSITIVE,
                 warmup_steps=NON_NEGATIVE, grad_clip=NON_NEGATIVE, max_len=(lambda v: v >= 2, "at least 2"),
                 val_frac=(lambda v: 0 < v < 1, "in (0, 1)"), eval_interval=AT_LEAST_1, lora_rank=NON_NEGATIVE,
-                lora_alpha=POSITIVE, max_pairs=AT_LEAST_1, max_new_tokens=AT_LEAST_1, save_every=AT_LEAST_1,
-                stop_at_step=AT_LEAST_1)
+                lora_alpha=POSITIVE, max_pairs=AT_LEAST_1, max_new_tokens=AT_LEAST_1, temperature=NON_NEGATIVE,
+                save_every=AT_LEAST_1, stop_at_step=AT_LEAST_1)
     if args.label_smoothing and args.loss == "ipo":
         die("--label-smoothing is for the sigmoid loss; IPO has none")
     args.lr = args.lr or (5e-5 if args.lora_rank else 5e-6)
@@ -168,7 +170,8 @@ def make_pairs(args, model, template, enc):
     conversations = load_conversations(args.pairs_from)
     if len(conversations) > args.max_pairs:
         conversations = random.Random(args.seed).sample(conversations, args.max_pairs)
-    pairs, left_out = pairs_from_answers(model, conversations, template, args.max_new_tokens, enc)
+    pairs, left_out = pairs_from_answers(model, conversations, template, args.max_new_tokens, enc, args.temperature,
+                                         args.seed)
     if not pairs:
         raise DataError(f"{args.pairs_from}: the model answered none of {len(conversations)} prompts differently "
                         "from the dataset, or none fits the context")

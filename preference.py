@@ -117,13 +117,15 @@ def read_pairs(path):
     return pairs
 
 
-def pairs_from_answers(model, conversations, template, max_new_tokens, enc=None):
+def pairs_from_answers(model, conversations, template, max_new_tokens, enc=None, temperature=0.0, seed=0):
     """Preference pairs from what a fine-tuner already has: a dataset's answer as `chosen` and the
-    model's own greedy answer to the same prompt as `rejected` (LLMs-from-scratch's recipe, there
-    with a stronger model writing the chosen answers), all answered through the engine in one batch.
+    model's own answer to the same prompt (greedy, or sampled at `temperature`, answer i seeded
+    with seed + i) as `rejected` (LLMs-from-scratch's recipe, there with a stronger model writing
+    the chosen answers), all answered through the engine in one batch.
     An answer the model already gives word for word teaches nothing and is left out. Returns (the
     pairs, how many conversations gave none)."""
-    answers, skipped = answer_conversations(model, conversations, template, max_new_tokens, enc or get_tokenizer())
+    answers, skipped = answer_conversations(model, conversations, template, max_new_tokens, enc or get_tokenizer(),
+                                            temperature=temperature, seed=seed)
     pairs = [{"prompt": a["conversation"], "chosen": a["reference"].strip(), "rejected": a["response"].strip(),
               **({"rejected_cut": True} if a["finish_reason"] == "length" else {})} for a in answers]
     kept = [p for p in pairs if p["rejected"] and p["chosen"] and p["rejected"] != p["chosen"]]

@@ -184,12 +184,14 @@ def choice_accuracy(items, scores):
 NEXT_TURN = {"alpaca": "### Instruction", "chat": "User:"}  # what an answer that talks on writes next
 
 
-def answer_conversations(model, conversations, template, max_new_tokens, enc, max_num_seqs=64):
+def answer_conversations(model, conversations, template, max_new_tokens, enc, max_num_seqs=64, temperature=0.0,
+                         seed=0):
     """Greedy answers to each conversation's last question, all through the engine in one batch.
     The prompt is the conversation up to its last answer (oldest turns dropped where it does not
     fit: `conversation` is what was kept); the reference is that answer. Returns ([{prompt,
     conversation, reference, response, finish_reason, tokens}], how many conversations could not be
-    asked: no question before their last answer, or a question longer than the context)."""
+    asked: no question before their last answer, or a question longer than the context).
+    temperature > 0 samples instead, answer i with seed + i (the same answers in any batch)."""
     asked, skipped = [], 0
     for conv in conversations:
         if len(conv) < 2 or conv[-2]["role"] != "user":
@@ -204,7 +206,9 @@ def answer_conversations(model, conversations, template, max_new_tokens, enc, ma
     if not asked:
         return [], skipped
     engine = Engine(model, enc, max_num_seqs=min(max_num_seqs, len(asked)), cuda_graph=False)
-    outputs = engine.generate([ids for ids, _, _ in asked], SamplingParams(max_tokens=max_new_tokens, temperature=0.0))
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed + i if temperature else None)
+              for i in range(len(asked))]
+    outputs = engine.generate([ids for ids, _, _ in asked], params)
     return [{"prompt": format_prompt(kept, template), "conversation": kept, "reference": reference, "response": out.text,
              "finish_reason": out.finish_reason, "tokens": len(out.token_ids)}
             for (_, kept, reference), out in zip(asked, outputs)], skipped

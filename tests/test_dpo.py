@@ -259,6 +259,25 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, made_data, 
     assert "no run in" in one_line_error(capsys)
 
 
+def test_sampled_rejected_answers_are_seeded_each_on_its_own(tiny, made_data):
+    """--temperature: answer i sampled with seed + i, so the same seed gives the same pairs, and an
+    answer does not depend on the others in its batch."""
+    from data import to_conversation
+    from preference import pairs_from_answers
+    from scoring import answer_conversations
+    enc = get_tokenizer()
+    convs = [to_conversation(r) for r in json.loads((made_data / "instructions.json").read_text())[:4]]
+    batch, _ = answer_conversations(tiny, convs, "chat", 6, enc, temperature=1.0, seed=3)
+    alone = [answer_conversations(tiny, [c], "chat", 6, enc, temperature=1.0, seed=3 + i)[0][0]
+             for i, c in enumerate(convs)]
+    assert [a["response"] for a in batch] == [a["response"] for a in alone]
+    greedy, _ = answer_conversations(tiny, convs, "chat", 6, enc)
+    assert [a["response"] for a in batch] != [a["response"] for a in greedy]
+    def sampled(seed):
+        return pairs_from_answers(tiny, convs, "chat", 6, enc, temperature=1.0, seed=seed)
+    assert sampled(3) == sampled(3) != sampled(4)
+
+
 def test_pairs_made_from_the_models_answers_resume_exactly(tiny, made_data, tmp_path):
     """--pairs-from with Alpaca inputs in the prompts: the resumed run reads OUT/pairs.jsonl and trains
     on the same pairs as the run that made them."""
