@@ -45,7 +45,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, read_checkpoint_json
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, HelpFormatter, StopSignal, autocast_for, check_flags,
                     device_or_die, die, replace_atomically, write_json_atomic, write_or_die)
-from data import DataError, load_conversations, split_dataset
+from conversations import DataError, load_conversations, split_dataset
 from gpt import load_or_die
 from lora import add_lora, lora_merged
 from preference import (LOSS_TYPES, DPOObjective, encode_pairs, evaluate_pairs, pair_batches, pairs_from_answers,

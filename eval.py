@@ -28,7 +28,8 @@ import scoring
 from checkpoint import CheckpointError, DownloadError, cache_dir, download, read_json_file
 from common import (AT_LEAST_1, DTYPES, HelpFormatter, check_flags, device_or_die, die, dtype_or_die, same_file,
                     write_json_atomic, write_or_die)
-from data import DataError, load_conversations, load_tokens
+from conversations import DataError, load_conversations
+from data import load_tokens
 from gpt import load_or_die
 from inference import load_model_or_die
 from tokenizer import TEMPLATES, encode, get_tokenizer

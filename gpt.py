@@ -159,7 +159,7 @@ class GPT(nn.Module):
         """The final hidden states (after ln_f), (B, T, n_embd). Callers that need logits for a few
         positions only (generation, serving) apply lm_head to those rows and skip the rest. Callers
         that pass `pos` keep every position below block_size (the caches check their own lengths).
-        `segments` (B, T): a row packs several examples (data.pack_examples), numbered; each token
+        `segments` (B, T): a row packs several examples (conversations.pack_examples), numbered; each token
         attends only within its own, and `pos` (B, T) restarts at 0 with each."""
         B, T = idx.shape
         if segments is not None and (pos is None or cache is not None):

@@ -27,7 +27,7 @@ import re
 import torch
 import torch.nn.functional as F
 
-from data import DataError, collate, read_records, to_conversation
+from conversations import DataError, collate, read_records, to_conversation
 from lora import adapters_off
 from scoring import answer_conversations
 from tokenizer import IGNORE, encode_conversation, encode_prompt, get_tokenizer

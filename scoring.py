@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from data import DataError, read_records
+from conversations import DataError, read_records
 from engine import Engine
 from sampling import SamplingParams
 from tokenizer import EOT, VOCAB_SIZE, PromptTooLong, encode, fit_conversation, format_prompt, token_sizes

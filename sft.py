@@ -60,7 +60,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, read_checkpoint_json
 from common import (AT_LEAST_1, NON_NEGATIVE, POSITIVE, PROBABILITY, HelpFormatter, StopSignal, autocast_for,
                     check_flags, default_dtype, device_or_die, die, write_json_atomic, write_or_die)
-from data import (DataError, collate, collate_packed, default_template, encode_examples, eval_batches,
+from conversations import (DataError, collate, collate_packed, default_template, encode_examples, eval_batches,
                   iterate_batches, load_conversations, pack_examples, split_dataset)
 from gpt import SIZES, load_or_die
 from inference import load_model

@@ -69,7 +69,7 @@ class TokenCrossEntropy:
         return int((batch[1] != IGNORE).sum())
 
     def loss_sum(self, model, batch, n):
-        x, y, *packing = batch  # (packed rows also carry positions and segments: data.collate_packed)
+        x, y, *packing = batch  # (packed rows also carry positions and segments: conversations.collate_packed)
         pos, segments = packing or (None, None)
         logits, loss = model(x, y, pos=pos, segments=segments)  # mean over its learned tokens
         # back to a sum (a micro-batch with nothing to learn still runs backward: DDP needs every rank's)

@@ -1,11 +1,11 @@
-"""Conversation data (data.py section 2): every format -> conversations -> masked-label batches.
+"""Conversation data (conversations.py): every format -> conversations -> masked-label batches.
 
 The label-mask tests spell out the expected text of each template literally and check the ids and
 labels token by token: prompt and user tokens -100, answer tokens learned, exactly one learned
 <|endoftext|> closing each answer, padding -100, and y = labels shifted left by one. The ids are
 always those of the whole rendered text tokenized in one go, as transformers and llama.cpp do.
 
-At the end, data.py's pretraining preparation (section 1) as a command: redone when the split
+At the end, data.py's pretraining preparation as a command: redone when the split
 changes, and Ctrl-C in the middle of it.
 """
 import itertools
@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-from data import (DataError, collate, default_template, encode_examples, eval_batches, iterate_batches,
+from conversations import (DataError, collate, default_template, encode_examples, eval_batches, iterate_batches,
                   load_conversations, read_records, split_dataset, to_conversation)
 import data
 from tokenizer import (ALPACA_PREAMBLE, ALPACA_PREAMBLE_INPUT, EOT, IGNORE, encode, encode_conversation, encode_prompt,

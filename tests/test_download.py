@@ -13,6 +13,7 @@ import threading
 import pytest
 
 import checkpoint
+import conversations
 import data
 from checkpoint import DownloadError, download
 from conftest import ROOT
@@ -198,10 +199,10 @@ def test_offline_the_released_weights_say_where_to_put_the_file_or_what_to_give_
 
 def test_offline_a_named_dataset_points_to_data_file(closed_port, tmp_path, monkeypatch):
     url = f"http://127.0.0.1:{closed_port}/alpaca_data.json"
-    monkeypatch.setitem(data.DATASETS, "alpaca", url)
+    monkeypatch.setitem(conversations.DATASETS, "alpaca", url)
     monkeypatch.setenv("GPT2_CACHE_DIR", str(tmp_path))
-    with pytest.raises(data.DataError) as e:
-        data.load_conversations("alpaca")
+    with pytest.raises(conversations.DataError) as e:
+        conversations.load_conversations("alpaca")
     assert str(e.value).startswith(f"the alpaca dataset: cannot download {url} (cannot reach 127.0.0.1")
     assert str(e.value).endswith(f"; offline, copy that file to {tmp_path / 'data' / 'alpaca_data.json'}, "
                                  "or give a JSON or JSONL file on this machine (--data FILE)")

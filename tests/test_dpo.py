@@ -262,7 +262,7 @@ def test_a_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny, made_data, 
 def test_sampled_rejected_answers_are_seeded_each_on_its_own(tiny, made_data):
     """--temperature: answer i sampled with seed + i, so the same seed gives the same pairs, and an
     answer does not depend on the others in its batch."""
-    from data import to_conversation
+    from conversations import to_conversation
     from preference import pairs_from_answers
     from scoring import answer_conversations
     enc = get_tokenizer()

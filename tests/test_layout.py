@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ROOT
 
-LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "sampling", "inference", "paged_attention", "runner",
+LIBRARIES = {"common", "checkpoint", "gpt", "tokenizer", "data", "conversations", "sampling", "inference", "paged_attention", "runner",
              "scheduler", "engine", "openai_api", "training", "lora", "scoring", "preference"}
 SCRIPTS = {"train", "sft", "dpo", "generate", "serve", "synth", "export", "eval"}
 

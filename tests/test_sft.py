@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, file_size_limit, one_line_error, refused_before_any_work, single_thread
-from data import collate, encode_examples
+from conversations import collate, encode_examples
 from gpt import GPT, GPTConfig
 from lora import LoRALinear, add_lora, lora_merged, merge_lora
 import scoring
@@ -497,7 +497,7 @@ def test_no_mask_learns_the_prompt_too():
 def test_packed_rows_give_every_example_the_loss_and_gradients_it_has_alone(tiny_model):
     """--pack: examples share a row but never attend across their boundaries, and positions restart
     with each, so the loss and its gradients are those of the examples padded one per row."""
-    from data import collate_packed, pack_examples
+    from conversations import collate_packed, pack_examples
     enc = get_tokenizer()
     convs = [[{"role": "user", "content": q}, {"role": "assistant", "content": a}]
              for q, a in [("Hi", "Hello there, friend."), ("Name a fruit.", "Apple."), ("2 + 2?", "4"),

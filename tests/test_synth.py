@@ -103,7 +103,7 @@ def test_build_appends_resumes_and_deduplicates(tmp_path):
 def test_resume_reads_back_unicode_line_separators_written_unescaped(tmp_path):
     """ensure_ascii=False writes U+2028 and U+0085 as they are; they are not line breaks when the
     output is read back to resume (nor when sft.py loads it)."""
-    from data import load_conversations
+    from conversations import load_conversations
     out = tmp_path / "c.jsonl"
     cfg = {**CFG, "words": ["cat"], "output": str(out), "prompt_lines": ["About {word}:", "STUDENT:"]}
     answer = "A pet.\u2028Also\x85a friend."
@@ -137,7 +137,7 @@ def test_end_to_end_through_the_real_engine_into_sft_data(tmp_path):
     sampling: the plumbing (prompts in, counts, resumable output) works and the file is sft.py data."""
     import torch
 
-    from data import load_conversations
+    from conversations import load_conversations
     from gpt import GPT, GPTConfig
     from tokenizer import get_tokenizer
     from synth import engine_generate

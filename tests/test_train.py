@@ -1,4 +1,4 @@
-"""Pretraining: data preparation (data.py section 2) and train.py's loop, schedule, accumulation,
+"""Pretraining: data preparation (data.py) and train.py's loop, schedule, accumulation,
 exact resumption, DDP, and the bad input and failed writes it turns into one-line errors."""
 import copy
 import json
@@ -42,7 +42,7 @@ def read_log(run):
     return train_losses, val_losses
 
 
-# ----------------------------------------------------------------------------- data.py, section 2
+# ----------------------------------------------------------------------------- data.py
 
 def test_chunked_tokenization_equals_whole_document(tmp_path, made_data):
     text = (made_data / "stories.txt").read_text()[:60000]
