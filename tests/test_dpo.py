@@ -61,12 +61,13 @@ def test_a_bad_record_is_named_by_file_and_line(tiny, tmp_path, capsys):
     assert f"{path}:2: a preference record needs" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("chosen,rejected", [
-    ("\n\nHuman: Hi\n\nAssistant: ", "\n\nHuman: Hi\n\nAssistant: Go away."),  # an empty answer
-    ("\n\nHuman: Hi\n\nAssistant: Hello!", "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: More"),  # no answer
+@pytest.mark.parametrize("chosen,rejected,why", [
+    ("\n\nHuman: Hi\n\nAssistant: ", "\n\nHuman: Hi\n\nAssistant: Go away.", "an empty chosen or rejected answer"),
+    ("\n\nHuman: Hi\n\nAssistant: Hello!", "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: More",
+     "must share every turn but the last answer"),  # (the rejected side ends with no answer)
 ], ids=["empty-answer", "ends-with-human"])
-def test_an_hh_transcript_pair_without_two_answers_is_refused(chosen, rejected):
-    with pytest.raises(ValueError):
+def test_an_hh_transcript_pair_without_two_answers_is_refused(chosen, rejected, why):
+    with pytest.raises(ValueError, match=why):
         to_pair({"chosen": chosen, "rejected": rejected})
 
 
